@@ -1,0 +1,1 @@
+"""Benchmark scripts of pem_kernels and the harness they share (``benchmarks.harness``)."""

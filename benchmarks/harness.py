@@ -1,0 +1,532 @@
+"""Shared harness of the pem_kernels benchmark scripts.
+
+Units, everywhere in this module: times in milliseconds (``*_ms``), memory in bytes (``*_bytes``;
+scripts convert to MiB for display), bandwidth in GB/s (1e9 bytes per second).
+
+* :func:`measure_time` -- median / p20 / p80 latency of a callable, CUDA events on GPU,
+  ``time.perf_counter`` on CPU, optionally rotating over several pre-built input sets.
+* :func:`measure_peak_memory` -- peak extra bytes allocated during one call.
+* :func:`environment_info` -- device, versions, git commit, command line, UTC timestamp.
+* :func:`write_results` / :func:`print_table` -- JSON + CSV files and an aligned text table.
+* :func:`progress` / :func:`note` -- a tqdm bar on stderr for sweeps, and messages that do not
+  break it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024**2
+
+__all__ = [
+    "MIB",
+    "REPO_ROOT",
+    "default_out_dir",
+    "device_slug",
+    "environment_info",
+    "measure_peak_memory",
+    "measure_time",
+    "note",
+    "print_table",
+    "progress",
+    "synchronize",
+    "write_results",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Waits for all queued work on ``device`` (no-op on CPU, where torch ops are synchronous)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_time(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    warmup: int = 3,
+    repeats: int = 10,
+    inputs: Sequence[Sequence[Any]] | None = None,
+) -> dict[str, float]:
+    """Times ``repeats`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    With ``inputs`` (a list of pre-built argument tuples) call ``i`` (counting warmup calls too)
+    runs ``fn(*inputs[i % len(inputs)])``, so consecutive calls touch different memory and caches
+    do not flatter small problems; without it ``fn()`` is called.
+
+    On CUDA each call is bracketed by two CUDA events on the current stream (GPU time between them,
+    including any stall waiting for the host to launch the work) and the device is synchronized
+    before the first and after the last call; on CPU ``time.perf_counter`` brackets each call.
+
+    Returns ``{"median_ms", "p20_ms", "p80_ms", "min_ms", "mean_ms", "repeats"}`` with times in
+    milliseconds (p20/p80: 20th/80th percentiles, linear interpolation).
+    """
+    device = torch.device(device)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if inputs is not None and len(inputs) == 0:
+        raise ValueError("inputs must hold at least one argument tuple")
+    counter = 0
+
+    def call() -> None:
+        nonlocal counter
+        args = () if inputs is None else inputs[counter % len(inputs)]
+        counter += 1
+        fn(*args)
+
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for start, end in zip(starts, ends):
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize(device)
+        times_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    else:
+        times_ms = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+
+    times = np.asarray(times_ms, dtype=np.float64)
+    median, p20, p80 = np.percentile(times, [50, 20, 80])
+    return {
+        "median_ms": float(median),
+        "p20_ms": float(p20),
+        "p80_ms": float(p80),
+        "min_ms": float(times.min()),
+        "mean_ms": float(times.mean()),
+        "repeats": int(repeats),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------------
+
+
+def measure_peak_memory(fn: Callable[[], Any], *, device: torch.device | str) -> int:
+    """Peak extra bytes allocated while ``fn()`` runs once, beyond what was allocated before.
+
+    Whatever ``fn`` returns counts (it was allocated during the call) and is freed afterwards.
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+      ``memory_allocated`` before the call (caching-allocator bytes handed to tensors, not bytes
+      reserved from the driver).
+    * CPU: the call runs under ``torch.profiler.profile(profile_memory=True)``; the allocator's
+      raw memory records (``prof.profiler.kineto_results.events()`` named ``"[memory]"``, one per
+      allocation (+bytes) or free (-bytes), with a nanosecond timestamp) are replayed in
+      chronological order and the maximum of the running sum of live bytes is the peak. Frees of
+      memory allocated before the call make the running sum dip below 0, which is fine: the peak
+      is measured from the starting level and clipped at 0. Only allocations made through c10's
+      CPU allocator on threads the profiler follows are seen (torch ops and extension kernels
+      allocating via ATen: yes; raw malloc inside a kernel: no).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del result
+        return max(0, int(peak - baseline))
+    if device.type != "cpu":
+        raise NotImplementedError(f"peak memory on device type {device.type!r}")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with _filtered_stderr(_KINETO_NOISE):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+            del result
+    return _cpu_peak_from_profile(prof)
+
+
+# Kineto's start/stop chatter (and its failed GPU probe on machines without one), written straight
+# to file descriptor 2 on every profiler start/stop.
+_KINETO_NOISE = re.compile(
+    r"^(USDT:.*SyncActivityProfilerHandler|ERROR:.*gpuGetDeviceCount failed)"
+)
+
+
+@contextlib.contextmanager
+def _filtered_stderr(drop: re.Pattern[str]):
+    """Captures file descriptor 2 meanwhile, then re-emits every line not matching ``drop``."""
+    try:
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreter): leave stderr alone
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved_fd, 2)
+                os.close(saved_fd)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not drop.search(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _cpu_peak_from_profile(prof: Any) -> int:
+    """Maximum running sum of CPU allocation/free records of a finished profile, in bytes."""
+    records: list[tuple[int, int, int]] = []  # (time_ns, position, signed bytes)
+    kineto_results = getattr(prof.profiler, "kineto_results", None)
+    if kineto_results is not None:
+        for position, event in enumerate(kineto_results.events()):
+            if event.name() != "[memory]":
+                continue
+            if not str(event.device_type()).upper().endswith("CPU"):  # DeviceType.CPU
+                continue
+            records.append((int(event.start_ns()), position, int(event.nbytes())))
+    else:  # pragma: no cover - older/newer profiler without raw results: coarser, per-op net bytes.
+        for position, event in enumerate(prof.events()):
+            if event.name == "[memory]":
+                nbytes = event.cpu_memory_usage
+            elif not event.cpu_children:
+                nbytes = event.self_cpu_memory_usage
+            else:
+                continue
+            if nbytes:
+                records.append((int(event.time_range.start * 1e3), position, int(nbytes)))
+    records.sort()
+    live = peak = 0
+    for _, _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def _git_commit() -> str | None:
+    """Short sha of HEAD plus ``-dirty`` when the tree has changes; None without git or commits."""
+    sha = _git("rev-parse", "--short", "HEAD")
+    if not sha:
+        return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return sha + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable name of ``device``: the GPU's name on CUDA, the CPU model otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model()
+
+
+def device_slug(device: torch.device | str) -> str:
+    """File-name-safe device tag, e.g. ``cpu-amd-epyc`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    device = torch.device(device)
+    name = re.sub(r"\((r|tm|c)\)|\bcpu\b|@.*$|\bprocessor\b", "", device_name(device).lower())
+    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40].strip("-")
+    return f"{device.type}-{name}" if name else device.type
+
+
+def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Where and how a benchmark ran.
+
+    ``device`` defaults to the first CUDA GPU when one is available, else the CPU. Keys:
+    ``device``, ``device_name`` (GPU name or CPU model), ``cpu_model``, ``cpu_cores``
+    (``os.cpu_count()``), ``torch_threads``, ``torch``, ``triton`` (None when absent), ``cuda``
+    (torch's CUDA version, None on CPU builds), ``gpu_capability`` / ``gpu_memory_bytes`` (CUDA
+    only),
+    ``python``, ``platform``, ``git_commit`` (short sha, ``-dirty`` with uncommitted changes to
+    tracked files, None without git or commits), ``command`` (exact command line, shell-quoted),
+    ``argv`` (the list), ``timestamp_utc`` (ISO 8601).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - triton missing or broken: just not reported
+        triton_version = None
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    info: dict[str, Any] = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "command": shlex.join(argv),
+        "argv": argv,
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_bytes"] = int(props.total_memory)
+    return info
+
+
+def default_out_dir(device: torch.device | str) -> Path:
+    """``benchmarks/results/<YYYY-MM-DD (UTC)>-<device slug>`` under the repository root."""
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return REPO_ROOT / "benchmarks" / "results" / f"{today}-{device_slug(device)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Strict-JSON version of ``value``: non-finite floats become None, tensors/numpy scalars
+    become Python numbers, paths/devices/dtypes become strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, type(None), str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _jsonable(value.item())
+    return str(value)
+
+
+def write_results(
+    rows: list[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    name: str,
+    meta: dict[str, Any],
+) -> tuple[Path, Path]:
+    """Writes ``<out_dir>/<name>.json`` (``{"meta": meta, "rows": rows}``) and ``<name>.csv``.
+
+    The CSV has one column per key seen in any row (first-seen order); missing values and None
+    are empty cells; list/dict values are JSON-encoded. Non-finite floats are written as JSON null
+    (empty in the CSV). Returns ``(json_path, csv_path)``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / f"{name}.json", out / f"{name}.csv"
+    clean_rows = _jsonable(list(rows))
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump({"meta": _jsonable(meta), "rows": clean_rows}, handle, indent=2, allow_nan=False)
+        handle.write("\n")
+    columns: list[str] = []
+    for row in clean_rows:
+        columns += [key for key in row if key not in columns]
+    with open(csv_path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in clean_rows:
+            writer.writerow(
+                {
+                    key: json.dumps(value) if isinstance(value, (list, dict)) else value
+                    for key, value in row.items()
+                }
+            )
+    return json_path, csv_path
+
+
+Column = str | tuple[str, str] | tuple[str, str, str | Callable[[Any], str]]
+
+
+def _format_cell(value: Any, fmt: str | Callable[[Any], str] | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if callable(fmt):
+        return fmt(value)
+    if fmt:
+        return format(value, fmt)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1e5 else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(
+    rows: Iterable[dict[str, Any]], columns: Sequence[Column], *, file: Any = None
+) -> str:
+    """Prints ``rows`` as an aligned plain-text table (to stdout by default) and returns the text.
+
+    Each column is a row key, ``(key, header)`` or ``(key, header, fmt)`` where ``fmt`` is a
+    format spec (``".2f"``) or a callable. Numbers are right-aligned, text left-aligned; missing
+    values show as ``-``.
+    """
+    specs = []
+    for column in columns:
+        if isinstance(column, str):
+            specs.append((column, column, None))
+        elif len(column) == 2:
+            specs.append((column[0], column[1], None))
+        else:
+            specs.append(tuple(column))
+    rows = list(rows)
+    cells = [[_format_cell(row.get(key), fmt) for key, _, fmt in specs] for row in rows]
+    numeric = [
+        all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows)
+        for key, _, _ in specs
+    ]
+    widths = [
+        max([len(header)] + [len(line[i]) for line in cells])
+        for i, (_, header, _) in enumerate(specs)
+    ]
+
+    def render(values: Sequence[str]) -> str:
+        return "  ".join(
+            value.rjust(width) if is_num else value.ljust(width)
+            for value, width, is_num in zip(values, widths, numeric)
+        ).rstrip()
+
+    lines = [render([header for _, header, _ in specs]), "  ".join("-" * w for w in widths)]
+    lines += [render(line) for line in cells]
+    text = "\n".join(lines)
+    print(text, file=file if file is not None else sys.stdout, flush=True)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+
+class _NoBar:
+    """Stand-in for a tqdm bar when tqdm is missing: iterates, ignores updates."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, **_: Any) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    disable: bool | None = None,
+) -> Any:
+    """A tqdm progress bar on stderr for sweeps (use as an iterator or ``with`` + ``update()``).
+
+    ``disable=None`` (default) hides the bar when stderr is not a terminal; set the environment
+    variable ``PEM_BENCH_PROGRESS=1`` to force it on, ``0`` to force it off.
+    """
+    forced = os.environ.get("PEM_BENCH_PROGRESS")
+    if forced is not None and forced != "":
+        disable = forced.lower() in ("0", "false", "no", "off")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a bench dependency
+        return _NoBar(iterable)
+    return tqdm(
+        iterable, total=total, desc=desc, file=sys.stderr, disable=disable, dynamic_ncols=True
+    )
+
+
+def note(message: str) -> None:
+    """Prints ``message`` to stdout without garbling an active progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+    except ImportError:  # pragma: no cover
+        print(message)
+    sys.stdout.flush()

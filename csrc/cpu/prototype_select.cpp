@@ -1,0 +1,425 @@
+// prototype_select on the CPU: a streaming masked argmax over pixel tiles.
+//
+// For each (image b, head h, query n) the kernel finds the allowed pixel whose key chunk has the
+// largest dot product with the query chunk. Scores are computed one pixel tile at a time into a
+// small per-thread buffer ([N, kPixelTile]) and folded into a running argmax, so the similarity
+// tensor [B, heads, HW, N] never exists. Work is split over (b, h, pixel chunk) and partial argmaxes
+// are merged in chunk order, so results do not depend on the thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "pem_kernels/prototype_select_checks.h"
+#include "pem_kernels/prototype_select_common.h"
+
+// The mask-and-max scan is compiled twice (AVX2 and baseline x86-64) and picked at load time, so
+// the package gets SIMD speed without requiring AVX2 from every machine that installs it.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PEM_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define PEM_SIMD_CLONES
+#endif
+#define PEM_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace pem_kernels {
+namespace {
+
+// Pixels per score tile: the [N, kPixelTile] fp32 score tile of one head stays in L2 and each
+// BLAS call is large enough that its fixed cost stays small.
+constexpr int64_t kPixelTile = 512;
+
+// Eight-lane vectors (GCC/Clang vector extensions) for the mask-and-max scan of fold_scores.
+template <typename acc_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float value __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<double> {
+  typedef double value __attribute__((vector_size(64)));
+  typedef int64_t mask __attribute__((vector_size(64)));
+};
+typedef int8_t MaskBytes __attribute__((vector_size(8)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kFoldBlock = 32;
+
+// Folds the scores of one query over pixels [first_pixel, first_pixel + count) into its running
+// argmax. A blocked pixel scores -inf, which never replaces anything, so nothing branches on the
+// (random) mask: each block of kFoldBlock pixels gets a vector max first and is only scanned when
+// it may hold a winner. A state left at index -1 saw no allowed pixel scoring above -inf;
+// resolve_unselected() settles those rare rows. `divisors` (or null) divide the scores per pixel.
+template <typename acc_t>
+PEM_ALWAYS_INLINE void fold_scores_impl(
+    const acc_t* scores, const bool* mask_row, const acc_t* divisors, int64_t first_pixel,
+    int64_t count, ArgmaxState<acc_t>& state) {
+  using Vec = typename Lanes<acc_t>::value;
+  using VecMask = typename Lanes<acc_t>::mask;
+  constexpr acc_t kBlocked = -std::numeric_limits<acc_t>::infinity();
+  auto score_at = [&](int64_t p) {
+    const acc_t score = divisors == nullptr ? scores[p] : scores[p] / divisors[p];
+    return (mask_row == nullptr || mask_row[p]) ? score : kBlocked;
+  };
+  int64_t p0 = 0;
+  for (; p0 + kFoldBlock <= count; p0 += kFoldBlock) {
+    if (state.score != state.score) return;  // a NaN is selected and can never be replaced
+    Vec block_max = Vec{} + kBlocked;
+    VecMask has_nan = VecMask{};
+    for (int64_t j = 0; j < kFoldBlock; j += kLanes) {
+      Vec score;
+      std::memcpy(&score, scores + p0 + j, sizeof(Vec));
+      if (divisors != nullptr) {
+        Vec divisor;
+        std::memcpy(&divisor, divisors + p0 + j, sizeof(Vec));
+        score = score / divisor;
+      }
+      if (mask_row != nullptr) {
+        MaskBytes allowed_bytes;
+        std::memcpy(&allowed_bytes, mask_row + p0 + j, sizeof(MaskBytes));
+        const VecMask allowed = __builtin_convertvector(allowed_bytes, VecMask);
+        score = allowed != 0 ? score : Vec{} + kBlocked;
+      }
+      has_nan |= score != score;
+      block_max = score > block_max ? score : block_max;
+    }
+    bool may_win = false;
+    for (int64_t lane = 0; lane < kLanes; ++lane)
+      may_win |= has_nan[lane] != 0 || block_max[lane] > state.score;
+    if (!may_win) continue;
+    for (int64_t j = 0; j < kFoldBlock; ++j) argmax_fold(state, score_at(p0 + j), first_pixel + p0 + j);
+  }
+  for (; p0 < count; ++p0) argmax_fold(state, score_at(p0), first_pixel + p0);
+}
+
+PEM_SIMD_CLONES void fold_scores(
+    const float* scores, const bool* mask_row, const float* divisors, int64_t first_pixel,
+    int64_t count, ArgmaxState<float>& state) {
+  fold_scores_impl(scores, mask_row, divisors, first_pixel, count, state);
+}
+
+PEM_SIMD_CLONES void fold_scores(
+    const double* scores, const bool* mask_row, const double* divisors, int64_t first_pixel,
+    int64_t count, ArgmaxState<double>& state) {
+  fold_scores_impl(scores, mask_row, divisors, first_pixel, count, state);
+}
+
+// Per-pixel divisor of the in-op key normalization: max(||keys[b, p, :]||, eps), as F.normalize.
+template <typename scalar_t, typename acc_t>
+at::Tensor key_norm_divisors(const scalar_t* keys, int64_t rows, int64_t channels) {
+  at::Tensor divisors = at::empty({rows}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* out = divisors.data_ptr<acc_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t sum_sq = 0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const acc_t v = static_cast<acc_t>(keys[r * channels + c]);
+        sum_sq += v * v;
+      }
+      out[r] = std::max(static_cast<acc_t>(std::sqrt(sum_sq)), static_cast<acc_t>(kKeyNormEps));
+    }
+  });
+  return divisors;
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t key_value(const scalar_t* keys, const acc_t* divisors, int64_t row, int64_t channel, int64_t channels) {
+  const acc_t v = static_cast<acc_t>(keys[row * channels + channel]);
+  return divisors == nullptr ? v : v / divisors[row];
+}
+
+struct Problem {
+  int64_t batch, pixels, channels, queries, heads, head_dim;
+};
+
+// Indices still at -1 after the main pass belong to queries whose allowed pixels all score -inf
+// (they take their first allowed pixel) or that have no allowed pixel at all (empty-mask rule).
+template <typename scalar_t, typename acc_t>
+void resolve_unselected(
+    const Problem& pr, const scalar_t* keys, const scalar_t* queries, const bool* mask,
+    const acc_t* divisors, bool official_empty, int64_t* indices) {
+  struct Pending {
+    int64_t b, h, n;
+  };
+  std::vector<Pending> over_all_pixels;
+  for (int64_t b = 0; b < pr.batch; ++b) {
+    std::vector<int64_t> first_allowed(pr.queries, -2);  // -2: not looked up yet
+    auto lookup_first_allowed = [&](int64_t n) {
+      if (first_allowed[n] == -2) {
+        first_allowed[n] = -1;
+        const bool* row = mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels;
+        for (int64_t p = 0; p < pr.pixels; ++p) {
+          if (row == nullptr || row[p]) {
+            first_allowed[n] = p;
+            break;
+          }
+        }
+      }
+      return first_allowed[n];
+    };
+    bool image_all_empty = true;
+    for (int64_t n = 0; n < pr.queries && image_all_empty; ++n) {
+      image_all_empty = lookup_first_allowed(n) < 0;
+    }
+    const EmptyQueryChoice choice = empty_query_choice(official_empty, image_all_empty);
+    for (int64_t h = 0; h < pr.heads; ++h) {
+      for (int64_t n = 0; n < pr.queries; ++n) {
+        int64_t& index = indices[(b * pr.heads + h) * pr.queries + n];
+        if (index >= 0) continue;
+        const int64_t first = lookup_first_allowed(n);
+        if (first >= 0) {
+          index = first;
+        } else if (choice == EmptyQueryChoice::kPixelZero) {
+          index = 0;
+        } else {
+          over_all_pixels.push_back({b, h, n});
+        }
+      }
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(over_all_pixels.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Pending& item = over_all_pixels[i];
+      const scalar_t* query = queries + (item.b * pr.queries + item.n) * pr.channels + item.h * pr.head_dim;
+      ArgmaxState<acc_t> state{0, -1};
+      for (int64_t p = 0; p < pr.pixels; ++p) {
+        const int64_t row = item.b * pr.pixels + p;
+        acc_t score = 0;
+        for (int64_t d = 0; d < pr.head_dim; ++d) {
+          score += key_value(keys, divisors, row, item.h * pr.head_dim + d, pr.channels) *
+              static_cast<acc_t>(query[d]);
+        }
+        argmax_visit(state, score, p);
+      }
+      indices[(item.b * pr.heads + item.h) * pr.queries + item.n] = state.index;
+    }
+  });
+}
+
+template <typename scalar_t>
+void prototype_select_cpu_impl(
+    const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
+    const bool* mask, bool official_empty, bool normalize_keys, scalar_t* prototypes,
+    int64_t* indices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* keys = keys_tensor.data_ptr<scalar_t>();
+  const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor divisor_tensor = normalize_keys
+      ? key_norm_divisors<scalar_t, acc_t>(keys, pr.batch * pr.pixels, pr.channels)
+      : at::Tensor();
+  const acc_t* divisors = normalize_keys ? divisor_tensor.data_ptr<acc_t>() : nullptr;
+
+  // Split pixels into chunks when B * heads alone cannot keep every thread busy.
+  const int64_t tiles = (pr.pixels + kPixelTile - 1) / kPixelTile;
+  const int64_t heads_total = pr.batch * pr.heads;
+  const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t chunks = std::clamp<int64_t>((wanted_tasks + heads_total - 1) / heads_total, 1, tiles);
+
+  at::Tensor partial_scores = at::empty({heads_total, chunks, pr.queries}, acc_options);
+  at::Tensor partial_indices = at::empty({heads_total, chunks, pr.queries}, at::kLong);
+  acc_t* part_score = partial_scores.data_ptr<acc_t>();
+  int64_t* part_index = partial_indices.data_ptr<int64_t>();
+
+  // Per-thread scratch (allocated through ATen, so memory profiling sees it): the head's queries
+  // [N, D] in acc_t, the score tile [N, kPixelTile], and for fp16/bf16 an fp32 key tile [D, tile].
+  constexpr bool kConvertKeys = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t key_tile_size = kConvertKeys ? pr.head_dim * kPixelTile : 0;
+  const int64_t scratch_per_thread =
+      pr.queries * pr.head_dim + pr.queries * kPixelTile + key_tile_size;
+  at::Tensor scratch = at::empty({at::get_num_threads(), scratch_per_thread}, acc_options);
+
+  at::parallel_for(0, heads_total * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
+    const at::Tensor thread_scratch = scratch[at::get_thread_num()];
+    at::Tensor query_block = thread_scratch.narrow(0, 0, pr.queries * pr.head_dim)
+                                 .view({pr.queries, pr.head_dim});
+    at::Tensor score_tile = thread_scratch.narrow(0, pr.queries * pr.head_dim, pr.queries * kPixelTile)
+                                .view({pr.queries, kPixelTile});
+    at::Tensor key_tile_t = thread_scratch.narrow(0, scratch_per_thread - key_tile_size, key_tile_size);
+    const acc_t* scores = score_tile.data_ptr<acc_t>();
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t bh = task / chunks, chunk = task % chunks;
+      const int64_t b = bh / pr.heads, h = bh % pr.heads;
+      const int64_t channel0 = h * pr.head_dim;
+      query_block.copy_(queries_tensor[b].narrow(1, channel0, pr.head_dim));
+
+      std::vector<ArgmaxState<acc_t>> states(
+          pr.queries, ArgmaxState<acc_t>{-std::numeric_limits<acc_t>::infinity(), -1});
+      const int64_t tile_begin = chunk * tiles / chunks, tile_end = (chunk + 1) * tiles / chunks;
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t pixel0 = tile * kPixelTile;
+        const int64_t count = std::min(kPixelTile, pr.pixels - pixel0);
+        // keys are scored unnormalized; fold_scores divides each score by its pixel's norm.
+        const at::Tensor keys_t = keys_tensor[b].narrow(0, pixel0, count).narrow(1, channel0, pr.head_dim).t();
+        at::Tensor tile_scores = score_tile.narrow(1, 0, count);
+        // BLAS runs single-threaded here: we are inside at::parallel_for.
+        if constexpr (kConvertKeys) {
+          at::Tensor converted = key_tile_t.narrow(0, 0, pr.head_dim * count).view({pr.head_dim, count});
+          converted.copy_(keys_t);
+          at::mm_out(tile_scores, query_block, converted);
+        } else {
+          at::mm_out(tile_scores, query_block, keys_t);
+        }
+        const acc_t* tile_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels + pixel0;
+        for (int64_t n = 0; n < pr.queries; ++n) {
+          const bool* mask_row =
+              mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels + pixel0;
+          fold_scores(scores + n * kPixelTile, mask_row, tile_divisors, pixel0, count, states[n]);
+        }
+      }
+      for (int64_t n = 0; n < pr.queries; ++n) {
+        part_score[(bh * chunks + chunk) * pr.queries + n] = states[n].score;
+        part_index[(bh * chunks + chunk) * pr.queries + n] = states[n].index;
+      }
+    }
+  });
+
+  // Chunks hold disjoint pixel ranges; merging them is order-independent (argmax_merge).
+  for (int64_t bh = 0; bh < heads_total; ++bh) {
+    for (int64_t n = 0; n < pr.queries; ++n) {
+      ArgmaxState<acc_t> merged{0, -1};
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t at = (bh * chunks + chunk) * pr.queries + n;
+        merged = argmax_merge(merged, ArgmaxState<acc_t>{part_score[at], part_index[at]});
+      }
+      indices[bh * pr.queries + n] = merged.index;
+    }
+  }
+  resolve_unselected(
+      pr, keys, queries_tensor.data_ptr<scalar_t>(), mask, divisors, official_empty, indices);
+
+  at::parallel_for(0, pr.batch * pr.queries, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const int64_t b = bn / pr.queries, n = bn % pr.queries;
+      for (int64_t h = 0; h < pr.heads; ++h) {
+        const int64_t row = b * pr.pixels + indices[(b * pr.heads + h) * pr.queries + n];
+        for (int64_t d = 0; d < pr.head_dim; ++d) {
+          const int64_t c = h * pr.head_dim + d;
+          prototypes[bn * pr.channels + c] =
+              static_cast<scalar_t>(key_value(keys, divisors, row, c, pr.channels));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> prototype_select_cpu(
+    const at::Tensor& keys_in, const at::Tensor& queries_in, const std::optional<at::Tensor>& mask_in,
+    int64_t num_heads, bool official_empty, bool normalize_keys) {
+  check_prototype_select_inputs(keys_in, queries_in, mask_in, num_heads);
+  // The kernel runs ATen ops (views, mm_out) on its inputs internally; detached views keep those
+  // out of autograd, which differentiates the op as a whole (pem_kernels/ops/prototype_select.py).
+  const at::Tensor keys = keys_in.detach().contiguous();
+  const at::Tensor queries = queries_in.detach().contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const Problem pr{keys.size(0), keys.size(1), keys.size(2), queries.size(1), num_heads,
+                   keys.size(2) / num_heads};
+  at::Tensor prototypes = at::empty({pr.batch, pr.queries, pr.channels}, keys.options());
+  at::Tensor indices = at::empty({pr.batch, pr.heads, pr.queries}, keys.options().dtype(at::kLong));
+  if (prototypes.numel() == 0) return {prototypes, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_cpu", [&] {
+        prototype_select_cpu_impl<scalar_t>(
+            pr, keys, queries,
+            mask.defined() ? mask.data_ptr<bool>() : nullptr, official_empty, normalize_keys,
+            prototypes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+      });
+  return {prototypes, indices};
+}
+
+// grad_keys[b, p, :] collects grad_prototypes rows of every (head, query) that selected pixel p.
+// Each image's selected pixels are accumulated in a fixed (head, query) order in acc_t, so the
+// result is deterministic and half-precision grads are summed in fp32. With normalize_keys the
+// accumulated gradient is pulled back through k / max(||k||, eps).
+template <typename scalar_t>
+void prototype_select_backward_cpu_impl(
+    const Problem& pr, const scalar_t* grad, const scalar_t* keys, const int64_t* indices,
+    bool normalize_keys, scalar_t* grad_keys) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, pr.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t* image_indices = indices + b * pr.heads * pr.queries;
+      std::vector<int64_t> pixels(image_indices, image_indices + pr.heads * pr.queries);
+      std::sort(pixels.begin(), pixels.end());
+      pixels.erase(std::unique(pixels.begin(), pixels.end()), pixels.end());
+      std::vector<acc_t> accumulated(pixels.size() * pr.channels, acc_t(0));
+      for (int64_t h = 0; h < pr.heads; ++h) {
+        for (int64_t n = 0; n < pr.queries; ++n) {
+          const int64_t pixel = image_indices[h * pr.queries + n];
+          TORCH_CHECK(
+              pixel >= 0 && pixel < pr.pixels, "_prototype_select_backward: index ", pixel,
+              " out of range [0, ", pr.pixels, ")");
+          const int64_t slot = std::lower_bound(pixels.begin(), pixels.end(), pixel) - pixels.begin();
+          for (int64_t d = 0; d < pr.head_dim; ++d) {
+            const int64_t c = h * pr.head_dim + d;
+            accumulated[slot * pr.channels + c] +=
+                static_cast<acc_t>(grad[(b * pr.queries + n) * pr.channels + c]);
+          }
+        }
+      }
+      for (size_t slot = 0; slot < pixels.size(); ++slot) {
+        const acc_t* g = accumulated.data() + slot * pr.channels;
+        const scalar_t* key = keys + (b * pr.pixels + pixels[slot]) * pr.channels;
+        scalar_t* out = grad_keys + (b * pr.pixels + pixels[slot]) * pr.channels;
+        if (!normalize_keys) {
+          for (int64_t c = 0; c < pr.channels; ++c) out[c] = static_cast<scalar_t>(g[c]);
+          continue;
+        }
+        acc_t sum_sq = 0, key_dot_grad = 0;
+        for (int64_t c = 0; c < pr.channels; ++c) {
+          const acc_t k = static_cast<acc_t>(key[c]);
+          sum_sq += k * k;
+          key_dot_grad += k * g[c];
+        }
+        const acc_t norm = std::sqrt(sum_sq);
+        if (norm > static_cast<acc_t>(kKeyNormEps)) {
+          // d(k / ||k||) = (g - k (k . g) / ||k||^2) / ||k||
+          const acc_t projection = key_dot_grad / (norm * norm);
+          for (int64_t c = 0; c < pr.channels; ++c)
+            out[c] = static_cast<scalar_t>((g[c] - static_cast<acc_t>(key[c]) * projection) / norm);
+        } else {  // the divisor is the constant eps
+          for (int64_t c = 0; c < pr.channels; ++c)
+            out[c] = static_cast<scalar_t>(g[c] / static_cast<acc_t>(kKeyNormEps));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor prototype_select_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& keys_in, const at::Tensor& indices_in,
+    bool normalize_keys) {
+  check_prototype_select_backward_inputs(grad_in, keys_in, indices_in);
+  const at::Tensor keys = keys_in.contiguous();
+  const at::Tensor grad = grad_in.to(keys.scalar_type()).contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t heads = indices.size(1);
+  const Problem pr{keys.size(0), keys.size(1), keys.size(2), indices.size(2), heads,
+                   keys.size(2) / heads};
+  at::Tensor grad_keys = at::zeros_like(keys);
+  if (grad.numel() == 0) return grad_keys;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_backward_cpu", [&] {
+        prototype_select_backward_cpu_impl<scalar_t>(
+            pr, grad.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+            normalize_keys, grad_keys.data_ptr<scalar_t>());
+      });
+  return grad_keys;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pem_kernels, CPU, m) {
+  m.impl("prototype_select", &prototype_select_cpu);
+  m.impl("_prototype_select_backward", &prototype_select_backward_cpu);
+}
+
+}  // namespace pem_kernels

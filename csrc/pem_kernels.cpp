@@ -1,0 +1,40 @@
+// The pem_kernels operator library: every op schema lives in this one block, so the ops exist (and
+// can be faked, traced and error-checked) in every build, CPU-only or CUDA. Device kernels register
+// themselves from csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd are registered from
+// Python (pem_kernels/ops/).
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing pem_kernels._C only needs to run the static registrations below; the module itself
+// exposes nothing, since every entry point is a dispatcher op under torch.ops.pem_kernels.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pem_kernels, m) {
+  // keys [B, HW, C], queries [B, N, C], mask [B, N, HW] bool (True = may be selected) or None.
+  // Returns prototypes [B, N, C] (keys dtype) and indices [B, num_heads, N] int64.
+  m.def(
+      "prototype_select(Tensor keys, Tensor queries, Tensor? mask, int num_heads, "
+      "bool official_empty, bool normalize_keys) -> (Tensor, Tensor)");
+  // Gradient of prototype_select w.r.t. keys: grad_prototypes [B, N, C], indices [B, heads, N].
+  m.def(
+      "_prototype_select_backward(Tensor grad_prototypes, Tensor keys, Tensor indices, "
+      "bool normalize_keys) -> Tensor");
+  // out = residual + out_weight @ (alpha * l2norm(proj_weight @ (prototypes * queries) + proj_bias)
+  //       + prototypes) + out_bias; l2norm over the query axis (official PEM) or channels (paper).
+  // prototypes, queries [B, N, C]; residual [B, N, C]; weights [C, C]; biases [C]; alpha [C].
+  m.def(
+      "prototype_attention(Tensor prototypes, Tensor queries, Tensor residual, Tensor proj_weight, "
+      "Tensor proj_bias, Tensor alpha, Tensor out_weight, Tensor out_bias, "
+      "bool normalize_over_queries) -> Tensor");
+  // Modulated deformable convolution with torchvision.ops.deform_conv2d's semantics.
+  m.def(
+      "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "int groups, int offset_groups) -> Tensor");
+}

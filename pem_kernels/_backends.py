@@ -1,0 +1,109 @@
+"""Backend selection shared by every public op.
+
+Each public function takes ``backend=`` one of :data:`BACKENDS`. ``"auto"`` (the default, or the
+value of the ``PEM_KERNELS_BACKEND`` environment variable when set) picks the first backend of the
+op's validated order for the tensor's device that is available; otherwise the reference runs. An
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "available_backends"]
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+_logger = logging.getLogger("pem_kernels")
+_logged_choices: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on these inputs."""
+
+
+class OpBackends:
+    """The backends of one op.
+
+    Args:
+        op_name: the op's name, used in messages.
+        availability: backend name -> function(device, dtype) returning ``None`` when the backend
+            can run, or a short reason why not.
+        auto_order: device type -> backends that ``"auto"`` tries in order before the reference.
+            Only backends validated on that device belong here.
+    """
+
+    def __init__(
+        self,
+        op_name: str,
+        availability: dict[str, Callable[[torch.device, torch.dtype], str | None]],
+        auto_order: dict[str, tuple[str, ...]],
+    ) -> None:
+        self.op_name = op_name
+        self.availability = {"reference": lambda device, dtype: None, **availability}
+        self.auto_order = auto_order
+
+    def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+        check = self.availability.get(backend)
+        if check is None:
+            return f"{self.op_name} has no {backend!r} backend yet"
+        return check(device, dtype)
+
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+        """Returns the concrete backend to run, or raises a clear error."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = os.environ.get("PEM_KERNELS_BACKEND", "auto") or "auto"
+            if backend not in BACKENDS:
+                raise ValueError(
+                    f"PEM_KERNELS_BACKEND: expected one of {BACKENDS}, got {backend!r}"
+                )
+        if backend == "auto":
+            chosen = "reference"
+            for candidate in self.auto_order.get(device.type, ()):
+                if self.unavailable_reason(candidate, device, dtype) is None:
+                    chosen = candidate
+                    break
+        else:
+            reason = self.unavailable_reason(backend, device, dtype)
+            if reason is not None:
+                available = [
+                    name for name in self.availability
+                    if self.unavailable_reason(name, device, dtype) is None
+                ]
+                raise BackendUnavailableError(
+                    f"{self.op_name}: backend {backend!r} is not available for {device.type} "
+                    f"tensors of dtype {dtype} ({reason}); available here: {available}"
+                )
+            chosen = backend
+        self._log_once(chosen, device)
+        return chosen
+
+    def _log_once(self, chosen: str, device: torch.device) -> None:
+        key = (self.op_name, device.type, chosen)
+        if key not in _logged_choices and not torch.compiler.is_compiling():
+            _logged_choices.add(key)
+            _logger.debug("pem_kernels: %s runs on the %r backend for %s tensors", *key)
+
+
+_REGISTRY: dict[str, OpBackends] = {}
+
+
+def register_op_backends(op_backends: OpBackends) -> OpBackends:
+    _REGISTRY[op_backends.op_name] = op_backends
+    return op_backends
+
+
+def available_backends(
+    op_name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Names of the backends of ``op_name`` that can run on ``device`` with ``dtype``."""
+    if op_name not in _REGISTRY:
+        raise ValueError(f"op_name: expected one of {sorted(_REGISTRY)}, got {op_name!r}")
+    ops = _REGISTRY[op_name]
+    device = torch.device(device)
+    return [name for name in ops.availability if ops.unavailable_reason(name, device, dtype) is None]

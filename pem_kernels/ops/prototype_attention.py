@@ -1,0 +1,92 @@
+"""``prototype_attention``: PEM-CA after the gather (eq. 5-7), ``residual + W_out(alpha *
+l2norm(W_A(P * q)) + P) + b_out``.
+
+Only the ``reference`` backend exists so far; the fused Triton forward/backward comes with the
+fused PEM-CA work. The schema ``pem_kernels::prototype_attention`` is registered already (with a
+fake kernel) so the op's interface is fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pem_kernels._backends import OpBackends, register_op_backends
+from pem_kernels._extension import EXTENSION_LOADED
+from pem_kernels.reference.prototype_attention import AttentionNormAxis, prototype_attention_ref
+
+__all__ = ["prototype_attention"]
+
+_BACKENDS = register_op_backends(OpBackends("prototype_attention", availability={}, auto_order={}))
+_NORM_AXES = ("queries", "channels")
+
+
+def _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize):
+    if not isinstance(prototypes, torch.Tensor) or prototypes.dim() != 3:
+        raise ValueError(f"prototypes: expected a Tensor[B, N, C], got {getattr(prototypes, 'shape', prototypes)!r}")
+    channels = prototypes.shape[2]
+    expected = {
+        "queries": (queries, list(prototypes.shape)),
+        "residual": (residual, list(prototypes.shape)),
+        "proj_weight": (proj_weight, [channels, channels]),
+        "proj_bias": (proj_bias, [channels]),
+        "out_weight": (out_weight, [channels, channels]),
+        "out_bias": (out_bias, [channels]),
+    }
+    for name, (tensor, shape) in expected.items():
+        if not isinstance(tensor, torch.Tensor) or list(tensor.shape) != shape:
+            got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name}: expected shape {shape}, got {got}")
+    if not isinstance(alpha, torch.Tensor) or alpha.numel() != channels:
+        got = list(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise ValueError(f"alpha: expected {channels} elements (e.g. shape [1, 1, {channels}]), got {got}")
+    for name, tensor in [("queries", queries), ("residual", residual), ("alpha", alpha)] + [
+        (name, tensor) for name, (tensor, _) in expected.items() if "weight" in name or "bias" in name
+    ]:
+        if tensor.device != prototypes.device:
+            raise ValueError(f"{name}: on {tensor.device}, expected prototypes' device {prototypes.device}")
+    if not prototypes.dtype.is_floating_point:
+        raise TypeError(f"prototypes: expected a floating dtype, got {prototypes.dtype}")
+    if normalize not in _NORM_AXES:
+        raise ValueError(f"normalize: expected one of {_NORM_AXES}, got {normalize!r}")
+
+
+def prototype_attention(
+    prototypes: torch.Tensor,
+    queries: torch.Tensor,
+    residual: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    alpha: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    *,
+    normalize: AttentionNormAxis = "queries",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Prototype attention of PEM-CA; semantics of :func:`pem_kernels.reference.prototype_attention_ref`.
+
+    Args:
+        prototypes, queries, residual: Tensor[B, N, C].
+        proj_weight, out_weight: Tensor[C, C]; proj_bias, out_bias: Tensor[C]; alpha: C elements.
+        normalize: ``"queries"`` (official code) or ``"channels"`` (paper).
+        backend: ``"auto"`` or ``"reference"`` for now.
+
+    Returns:
+        Tensor[B, N, C].
+    """
+    _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize)
+    _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype)
+    return prototype_attention_ref(
+        prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
+        normalize=normalize,
+    )
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("pem_kernels::prototype_attention")
+    def _prototype_attention_fake(
+        prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
+        normalize_over_queries,
+    ):
+        return torch.empty_like(residual)

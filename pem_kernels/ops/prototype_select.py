@@ -1,0 +1,171 @@
+"""``prototype_select``: the masked argmax + gather of PEM's cross-attention, fused.
+
+Backends: ``reference`` (pure PyTorch, materializes the similarity), ``cpu`` (C++, streaming
+argmax over pixel tiles), ``cuda`` (C++/CUDA; compiled, not yet validated on a GPU, so ``"auto"``
+does not pick it). The registered op is ``torch.ops.pem_kernels.prototype_select``; its backward is
+the registered op ``torch.ops.pem_kernels._prototype_select_backward``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pem_kernels._backends import OpBackends, register_op_backends
+from pem_kernels._extension import EXTENSION_LOADED, has_kernel
+from pem_kernels.reference.prototype_select import EmptyMaskRule, prototype_select_ref
+
+__all__ = ["prototype_select"]
+
+_EMPTY_RULES = ("per_query", "official")
+
+
+def _compiled_kernel(dispatch_key: str, device_type: str):
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        if not has_kernel("prototype_select", dispatch_key):
+            return f"pem_kernels._C was built without the {dispatch_key} kernel"
+        if device.type != device_type:
+            return f"it runs on {device_type} tensors"
+        return None
+
+    return unavailable_reason
+
+
+_BACKENDS = register_op_backends(
+    OpBackends(
+        "prototype_select",
+        availability={
+            "cpu": _compiled_kernel("CPU", "cpu"),
+            "cuda": _compiled_kernel("CUDA", "cuda"),
+        },
+        auto_order={"cpu": ("cpu",)},
+    )
+)
+
+
+def _check_args(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_heads: int,
+    empty: str,
+) -> None:
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
+        shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"keys: expected a Tensor[B, HW, C], got {shape}")
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 3:
+        shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+        raise ValueError(f"queries: expected a Tensor[B, N, C], got {shape}")
+    if not keys.dtype.is_floating_point:
+        raise TypeError(f"keys: expected a floating dtype, got {keys.dtype}")
+    if queries.dtype != keys.dtype:
+        raise TypeError(f"queries: dtype {queries.dtype} must equal keys.dtype {keys.dtype}")
+    if queries.device != keys.device:
+        raise ValueError(f"queries: on {queries.device}, expected keys' device {keys.device}")
+    batch, pixels, channels = keys.shape
+    if queries.shape[0] != batch or queries.shape[2] != channels:
+        raise ValueError(
+            f"queries: expected shape [B, N, C] = [{batch}, N, {channels}] to match keys, "
+            f"got {list(queries.shape)}"
+        )
+    if pixels < 1:
+        raise ValueError(f"keys: expected at least one pixel (HW >= 1), got shape {list(keys.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or channels % num_heads:
+        raise ValueError(f"num_heads: expected a positive divisor of C = {channels}, got {num_heads!r}")
+    if empty not in _EMPTY_RULES:
+        raise ValueError(f"empty: expected one of {_EMPTY_RULES}, got {empty!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask: expected a bool Tensor[B, N, HW] or None, got {kind}")
+        expected = [batch, queries.shape[1], pixels]
+        if list(mask.shape) != expected:
+            raise ValueError(f"mask: expected shape [B, N, HW] = {expected}, got {list(mask.shape)}")
+        if mask.device != keys.device:
+            raise ValueError(f"mask: on {mask.device}, expected keys' device {keys.device}")
+
+
+def prototype_select(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_heads: int,
+    *,
+    empty: EmptyMaskRule = "per_query",
+    normalize_keys: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selects, per head and query, the allowed pixel most similar to the query, and gathers it.
+
+    Semantics are those of :func:`pem_kernels.reference.prototype_select_ref` (ties to the lowest
+    index, NaN scores larger than any number, the two empty-mask rules). The fused backends stream
+    over pixels and never build the [B, heads, HW, N] similarity. Backward: gradient to ``keys``
+    at the selected pixels only (deterministic), none to ``queries`` or ``mask``.
+
+    Args:
+        keys: Tensor[B, HW, C] float64/float32/float16/bfloat16.
+        queries: Tensor[B, N, C], the same dtype and device as ``keys``.
+        mask: Tensor[B, N, HW] bool, True = may be selected (PEM passes ``mask_logits >= 0``), or
+            ``None`` to allow every pixel.
+        num_heads: heads are contiguous channel chunks of ``C // num_heads``.
+        empty: ``"per_query"`` (Mask2Former: an empty query selects over all pixels) or
+            ``"official"`` (the PEM code: an image is unmasked only if all its queries are empty;
+            an empty query otherwise gets pixel 0).
+        normalize_keys: L2-normalize each pixel's full C-vector before scoring and gathering
+            (as the official layer does), without materializing the normalized keys.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        prototypes: Tensor[B, N, C] in ``keys.dtype``; indices: Tensor[B, num_heads, N] int64.
+
+    Example::
+
+        >>> keys, queries = torch.randn(1, 64, 32), torch.randn(1, 5, 32)
+        >>> mask = torch.rand(1, 5, 64) > 0.5
+        >>> prototypes, indices = prototype_select(keys, queries, mask, num_heads=4)
+    """
+    _check_args(keys, queries, mask, num_heads, empty)
+    chosen = _BACKENDS.resolve(backend, keys.device, keys.dtype)
+    if chosen == "reference":
+        return prototype_select_ref(
+            keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys
+        )
+    return torch.ops.pem_kernels.prototype_select.default(
+        keys, queries, mask, num_heads, empty == "official", normalize_keys
+    )
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("pem_kernels::prototype_select")
+    def _prototype_select_fake(keys, queries, mask, num_heads, official_empty, normalize_keys):
+        torch._check(keys.dim() == 3 and queries.dim() == 3, lambda: "keys/queries must be 3-D")
+        torch._check(keys.shape[2] % num_heads == 0, lambda: "num_heads must divide C")
+        batch, _, channels = keys.shape
+        num_queries = queries.shape[1]
+        prototypes = keys.new_empty(batch, num_queries, channels)
+        indices = keys.new_empty(batch, num_heads, num_queries, dtype=torch.long)
+        return prototypes, indices
+
+    @torch.library.register_fake("pem_kernels::_prototype_select_backward")
+    def _prototype_select_backward_fake(grad_prototypes, keys, indices, normalize_keys):
+        return torch.empty_like(keys)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        keys, _queries, _mask, _num_heads, _official_empty, normalize_keys = inputs
+        _prototypes, indices = output
+        ctx.save_for_backward(keys, indices)
+        ctx.normalize_keys = normalize_keys
+        ctx.mark_non_differentiable(indices)
+
+    def _backward(ctx, grad_prototypes, _grad_indices):
+        keys, indices = ctx.saved_tensors
+        grad_keys = None
+        if ctx.needs_input_grad[0]:
+            grad_keys = torch.ops.pem_kernels._prototype_select_backward.default(
+                grad_prototypes, keys, indices, ctx.normalize_keys
+            )
+        return grad_keys, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pem_kernels::prototype_select", _backward, setup_context=_setup_context
+    )

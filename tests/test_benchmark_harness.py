@@ -1,0 +1,174 @@
+"""Fast tests of the benchmark harness (benchmarks/harness.py) and bench_prototype_select."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import harness  # noqa: E402
+MIB = harness.MIB
+
+
+def test_measure_time_quantiles_are_ordered_and_sane():
+    result = harness.measure_time(lambda: time.sleep(0.002), device="cpu", warmup=1, repeats=15)
+    assert result["repeats"] == 15
+    assert result["min_ms"] <= result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
+    # A 2 ms sleep takes at least 2 ms and, even on a loaded machine, well under 100 ms.
+    assert 2.0 <= result["median_ms"] < 100.0
+
+
+def test_measure_time_rotates_inputs_and_counts_calls():
+    seen = []
+    inputs = [(0,), (1,), (2,)]
+    result = harness.measure_time(seen.append, device="cpu", warmup=2, repeats=7, inputs=inputs)
+    assert result["repeats"] == 7
+    assert seen == [i % 3 for i in range(9)]
+
+
+def test_measure_time_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        harness.measure_time(lambda: None, device="cpu", warmup=0, repeats=0)
+    with pytest.raises(ValueError):
+        harness.measure_time(lambda: None, device="cpu", warmup=0, repeats=1, inputs=[])
+
+
+def _alloc_free_alloc():
+    big = torch.empty(100 * MIB, dtype=torch.uint8)
+    big.fill_(1)
+    del big
+    small = torch.empty(10 * MIB, dtype=torch.uint8)
+    small.fill_(1)
+    return small
+
+
+def test_peak_memory_of_known_allocation_cpu():
+    peak = harness.measure_peak_memory(_alloc_free_alloc, device="cpu")
+    assert abs(peak - 100 * MIB) <= 0.1 * 100 * MIB, peak / MIB
+
+
+def test_peak_memory_counts_overlapping_live_tensors_cpu():
+    def overlapping():
+        a = torch.ones(30 * MIB // 4)  # 30 MiB live ...
+        b = torch.ones(20 * MIB // 4)  # ... plus 20 MiB: peak 50 MiB
+        del a
+        c = torch.ones(10 * MIB // 4)  # 30 MiB live
+        return b, c
+
+    peak = harness.measure_peak_memory(overlapping, device="cpu")
+    assert abs(peak - 50 * MIB) <= 0.1 * 50 * MIB, peak / MIB
+
+
+def test_peak_memory_of_noop_is_about_zero_cpu():
+    existing = torch.ones(5 * MIB // 4)
+    assert harness.measure_peak_memory(lambda: None, device="cpu") < 64 * 1024
+    # Freeing memory allocated before the call is not negative usage.
+    holder = [existing]
+    del existing
+    assert harness.measure_peak_memory(lambda: holder.clear(), device="cpu") < 64 * 1024
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_memory_of_known_allocation_cuda():
+    def alloc():
+        big = torch.empty(100 * MIB, dtype=torch.uint8, device="cuda")
+        del big
+        return torch.empty(10 * MIB, dtype=torch.uint8, device="cuda")
+
+    peak = harness.measure_peak_memory(alloc, device="cuda")
+    assert abs(peak - 100 * MIB) <= 0.1 * 100 * MIB
+    assert harness.measure_peak_memory(lambda: None, device="cuda") < 64 * 1024
+    result = harness.measure_time(
+        lambda: torch.empty(MIB, device="cuda").fill_(1), device="cuda", warmup=2, repeats=10
+    )
+    assert 0 < result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
+
+
+def test_results_round_trip_through_json_and_csv(tmp_path):
+    rows = [
+        {"hw": 2048, "backend": "reference", "median_ms": 1.5, "ok": True, "speedup": None},
+        {"hw": 8192, "backend": "cpu", "median_ms": 0.25, "ok": False, "extra": "x",
+         "bad": float("nan")},
+    ]
+    meta = {"environment": {"device": "cpu"}, "sizes": [2048, 8192]}
+    json_path, csv_path = harness.write_results(rows, tmp_path / "sub", "demo", meta)
+    assert json_path == tmp_path / "sub" / "demo.json" and csv_path == tmp_path / "sub" / "demo.csv"
+
+    loaded = json.loads(json_path.read_text())
+    assert loaded["meta"] == meta
+    assert loaded["rows"][0] == rows[0]
+    assert loaded["rows"][1]["bad"] is None  # NaN is not valid JSON: written as null
+    assert {k: v for k, v in loaded["rows"][1].items() if k != "bad"} == {
+        k: v for k, v in rows[1].items() if k != "bad"
+    }
+
+    with open(csv_path, newline="") as handle:
+        read = list(csv.DictReader(handle))
+    assert list(read[0]) == ["hw", "backend", "median_ms", "ok", "speedup", "extra", "bad"]
+    assert [int(r["hw"]) for r in read] == [2048, 8192]
+    assert [float(r["median_ms"]) for r in read] == [1.5, 0.25]
+    assert read[0]["speedup"] == "" and read[0]["extra"] == "" and read[1]["extra"] == "x"
+
+
+def test_print_table_aligns_columns():
+    rows = [{"name": "reference", "ms": 12.3456, "n": 3}, {"name": "cpu", "ms": 1.0, "n": None}]
+    buffer = io.StringIO()
+    text = harness.print_table(rows, ["name", ("ms", "time ms", ".2f"), ("n", "reps")], file=buffer)
+    assert buffer.getvalue().rstrip("\n") == text
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "time", "ms", "reps"]
+    assert "12.35" in lines[2] and "1.00" in lines[3] and lines[3].endswith("-")
+    # Numbers right-aligned: the time column ends at the same offset on every data row.
+    assert lines[2].index("12.35") + 5 == lines[3].index("1.00") + 4
+
+
+def test_environment_info_has_the_essentials():
+    info = harness.environment_info("cpu")
+    for key in ("device_name", "cpu_cores", "torch", "python", "git_commit", "command",
+                "timestamp_utc"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+    assert info["device_name"] and info["cpu_cores"] >= 1
+    assert info["timestamp_utc"].endswith("+00:00")
+    json.dumps(info)  # must be serializable as is
+    assert harness.device_slug("cpu").startswith("cpu")
+    assert all(ch.isalnum() or ch == "-" for ch in harness.device_slug("cpu"))
+
+
+def test_progress_bar_counts_and_never_breaks():
+    assert list(harness.progress(range(4), desc="x", disable=True)) == [0, 1, 2, 3]
+    with harness.progress(total=2, desc="y") as bar:  # stderr is not a TTY under pytest
+        bar.update(2)
+        bar.set_postfix_str("done")
+
+
+def test_bench_prototype_select_script_runs_and_writes(tmp_path):
+    env = dict(os.environ, PEM_BENCH_PROGRESS="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_prototype_select", "--sizes", "256",
+         "--repeats", "2", "--backends", "reference", "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((tmp_path / "prototype_select.json").read_text())
+    (row,) = data["rows"]
+    assert row["backend"] == "reference" and row["hw"] == 256 and row["repeats"] == 2
+    assert row["median_ms"] > 0 and row["indices_ok"] is True and row["speedup"] == 1.0
+    assert row["peak_bytes"] > 0
+    assert data["meta"]["environment"]["command"].count("--sizes") == 1
+    with open(tmp_path / "prototype_select.csv", newline="") as handle:
+        assert [r["backend"] for r in csv.DictReader(handle)] == ["reference"]
+    assert "reference" in done.stdout and "median ms" in done.stdout

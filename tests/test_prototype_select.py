@@ -1,0 +1,403 @@
+"""prototype_select: every compiled backend against the pure-PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pem_kernels
+from pem_kernels.reference import prototype_select_ref
+
+from conftest import DEVICES, HAS_CUDA
+
+pytestmark = pytest.mark.skipif(
+    not pem_kernels.EXTENSION_LOADED, reason="pem_kernels._C is not built"
+)
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def backend_for(device: str) -> str:
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def make_inputs(batch, pixels, channels, queries, device="cpu", dtype=torch.float32, density=0.3):
+    keys = torch.randn(batch, pixels, channels, device=device, dtype=dtype)
+    query = torch.randn(batch, queries, channels, device=device, dtype=dtype)
+    mask = torch.rand(batch, queries, pixels, device=device) < density
+    return keys, query, mask
+
+
+def head_scores(keys, queries, num_heads, normalize_keys):
+    """fp64 scores [B, heads, HW, N] of the kernel's computation, for judging near-ties."""
+    keys, queries = keys.double(), queries.double()
+    if normalize_keys:
+        keys = F.normalize(keys, dim=-1)
+    batch, pixels, channels = keys.shape
+    head_dim = channels // num_heads
+    k = keys.view(batch, pixels, num_heads, head_dim).transpose(1, 2)
+    q = queries.view(batch, -1, num_heads, head_dim).transpose(1, 2)
+    return torch.einsum("bhpd,bhnd->bhpn", k, q)
+
+
+def assert_matches_reference(keys, queries, mask, num_heads, *, empty, normalize_keys, backend):
+    prototypes, indices = pem_kernels.prototype_select(
+        keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys, backend=backend
+    )
+    # Fused backends accumulate low precision in fp32, so they are judged against the fp32 reference.
+    reference_dtype = torch.float32 if keys.dtype in LOW_PRECISION else keys.dtype
+    ref_prototypes, ref_indices = prototype_select_ref(
+        keys.to(reference_dtype), queries.to(reference_dtype), mask, num_heads,
+        empty=empty, normalize_keys=normalize_keys,
+    )
+    assert indices.dtype == torch.int64 and indices.shape == ref_indices.shape
+    assert prototypes.dtype == keys.dtype and prototypes.shape == ref_prototypes.shape
+    differ = indices != ref_indices
+    if keys.dtype in LOW_PRECISION:
+        # Different pixels are fine only when their scores tie within fp32 rounding.
+        scores = head_scores(keys, queries, num_heads, normalize_keys)
+        chosen = scores.gather(2, indices[:, :, None]).squeeze(2)
+        expected = scores.gather(2, ref_indices[:, :, None]).squeeze(2)
+        gap = (chosen - expected).abs()[differ]
+        assert gap.numel() == 0 or gap.max().item() < 1e-4, f"score gap {gap.max().item()}"
+        assert differ.float().mean().item() < 0.02
+    else:
+        assert not differ.any(), f"{int(differ.sum())} indices differ from the reference"
+    # The prototype is exactly the (normalized) key chunk at the kernel's own index.
+    gathered_ref, _ = gather_at(keys.to(reference_dtype), indices, num_heads, normalize_keys)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(keys.dtype, 1e-2)
+    torch.testing.assert_close(
+        prototypes.to(reference_dtype), gathered_ref.to(reference_dtype), rtol=tol, atol=tol,
+        equal_nan=True,
+    )
+    return prototypes, indices
+
+
+def gather_at(keys, indices, num_heads, normalize_keys):
+    source = F.normalize(keys, dim=-1) if normalize_keys else keys
+    batch, pixels, channels = keys.shape
+    head_dim = channels // num_heads
+    by_head = source.view(batch, pixels, num_heads, head_dim).transpose(1, 2)
+    picked = by_head.gather(2, indices[..., None].expand(-1, -1, -1, head_dim))
+    return picked.transpose(1, 2).reshape(batch, -1, channels), indices
+
+
+SHAPES = [
+    # (B, HW, C, N, heads): HW deliberately not a multiple of the 512-pixel CPU tile.
+    (2, 1000, 64, 7, 4),
+    (1, 513, 32, 1, 1),
+    (3, 37, 16, 5, 2),
+    (1, 1, 8, 3, 8),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_matches_reference_random(device, dtype, shape, empty, normalize_keys):
+    batch, pixels, channels, queries, heads = shape
+    keys, query, mask = make_inputs(batch, pixels, channels, queries, device, dtype)
+    assert_matches_reference(
+        keys, query, mask, heads, empty=empty, normalize_keys=normalize_keys,
+        backend=backend_for(device),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_no_mask_selects_over_all_pixels(device, normalize_keys):
+    keys, query, _ = make_inputs(2, 700, 32, 6, device)
+    assert_matches_reference(
+        keys, query, None, 4, empty="per_query", normalize_keys=normalize_keys,
+        backend=backend_for(device),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+def test_single_empty_query(device, empty):
+    keys, query, mask = make_inputs(2, 300, 32, 5, device)
+    mask[0, 2] = False
+    _, indices = assert_matches_reference(
+        keys, query, mask, 4, empty=empty, normalize_keys=False, backend=backend_for(device)
+    )
+    scores = head_scores(keys, query, 4, False)
+    if empty == "official":
+        assert (indices[0, :, 2] == 0).all()  # the official code's argmax over an all -inf row
+    else:
+        assert torch.equal(indices[0, :, 2], scores[0, :, :, 2].argmax(dim=1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+def test_all_queries_of_an_image_empty(device, empty):
+    keys, query, mask = make_inputs(2, 300, 32, 5, device)
+    mask[1] = False
+    _, indices = assert_matches_reference(
+        keys, query, mask, 4, empty=empty, normalize_keys=False, backend=backend_for(device)
+    )
+    # Both conventions unmask the whole image when all its queries are empty.
+    scores = head_scores(keys, query, 4, False)
+    assert torch.equal(indices[1], scores[1].argmax(dim=1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_go_to_the_lowest_index(device):
+    keys, query, mask = make_inputs(1, 900, 16, 4, device)
+    keys[0, 300:600] = keys[0, :300]  # every score appears at p, p + 300 and p + 600
+    keys[0, 600:] = keys[0, :300]
+    mask[:] = True
+    mask[0, 1, :600] = False  # query 1 may only use the copies
+    _, indices = assert_matches_reference(
+        keys, query, mask, 2, empty="per_query", normalize_keys=False, backend=backend_for(device)
+    )
+    assert (indices[0, :, [0, 2, 3]] < 300).all()
+    assert (indices[0, :, 1] >= 600).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    keys = torch.randn(2, 64, 600, device=device).transpose(1, 2)  # [B, HW, C], strided
+    query = torch.randn(2, 9, 128, device=device)[:, ::2, ::2]  # [B, 5, 64], strided
+    mask = (torch.rand(2, 600, 5, device=device) < 0.3).transpose(1, 2)
+    assert not keys.is_contiguous() and not query.is_contiguous() and not mask.is_contiguous()
+    for normalize_keys in (False, True):
+        assert_matches_reference(
+            keys, query, mask, 4, empty="per_query", normalize_keys=normalize_keys,
+            backend=backend_for(device),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_follow_torch_argmax(device):
+    """NaN scores count as larger than any number (first NaN wins); a blocked NaN is ignored;
+    a query whose allowed pixels all score -inf takes its first allowed pixel."""
+    keys, query, mask = make_inputs(1, 200, 8, 4, device, torch.float64)
+    mask[:] = False
+    mask[0, 0, [10, 50, 90]] = True
+    keys[0, 50, :4] = float("nan")  # head 0 of pixel 50 scores NaN
+    mask[0, 1, :] = True
+    keys[0, 120, :4] = float("nan")
+    mask[0, 1, 120] = False  # query 1: the NaN pixel is blocked
+    mask[0, 2, [30, 31]] = True
+    query[0, 2] = 0.0
+    keys[0, 30] = float("-inf")
+    keys[0, 31] = float("-inf")
+    query[0, 2] = 1.0  # query 2 scores -inf at both of its allowed pixels
+    mask[0, 3, 5] = True
+    _, indices = assert_matches_reference(
+        keys, query, mask, 2, empty="per_query", normalize_keys=False, backend=backend_for(device)
+    )
+    assert indices[0, 0, 0] == 50
+    assert indices[0, 0, 1] != 120
+    assert (indices[0, :, 2] == 30).all()
+    assert (indices[0, :, 3] == 5).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_zero_and_no_queries(device):
+    for batch, queries in [(0, 4), (2, 0)]:
+        keys, query, mask = make_inputs(batch, 50, 16, queries, device)
+        prototypes, indices = pem_kernels.prototype_select(keys, query, mask, 4, backend=backend_for(device))
+        assert prototypes.shape == (batch, queries, 16) and indices.shape == (batch, 4, queries)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_backward_matches_reference(device, dtype, normalize_keys):
+    keys, query, mask = make_inputs(2, 300, 32, 12, device, dtype, density=0.02)
+    keys.requires_grad_(True)
+    grad_out = torch.randn(2, 12, 32, device=device, dtype=dtype)
+    prototypes, indices = pem_kernels.prototype_select(
+        keys, query, mask, 4, normalize_keys=normalize_keys, backend=backend_for(device)
+    )
+    (grad,) = torch.autograd.grad(prototypes, keys, grad_out)
+    # Reference gradient through the same indices, in fp64.
+    keys64 = keys.detach().double().requires_grad_(True)
+    gathered, _ = gather_at(keys64, indices, 4, normalize_keys)
+    (expected,) = torch.autograd.grad(gathered, keys64, grad_out.double())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
+    torch.testing.assert_close(grad.double(), expected, rtol=tol, atol=tol)
+    selected = torch.zeros(2, 300, dtype=torch.bool, device=device)
+    selected.scatter_(1, indices.flatten(1), True)
+    assert grad[~selected].abs().max() == 0  # gradient only at selected pixels
+    # Deterministic: the same call gives bit-identical gradients.
+    prototypes2, _ = pem_kernels.prototype_select(
+        keys, query, mask, 4, normalize_keys=normalize_keys, backend=backend_for(device)
+    )
+    (grad2,) = torch.autograd.grad(prototypes2, keys, grad_out)
+    assert torch.equal(grad, grad2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_queries_selecting_one_pixel_accumulate(device):
+    keys = torch.randn(1, 40, 8, device=device, dtype=torch.float64)
+    keys[0, 7] = 10.0  # pixel 7 wins for every positive query
+    query = torch.rand(1, 6, 8, device=device, dtype=torch.float64) + 0.1
+    keys.requires_grad_(True)
+    prototypes, indices = pem_kernels.prototype_select(keys, query, None, 2, backend=backend_for(device))
+    assert (indices == 7).all()
+    grad_out = torch.randn_like(prototypes)
+    (grad,) = torch.autograd.grad(prototypes, keys, grad_out)
+    torch.testing.assert_close(grad[0, 7], grad_out[0].sum(0))
+    assert grad[0, torch.arange(40, device=device) != 7].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize_keys", [False, True])
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+def test_gradcheck(device, normalize_keys, empty):
+    keys, query, mask = make_inputs(2, 20, 8, 3, device, torch.float64, density=0.4)
+    mask[0, 1] = False
+    keys.requires_grad_(True)
+
+    def select(k):
+        return pem_kernels.prototype_select(
+            k, query, mask, 2, empty=empty, normalize_keys=normalize_keys, backend=backend_for(device)
+        )[0]
+
+    assert torch.autograd.gradcheck(select, (keys,), eps=1e-6, atol=1e-6)
+
+
+def opcheck_samples(device):
+    samples = []
+    for requires_grad in (False, True):
+        for normalize_keys in (False, True):
+            keys, query, mask = make_inputs(2, 40, 16, 3, device, torch.float32)
+            keys.requires_grad_(requires_grad)
+            samples.append((keys, query, mask, 4, False, normalize_keys))
+    keys, query, _ = make_inputs(1, 33, 8, 2, device, torch.float64)
+    samples.append((keys, query, None, 2, True, False))
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in opcheck_samples(device):
+        torch.library.opcheck(torch.ops.pem_kernels.prototype_select.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_op(device):
+    keys, query, mask = make_inputs(2, 40, 16, 3, device)
+    _, indices = pem_kernels.prototype_select(keys, query, mask, 4, backend=backend_for(device))
+    grad = torch.randn(2, 3, 16, device=device)
+    for normalize_keys in (False, True):
+        torch.library.opcheck(
+            torch.ops.pem_kernels._prototype_select_backward.default,
+            (grad, keys, indices, normalize_keys),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    keys, query, mask = make_inputs(2, 200, 32, 5, device)
+    keys.requires_grad_(True)
+
+    def step(k, q, m):
+        prototypes, indices = pem_kernels.prototype_select(
+            k, q, m, 4, normalize_keys=True, backend=backend_for(device)
+        )
+        return (prototypes * 2).sum(), indices
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    loss, indices = compiled(keys, query, mask)
+    expected_loss, expected_indices = step(keys, query, mask)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(loss, expected_loss)
+    (grad,) = torch.autograd.grad(loss, keys)
+    (expected_grad,) = torch.autograd.grad(expected_loss, keys)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize(
+    "make_args, match",
+    [
+        (lambda k, q, m: (k[0], q, m, 4), "keys"),
+        (lambda k, q, m: (k, q[:, :, :8], m, 4), "queries"),
+        (lambda k, q, m: (k, q.double(), m, 4), "queries"),
+        (lambda k, q, m: (k.int(), q.int(), m, 4), "keys"),
+        (lambda k, q, m: (k, q, m, 3), "num_heads"),
+        (lambda k, q, m: (k, q, m, 0), "num_heads"),
+        (lambda k, q, m: (k, q, m.float(), 4), "mask"),
+        (lambda k, q, m: (k, q, m[:, :, :-1], 4), "mask"),
+        (lambda k, q, m: (k, q.to("meta"), m, 4), "queries"),
+        (lambda k, q, m: (k, q, m.to("meta"), 4), "mask"),
+        (lambda k, q, m: (k[:, :0], q, m[:, :, :0], 4), "keys"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_input_names_the_argument(make_args, match, backend):
+    keys, query, mask = make_inputs(2, 30, 16, 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pem_kernels.prototype_select(*make_args(keys, query, mask), backend=backend)
+
+
+def test_bad_empty_rule_and_backend():
+    keys, query, mask = make_inputs(1, 30, 16, 3)
+    with pytest.raises(ValueError, match="empty"):
+        pem_kernels.prototype_select(keys, query, mask, 4, empty="mask2former")
+    with pytest.raises(ValueError, match="backend"):
+        pem_kernels.prototype_select(keys, query, mask, 4, backend="fast")
+    with pytest.raises(pem_kernels.BackendUnavailableError, match="triton"):
+        pem_kernels.prototype_select(keys, query, mask, 4, backend="triton")
+    if not HAS_CUDA:
+        with pytest.raises(pem_kernels.BackendUnavailableError, match="cuda"):
+            pem_kernels.prototype_select(keys, query, mask, 4, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), None, 5, False, False), "num_heads"),
+        ((torch.randn(2, 30, 16), torch.randn(1, 3, 16), None, 4, False, False), "queries"),
+        ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), torch.ones(2, 3, 30), 4, False, False), "mask"),
+    ],
+)
+def test_registered_op_checks_its_arguments(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.pem_kernels.prototype_select(*args)
+
+
+def test_auto_backend_and_environment_override(monkeypatch):
+    keys, query, mask = make_inputs(1, 30, 16, 3)
+    assert "cpu" in pem_kernels.available_backends("prototype_select", "cpu")
+    monkeypatch.setenv("PEM_KERNELS_BACKEND", "reference")
+    ref = pem_kernels.prototype_select(keys, query, mask, 4)
+    monkeypatch.setenv("PEM_KERNELS_BACKEND", "cpu")
+    fused = pem_kernels.prototype_select(keys, query, mask, 4)
+    assert torch.equal(ref[1], fused[1])
+    monkeypatch.setenv("PEM_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="PEM_KERNELS_BACKEND"):
+        pem_kernels.prototype_select(keys, query, mask, 4)
+
+
+def test_import_without_extension_falls_back_to_reference():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['pem_kernels._C'] = None\n"  # makes `from pem_kernels import _C` fail
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pem_kernels, torch\n"
+        "assert not pem_kernels.EXTENSION_LOADED\n"
+        "assert sum('reference' in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]\n"
+        "k, q = torch.randn(1, 10, 8), torch.randn(1, 2, 8)\n"
+        "p, i = pem_kernels.prototype_select(k, q, None, 2)\n"
+        "assert pem_kernels.available_backends('prototype_select') == ['reference']\n"
+        "print('fallback-ok', tuple(p.shape))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback-ok (1, 2, 8)" in result.stdout
