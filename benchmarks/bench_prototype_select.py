@@ -189,10 +189,11 @@ def choose_repeats(
         warmup = args.warmup
     if args.repeats is not None:
         return warmup, args.repeats
-    probe = harness.measure_time(op, device=device, warmup=warmup, repeats=1, inputs=inputs)
-    warmup = 0  # the probe's own warmup already ran
-    repeats = int(budget_s * 1e3 / max(probe["median_ms"], 1e-3))
-    return warmup, max(lo, min(hi, repeats))
+    repeats = harness.adaptive_repeats(
+        op, device=device, budget_s=budget_s, min_repeats=lo, max_repeats=hi, warmup=warmup,
+        inputs=inputs,
+    )
+    return 0, repeats  # the probe already warmed up
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:

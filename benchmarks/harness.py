@@ -39,6 +39,7 @@ MIB = 1024**2
 __all__ = [
     "MIB",
     "REPO_ROOT",
+    "adaptive_repeats",
     "default_out_dir",
     "device_slug",
     "environment_info",
@@ -129,6 +130,23 @@ def measure_time(
         "mean_ms": float(times.mean()),
         "repeats": int(repeats),
     }
+
+
+def adaptive_repeats(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    budget_s: float,
+    min_repeats: int,
+    max_repeats: int,
+    warmup: int = 1,
+    inputs: Sequence[Sequence[Any]] | None = None,
+) -> int:
+    """Repeats that fit ``budget_s`` seconds of timing, from one timed probe call after ``warmup``
+    untimed ones, clamped to [min_repeats, max_repeats]. The probe also warms ``fn`` up."""
+    probe = measure_time(fn, device=device, warmup=warmup, repeats=1, inputs=inputs)
+    repeats = int(budget_s * 1e3 / max(probe["median_ms"], 1e-3))
+    return max(min_repeats, min(max_repeats, repeats))
 
 
 # --------------------------------------------------------------------------------------------

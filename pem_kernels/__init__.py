@@ -12,6 +12,7 @@ Public ops (each takes ``backend=``, see :data:`BACKENDS`):
 from pem_kernels import reference
 from pem_kernels._backends import BACKENDS, BackendUnavailableError, available_backends
 from pem_kernels._extension import EXTENSION_ERROR, EXTENSION_LOADED
+from pem_kernels import nn
 from pem_kernels.ops import deform_conv2d, prototype_attention, prototype_select
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "EXTENSION_ERROR",
     "EXTENSION_LOADED",
     "available_backends",
+    "nn",
     "deform_conv2d",
     "prototype_attention",
     "prototype_select",

@@ -172,3 +172,22 @@ def test_bench_prototype_select_script_runs_and_writes(tmp_path):
     with open(tmp_path / "prototype_select.csv", newline="") as handle:
         assert [r["backend"] for r in csv.DictReader(handle)] == ["reference"]
     assert "reference" in done.stdout and "median ms" in done.stdout
+
+
+def test_bench_pem_ca_script_runs_every_provider(tmp_path):
+    env = dict(os.environ, PEM_BENCH_PROGRESS="0")
+    providers = ["fused", "reference", "mask2former", "sdpa"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_pem_ca", "--sizes", "2048", "--repeats", "1",
+         "--modes", "forward,forward+backward", "--providers", ",".join(providers),
+         "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "pem_ca.json").read_text())["rows"]
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (mode, p) for mode in ("forward", "forward+backward") for p in providers
+    ]
+    for row in rows:
+        assert "error" not in row and row["median_ms"] > 0 and row["peak_bytes"] > 0
+        assert row["speedup_vs_mask2former"] > 0

@@ -1,9 +1,11 @@
 """``prototype_attention``: PEM-CA after the gather (eq. 5-7), ``residual + W_out(alpha *
 l2norm(W_A(P * q)) + P) + b_out``.
 
-Only the ``reference`` backend exists so far; the fused Triton forward/backward comes with the
-fused PEM-CA work. The schema ``pem_kernels::prototype_attention`` is registered already (with a
-fake kernel) so the op's interface is fixed.
+Backends: ``reference``, and ``cpu``, which runs the same composition of ATen's CPU kernels (two
+GEMMs dominate; there is nothing a hand-written CPU kernel would fuse away). The fused Triton
+forward/backward for GPUs comes with the fused PEM-CA work. The schema
+``pem_kernels::prototype_attention`` is registered already (with a fake kernel) so the op's
+interface is fixed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from pem_kernels.reference.prototype_attention import AttentionNormAxis, prototy
 
 __all__ = ["prototype_attention"]
 
-_BACKENDS = register_op_backends(OpBackends("prototype_attention", availability={}, auto_order={}))
+def _aten_on_cpu(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None if device.type == "cpu" else "it runs on cpu tensors"
+
+
+_BACKENDS = register_op_backends(
+    OpBackends(
+        "prototype_attention", availability={"cpu": _aten_on_cpu}, auto_order={"cpu": ("cpu",)}
+    )
+)
 _NORM_AXES = ("queries", "channels")
 
 
@@ -69,7 +79,7 @@ def prototype_attention(
         prototypes, queries, residual: Tensor[B, N, C].
         proj_weight, out_weight: Tensor[C, C]; proj_bias, out_bias: Tensor[C]; alpha: C elements.
         normalize: ``"queries"`` (official code) or ``"channels"`` (paper).
-        backend: ``"auto"`` or ``"reference"`` for now.
+        backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
 
     Returns:
         Tensor[B, N, C].

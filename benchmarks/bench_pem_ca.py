@@ -1,0 +1,236 @@
+"""PEM-CA vs masked cross-attention: latency and peak memory over increasing resolutions.
+
+The project's main benchmark (the paper's Fig. 4 with the fused layer added). Run from the
+repository root::
+
+    python -m benchmarks.bench_pem_ca [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--sizes 2048,8192,32768,131072] [--batch 1] [--modes forward,forward+backward]
+        [--providers fused,reference,compiled,mask2former,sdpa] [--repeats N] [--out-dir DIR]
+
+One decoder cross-attention layer (C=256, 8 heads, Q=100 queries) over a feature map of HW pixels
+with aspect 1:2 (2048 = 32x64, 8192 = 64x128, 32768 = 128x256, 131072 = 256x512, the 1/32 ... 1/4
+levels of a 1024x2048 image). Inputs: tgt [Q, B, C], memory and pos [B, C, H, W], query_pos
+[Q, B, C] standard normal; mask logits [B, Q, H, W] normal with mean -0.52 (about 30% of pixels
+allowed per query). Providers (same inputs, same layer interface):
+
+* ``fused``: :class:`pem_kernels.nn.PEMCrossAttention` with ``backend="auto"``;
+* ``reference``: the same layer with ``backend="reference"`` (eager pure PyTorch, which is the
+  official PEM computation);
+* ``compiled``: ``torch.compile`` of ``reference`` (inductor, compiled once per size, not timed);
+* ``mask2former``: Mask2Former's masked cross-attention (``nn.MultiheadAttention`` + LayerNorm);
+* ``sdpa``: the same with ``F.scaled_dot_product_attention`` and a boolean mask.
+
+Each row: median / p20 / p80 ms over repeats (inputs rotate over two sets), peak extra memory,
+and the speedup of every provider against ``mask2former`` and ``reference`` of the same run.
+``forward`` runs under ``torch.no_grad()``; ``forward+backward`` also back-propagates
+``out.sum()`` into the parameters and into tgt and memory. Layers are in eval mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from benchmarks import harness
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROVIDERS = ("fused", "reference", "compiled", "mask2former", "sdpa")
+MODES = ("forward", "forward+backward")
+# Per device: (default sizes, default providers, timing budget s, min repeats, max repeats).
+DEFAULTS = {
+    "cpu": ("2048,8192,32768", "fused,reference,mask2former,sdpa", 3.0, 3, 50),
+    "cuda": ("2048,8192,32768,131072", ",".join(PROVIDERS), 1.0, 20, 500),
+}
+D_MODEL, HEADS, QUERIES = 256, 8, 100
+MASK_LOGIT_MEAN = -0.52  # P(N(-0.52, 1) >= 0) = 0.30
+
+TABLE_COLUMNS = [
+    ("hw", "HW"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("median_ms", "median ms", ".3f"),
+    ("p20_ms", "p20 ms", ".3f"),
+    ("p80_ms", "p80 ms", ".3f"),
+    ("peak_mib", "peak MiB", ".1f"),
+    ("speedup_vs_mask2former", "x vs M2F", ".2f"),
+    ("speedup_vs_reference", "x vs ref", ".2f"),
+    ("repeats", "reps"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_pem_ca",
+        description="PEM-CA (fused, reference, compiled) vs Mask2Former masked cross-attention.",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--sizes", default=None, help="pixel counts HW (comma-separated)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--modes", default="forward", help=f"comma-separated from {MODES}")
+    parser.add_argument("--providers", default=None, help=f"comma-separated from {PROVIDERS}")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: adaptive)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/<date>-<device>")
+    args = parser.parse_args(argv)
+    device_type = torch.device(args.device).type
+    if device_type not in DEFAULTS:
+        parser.error(f"--device {args.device}: expected cpu or cuda")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    sizes, providers, *_ = DEFAULTS[device_type]
+    args.sizes = [int(s) for s in (args.sizes or sizes).split(",") if s.strip()]
+    for size in args.sizes:
+        height = math.isqrt(size // 2)
+        if 2 * height * height != size:
+            parser.error(f"--sizes {size}: expected 2*h*h pixels (e.g. 2048, 8192, 32768)")
+    args.providers = [p.strip() for p in (args.providers or providers).split(",") if p.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for name, values, allowed in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES)):
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}, expected from {allowed}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def make_layers(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    from pem_kernels.nn import MaskedCrossAttention, PEMCrossAttention, SDPAMaskedCrossAttention
+
+    fused = PEMCrossAttention(D_MODEL, HEADS, backend="auto")
+    reference = PEMCrossAttention(D_MODEL, HEADS, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    mask2former = MaskedCrossAttention(D_MODEL, HEADS)
+    sdpa = SDPAMaskedCrossAttention(D_MODEL, HEADS)
+    sdpa.load_state_dict(mask2former.state_dict())
+    layers = {"fused": fused, "reference": reference, "mask2former": mask2former, "sdpa": sdpa}
+    return {name: layer.to(device=device, dtype=dtype).eval() for name, layer in layers.items()}
+
+
+def make_inputs(batch: int, hw: int, device: torch.device, dtype: torch.dtype, generator) -> tuple:
+    height = math.isqrt(hw // 2)
+    width = 2 * height
+
+    def normal(*shape, mean=0.0):
+        return (torch.randn(*shape, generator=generator, device=device) + mean).to(dtype)
+
+    return (
+        normal(QUERIES, batch, D_MODEL),
+        normal(batch, D_MODEL, height, width),
+        normal(batch, QUERIES, height, width, mean=MASK_LOGIT_MEAN),
+        normal(batch, D_MODEL, height, width),
+        normal(QUERIES, batch, D_MODEL),
+    )
+
+
+def make_step(layer: torch.nn.Module, mode: str) -> Callable[..., Any]:
+    if mode == "forward":
+
+        def forward(*inputs):
+            with torch.no_grad():
+                return layer(*inputs)
+
+        return forward
+
+    def forward_backward(tgt, memory, mask, pos, query_pos):
+        tgt = tgt.detach().requires_grad_(True)
+        memory = memory.detach().requires_grad_(True)
+        layer(tgt, memory, mask, pos, query_pos).float().sum().backward()
+        layer.zero_grad(set_to_none=True)
+
+    return forward_backward
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    _, _, budget_s, min_repeats, max_repeats = DEFAULTS[device.type]
+    layers = make_layers(device, dtype)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    total = len(args.sizes) * len(args.modes) * len(args.providers)
+    with harness.progress(total=total, desc="pem_ca") as bar:
+        for hw in args.sizes:
+            inputs = [make_inputs(args.batch, hw, device, dtype, generator) for _ in range(2)]
+            if "compiled" in args.providers:
+                # A fresh compile per size keeps dynamic-shape guards out of the measurement.
+                torch._dynamo.reset()
+                layers["compiled"] = torch.compile(layers["reference"])
+            for mode in args.modes:
+                group: list[dict[str, Any]] = []
+                for provider in args.providers:
+                    bar.set_postfix_str(f"HW={hw} {mode} {provider}")
+                    row: dict[str, Any] = {
+                        "op": "pem_ca", "device": str(device), "dtype": args.dtype,
+                        "batch": args.batch, "hw": hw, "queries": QUERIES, "channels": D_MODEL,
+                        "heads": HEADS, "mode": mode, "provider": provider,
+                    }
+                    try:
+                        step = make_step(layers[provider], mode)
+                        row["peak_bytes"] = harness.measure_peak_memory(
+                            lambda: step(*inputs[0]), device=device
+                        )
+                        row["peak_mib"] = row["peak_bytes"] / harness.MIB
+                        repeats = args.repeats or harness.adaptive_repeats(
+                            step, device=device, budget_s=budget_s, min_repeats=min_repeats,
+                            max_repeats=max_repeats, inputs=inputs,
+                        )
+                        row.update(
+                            harness.measure_time(step, device=device, warmup=1, repeats=repeats, inputs=inputs)
+                        )
+                    except Exception as error:  # noqa: BLE001 - report it, keep sweeping
+                        failures += 1
+                        row["error"] = f"{type(error).__name__}: {error}"
+                        harness.note(f"ERROR: HW={hw} {mode} {provider}: {row['error']}")
+                    group.append(row)
+                    bar.update(1)
+                for baseline in ("mask2former", "reference"):
+                    base = next((r for r in group if r["provider"] == baseline and "median_ms" in r), None)
+                    for row in group:
+                        if base is not None and "median_ms" in row:
+                            row[f"speedup_vs_{baseline}"] = base["median_ms"] / row["median_ms"]
+                rows += group
+            del inputs
+    return rows, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    import pem_kernels
+
+    meta = {
+        "benchmark": "pem_ca",
+        "environment": harness.environment_info(device),
+        "config": dict(vars(args)),
+        "backends": {
+            op: pem_kernels.available_backends(op, device, DTYPES[args.dtype])
+            for op in ("prototype_select", "prototype_attention")
+        },
+        "units": {"*_ms": "milliseconds", "peak_mib": "MiB", "speedup_vs_*": "baseline median / median"},
+    }
+    env = meta["environment"]
+    print(
+        f"PEM-CA vs masked cross-attention on {env['device_name']} ({device}), dtype={args.dtype} "
+        f"B={args.batch} Q={QUERIES} C={D_MODEL} heads={HEADS}; available backends {meta['backends']}",
+        flush=True,
+    )
+    rows, failures = run(args)
+    meta["elapsed_s"] = time.perf_counter() - started
+    harness.print_table(rows, TABLE_COLUMNS)
+    out_dir = args.out_dir or harness.default_out_dir(device)
+    json_path, csv_path = harness.write_results(rows, out_dir, "pem_ca", meta)
+    print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

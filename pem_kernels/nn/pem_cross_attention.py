@@ -1,0 +1,130 @@
+"""PEM's prototype-based masked cross-attention (PEM-CA), as a drop-in for the official ``PEM_CA``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pem_kernels.ops.prototype_attention import prototype_attention
+from pem_kernels.ops.prototype_select import prototype_select
+from pem_kernels.reference.prototype_attention import AttentionNormAxis
+from pem_kernels.reference.prototype_select import EmptyMaskRule
+
+__all__ = ["LocalRepresentation", "PEMCrossAttention"]
+
+
+class LocalRepresentation(nn.Module):
+    """PEM-CA's feature projection: BatchNorm -> depthwise 3x3 conv -> flatten -> Linear.
+
+    Parameter names follow the official module (``bn``, ``to_query_3x3``, ``out``). The official
+    code hard-codes ``nn.SyncBatchNorm``; this uses ``nn.BatchNorm2d``, which has the same
+    parameters and buffers (convert with ``nn.SyncBatchNorm.convert_sync_batchnorm`` for DDP).
+
+    Args:
+        d_model: channels C.
+
+    Shapes: Tensor[B, C, H, W] -> Tensor[B, H*W, C].
+    """
+
+    def __init__(self, d_model: int = 256) -> None:
+        super().__init__()
+        self.to_query_3x3 = nn.Conv2d(d_model, d_model, 3, groups=d_model, padding=1)
+        self.bn = nn.BatchNorm2d(d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.d_model = d_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.to_query_3x3(self.bn(x))
+        return self.out(local.flatten(2).transpose(1, 2))
+
+
+class PEMCrossAttention(nn.Module):
+    """Prototype-based masked cross-attention of PEM (CVPR 2024), fused.
+
+    A drop-in replacement for the official ``PEM_CA(d_model, nhead)``: the same constructor
+    arguments, parameter names and shapes (a state_dict loads both ways), the same forward
+    signature, and by default the same computation:
+
+    1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C];
+       ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C];
+    2. per head, the pixel with the largest similarity to the query among those whose mask logit
+       is not negative (:func:`pem_kernels.prototype_select` with ``normalize_keys=True``: keys are
+       L2-normalized over C inside the op, the similarity is never materialized);
+    3. ``tgt + final(alpha * l2norm(proj(P * q)) + P)`` (:func:`pem_kernels.prototype_attention`).
+
+    Args:
+        d_model: channels C.
+        nhead: heads (contiguous channel chunks of C / nhead).
+        attention_norm: ``"queries"`` (official code: the l2norm runs over the query axis) or
+            ``"channels"`` (what the paper writes).
+        empty: ``"official"`` (official code: a fully masked query gets pixel 0 unless the whole
+            image is masked) or ``"per_query"`` (Mask2Former: it selects over all pixels).
+        backend: ``"auto"`` or a backend name passed to both ops; ``"reference"`` runs the
+            pure-PyTorch specification.
+
+    Shapes of :meth:`forward`: tgt [Q, B, C], memory [B, C, H, W], memory_mask [B, Q, H, W] (mask
+    logits, detached; ``None`` allows every pixel), pos [B, C, H, W] or None, query_pos [Q, B, C]
+    or None; returns [Q, B, C].
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        *,
+        attention_norm: AttentionNormAxis = "queries",
+        empty: EmptyMaskRule = "official",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"nhead: expected a divisor of d_model = {d_model}, got {nhead}")
+        self.feature_proj = LocalRepresentation(d_model)
+        self.query_proj = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
+        self.proj = nn.Linear(d_model, d_model)
+        self.final = nn.Linear(d_model, d_model)
+        self.alpha = nn.Parameter(torch.ones(1, 1, d_model))
+        self.num_heads = nhead
+        self.attention_norm = attention_norm
+        self.empty = empty
+        self.backend = backend
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        query_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if tgt.dim() != 3 or memory.dim() != 4 or tgt.shape[2] != memory.shape[1]:
+            raise ValueError(
+                f"tgt [Q, B, C] and memory [B, C, H, W] must share B and C, got tgt "
+                f"{list(tgt.shape)} and memory {list(memory.shape)}"
+            )
+        residual = tgt.transpose(0, 1)
+        if pos is not None:
+            memory = memory + pos
+        if query_pos is not None:
+            tgt = tgt + query_pos
+        keys = self.feature_proj(memory)
+        queries = F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)
+        allowed = None
+        if memory_mask is not None:
+            expected = [memory.shape[0], tgt.shape[0], memory.shape[2], memory.shape[3]]
+            if list(memory_mask.shape) != expected:
+                raise ValueError(
+                    f"memory_mask: expected shape [B, Q, H, W] = {expected}, got {list(memory_mask.shape)}"
+                )
+            # The official code blocks `logit < 0`; a NaN logit is therefore allowed, as there.
+            allowed = ~(memory_mask.detach().flatten(2) < 0)
+        prototypes, _ = prototype_select(
+            keys, queries, allowed, self.num_heads, empty=self.empty, normalize_keys=True,
+            backend=self.backend,
+        )
+        out = prototype_attention(
+            prototypes, queries, residual, self.proj.weight, self.proj.bias, self.alpha,
+            self.final.weight, self.final.bias, normalize=self.attention_norm, backend=self.backend,
+        )
+        return out.transpose(0, 1)

@@ -1,0 +1,163 @@
+"""PEMCrossAttention against a replica of the official PEM_CA, fused vs reference, and baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pem_kernels
+from pem_kernels.nn import (
+    LocalRepresentation,
+    MaskedCrossAttention,
+    PEMCrossAttention,
+    SDPAMaskedCrossAttention,
+)
+
+from conftest import DEVICES
+
+requires_extension = pytest.mark.skipif(
+    not pem_kernels.EXTENSION_LOADED, reason="pem_kernels._C is not built"
+)
+
+
+class OfficialPEMCA(nn.Module):
+    """The official PEM_CA computation, step by step as pem-official-facts.md §1 describes it."""
+
+    def __init__(self, d_model=256, nhead=8):
+        super().__init__()
+        self.feature_proj = LocalRepresentation(d_model)
+        self.query_proj = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
+        self.proj = nn.Linear(d_model, d_model)
+        self.final = nn.Linear(d_model, d_model)
+        self.alpha = nn.Parameter(torch.ones(1, 1, d_model))
+        self.num_heads = nhead
+
+    def forward(self, tgt, memory, memory_mask, pos, query_pos):
+        res = tgt
+        memory, tgt = memory + pos, tgt + query_pos
+        memory = self.feature_proj(memory)
+        tgt = self.query_proj(tgt.permute(1, 0, 2))
+        memory = F.normalize(memory, dim=-1)
+        tgt = F.normalize(tgt, dim=-1)
+        batch, pixels, channels = memory.shape
+        num_queries, head_dim = tgt.shape[1], channels // self.num_heads
+        x = memory.view(batch, pixels, self.num_heads, head_dim).permute(0, 2, 1, 3)
+        q = tgt.view(batch, num_queries, self.num_heads, head_dim).permute(0, 2, 1, 3)
+        sim = torch.einsum("bhnc,bhqc->bhnq", x, q)
+        blocked = memory_mask.flatten(2).permute(0, 2, 1).detach() < 0.0
+        blocked = blocked.unsqueeze(1).expand(-1, self.num_heads, -1, -1).clone()
+        blocked[torch.all(blocked.sum(2) == pixels, dim=2)] = False
+        sim = sim.masked_fill(blocked, float("-inf"))
+        index = sim.argmax(dim=2)
+        prototypes = torch.gather(x, 2, index.unsqueeze(-1).expand(-1, -1, -1, head_dim))
+        prototypes = prototypes.permute(0, 2, 1, 3).reshape(batch, num_queries, channels)
+        out = F.normalize(self.proj(prototypes * tgt), dim=1) * self.alpha + prototypes
+        return self.final(out).permute(1, 0, 2) + res
+
+
+def layer_inputs(batch=2, queries=10, channels=32, height=9, width=11, device="cpu", dtype=torch.float64):
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    memory_mask = rand(batch, queries, height, width)
+    memory_mask[0, 3] = -1.0  # an empty query
+    return (
+        rand(queries, batch, channels), rand(batch, channels, height, width), memory_mask,
+        rand(batch, channels, height, width), rand(queries, batch, channels),
+    )
+
+
+def randomize(module):
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        for name, buffer in module.named_buffers():
+            if "running_var" in name:
+                buffer.uniform_(0.5, 1.5)
+            elif "running_mean" in name:
+                buffer.normal_()
+    return module
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_reference_path_reproduces_official_module(training):
+    official = randomize(OfficialPEMCA(32, 4).double()).train(training)
+    ours = PEMCrossAttention(32, 4, backend="reference").double().train(training)
+    ours.load_state_dict(official.state_dict())
+    inputs = layer_inputs()
+    torch.testing.assert_close(ours(*inputs), official(*inputs), rtol=1e-10, atol=1e-10)
+
+
+def test_state_dict_loads_both_ways():
+    official, ours = OfficialPEMCA(32, 4), randomize(PEMCrossAttention(32, 4))
+    assert list(official.state_dict()) == list(ours.state_dict())
+    official.load_state_dict(ours.state_dict())
+    ours.load_state_dict(randomize(official).state_dict())
+    for (name, a), (_, b) in zip(official.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("options", [{}, {"attention_norm": "channels", "empty": "per_query"}], ids=str)
+def test_fused_equals_reference_outputs_and_gradients(device, training, options):
+    reference = randomize(PEMCrossAttention(32, 4, backend="reference", **options)).double().to(device)
+    fused = PEMCrossAttention(32, 4, backend="cpu" if device == "cpu" else "cuda", **options)
+    fused = fused.double().to(device)
+    fused.load_state_dict(reference.state_dict())
+    reference.train(training), fused.train(training)
+    inputs = [t.requires_grad_(True) for t in layer_inputs(device=device)]
+    out_ref, out_fused = reference(*inputs), fused(*inputs)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out_ref)
+    differentiable = [inputs[0], inputs[1], inputs[3], inputs[4]]
+    grads_ref = torch.autograd.grad(out_ref, [*reference.parameters(), *differentiable], grad_out)
+    grads_fused = torch.autograd.grad(out_fused, [*fused.parameters(), *differentiable], grad_out)
+    names = [n for n, _ in reference.named_parameters()] + ["tgt", "memory", "pos", "query_pos"]
+    for name, g_ref, g_fused in zip(names, grads_ref, grads_fused):
+        torch.testing.assert_close(g_fused, g_ref, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@requires_extension
+def test_layer_compiles_fullgraph():
+    layer = randomize(PEMCrossAttention(32, 4, backend="cpu")).eval()
+    inputs = layer_inputs(dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*inputs), layer(*inputs))
+
+
+def test_bad_mask_shape_is_a_clear_error():
+    layer = PEMCrossAttention(32, 4)
+    tgt, memory, mask, pos, query_pos = layer_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="memory_mask"):
+        layer(tgt, memory, mask[:, :-1], pos, query_pos)
+    with pytest.raises(ValueError, match="nhead"):
+        PEMCrossAttention(32, 5)
+
+
+def test_masked_attention_matches_manual_mask2former():
+    layer = MaskedCrossAttention(32, 4).double().eval()
+    tgt, memory, mask, pos, query_pos = layer_inputs()
+    mask[1] = -1.0  # every query of image 1 fully blocked -> per-row unblocking
+    out = layer(tgt, memory, mask, pos, query_pos)
+    # Manual Mask2Former: per (batch*head, query) row fix, then MHA, residual, post-norm.
+    blocked = (mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, 4, 1, 1).flatten(0, 1) < 0.5)
+    blocked[torch.where(blocked.sum(-1) == blocked.shape[-1])] = False
+    value = memory.flatten(2).permute(2, 0, 1)
+    attended = layer.multihead_attn(
+        tgt + query_pos, value + pos.flatten(2).permute(2, 0, 1), value, attn_mask=blocked
+    )[0]
+    torch.testing.assert_close(out, layer.norm(tgt + attended))
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_sdpa_baseline_equals_mha_baseline(with_mask):
+    mha = MaskedCrossAttention(32, 4).double()
+    sdpa = SDPAMaskedCrossAttention(32, 4).double()
+    sdpa.load_state_dict(mha.state_dict())
+    tgt, memory, mask, pos, query_pos = layer_inputs()
+    mask = mask if with_mask else None
+    torch.testing.assert_close(sdpa(tgt, memory, mask, pos, query_pos), mha(tgt, memory, mask, pos, query_pos))
