@@ -161,3 +161,24 @@ def test_sdpa_baseline_equals_mha_baseline(with_mask):
     tgt, memory, mask, pos, query_pos = layer_inputs()
     mask = mask if with_mask else None
     torch.testing.assert_close(sdpa(tgt, memory, mask, pos, query_pos), mha(tgt, memory, mask, pos, query_pos))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_triton_layer_equals_reference(training):
+    """The whole layer on the Triton backend (the interpreter on a CPU) vs the reference, fp32."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    reference = randomize(PEMCrossAttention(32, 4, backend="reference")).to(device).train(training)
+    fused = PEMCrossAttention(32, 4, backend="triton").to(device).train(training)
+    fused.load_state_dict(reference.state_dict())
+    inputs = [t.requires_grad_(True) for t in layer_inputs(device=device, dtype=torch.float32)]
+    out_ref, out_fused = reference(*inputs), fused(*inputs)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, [*reference.parameters(), inputs[1]], grad_out)
+    grads_fused = torch.autograd.grad(out_fused, [*fused.parameters(), inputs[1]], grad_out)
+    for (name, _), g_ref, g_fused in zip(reference.named_parameters(), grads_ref, grads_fused):
+        torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(grads_fused[-1], grads_ref[-1], rtol=1e-4, atol=1e-5)

@@ -349,7 +349,7 @@ def test_bad_empty_rule_and_backend():
     with pytest.raises(ValueError, match="backend"):
         pem_kernels.prototype_select(keys, query, mask, 4, backend="fast")
     with pytest.raises(pem_kernels.BackendUnavailableError, match="triton"):
-        pem_kernels.prototype_select(keys, query, mask, 4, backend="triton")
+        pem_kernels.prototype_select(keys.double(), query.double(), mask, 4, backend="triton")
     if not HAS_CUDA:
         with pytest.raises(pem_kernels.BackendUnavailableError, match="cuda"):
             pem_kernels.prototype_select(keys, query, mask, 4, backend="cuda")
@@ -397,7 +397,7 @@ def test_import_without_extension_falls_back_to_reference():
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONWARNINGS": "default"},
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONWARNINGS": "default"},
     )
     assert result.returncode == 0, result.stderr
     assert "fallback-ok (1, 2, 8)" in result.stdout

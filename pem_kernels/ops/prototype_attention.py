@@ -1,11 +1,13 @@
 """``prototype_attention``: PEM-CA after the gather (eq. 5-7), ``residual + W_out(alpha *
 l2norm(W_A(P * q)) + P) + b_out``.
 
-Backends: ``reference``, and ``cpu``, which runs the same composition of ATen's CPU kernels (two
-GEMMs dominate; there is nothing a hand-written CPU kernel would fuse away). The fused Triton
-forward/backward for GPUs comes with the fused PEM-CA work. The schema
-``pem_kernels::prototype_attention`` is registered already (with a fake kernel) so the op's
-interface is fixed.
+Backends: ``reference``; ``cpu``, which runs the same composition of ATen's CPU kernels (two
+GEMMs dominate; there is nothing a hand-written CPU kernel would fuse away); ``triton``
+(:mod:`pem_kernels.triton.prototype_attention`: one fused forward launch and a fused backward, on
+CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on
+a GPU, so ``"auto"`` does not pick it). The C++ schema ``pem_kernels::prototype_attention`` is
+registered (with a fake kernel) for a future C++/CUDA kernel; the Triton backend registers its own
+ops, ``pem_kernels::prototype_attention_triton`` and its backward.
 """
 
 from __future__ import annotations
@@ -22,9 +24,17 @@ def _aten_on_cpu(device: torch.device, dtype: torch.dtype) -> str | None:
     return None if device.type == "cpu" else "it runs on cpu tensors"
 
 
+def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    from pem_kernels.triton import triton_backend_unavailable_reason
+
+    return triton_backend_unavailable_reason(device, dtype)
+
+
 _BACKENDS = register_op_backends(
     OpBackends(
-        "prototype_attention", availability={"cpu": _aten_on_cpu}, auto_order={"cpu": ("cpu",)}
+        "prototype_attention",
+        availability={"cpu": _aten_on_cpu, "triton": _triton_unavailable_reason},
+        auto_order={"cpu": ("cpu",)},
     )
 )
 _NORM_AXES = ("queries", "channels")
@@ -79,13 +89,19 @@ def prototype_attention(
         prototypes, queries, residual: Tensor[B, N, C].
         proj_weight, out_weight: Tensor[C, C]; proj_bias, out_bias: Tensor[C]; alpha: C elements.
         normalize: ``"queries"`` (official code) or ``"channels"`` (paper).
-        backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
         Tensor[B, N, C].
     """
     _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize)
-    _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype)
+    if _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype) == "triton":
+        from pem_kernels.triton.prototype_attention import prototype_attention_triton
+
+        return prototype_attention_triton(
+            prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
+            normalize == "queries",
+        )[0]
     return prototype_attention_ref(
         prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
         normalize=normalize,

@@ -2,8 +2,11 @@
 
 Backends: ``reference`` (pure PyTorch, materializes the similarity), ``cpu`` (C++, streaming
 argmax over pixel tiles), ``cuda`` (C++/CUDA; compiled, not yet validated on a GPU, so ``"auto"``
-does not pick it). The registered op is ``torch.ops.pem_kernels.prototype_select``; its backward is
-the registered op ``torch.ops.pem_kernels._prototype_select_backward``.
+does not pick it), ``triton`` (``pem_kernels.triton.prototype_select``: CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on a GPU, so ``"auto"`` does not
+pick it). The registered op is ``torch.ops.pem_kernels.prototype_select``; its backward is the
+registered op ``torch.ops.pem_kernels._prototype_select_backward``. The Triton backend registers its
+own pair, ``pem_kernels::prototype_select_triton`` and ``_prototype_select_backward_triton``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,20 @@ def _compiled_kernel(dispatch_key: str, device_type: str):
     return unavailable_reason
 
 
+def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    # fp64 is not supported: the packed merge key of the Triton kernel orders fp32 scores.
+    from pem_kernels.triton import triton_backend_unavailable_reason
+
+    return triton_backend_unavailable_reason(device, dtype)
+
+
 _BACKENDS = register_op_backends(
     OpBackends(
         "prototype_select",
         availability={
             "cpu": _compiled_kernel("CPU", "cpu"),
             "cuda": _compiled_kernel("CUDA", "cuda"),
+            "triton": _triton_unavailable_reason,
         },
         auto_order={"cpu": ("cpu",)},
     )
@@ -128,6 +139,13 @@ def prototype_select(
     if chosen == "reference":
         return prototype_select_ref(
             keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys
+        )
+    if chosen == "triton":
+        # Imported here so that `import pem_kernels` never imports triton.
+        from pem_kernels.triton.prototype_select import prototype_select_triton
+
+        return prototype_select_triton(
+            keys, queries, mask, num_heads, empty == "official", normalize_keys
         )
     return torch.ops.pem_kernels.prototype_select.default(
         keys, queries, mask, num_heads, empty == "official", normalize_keys

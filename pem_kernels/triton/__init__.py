@@ -1,0 +1,74 @@
+"""Triton kernels of pem_kernels.
+
+Nothing here imports Triton at package import time: :func:`triton_unavailable_reason` tries the
+import once (on first use) and the kernel modules (``pem_kernels.triton.prototype_select``) are
+imported only when the ``"triton"`` backend is actually chosen. Without a GPU the kernels run under
+Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment *before* Triton is
+imported (``tests/conftest.py`` sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+__all__ = [
+    "cpu_unavailable_reason",
+    "interpreter_requested",
+    "triton_backend_unavailable_reason",
+    "triton_unavailable_reason",
+]
+
+# Dtypes the Triton kernels take (fp32 accumulation); fp64 is not supported.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# None: not tried yet; "": triton imports; otherwise the import error.
+_IMPORT_ERROR: list[str | None] = [None]
+
+
+def triton_unavailable_reason() -> str | None:
+    """``None`` when ``import triton`` works, else a short reason (the import is tried once)."""
+    if _IMPORT_ERROR[0] is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _IMPORT_ERROR[0] = ""
+        except Exception as error:  # ImportError, or a broken install raising anything else
+            _IMPORT_ERROR[0] = f"triton cannot be imported ({type(error).__name__}: {error})"
+    return _IMPORT_ERROR[0] or None
+
+
+def interpreter_requested() -> bool:
+    """Whether Triton kernels run under the interpreter (``TRITON_INTERPRET=1``): on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_unavailable_reason() -> str | None:
+    """``None`` when Triton kernels can run on CPU tensors (through the interpreter), else why not.
+
+    ``triton.jit`` chooses interpreter or compiler when a kernel is defined, so kernel modules
+    imported before ``TRITON_INTERPRET=1`` was set stay compiled (GPU-only) kernels.
+    """
+    if not interpreter_requested():
+        return "it runs cpu tensors only under the Triton interpreter (TRITON_INTERPRET=1)"
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pem_kernels.triton.") and getattr(module, "INTERPRET", True) is False:
+            return f"{name} was imported before TRITON_INTERPRET=1 was set (compiled kernels)"
+    return None
+
+
+def triton_backend_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when a Triton kernel can run on tensors of ``device`` and ``dtype``, else why not:
+    CUDA tensors, or CPU tensors under the interpreter; fp32, fp16 or bf16; triton importable."""
+    if device.type == "cpu":
+        reason = cpu_unavailable_reason()
+        if reason is not None:
+            return reason
+    elif device.type != "cuda":
+        return "it runs on cuda tensors (or cpu tensors under TRITON_INTERPRET=1)"
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels support float32, float16 and bfloat16, not {dtype}"
+    return triton_unavailable_reason()

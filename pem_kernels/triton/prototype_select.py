@@ -1,0 +1,515 @@
+"""``prototype_select`` in Triton: a split-pixel tensor-core argmax merged with a packed atomic max.
+
+Semantics are those of :func:`pem_kernels.reference.prototype_select_ref`. The forward runs up to
+four kernels, none of which materializes the [B, heads, HW, N] similarity or normalized keys:
+
+1. ``_key_norm_kernel`` (only with ``normalize_keys``): ``max(||keys[b, p, :]||, eps)`` per pixel,
+   an fp32 vector of B*HW divisors (the keys themselves are never rewritten).
+2. ``_select_kernel``, grid ``(pixel splits, query blocks, B * heads)``. A program owns the queries
+   ``[BLOCK_N]`` of one (image, head) and a contiguous range of pixel tiles. Per tile it computes
+   the scores ``[BLOCK_P pixels, D] @ [D, BLOCK_N queries]`` with ``tl.dot`` (fp32 accumulation),
+   turns each score into an order-preserving int32 key (NaN -> largest key, -0.0 -> +0.0, pixels
+   the mask blocks -> ``INT32_MIN``, below -inf's key) and takes the tile's max key and its lowest
+   pixel. The running best of a query is the int64 ``key << 32 | (INT32_MAX - pixel)``: a plain
+   integer max then picks the largest score and, among equal scores, the lowest pixel. Programs
+   merge their results with ``tl.atomic_max`` into ``best[B, heads, N]`` (initialized to
+   ``INT64_MIN``). Max is associative and commutative, so the result does not depend on program
+   order: deterministic. An allowed pixel scoring -inf still beats a blocked one, so a query whose
+   allowed pixels all score -inf gets its first allowed pixel for free, and a key still at
+   ``INT32_MIN`` afterwards means "no allowed pixel": the mask is never scanned in a separate pass.
+3. The same kernel again with ``FALLBACK=True`` (only when a mask is given): every program reads the
+   masked result of its queries and, only if one of them is empty and the empty rule says "select
+   over all pixels" (``per_query``, or ``official`` with every query of the image empty), scans its
+   pixel range unmasked into a second buffer. Otherwise it exits after a few loads.
+4. ``_finalize_kernel``, one program per (image, query): applies the empty rule (``official`` and
+   not all queries of the image empty -> pixel 0), writes the indices and gathers (and normalizes)
+   the prototype rows of every head.
+
+Backward (``_backward_kernel``, one program per (image, head * N + query)): the program holding the
+first (head, query) slot of the image that selected a pixel sums, in a fixed order and in fp32, the
+gradient of every slot that selected the same pixel, over all C channels, applies the L2-normalize
+backward if needed (the normalization mixes every head's channels of the pixel) and writes the row.
+Every other program writes nothing. There are no atomics, so gradients are bit-reproducible.
+
+fp32, fp16 and bf16 are supported (fp32 scores use ``input_precision="ieee"``: no TF32). fp64 is
+not: the packed 32-bit score key cannot order fp64 scores exactly, so the backend reports it
+unavailable and dispatch falls back. Under the interpreter (``TRITON_INTERPRET=1``, CPU tensors)
+the dot operands are cast to fp32 first (the interpreter's bf16 ``tl.dot`` is wrong).
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["prototype_select_triton", "prototype_select_backward_triton", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Decided when the kernels are defined: triton.jit picks interpreter or compiler at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_INT64_MIN = -(2**63)
+_MAX_PIXELS = 2**31 - 1  # pixel indices are packed in the low 31 bits of the merge key
+_KEY_NORM_EPS = 1e-12  # F.normalize's eps: keys are divided by max(||k||, eps)
+
+# Constants the kernels read (Triton kernels may only read globals that are tl.constexpr objects;
+# in the interpreter such a constant must not be the left operand of an arithmetic operator).
+INT32_MIN = tl.constexpr(-(2**31))
+INT32_MAX = tl.constexpr(2**31 - 1)
+INT64_MIN = tl.constexpr(_INT64_MIN)
+KEY_NORM_EPS = tl.constexpr(_KEY_NORM_EPS)
+
+# Test hook: forces the number of pixel splits of the select kernel (None: chosen per device).
+_SPLITS_OVERRIDE: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _order_key(scores, allowed):
+    """int32 keys whose signed order is the order torch.argmax uses for the fp32 ``scores``.
+
+    Non-negative floats keep their bits, negative ones get their magnitude bits flipped; -0.0 is
+    folded into +0.0 (equal scores must tie), every NaN maps to the largest key, and a pixel that is
+    not ``allowed`` maps to INT32_MIN, which is below the key of -inf (0x807FFFFF).
+    """
+    scores = tl.where(scores == 0.0, 0.0, scores)
+    bits = scores.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ INT32_MAX)
+    key = tl.where(scores != scores, INT32_MAX, key)
+    return tl.where(allowed, key, INT32_MIN)
+
+
+@triton.jit
+def _key_norm_kernel(
+    keys_ptr, divisor_ptr, rows, pixels, channels,
+    stride_kb, stride_kp, stride_kc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """divisor[b * HW + p] = max(||keys[b, p, :]||_2, eps) in fp32."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = row < rows
+    base = (row // pixels) * stride_kb + (row % pixels) * stride_kp
+    sum_sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (offs_c < channels)[None, :]
+        v = tl.load(keys_ptr + base[:, None] + offs_c[None, :] * stride_kc, mask=ok, other=0.0)
+        v = v.to(tl.float32)
+        sum_sq += tl.sum(v * v, axis=1)
+    tl.store(divisor_ptr + row, tl.maximum(tl.sqrt_rn(sum_sq), KEY_NORM_EPS), mask=row_ok)
+
+
+@triton.jit
+def _count_selected(best_ptr, row_start, num_queries, BLOCK_N: tl.constexpr):
+    """How many of the queries best[row_start : row_start + N] have an allowed pixel."""
+    count = 0
+    for n0 in range(0, num_queries, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        best = tl.load(best_ptr + row_start + offs, mask=offs < num_queries, other=INT64_MIN)
+        count += tl.sum(((best >> 32) != INT32_MIN).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _select_kernel(
+    keys_ptr, queries_ptr, mask_ptr, divisor_ptr, best_ptr, out_ptr,
+    pixels, num_queries, head_dim, num_heads, tiles_per_split,
+    stride_kb, stride_kp, stride_kc,
+    stride_qb, stride_qn, stride_qc,
+    stride_mb, stride_mn, stride_mp,
+    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, FALLBACK: tl.constexpr,
+    OFFICIAL: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Masked (FALLBACK=False) or fallback unmasked (FALLBACK=True) argmax of one pixel range.
+
+    Merges ``key << 32 | (INT32_MAX - pixel)`` per (b, head, query) into ``out_ptr`` with an atomic
+    max. With FALLBACK, ``best_ptr`` holds the finished masked pass and only the queries that need
+    an unmasked argmax are scanned and written.
+    """
+    split = tl.program_id(0)
+    query_block = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    row_start = bh.to(tl.int64) * num_queries  # of best/out [B, heads, N]
+
+    offs_n = query_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < num_queries
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    channel = h * head_dim + offs_d
+
+    num_tiles = tl.cdiv(pixels, BLOCK_P)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    write = n_ok
+    if FALLBACK:
+        masked_best = tl.load(best_ptr + row_start + offs_n, mask=n_ok, other=0)
+        write = n_ok & ((masked_best >> 32) == INT32_MIN)  # queries without an allowed pixel
+        if OFFICIAL:
+            # the official rule unmasks an image only when all its queries are empty
+            image_selected = _count_selected(best_ptr, row_start, num_queries, BLOCK_N)
+            write = write & (image_selected == 0)
+        any_write = tl.max(write.to(tl.int32), axis=0)
+        tile_end = tl.where(any_write > 0, tile_end, tile_begin)
+
+    q = tl.load(
+        queries_ptr + b * stride_qb + offs_n[None, :] * stride_qn + channel[:, None] * stride_qc,
+        mask=d_ok[:, None] & n_ok[None, :], other=0.0,
+    )  # [BLOCK_D, BLOCK_N]
+    if INTERPRETED:
+        q = q.to(tl.float32)
+
+    running = tl.full([BLOCK_N], INT64_MIN, dtype=tl.int64)
+    for tile in range(tile_begin, tile_end):
+        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < pixels
+        k = tl.load(
+            keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
+            + channel[None, :] * stride_kc,
+            mask=p_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [BLOCK_P, BLOCK_D]
+        if INTERPRETED:
+            k = k.to(tl.float32)
+        scores = tl.dot(k, q, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_N] fp32
+        if NORMALIZE:
+            divisor = tl.load(divisor_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
+            scores = tl.div_rn(scores, divisor[:, None])
+        allowed = p_ok[:, None]
+        if HAS_MASK and not FALLBACK:
+            m = tl.load(
+                mask_ptr + b * stride_mb + offs_n.to(tl.int64)[None, :] * stride_mn
+                + offs_p.to(tl.int64)[:, None] * stride_mp,
+                mask=p_ok[:, None] & n_ok[None, :], other=0,
+            )
+            allowed = allowed & (m != 0)
+        key = _order_key(scores, allowed)
+        tile_key = tl.max(key, axis=0)  # [BLOCK_N]
+        tile_pixel = tl.min(tl.where(key == tile_key[None, :], offs_p[:, None], INT32_MAX), axis=0)
+        packed = (tile_key.to(tl.int64) << 32) | (tile_pixel ^ INT32_MAX).to(tl.int64)
+        running = tl.maximum(running, packed)
+    tl.atomic_max(out_ptr + row_start + offs_n, running, mask=write)
+
+
+@triton.jit
+def _finalize_kernel(
+    keys_ptr, divisor_ptr, best_ptr, fallback_ptr, indices_ptr, prototypes_ptr,
+    pixels, num_queries, head_dim, num_heads,
+    stride_kb, stride_kp, stride_kc,
+    HAS_MASK: tl.constexpr, OFFICIAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per (b, n): the empty-mask rule, indices[b, :, n] and prototypes[b, n, :]."""
+    pid = tl.program_id(0)
+    b = (pid // num_queries).to(tl.int64)
+    n = pid % num_queries
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < num_heads
+    slot = (b * num_heads + offs_h) * num_queries + n  # into [B, heads, N]
+    best = tl.load(best_ptr + slot, mask=h_ok, other=0)
+    index = (best & INT32_MAX) ^ INT32_MAX  # = INT32_MAX - low bits
+    if HAS_MASK:
+        empty = (best >> 32) == INT32_MIN  # the query has no allowed pixel (same for every head)
+        over_all = empty
+        if OFFICIAL:
+            image_row = b * num_heads * num_queries  # head 0 of image b
+            image_selected = _count_selected(best_ptr, image_row, num_queries, BLOCK_N)
+            over_all = empty & (image_selected == 0)
+        fallback = tl.load(fallback_ptr + slot, mask=h_ok & over_all, other=0)
+        fallback_index = (fallback & INT32_MAX) ^ INT32_MAX
+        index = tl.where(empty, tl.where(over_all, fallback_index, 0), index)
+    tl.store(indices_ptr + slot, index, mask=h_ok)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    # (index < pixels always holds; the guard keeps a broken merge from reading out of bounds)
+    ok = (h_ok & (index < pixels))[:, None] & (offs_d < head_dim)[None, :]
+    channel = offs_h[:, None] * head_dim + offs_d[None, :]  # [BLOCK_H, BLOCK_D]
+    key_rows = keys_ptr + b * stride_kb + index[:, None] * stride_kp
+    value = tl.load(key_rows + channel * stride_kc, mask=ok, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        divisor = tl.load(divisor_ptr + b * pixels + index, mask=h_ok & (index < pixels), other=1.0)
+        value = tl.div_rn(value, divisor[:, None])
+    out = prototypes_ptr + (b * num_queries + n) * (num_heads * head_dim) + channel
+    tl.store(out, value.to(prototypes_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_ptr, keys_ptr, indices_ptr, grad_keys_ptr,
+    pixels, num_queries, channels, head_dim, num_heads,
+    stride_gb, stride_gn, stride_gc,
+    stride_kb, stride_kp, stride_kc,
+    stride_ib, stride_ih, stride_in,
+    NORMALIZE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (slot = head * N + query, b) writes grad_keys[b, pixel, :] if its slot is the first
+    of image b (in slot order) that selected ``pixel``; the sum over slots runs in a fixed order."""
+    slot = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    slots = num_heads * num_queries
+    index_base = indices_ptr + b * stride_ib
+    head, query = slot // num_queries, slot % num_queries
+    pixel = tl.load(index_base + head * stride_ih + query * stride_in)
+
+    first = slot
+    for s0 in range(0, slots, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < slots
+        other = tl.load(
+            index_base + (offs_s // num_queries) * stride_ih + (offs_s % num_queries) * stride_in,
+            mask=s_ok, other=-1,
+        )
+        first = tl.minimum(first, tl.min(tl.where(s_ok & (other == pixel), offs_s, slots), axis=0))
+
+    if (first == slot) & (pixel >= 0) & (pixel < pixels):
+        offs_c = tl.arange(0, BLOCK_C)
+        c_ok = offs_c < channels
+        head_of_c = offs_c // head_dim
+        grad = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for n0 in range(0, num_queries, BLOCK_NB):
+            offs_n = n0 + tl.arange(0, BLOCK_NB)
+            ok = (offs_n < num_queries)[:, None] & c_ok[None, :]
+            chosen = tl.load(
+                index_base + head_of_c[None, :] * stride_ih + offs_n[:, None] * stride_in,
+                mask=ok, other=-1,
+            )  # [BLOCK_NB, BLOCK_C]: the pixel query n selected for channel c's head
+            g = tl.load(
+                grad_ptr + b * stride_gb + offs_n[:, None] * stride_gn
+                + offs_c[None, :] * stride_gc,
+                mask=ok & (chosen == pixel), other=0.0,
+            )
+            grad += tl.sum(g.to(tl.float32), axis=0)
+        if NORMALIZE:
+            # d(k / max(||k||, eps)) = (g - k (k.g) / ||k||^2) / ||k||, or g / eps if ||k|| <= eps
+            key_row = keys_ptr + b * stride_kb + pixel * stride_kp
+            key = tl.load(key_row + offs_c * stride_kc, mask=c_ok, other=0.0).to(tl.float32)
+            norm = tl.sqrt_rn(tl.sum(key * key, axis=0))
+            safe_norm = tl.maximum(norm, KEY_NORM_EPS)
+            projection = tl.div_rn(tl.sum(key * grad, axis=0), safe_norm * safe_norm)
+            grad = tl.where(
+                norm > KEY_NORM_EPS,
+                tl.div_rn(grad - key * projection, safe_norm),
+                tl.div_rn(grad, tl.zeros_like(grad) + KEY_NORM_EPS),
+            )
+        out = grad_keys_ptr + (b * pixels + pixel) * channels + offs_c
+        tl.store(out, grad.to(grad_keys_ptr.dtype.element_ty), mask=c_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _pow2(value: int, low: int = 1, high: int | None = None) -> int:
+    result = max(low, triton.next_power_of_2(max(int(value), 1)))
+    return min(result, high) if high is not None else result
+
+
+def _select_config(
+    device: torch.device, batch_heads: int, pixels: int, queries: int, head_dim: int
+):
+    """(BLOCK_P, BLOCK_N, BLOCK_D, tiles_per_split, splits, query_blocks, num_warps) of the select
+    kernel. Not tuned on a GPU yet."""
+    block_n = _pow2(queries, 16, 128)  # tl.dot needs every dimension >= 16
+    block_d = _pow2(head_dim, 16)
+    block_p = 64 if block_n * block_d >= 128 * 64 else 128
+    tiles = triton.cdiv(pixels, block_p)
+    query_blocks = triton.cdiv(queries, block_n)
+    if _SPLITS_OVERRIDE is not None:
+        wanted = _SPLITS_OVERRIDE
+    elif device.type == "cuda" and not INTERPRET:
+        # enough programs to fill the GPU a few times over; batch 1 has only heads * N pairs
+        wanted = triton.cdiv(4 * _sm_count(device), batch_heads * query_blocks)
+    else:
+        wanted = 2  # the interpreter runs programs one after another: few, but still merged
+    tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
+    splits = triton.cdiv(tiles, tiles_per_split)
+    num_warps = 8 if block_p * block_n >= 128 * 128 else 4
+    return block_p, block_n, block_d, tiles_per_split, splits, query_blocks, num_warps
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(keys, queries, mask, num_heads):
+    name = "prototype_select_triton"
+    torch._check(keys.dim() == 3, lambda: f"{name}: keys must be [B, HW, C], got {keys.shape}")
+    batch, pixels, channels = keys.shape
+    torch._check(
+        queries.dim() == 3 and queries.shape[0] == batch and queries.shape[2] == channels,
+        lambda: f"{name}: queries must be [B, N, C] matching keys {tuple(keys.shape)}, "
+        f"got {tuple(queries.shape)}",
+    )
+    torch._check(
+        keys.dtype in SUPPORTED_DTYPES and queries.dtype == keys.dtype,
+        lambda: f"{name}: keys and queries must share a dtype among {SUPPORTED_DTYPES}, "
+        f"got {keys.dtype} and {queries.dtype}",
+    )
+    torch._check(
+        num_heads >= 1 and channels % num_heads == 0,
+        lambda: f"{name}: num_heads must divide C = {channels}, got {num_heads}",
+    )
+    torch._check(
+        1 <= pixels <= _MAX_PIXELS,
+        lambda: f"{name}: HW must be in [1, {_MAX_PIXELS}], got {pixels}",
+    )
+    torch._check(
+        batch * num_heads <= 65535,
+        lambda: f"{name}: B * num_heads must be <= 65535, got {batch * num_heads}",
+    )
+    if mask is not None:
+        torch._check(
+            mask.dtype == torch.bool
+            and tuple(mask.shape) == (batch, queries.shape[1], pixels)
+            and mask.device == keys.device,
+            lambda: f"{name}: mask must be bool [B, N, HW] on {keys.device}, got {mask.dtype} "
+            f"{tuple(mask.shape)} on {mask.device}",
+        )
+    torch._check(
+        queries.device == keys.device,
+        lambda: f"{name}: queries is on {queries.device} but keys on {keys.device}",
+    )
+
+
+@triton_op("pem_kernels::prototype_select_triton", mutates_args=())
+def prototype_select_triton(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    num_heads: int,
+    official_empty: bool,
+    normalize_keys: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``prototype_select``: arguments and results of ``pem_kernels::prototype_select``."""
+    _check_inputs(keys, queries, mask, num_heads)
+    batch, pixels, channels = keys.shape
+    num_queries = queries.shape[1]
+    head_dim = channels // num_heads
+    prototypes = keys.new_empty(batch, num_queries, channels)
+    indices = keys.new_empty(batch, num_heads, num_queries, dtype=torch.int64)
+    if batch == 0 or num_queries == 0:
+        return prototypes, indices
+
+    # Packed merge keys of the masked argmax and of the unmasked fallback (used only with a mask);
+    # separate tensors, so that no kernel gets two aliasing arguments of which one is written.
+    masked_best = torch.full(
+        (batch, num_heads, num_queries), _INT64_MIN, dtype=torch.int64, device=keys.device
+    )
+    fallback_best = torch.full_like(masked_best, _INT64_MIN)
+    divisors = keys.new_empty(batch * pixels if normalize_keys else 1, dtype=torch.float32)
+    if normalize_keys:
+        block_c = _pow2(channels, 16, 128)
+        block_r = max(1, 2048 // block_c)
+        wrap_triton(_key_norm_kernel)[(triton.cdiv(batch * pixels, block_r),)](
+            keys, divisors, batch * pixels, pixels, channels, *keys.stride(),
+            BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+
+    block_p, block_n, block_d, tiles_per_split, splits, query_blocks, num_warps = _select_config(
+        keys.device, batch * num_heads, pixels, num_queries, head_dim
+    )
+    # The mask is read as bytes; without one, a dummy stands in (HAS_MASK=False never reads it).
+    if mask is not None:
+        mask_bytes, mask_strides = mask.view(torch.uint8), mask.stride()
+    else:
+        mask_bytes, mask_strides = keys.new_empty(1, dtype=torch.uint8), (0, 0, 0)
+    grid = (splits, query_blocks, batch * num_heads)
+    passes = (False, True) if mask is not None else (False,)
+    for fallback in passes:
+        # pass 1 writes masked_best; pass 2 reads it and writes fallback_best
+        read, written = (masked_best, fallback_best) if fallback else (fallback_best, masked_best)
+        wrap_triton(_select_kernel)[grid](
+            keys, queries, mask_bytes, divisors, read, written,
+            pixels, num_queries, head_dim, num_heads, tiles_per_split,
+            *keys.stride(), *queries.stride(), *mask_strides,
+            HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
+            OFFICIAL=official_empty, INTERPRETED=INTERPRET,
+            DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    wrap_triton(_finalize_kernel)[(batch * num_queries,)](
+        keys, divisors, masked_best, fallback_best, indices, prototypes,
+        pixels, num_queries, head_dim, num_heads, *keys.stride(),
+        HAS_MASK=mask is not None, OFFICIAL=official_empty, NORMALIZE=normalize_keys,
+        BLOCK_H=_pow2(num_heads), BLOCK_D=_pow2(head_dim), BLOCK_N=_pow2(num_queries, 1, 1024),
+    )
+    return prototypes, indices
+
+
+@triton_op("pem_kernels::_prototype_select_backward_triton", mutates_args=())
+def prototype_select_backward_triton(
+    grad_prototypes: torch.Tensor,
+    keys: torch.Tensor,
+    indices: torch.Tensor,
+    normalize_keys: bool,
+) -> torch.Tensor:
+    """grad_keys[B, HW, C]: the gradient of ``prototype_select_triton``'s prototypes w.r.t. keys."""
+    torch._check(
+        indices.dim() == 3 and indices.dtype == torch.int64 and indices.shape[0] == keys.shape[0],
+        lambda: f"_prototype_select_backward_triton: indices must be int64 [B, heads, N], got "
+        f"{indices.dtype} {tuple(indices.shape)}",
+    )
+    batch, pixels, channels = keys.shape
+    num_heads, num_queries = indices.shape[1], indices.shape[2]
+    torch._check(
+        num_heads >= 1 and channels % num_heads == 0,
+        lambda: f"_prototype_select_backward_triton: heads {num_heads} must divide C = {channels}",
+    )
+    torch._check(
+        tuple(grad_prototypes.shape) == (batch, num_queries, channels),
+        lambda: f"_prototype_select_backward_triton: grad_prototypes must be [B, N, C] = "
+        f"{[batch, num_queries, channels]}, got {list(grad_prototypes.shape)}",
+    )
+    grad_keys = torch.zeros(batch, pixels, channels, dtype=keys.dtype, device=keys.device)
+    if batch == 0 or num_queries == 0 or pixels == 0:
+        return grad_keys
+    block_c = _pow2(channels)
+    block_nb = _pow2(num_queries, 1, max(1, 4096 // block_c))
+    wrap_triton(_backward_kernel)[(num_heads * num_queries, batch)](
+        grad_prototypes, keys, indices, grad_keys,
+        pixels, num_queries, channels, channels // num_heads, num_heads,
+        *grad_prototypes.stride(), *keys.stride(), *indices.stride(),
+        NORMALIZE=normalize_keys, BLOCK_S=_pow2(num_heads * num_queries, 1, 1024),
+        BLOCK_NB=block_nb, BLOCK_C=block_c,
+    )
+    return grad_keys
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    keys, _queries, _mask, _num_heads, _official_empty, normalize_keys = inputs
+    _prototypes, indices = output
+    ctx.save_for_backward(keys, indices)
+    ctx.normalize_keys = normalize_keys
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward(ctx, grad_prototypes, _grad_indices):
+    keys, indices = ctx.saved_tensors
+    grad_keys = None
+    if ctx.needs_input_grad[0]:
+        grad_keys = prototype_select_backward_triton(
+            grad_prototypes, keys, indices, ctx.normalize_keys
+        )
+    return grad_keys, None, None, None, None, None
+
+
+prototype_select_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,117 @@
+"""The fused Triton prototype attention against the reference (under the interpreter on a CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pem_kernels.reference import prototype_attention_ref
+
+from conftest import HAS_CUDA
+
+triton_attention = pytest.importorskip("pem_kernels.triton.prototype_attention")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+NORMS = ["queries", "channels"]
+
+
+def make_args(batch, queries, channels, dtype=torch.float32, device=DEVICE):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    return [
+        rand(batch, queries, channels), rand(batch, queries, channels), rand(batch, queries, channels),
+        rand(channels, channels, scale=channels**-0.5), rand(channels),
+        rand(1, 1, channels) + 1.0,
+        rand(channels, channels, scale=channels**-0.5), rand(channels),
+    ]
+
+
+def run_triton(args, normalize):
+    return triton_attention.prototype_attention_triton(*args, normalize == "queries")[0]
+
+
+@pytest.mark.parametrize("normalize", NORMS)
+@pytest.mark.parametrize("shape", [(2, 10, 32), (1, 100, 64), (3, 1, 16), (1, 17, 80)], ids=str)
+def test_forward_matches_reference_fp32(normalize, shape):
+    args = make_args(*shape)
+    expected = prototype_attention_ref(*args, normalize=normalize)
+    torch.testing.assert_close(run_triton(args, normalize), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", NORMS)
+def test_forward_low_precision_within_torchs_own_error(dtype, normalize):
+    args = make_args(2, 12, 32, dtype)
+    exact = prototype_attention_ref(*[a.double() for a in args], normalize=normalize)
+    torch_error = (prototype_attention_ref(*args, normalize=normalize).double() - exact).abs().max()
+    ours = run_triton(args, normalize)
+    assert ours.dtype == dtype
+    assert (ours.double() - exact).abs().max() <= 2 * torch_error + 1e-3
+
+
+@pytest.mark.parametrize("normalize", NORMS)
+@pytest.mark.parametrize("shape", [(2, 10, 32), (1, 17, 80)], ids=str)
+def test_backward_matches_reference_fp32(normalize, shape):
+    args = [a.requires_grad_(True) for a in make_args(*shape)]
+    grad_out = torch.randn(shape, device=DEVICE)
+    expected = torch.autograd.grad(prototype_attention_ref(*args, normalize=normalize), args, grad_out)
+    got = torch.autograd.grad(run_triton(args, normalize), args, grad_out)
+    names = ["prototypes", "queries", "residual", "proj_weight", "proj_bias", "alpha", "out_weight", "out_bias"]
+    for name, g, e in zip(names, got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
+    again = torch.autograd.grad(run_triton(args, normalize), args, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic
+
+
+def test_clamped_norm_uses_the_constant_divisor():
+    """A column of A that is all zero has norm 0 < eps: its gradient is dAn / eps, as F.normalize."""
+    args = [a.requires_grad_(True) for a in make_args(1, 4, 16)]
+    with torch.no_grad():
+        args[3][5].zero_()  # proj_weight row 5 and proj_bias[5] = 0 -> A[:, 5] == 0
+        args[4][5] = 0.0
+    grad_out = torch.randn(1, 4, 16, device=DEVICE)
+    expected = torch.autograd.grad(prototype_attention_ref(*args, normalize="queries"), args, grad_out)
+    got = torch.autograd.grad(run_triton(args, "queries"), args, grad_out)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_public_op_dispatches_to_triton():
+    import pem_kernels
+
+    args = make_args(2, 5, 16)
+    out = pem_kernels.prototype_attention(*args, normalize="channels", backend="triton")
+    torch.testing.assert_close(out, prototype_attention_ref(*args, normalize="channels"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="torch.compile over a triton_op needs a GPU")
+def test_compiles_fullgraph():
+    import pem_kernels
+
+    args = make_args(2, 100, 256)
+
+    def attend(*a):
+        return pem_kernels.prototype_attention(*a, backend="triton")
+
+    torch.testing.assert_close(torch.compile(attend, fullgraph=True)(*args), attend(*args))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    args = [a.requires_grad_(requires_grad) for a in make_args(2, 5, 16)]
+    # The interpreter cannot run a triton_op on fake tensors (it touches their storage), so the
+    # fake-tensor and AOT-dispatch checks run only on a GPU.
+    test_utils = None if HAS_CUDA else ("test_schema", "test_autograd_registration")
+    kwargs = {} if test_utils is None else {"test_utils": test_utils}
+    for by_queries in (True, False):
+        torch.library.opcheck(
+            torch.ops.pem_kernels.prototype_attention_triton.default, (*args, by_queries), **kwargs
+        )
+    grad_out = torch.randn(2, 5, 16, device=DEVICE)
+    out, _x, an, _m, div = triton_attention.prototype_attention_triton(*args, True)
+    torch.library.opcheck(
+        torch.ops.pem_kernels._prototype_attention_backward_triton.default,
+        (grad_out, args[0], args[1], args[3], args[5], args[6], an, div, True),
+        **kwargs,
+    )
