@@ -152,6 +152,28 @@ def prototype_select(
     )
 
 
+def autograd_functions(backward_op):
+    """(backward, setup_context) for ``register_autograd`` of a prototype_select op whose keys
+    gradient is ``backward_op(grad_prototypes, keys, indices, normalize_keys)``; shared by the C++
+    and Triton ops."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        keys, _queries, _mask, _num_heads, _official_empty, normalize_keys = inputs
+        _prototypes, indices = output
+        ctx.save_for_backward(keys, indices)
+        ctx.normalize_keys = normalize_keys
+        ctx.mark_non_differentiable(indices)
+
+    def backward(ctx, grad_prototypes, _grad_indices):
+        keys, indices = ctx.saved_tensors
+        grad_keys = None
+        if ctx.needs_input_grad[0]:
+            grad_keys = backward_op(grad_prototypes, keys, indices, ctx.normalize_keys)
+        return grad_keys, None, None, None, None, None
+
+    return backward, setup_context
+
+
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("pem_kernels::prototype_select")
@@ -168,22 +190,9 @@ if EXTENSION_LOADED:
     def _prototype_select_backward_fake(grad_prototypes, keys, indices, normalize_keys):
         return torch.empty_like(keys)
 
-    def _setup_context(ctx, inputs, output) -> None:
-        keys, _queries, _mask, _num_heads, _official_empty, normalize_keys = inputs
-        _prototypes, indices = output
-        ctx.save_for_backward(keys, indices)
-        ctx.normalize_keys = normalize_keys
-        ctx.mark_non_differentiable(indices)
-
-    def _backward(ctx, grad_prototypes, _grad_indices):
-        keys, indices = ctx.saved_tensors
-        grad_keys = None
-        if ctx.needs_input_grad[0]:
-            grad_keys = torch.ops.pem_kernels._prototype_select_backward.default(
-                grad_prototypes, keys, indices, ctx.normalize_keys
-            )
-        return grad_keys, None, None, None, None, None
-
+    _backward, _setup_context = autograd_functions(
+        torch.ops.pem_kernels._prototype_select_backward.default
+    )
     torch.library.register_autograd(
         "pem_kernels::prototype_select", _backward, setup_context=_setup_context
     )

@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pem_kernels.ops.prototype_select import autograd_functions
+
 __all__ = ["prototype_select_triton", "prototype_select_backward_triton", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -494,22 +496,6 @@ def prototype_select_backward_triton(
     return grad_keys
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    keys, _queries, _mask, _num_heads, _official_empty, normalize_keys = inputs
-    _prototypes, indices = output
-    ctx.save_for_backward(keys, indices)
-    ctx.normalize_keys = normalize_keys
-    ctx.mark_non_differentiable(indices)
-
-
-def _backward(ctx, grad_prototypes, _grad_indices):
-    keys, indices = ctx.saved_tensors
-    grad_keys = None
-    if ctx.needs_input_grad[0]:
-        grad_keys = prototype_select_backward_triton(
-            grad_prototypes, keys, indices, ctx.normalize_keys
-        )
-    return grad_keys, None, None, None, None, None
-
-
+# The same autograd as the C++ op, with the Triton backward.
+_backward, _setup_context = autograd_functions(prototype_select_backward_triton)
 prototype_select_triton.register_autograd(_backward, setup_context=_setup_context)
