@@ -50,6 +50,7 @@ if [ -f benchmarks/bench_deform_conv.py ]; then
   step bench_deform_conv 400 $PYTHON -m benchmarks.bench_deform_conv --device cuda \
     --mode forward+backward --out-dir "$results/deform_conv"
 fi
+step plots 120 $PYTHON -m benchmarks plots "$results"
 nvidia-smi > "$results/nvidia-smi.txt" 2>&1
 echo "failed steps: $failures" | tee -a "$summary"
 if [ -n "${OUT:-}" ]; then

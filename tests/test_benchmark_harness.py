@@ -178,7 +178,7 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     providers = ["fused", "reference", "mask2former", "sdpa"]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_pem_ca", "--sizes", "2048", "--repeats", "1",
+        [sys.executable, "-m", "benchmarks", "pem-ca", "--sizes", "2048", "--repeats", "1",
          "--modes", "forward,forward+backward", "--providers", ",".join(providers),
          "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
@@ -191,3 +191,15 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     for row in rows:
         assert "error" not in row and row["median_ms"] > 0 and row["peak_bytes"] > 0
         assert row["speedup_vs_mask2former"] > 0
+    from benchmarks.plots import plot_folder
+
+    (png,) = plot_folder(tmp_path)
+    assert png.name == "pem_ca.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_front_end_rejects_unknown_comparisons():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "no-such-thing"], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert done.returncode == 2 and "pem-ca" in done.stdout

@@ -1,0 +1,109 @@
+"""PNG plots from benchmark JSON files: ``python -m benchmarks plots RESULTS_DIR``.
+
+For every ``pem_ca*.json`` under the folder: latency vs pixels, one line per provider and mode
+(the paper's Fig. 4 with the fused layer added), log-log. For every ``deform_conv*.json``: the
+speedup of each backend over torchvision per feature-map size. For every
+``prototype_select*.json``: latency vs pixels per backend. Each PNG is written next to its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _title(meta: dict, what: str) -> str:
+    env = meta.get("environment", {})
+    config = meta.get("config", {})
+    return f"{what} on {env.get('device_name', '?')} ({config.get('dtype', '?')}, B={config.get('batch', '?')})"
+
+
+def plot_latency_vs_pixels(json_path: Path, series_key: str, what: str) -> Path:
+    data = json.loads(json_path.read_text())
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in data["rows"]:
+        if row.get("median_ms") is None:
+            continue
+        label = row[series_key] if "mode" not in row else f"{row[series_key]} ({row['mode']})"
+        series[label].append((row["hw"], row["median_ms"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p for p, _ in points], [t for _, t in points], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("pixels (H x W)")
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title(_title(data["meta"], what))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_speedup_bars(json_path: Path) -> Path:
+    data = json.loads(json_path.read_text())
+    rows = [r for r in data["rows"] if r.get("vs_tv") is not None and r.get("backend") != "torchvision"]
+    sizes = list(dict.fromkeys(f"{r['size']} B={r['batch']}" for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sizes)), 4.5))
+    width = 0.8 / max(1, len(backends))
+    for i, backend in enumerate(backends):
+        values = {f"{r['size']} B={r['batch']}": r["vs_tv"] for r in rows if r["backend"] == backend}
+        xs = [j + i * width for j in range(len(sizes))]
+        ax.bar(xs, [values.get(s, 0.0) for s in sizes], width, label=backend)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(sizes))])
+    ax.set_xticklabels(sizes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over torchvision (x)")
+    ax.set_title(_title(data["meta"], f"deform_conv2d {data['meta'].get('config', {}).get('mode', '')}"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_folder(folder: Path) -> list[Path]:
+    """Writes every plot the folder's JSON files allow; returns the PNG paths."""
+    written = []
+    for path in sorted(folder.rglob("*.json")):
+        name = path.stem
+        if name.startswith("pem_ca"):
+            written.append(plot_latency_vs_pixels(path, "provider", "PEM-CA vs masked cross-attention"))
+        elif name.startswith("prototype_select"):
+            written.append(plot_latency_vs_pixels(path, "backend", "prototype selection"))
+        elif name.startswith("deform_conv"):
+            written.append(plot_speedup_bars(path))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks plots", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a results folder (searched recursively)")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"folder: {args.folder} is not a directory")
+    written = plot_folder(args.folder)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"no pem_ca / prototype_select / deform_conv JSON files under {args.folder}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
