@@ -37,4 +37,11 @@ TORCH_LIBRARY(pem_kernels, m) {
       "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
       "int groups, int offset_groups) -> Tensor");
+  // Gradients of deform_conv2d w.r.t. all of its tensors, given grad_output [B, C_out, out_h,
+  // out_w]. grad_mask is an empty tensor when mask is None; grad_bias is always [C_out].
+  m.def(
+      "_deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, "
+      "Tensor? mask, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, "
+      "int dilation_w, int groups, int offset_groups) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
 }

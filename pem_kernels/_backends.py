@@ -90,6 +90,28 @@ class OpBackends:
             _logger.debug("pem_kernels: %s runs on the %r backend for %s tensors", *key)
 
 
+def compiled_kernel(op_name: str, dispatch_key: str, device_type: str):
+    """Availability check of a backend that is ``op_name``'s C++ kernel for ``dispatch_key``."""
+    from pem_kernels._extension import has_kernel
+
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        if not has_kernel(op_name, dispatch_key):
+            return f"pem_kernels._C was built without the {dispatch_key} kernel"
+        if device.type != device_type:
+            return f"it runs on {device_type} tensors"
+        return None
+
+    return unavailable_reason
+
+
+def triton_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Availability check of a Triton backend (CUDA tensors, or CPU ones under the interpreter)."""
+    # pem_kernels.triton itself does not import triton; the check tries the import once.
+    from pem_kernels.triton import triton_backend_unavailable_reason
+
+    return triton_backend_unavailable_reason(device, dtype)
+
+
 _REGISTRY: dict[str, OpBackends] = {}
 
 

@@ -29,7 +29,13 @@ except ImportError as error:  # not built, or built against another torch
     )
 
 
-_OPS = ("prototype_select", "_prototype_select_backward", "prototype_attention", "deform_conv2d")
+_OPS = (
+    "prototype_select",
+    "_prototype_select_backward",
+    "prototype_attention",
+    "deform_conv2d",
+    "_deform_conv2d_backward",
+)
 _DISPATCH_KEYS = ("CPU", "CUDA")
 # Looked up once: the registrations are static, and a plain set lookup stays traceable by
 # torch.compile (the dispatcher query itself is not).

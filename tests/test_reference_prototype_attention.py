@@ -93,5 +93,5 @@ def test_unavailable_backend_is_a_clear_error():
     p = torch.randn(1, 2, 8)
     with pytest.raises(pem_kernels.BackendUnavailableError, match="prototype_attention"):
         pem_kernels.prototype_attention(
-            p, p, p, proj.weight, proj.bias, alpha, final.weight, final.bias, backend="triton"
+            p, p, p, proj.weight, proj.bias, alpha, final.weight, final.bias, backend="cuda"
         )

@@ -1,21 +1,42 @@
 """``deform_conv2d``: modulated deformable convolution (DCNv2) with torchvision's semantics.
 
-Only the ``reference`` backend exists so far; the CPU, Triton and CUDA implicit-GEMM kernels come
-with the deformable-convolution work. The schema ``pem_kernels::deform_conv2d`` is registered
-already (with a fake kernel) so the op's interface is fixed.
+Backends: ``reference`` (pure PyTorch, builds the full column tensor) and ``cpu`` (C++, blocked
+implicit GEMM: bounded per-thread column tiles, never the full im2col matrix; deterministic
+backward) and ``triton`` (:mod:`pem_kernels.triton.deform_conv2d`: implicit GEMM with the bilinear
+gather fused into the ``tl.dot`` operand, deterministic backward; CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on a GPU, so ``"auto"`` does not
+pick it). A CUDA C++ kernel comes later. The registered op is
+``torch.ops.pem_kernels.deform_conv2d``; its backward is the registered op
+``torch.ops.pem_kernels._deform_conv2d_backward``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import OpBackends, register_op_backends
+from pem_kernels._backends import (
+    OpBackends,
+    compiled_kernel,
+    register_op_backends,
+    triton_kernel,
+)
 from pem_kernels._extension import EXTENSION_LOADED
 from pem_kernels.reference.deform_conv import check_deform_conv2d_args, deform_conv2d_ref
 
 __all__ = ["deform_conv2d"]
 
-_BACKENDS = register_op_backends(OpBackends("deform_conv2d", availability={}, auto_order={}))
+
+_BACKENDS = register_op_backends(
+    OpBackends(
+        "deform_conv2d",
+        availability={
+            "cpu": compiled_kernel("deform_conv2d", "CPU", "cpu"),
+            "triton": triton_kernel,
+        },
+        # "cuda": ("triton",) joins once the Triton kernels have been validated on a GPU.
+        auto_order={"cpu": ("cpu",)},
+    )
+)
 
 IntPair = int | tuple[int, int]
 
@@ -34,23 +55,63 @@ def deform_conv2d(
 ) -> torch.Tensor:
     """Deformable convolution v2, a drop-in for ``torchvision.ops.deform_conv2d``.
 
+    Semantics are those of :func:`pem_kernels.reference.deform_conv2d_ref` (torchvision's offset
+    layout and boundary rules). ``groups = C_in / weight.shape[1]`` and
+    ``offset_groups = offset.shape[1] / (2 * kh * kw)`` are inferred from the shapes. A sample
+    reads only the bilinear corners inside the image, so a non-finite value elsewhere never
+    leaks into it; a non-finite offset gives a zero sample. Backward gives all five gradients
+    (first order only); the ``cpu`` backend's are bit-identical from run to run and for any
+    number of threads.
+
     Args:
-        input: Tensor[B, C_in, H, W].
+        input: Tensor[B, C_in, H, W] float64/float32/float16/bfloat16, NCHW or channels_last
+            (the ``cpu`` backend reads channels_last in place; other layouts are made contiguous).
         offset: Tensor[B, 2 * offset_groups * kh * kw, H_out, W_out], (dy, dx) pairs per tap.
         weight: Tensor[C_out, C_in / groups, kh, kw].
         bias: Tensor[C_out] or None.
         stride, padding, dilation: int or (h, w).
-        mask: Tensor[B, offset_groups * kh * kw, H_out, W_out] modulation, or None.
-        backend: ``"auto"`` or ``"reference"`` for now.
+        mask: Tensor[B, offset_groups * kh * kw, H_out, W_out] modulation, or None (all ones).
+        backend: ``"auto"`` (``cpu`` for CPU tensors when the extension is built, else the
+            reference), ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
-        Tensor[B, C_out, H_out, W_out].
+        Tensor[B, C_out, H_out, W_out] in ``input.dtype``, contiguous NCHW (the ``triton``
+        backend returns channels_last for channels_last input). fp16/bf16 inputs are accumulated
+        in fp32 and rounded once.
+
+    Example::
+
+        >>> x, w = torch.randn(1, 8, 16, 16), torch.randn(4, 8, 3, 3)
+        >>> offset, mask = torch.randn(1, 18, 16, 16), torch.rand(1, 9, 16, 16)
+        >>> deform_conv2d(x, offset, w, padding=1, mask=mask).shape
+        torch.Size([1, 4, 16, 16])
     """
     stride, padding, dilation = check_deform_conv2d_args(
         input, offset, weight, bias, stride, padding, dilation, mask
     )
-    _BACKENDS.resolve(backend, input.device, input.dtype)
-    return deform_conv2d_ref(input, offset, weight, bias, stride, padding, dilation, mask)
+    chosen = _BACKENDS.resolve(backend, input.device, input.dtype)
+    if chosen == "reference":
+        return deform_conv2d_ref(input, offset, weight, bias, stride, padding, dilation, mask)
+    kernel_h, kernel_w = weight.shape[2], weight.shape[3]
+    groups = input.shape[1] // weight.shape[1]
+    offset_groups = offset.shape[1] // (2 * kernel_h * kernel_w)
+    if chosen == "triton":
+        # Imported here so that `import pem_kernels` never imports triton.
+        from pem_kernels.triton.deform_conv2d import deform_conv2d_triton
+
+        return deform_conv2d_triton(
+            input, weight, offset, mask, bias, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1], groups, offset_groups,
+        )
+    return torch.ops.pem_kernels.deform_conv2d.default(
+        input, weight, offset, mask, bias, stride[0], stride[1], padding[0], padding[1],
+        dilation[0], dilation[1], groups, offset_groups,
+    )
+
+
+def _reads_channels_last(input: torch.Tensor) -> bool:
+    """The C++ kernels' rule: a channels_last input is read, and its gradient written, in place."""
+    return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
 
 
 if EXTENSION_LOADED:
@@ -60,6 +121,57 @@ if EXTENSION_LOADED:
         input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h,
         dilation_w, groups, offset_groups,
     ):
+        torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input/weight must be 4-D")
         batch = input.shape[0]
         out_h, out_w = offset.shape[2], offset.shape[3]
         return input.new_empty(batch, weight.shape[0], out_h, out_w)
+
+    @torch.library.register_fake("pem_kernels::_deform_conv2d_backward")
+    def _deform_conv2d_backward_fake(
+        grad_output, input, weight, offset, mask, stride_h, stride_w, pad_h, pad_w, dilation_h,
+        dilation_w, groups, offset_groups,
+    ):
+        memory_format = (
+            torch.channels_last if _reads_channels_last(input) else torch.contiguous_format
+        )
+        grad_input = torch.empty(
+            input.shape, dtype=input.dtype, device=input.device, memory_format=memory_format
+        )
+        grad_mask = mask.new_empty(mask.shape) if mask is not None else input.new_empty(0)
+        return (
+            grad_input,
+            weight.new_empty(weight.shape),
+            offset.new_empty(offset.shape),
+            grad_mask,
+            input.new_empty(weight.shape[0]),
+        )
+
+    # Positions of the tensor arguments in the op's schema.
+    _INPUT, _WEIGHT, _OFFSET, _MASK, _BIAS = range(5)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        input, weight, offset, mask, bias, *conv_params = inputs
+        ctx.save_for_backward(input, weight, offset, mask)
+        ctx.conv_params = conv_params
+        ctx.has_mask = mask is not None
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_output):
+        input, weight, offset, mask = ctx.saved_tensors
+        grad_input, grad_weight, grad_offset, grad_mask, grad_bias = (
+            torch.ops.pem_kernels._deform_conv2d_backward.default(
+                grad_output, input, weight, offset, mask, *ctx.conv_params
+            )
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_input if needs[_INPUT] else None,
+            grad_weight if needs[_WEIGHT] else None,
+            grad_offset if needs[_OFFSET] else None,
+            grad_mask if ctx.has_mask and needs[_MASK] else None,
+            grad_bias if ctx.has_bias and needs[_BIAS] else None,
+        ) + (None,) * len(ctx.conv_params)
+
+    torch.library.register_autograd(
+        "pem_kernels::deform_conv2d", _backward, setup_context=_setup_context
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import OpBackends, register_op_backends
+from pem_kernels._backends import OpBackends, register_op_backends, triton_kernel
 from pem_kernels._extension import EXTENSION_LOADED
 from pem_kernels.reference.prototype_attention import AttentionNormAxis, prototype_attention_ref
 
@@ -24,16 +24,10 @@ def _aten_on_cpu(device: torch.device, dtype: torch.dtype) -> str | None:
     return None if device.type == "cpu" else "it runs on cpu tensors"
 
 
-def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    from pem_kernels.triton import triton_backend_unavailable_reason
-
-    return triton_backend_unavailable_reason(device, dtype)
-
-
 _BACKENDS = register_op_backends(
     OpBackends(
         "prototype_attention",
-        availability={"cpu": _aten_on_cpu, "triton": _triton_unavailable_reason},
+        availability={"cpu": _aten_on_cpu, "triton": triton_kernel},
         auto_order={"cpu": ("cpu",)},
     )
 )

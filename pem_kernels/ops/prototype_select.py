@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import OpBackends, register_op_backends
-from pem_kernels._extension import EXTENSION_LOADED, has_kernel
+from pem_kernels._backends import (
+    OpBackends,
+    compiled_kernel,
+    register_op_backends,
+    triton_kernel,
+)
+from pem_kernels._extension import EXTENSION_LOADED
 from pem_kernels.reference.prototype_select import EmptyMaskRule, prototype_select_ref
 
 __all__ = ["prototype_select"]
@@ -22,31 +27,13 @@ __all__ = ["prototype_select"]
 _EMPTY_RULES = ("per_query", "official")
 
 
-def _compiled_kernel(dispatch_key: str, device_type: str):
-    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-        if not has_kernel("prototype_select", dispatch_key):
-            return f"pem_kernels._C was built without the {dispatch_key} kernel"
-        if device.type != device_type:
-            return f"it runs on {device_type} tensors"
-        return None
-
-    return unavailable_reason
-
-
-def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    # fp64 is not supported: the packed merge key of the Triton kernel orders fp32 scores.
-    from pem_kernels.triton import triton_backend_unavailable_reason
-
-    return triton_backend_unavailable_reason(device, dtype)
-
-
 _BACKENDS = register_op_backends(
     OpBackends(
         "prototype_select",
         availability={
-            "cpu": _compiled_kernel("CPU", "cpu"),
-            "cuda": _compiled_kernel("CUDA", "cuda"),
-            "triton": _triton_unavailable_reason,
+            "cpu": compiled_kernel("prototype_select", "CPU", "cpu"),
+            "cuda": compiled_kernel("prototype_select", "CUDA", "cuda"),
+            "triton": triton_kernel,
         },
         auto_order={"cpu": ("cpu",)},
     )

@@ -1,0 +1,829 @@
+"""``deform_conv2d`` (modulated deformable convolution, DCNv2) in Triton: implicit GEMM, no im2col.
+
+Semantics are those of :func:`pem_kernels.reference.deform_conv2d_ref` (torchvision's): offsets
+are (dy, dx) pairs per tap ``k = i * kw + j`` per offset group, bilinear sampling where each of the
+four corners outside the image contributes zero, the mask multiplies the sample, weight groups and
+offset groups, stride/padding/dilation, optional mask and bias. Notation: ``M = B * out_h * out_w``
+output pixels, ``L = out_h * out_w``, ``G`` weight groups of ``Cin_g`` input and ``Cout_g`` output
+channels, ``OG`` offset groups of ``Cog`` input channels, ``T = kh * kw`` taps.
+
+Forward (``_forward_kernel``), grid ``(cdiv(M, BLOCK_M), G * cdiv(Cout_g, BLOCK_N))``. A program
+owns ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels of one weight group and accumulates
+``[BLOCK_M, BLOCK_N]`` in fp32 registers. It loops over the taps, and for each tap over the offset
+groups that overlap its weight group (one, in the usual case): it loads the (dy, dx) offsets and the
+mask of its pixels once, computes the four corner positions, validity and bilinear weights (the
+modulation folded in), then loops over the input channels of (weight group ∩ offset group) in
+``BLOCK_K`` blocks: gathers the four corners ``[BLOCK_M, BLOCK_K]``, blends them straight into the
+``tl.dot`` A operand and multiplies by the weight tile ``[BLOCK_K, BLOCK_N]`` (the weight is
+re-laid out once per call as ``[G, T, Cin_g, Cout_g]``, a few KB). The epilogue adds the bias and
+stores the tile in the output's memory format.
+
+Backward, five deterministic pieces (no floating-point atomics anywhere; every output element is
+written by exactly one program, and every reduction has a fixed order):
+
+* ``grad_offset`` / ``grad_mask`` (``_offset_mask_grad_kernel``), grid ``(cdiv(M, BLOCK_M), OG)``:
+  per tap the program recomputes the column gradient ``dcol[m, c] = sum_o grad_out[m, o] *
+  W[o, c, k]`` for ``[BLOCK_M, BLOCK_K]`` channel blocks of its offset group (``tl.dot``), gathers
+  the same four corners and reduces over the channels ``dcol * sample`` (mask gradient) and
+  ``dcol * mask * d sample / d(y, x)`` (offset gradient; the derivative of the bilinear weights with
+  ``floor`` held constant, i.e. the right-hand derivative at integer positions, as the reference).
+* ``grad_weight`` (``_weight_grad_kernel``), grid ``(G * T * cdiv(Cin_g, BLOCK_K) *
+  cdiv(Cout_g, BLOCK_N), splits)``: ``grad_out^T x columns`` with the columns regenerated per
+  ``[BLOCK_M, BLOCK_K]`` tile, the pixel axis cut into ``splits`` contiguous ranges; each split
+  writes its own fp32 partial ``[splits, G, T, Cin_g, Cout_g]`` and the partials are summed by
+  ``torch.sum`` (fixed order). ``splits`` depends only on the shapes.
+* ``grad_input`` (``_corner_kernel`` + ``_input_grad_kernel``): the scatter of the column gradient
+  through the bilinear weights is turned into a gather. ``_corner_kernel`` lists, for every
+  (b, offset group, tap, output pixel, corner), the corner's flat input pixel as a sort key
+  ``((b * OG + g) * T + k) * H * W + pixel`` (invalid corners get a sentinel that sorts last) and
+  its weight (bilinear * mask). A stable ``torch.sort`` groups the entries by (image, offset group,
+  tap, input pixel); ``torch.searchsorted`` gives the entry range of every block of ``BLOCK_T``
+  input pixels. ``_input_grad_kernel``, grid ``(cdiv(H * W, BLOCK_T), OG * cdiv(Cog, BLOCK_K), B)``,
+  owns ``BLOCK_T`` input pixels x ``BLOCK_K`` channels: per tap it walks its entry range in chunks
+  of ``BLOCK_E`` entries, recomputes their column gradient ``[BLOCK_E, BLOCK_K]`` with ``tl.dot``
+  (grad_out rows of the entries' output pixels x the tap's weight), scales it by the entries' corner
+  weights and adds it to its pixels with a one-hot ``[BLOCK_T, BLOCK_E]`` fp32 ``tl.dot`` (exact
+  0/1 products, IEEE fp32, fixed order). The list costs about 30 bytes per entry (keys, sorted
+  keys, permutation, weights; plus the sort's scratch) and
+  ``4 * B * OG * T * L`` entries (independent of the channel count).
+* ``grad_bias``: ``grad_output.sum((0, 2, 3))`` in fp32.
+
+So results are bit-identical from run to run, and ``torch.use_deterministic_algorithms(True)``
+needs no special path. The cost of the deterministic ``grad_input`` is a sort of the entry list and
+4x recomputation of the column gradient (one per corner); there is no atomics-based path.
+
+Dtypes: fp32, fp16, bf16 inputs with fp32 accumulation (fp64 is not supported). fp16/bf16 dot
+operands are in the input dtype (the blended sample is rounded to it before the tensor-core dot);
+fp32 operands use IEEE fp32 products unless ``torch.get_float32_matmul_precision()`` allows TF32
+("high"/"medium"), as PyTorch's own matmuls. Under the interpreter (``TRITON_INTERPRET=1``, CPU
+tensors) every dot operand is cast to fp32 (the interpreter's half-precision ``tl.dot`` is wrong).
+
+Memory format: the kernels read every tensor through its strides (NCHW, channels_last, or any
+other). The output and ``grad_input`` are channels_last when ``input`` is channels_last (and not
+also contiguous), contiguous NCHW otherwise; ``grad_offset``/``grad_mask`` are contiguous.
+
+Non-finite offsets: an infinite or NaN position samples zero (every corner is outside), and its
+offset/mask gradients are zero. (The reference gives the same forward for inf, but autograd turns
+``0 * (inf - inf)`` into a NaN offset gradient, and it cannot index a NaN position at all.)
+
+Limits: the within-image element offsets (``Cin * H * W`` and ``Cout * out_h * out_w``) must fit in
+int32 (batch offsets are 64-bit); no double backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from pem_kernels.reference.deform_conv import check_deform_conv2d_args
+from pem_kernels.triton import interpreter_requested
+
+__all__ = ["deform_conv2d", "deform_conv2d_backward_triton", "deform_conv2d_triton"]
+
+# Decided when the kernels are defined: triton.jit picks interpreter or compiler at decoration time.
+INTERPRET = interpreter_requested()
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# shared device helpers
+
+
+@triton.jit
+def _sample_point(
+    offset_ptr, mask_ptr, b64, oy, ox, valid, og, k,
+    so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
+    H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr,
+):
+    """Where tap ``k`` of offset group ``og`` samples for output pixels (b, oy, ox).
+
+    Returns the top-left corner (row, col) (int32, clamped to 0 where both rows/cols are outside),
+    the fractional parts (fy, fx), the modulation (0 for invalid lanes), and the validity of the
+    top/bottom rows and left/right columns. Non-finite positions are invalid everywhere.
+    """
+    i = k // KW
+    j = k - i * KW
+    channel = 2 * (og * TAPS + k)
+    pixel = b64 * so_b + oy * so_h + ox * so_w
+    dy = tl.load(offset_ptr + pixel + channel * so_c, mask=valid, other=0.0).to(tl.float32)
+    dx = tl.load(offset_ptr + pixel + (channel + 1) * so_c, mask=valid, other=0.0).to(tl.float32)
+    y = (oy * stride_h - pad_h + i * dil_h).to(tl.float32) + dy
+    x = (ox * stride_w - pad_w + j * dil_w).to(tl.float32) + dx
+    if HAS_MASK:
+        mod = tl.load(
+            mask_ptr + b64 * sm_b + (og * TAPS + k) * sm_c + oy * sm_h + ox * sm_w,
+            mask=valid, other=0.0,
+        ).to(tl.float32)
+    else:
+        mod = tl.where(valid, 1.0, 0.0)
+    y_lo = tl.floor(y)
+    x_lo = tl.floor(x)
+    fy = y - y_lo
+    fx = x - x_lo
+    top_ok = valid & (y_lo >= 0.0) & (y_lo <= H - 1)
+    bottom_ok = valid & (y_lo >= -1.0) & (y_lo <= H - 2)
+    left_ok = valid & (x_lo >= 0.0) & (x_lo <= W - 1)
+    right_ok = valid & (x_lo >= -1.0) & (x_lo <= W - 2)
+    # The float -> int cast only ever sees values in [-1, H - 1] (no overflow, no NaN). Where no
+    # row (column) is inside, every corner reads zero and the fraction is set to 0, so that an
+    # infinite position (fraction inf - inf = NaN) still gives a zero sample and zero gradients,
+    # as the reference's torch.where does.
+    row_in = top_ok | bottom_ok
+    col_in = left_ok | right_ok
+    row = tl.where(row_in, y_lo, 0.0).to(tl.int32)
+    col = tl.where(col_in, x_lo, 0.0).to(tl.int32)
+    fy = tl.where(row_in, fy, 0.0)
+    fx = tl.where(col_in, fx, 0.0)
+    return row, col, fy, fx, mod, top_ok, bottom_ok, left_ok, right_ok
+
+
+@triton.jit
+def _gather_corners(
+    x_ptr, image_base, channel_offset, channel_ok, row, col,
+    top_ok, bottom_ok, left_ok, right_ok, sx_h, sx_w,
+):
+    """The four corners [BLOCK_M, BLOCK_K] (fp32, zero outside the image or for masked lanes)."""
+    ptr = x_ptr + (image_base + row * sx_h + col * sx_w)[:, None] + channel_offset[None, :]
+    c_ok = channel_ok[None, :]
+    v00 = tl.load(ptr, mask=(top_ok & left_ok)[:, None] & c_ok, other=0.0).to(tl.float32)
+    v01 = tl.load(ptr + sx_w, mask=(top_ok & right_ok)[:, None] & c_ok, other=0.0).to(tl.float32)
+    v10 = tl.load(ptr + sx_h, mask=(bottom_ok & left_ok)[:, None] & c_ok, other=0.0).to(tl.float32)
+    v11 = tl.load(
+        ptr + sx_h + sx_w, mask=(bottom_ok & right_ok)[:, None] & c_ok, other=0.0
+    ).to(tl.float32)
+    return v00, v01, v10, v11
+
+
+@triton.jit
+def _pixels(ms, L, OW):
+    b = ms // L
+    pix = ms - b * L
+    oy = pix // OW
+    ox = pix - oy * OW
+    return b.to(tl.int64), oy, ox
+
+
+@triton.jit
+def _column_grad(
+    gout_ptr, w_ptr, gout_rows, row_ok, chans, chan_ok, c_lo, c_last, k, TAPS, CIN_G, COUT_G, sg_c,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dcol[r, c] = sum_o grad_out[row r, o] * W[o, c, k] over the weight group of each channel.
+
+    ``gout_rows`` [BLOCK_R] are the rows' grad_output addresses (without the channel term),
+    ``chans`` [BLOCK_K] absolute input channels, the valid ones within [c_lo, c_last]; a block may
+    straddle weight groups.
+    """
+    dcol = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for grp in range(c_lo // CIN_G, c_last // CIN_G + 1):
+        local = chans - grp * CIN_G
+        in_grp = chan_ok & (local >= 0) & (local < CIN_G)
+        w_rows = ((grp * TAPS + k) * CIN_G + local) * COUT_G
+        for o0 in range(0, COUT_G, BLOCK_N):
+            outs = o0 + tl.arange(0, BLOCK_N)
+            o_ok = outs < COUT_G
+            g = tl.load(
+                gout_ptr + gout_rows[:, None] + ((grp * COUT_G + outs) * sg_c)[None, :],
+                mask=row_ok[:, None] & o_ok[None, :], other=0.0,
+            )
+            wt = tl.load(
+                w_ptr + w_rows[None, :] + outs[:, None],
+                mask=o_ok[:, None] & in_grp[None, :], other=0.0,
+            )
+            dcol += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return dcol
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, offset_ptr, mask_ptr, w_ptr, bias_ptr, out_ptr,
+    M, L, OW, H, W, KW, TAPS, CIN_G, COUT_G, COG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
+    sm_b, sm_c, sm_h, sm_w, sy_b, sy_c, sy_h, sy_w,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_blocks = tl.cdiv(COUT_G, BLOCK_N)
+    grp = pid_n // n_blocks
+    outs = (pid_n - grp * n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = outs < COUT_G
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    b64, oy, ox = _pixels(ms, L, OW)
+    image_base = b64 * sx_b
+    c_first = grp * CIN_G
+    c_end = c_first + CIN_G
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, TAPS):
+        for og in range(c_first // COG, (c_end - 1) // COG + 1):
+            row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
+                offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
+                so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
+                H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+            )
+            w00 = ((1.0 - fy) * (1.0 - fx) * mod)[:, None]
+            w01 = ((1.0 - fy) * fx * mod)[:, None]
+            w10 = (fy * (1.0 - fx) * mod)[:, None]
+            w11 = (fy * fx * mod)[:, None]
+            lo = tl.maximum(c_first, og * COG)
+            hi = tl.minimum(c_end, og * COG + COG)
+            for c0 in range(lo, hi, BLOCK_K):
+                chans = c0 + tl.arange(0, BLOCK_K)
+                c_ok = chans < hi
+                v00, v01, v10, v11 = _gather_corners(
+                    x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
+                    sx_h, sx_w,
+                )
+                a = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                wt = tl.load(
+                    w_ptr + (((grp * TAPS + k) * CIN_G + chans - c_first) * COUT_G)[:, None]
+                    + outs[None, :],
+                    mask=c_ok[:, None] & o_ok[None, :], other=0.0,
+                )
+                acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + grp * COUT_G + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    out_rows = b64 * sy_b + oy * sy_h + ox * sy_w
+    tl.store(
+        out_ptr + out_rows[:, None] + ((grp * COUT_G + outs) * sy_c)[None, :],
+        acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _offset_mask_grad_kernel(
+    gout_ptr, x_ptr, offset_ptr, mask_ptr, w_ptr, goffset_ptr, gmask_ptr,
+    M, L, OW, H, W, KW, TAPS, CIN_G, COUT_G, COG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
+    sm_b, sm_c, sm_h, sm_w,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    og = tl.program_id(1)
+    OG = tl.num_programs(1)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    b64, oy, ox = _pixels(ms, L, OW)
+    image_base = b64 * sx_b
+    gout_rows = b64 * sg_b + oy * sg_h + ox * sg_w
+    pix = ms - (ms // L) * L
+    c_first = og * COG
+    for k in range(0, TAPS):
+        row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
+            offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
+            so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
+            H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+        )
+        gy0 = (1.0 - fy)[:, None]
+        gy1 = fy[:, None]
+        gx0 = (1.0 - fx)[:, None]
+        gx1 = fx[:, None]
+        grad_y = tl.zeros([BLOCK_M], dtype=tl.float32)
+        grad_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+        grad_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(c_first, c_first + COG, BLOCK_K):
+            chans = c0 + tl.arange(0, BLOCK_K)
+            c_ok = chans < c_first + COG
+            c_last = tl.minimum(c0 + BLOCK_K, c_first + COG) - 1
+            dcol = _column_grad(
+                gout_ptr, w_ptr, gout_rows, m_ok, chans, c_ok, c0, c_last, k, TAPS, CIN_G,
+                COUT_G, sg_c,
+                BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+            )
+            v00, v01, v10, v11 = _gather_corners(
+                x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
+                sx_h, sx_w,
+            )
+            grad_y += tl.sum(dcol * (gx0 * (v10 - v00) + gx1 * (v11 - v01)), axis=1)
+            grad_x += tl.sum(dcol * (gy0 * (v01 - v00) + gy1 * (v11 - v10)), axis=1)
+            if HAS_MASK:
+                sample = gy0 * (gx0 * v00 + gx1 * v01) + gy1 * (gx0 * v10 + gx1 * v11)
+                grad_m += tl.sum(dcol * sample, axis=1)
+        # grad_offset / grad_mask are contiguous [B, 2*OG*T, L] / [B, OG*T, L].
+        channel = og * TAPS + k
+        dst = b64 * (2 * OG * TAPS * L) + 2 * channel * L + pix
+        tl.store(goffset_ptr + dst, (grad_y * mod).to(goffset_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(goffset_ptr + dst + L, (grad_x * mod).to(goffset_ptr.dtype.element_ty), mask=m_ok)
+        if HAS_MASK:
+            tl.store(
+                gmask_ptr + b64 * (OG * TAPS * L) + channel * L + pix,
+                grad_m.to(gmask_ptr.dtype.element_ty), mask=m_ok,
+            )
+
+
+@triton.jit
+def _weight_grad_kernel(
+    gout_ptr, x_ptr, offset_ptr, mask_ptr, partial_ptr,
+    M, L, OW, H, W, KW, TAPS, CIN_G, COUT_G, COG, M_BLOCKS_PER_SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
+    sm_b, sm_c, sm_h, sm_w,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_ob = tl.cdiv(COUT_G, BLOCK_N)
+    n_cb = tl.cdiv(CIN_G, BLOCK_K)
+    ob = pid % n_ob
+    rest = pid // n_ob
+    cb = rest % n_cb
+    rest = rest // n_cb
+    k = rest % TAPS
+    grp = rest // TAPS
+    G = tl.num_programs(0) // (n_ob * n_cb * TAPS)
+    outs = ob * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = outs < COUT_G
+    local = cb * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_ok = local < CIN_G
+    chans = grp * CIN_G + local
+    c_lo = grp * CIN_G + cb * BLOCK_K
+    c_hi = tl.minimum(c_lo + BLOCK_K, grp * CIN_G + CIN_G)  # exclusive
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    mb_first = split * M_BLOCKS_PER_SPLIT
+    mb_end = tl.minimum(mb_first + M_BLOCKS_PER_SPLIT, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb_first, mb_end):
+        ms = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = ms < M
+        b64, oy, ox = _pixels(ms, L, OW)
+        image_base = b64 * sx_b
+        a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for og in range(c_lo // COG, (c_hi - 1) // COG + 1):
+            row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
+                offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
+                so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
+                H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+            )
+            in_og = c_ok & (chans >= og * COG) & (chans < og * COG + COG)
+            v00, v01, v10, v11 = _gather_corners(
+                x_ptr, image_base, chans * sx_c, in_og, row, col, t_ok, b_ok, l_ok, r_ok,
+                sx_h, sx_w,
+            )
+            a += (
+                ((1.0 - fy) * (1.0 - fx) * mod)[:, None] * v00
+                + ((1.0 - fy) * fx * mod)[:, None] * v01
+                + (fy * (1.0 - fx) * mod)[:, None] * v10
+                + (fy * fx * mod)[:, None] * v11
+            )
+        g = tl.load(
+            gout_ptr + (b64 * sg_b + oy * sg_h + ox * sg_w)[:, None]
+            + ((grp * COUT_G + outs) * sg_c)[None, :],
+            mask=m_ok[:, None] & o_ok[None, :], other=0.0,
+        )
+        acc += tl.dot(
+            tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=DOT_PRECISION
+        )
+    # partial is contiguous [splits, G, T, Cin_g, Cout_g].
+    base = ((split * G + grp) * TAPS + k).to(tl.int64) * (CIN_G * COUT_G)
+    tl.store(
+        partial_ptr + base + (local * COUT_G)[:, None] + outs[None, :], acc,
+        mask=c_ok[:, None] & o_ok[None, :],
+    )
+
+
+@triton.jit
+def _corner_kernel(
+    offset_ptr, mask_ptr, key_ptr, weight_ptr,
+    N, SENTINEL, L, OW, H, W, KW, TAPS, OG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Entry (((b * OG + og) * T + k) * L + m) * 4 + corner: its input pixel key and weight."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < N
+    m = (idx % L).to(tl.int32)
+    bgk = idx // L
+    k = (bgk % TAPS).to(tl.int32)
+    og = ((bgk // TAPS) % OG).to(tl.int32)
+    b64 = bgk // (TAPS * OG)
+    oy = m // OW
+    ox = m - oy * OW
+    row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
+        offset_ptr, mask_ptr, b64, oy, ox, ok, og, k,
+        so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
+        H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+    )
+    pixel_base = bgk * (H * W) + row * W + col
+    dst = idx * 4
+    tl.store(key_ptr + dst, tl.where(t_ok & l_ok, pixel_base, SENTINEL), mask=ok)
+    tl.store(key_ptr + dst + 1, tl.where(t_ok & r_ok, pixel_base + 1, SENTINEL), mask=ok)
+    tl.store(key_ptr + dst + 2, tl.where(b_ok & l_ok, pixel_base + W, SENTINEL), mask=ok)
+    tl.store(key_ptr + dst + 3, tl.where(b_ok & r_ok, pixel_base + W + 1, SENTINEL), mask=ok)
+    tl.store(weight_ptr + dst, (1.0 - fy) * (1.0 - fx) * mod, mask=ok)
+    tl.store(weight_ptr + dst + 1, (1.0 - fy) * fx * mod, mask=ok)
+    tl.store(weight_ptr + dst + 2, fy * (1.0 - fx) * mod, mask=ok)
+    tl.store(weight_ptr + dst + 3, fy * fx * mod, mask=ok)
+
+
+@triton.jit
+def _input_grad_kernel(
+    gout_ptr, w_ptr, key_ptr, perm_ptr, weight_ptr, bounds_ptr, gin_ptr,
+    L, OW, H, W, TAPS, CIN_G, COUT_G, COG, OG,
+    sg_b, sg_c, sg_h, sg_w, si_b, si_c, si_h, si_w,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tb = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    n_cb = tl.cdiv(COG, BLOCK_K)
+    og = pid_c // n_cb
+    c_lo = og * COG + (pid_c - og * n_cb) * BLOCK_K
+    c_last = tl.minimum(c_lo + BLOCK_K, og * COG + COG) - 1
+    chans = c_lo + tl.arange(0, BLOCK_K)
+    c_ok = chans <= c_last
+    n_tb = tl.cdiv(H * W, BLOCK_T)
+    targets = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = targets < H * W
+    b64 = b.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for k in range(0, TAPS):
+        bgk = (b64 * OG + og) * TAPS + k
+        bound = bounds_ptr + bgk * (n_tb + 1) + tb
+        lo = tl.load(bound)
+        hi = tl.load(bound + 1)
+        key_base = bgk * (H * W)
+        for e0 in range(lo, hi, BLOCK_E):
+            es = e0 + tl.arange(0, BLOCK_E)
+            e_ok = es < hi
+            entry = tl.load(perm_ptr + es, mask=e_ok, other=0)
+            local_target = (tl.load(key_ptr + es, mask=e_ok, other=0) - key_base).to(tl.int32)
+            corner_weight = tl.load(weight_ptr + entry, mask=e_ok, other=0.0)
+            m = ((entry // 4) % L).to(tl.int32)
+            oy = m // OW
+            ox = m - oy * OW
+            dcol = _column_grad(
+                gout_ptr, w_ptr, b64 * sg_b + oy * sg_h + ox * sg_w, e_ok, chans, c_ok, c_lo,
+                c_last, k,
+                TAPS, CIN_G, COUT_G, sg_c, BLOCK_E, BLOCK_N, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+            )
+            one_hot = tl.where(
+                (local_target[None, :] == targets[:, None]) & e_ok[None, :], 1.0, 0.0
+            )
+            acc += tl.dot(one_hot, dcol * corner_weight[:, None], input_precision="ieee")
+    y = targets // W
+    x = targets - y * W
+    tl.store(
+        gin_ptr + (b64 * si_b + y * si_h + x * si_w)[:, None] + (chans * si_c)[None, :],
+        acc.to(gin_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+
+
+def _pow2(n: int, low: int = 16, high: int = 64) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _dot_config(dtype: torch.dtype) -> dict:
+    if INTERPRET:  # the interpreter's half-precision tl.dot is unreliable: fp32 operands
+        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+    if dtype == torch.float32:
+        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION=precision)
+    half = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return dict(DOT_DTYPE=half, DOT_PRECISION="tf32")  # the precision only matters for fp32
+
+
+def _channels_last_wanted(input: torch.Tensor) -> bool:
+    """channels_last input (and not also plain contiguous) -> channels_last output / grad_input."""
+    return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+
+
+def _sizes(input, weight, offset, groups, offset_groups):
+    batch, in_channels, in_h, in_w = input.shape
+    out_channels, cin_g, kh, kw = weight.shape
+    out_h, out_w = offset.shape[2], offset.shape[3]
+    return dict(
+        B=batch, Cin=in_channels, H=in_h, W=in_w, Cout=out_channels, CIN_G=cin_g,
+        COUT_G=out_channels // groups, KH=kh, KW=kw, TAPS=kh * kw, OH=out_h, OW=out_w,
+        L=out_h * out_w, COG=in_channels // offset_groups,
+    )
+
+
+def _check_op_args(name, input, weight, offset, mask, bias, groups, offset_groups, conv):
+    """Cheap consistency checks of the op's own arguments (the public path validates fully)."""
+    torch._check(
+        input.dim() == 4 and weight.dim() == 4 and offset.dim() == 4,
+        lambda: f"{name}: input, weight and offset must be 4-D",
+    )
+    torch._check(
+        input.dtype in (torch.float32, torch.float16, torch.bfloat16),
+        lambda: f"{name}: supports float32, float16 and bfloat16, not {input.dtype}",
+    )
+    for other in (weight, offset, mask, bias):
+        if other is not None:
+            torch._check(
+                other.dtype == input.dtype and other.device == input.device,
+                lambda: f"{name}: every tensor must have input's dtype {input.dtype} and device "
+                f"{input.device}",
+            )
+    torch._check(
+        groups >= 1 and offset_groups >= 1
+        and input.shape[1] == weight.shape[1] * groups
+        and weight.shape[0] % groups == 0 and input.shape[1] % offset_groups == 0
+        and offset.shape[1] == 2 * offset_groups * weight.shape[2] * weight.shape[3],
+        lambda: f"{name}: inconsistent shapes input {list(input.shape)}, weight "
+        f"{list(weight.shape)}, offset {list(offset.shape)} for groups={groups}, "
+        f"offset_groups={offset_groups}",
+    )
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = conv
+    torch._check(
+        min(stride_h, stride_w, dil_h, dil_w) >= 1 and min(pad_h, pad_w) >= 0,
+        lambda: f"{name}: stride and dilation must be >= 1 and padding >= 0",
+    )
+    batch, _, in_h, in_w = input.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_shape = [
+        batch,
+        (in_h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1,
+        (in_w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1,
+    ]
+    torch._check(
+        [offset.shape[0], offset.shape[2], offset.shape[3]] == out_shape,
+        lambda: f"{name}: offset must be [B, 2*offset_groups*kh*kw, out_h, out_w] with "
+        f"[B, out_h, out_w] = {out_shape}, got {list(offset.shape)}",
+    )
+    if mask is not None:
+        torch._check(
+            list(mask.shape) == [batch, offset_groups * kh * kw, out_shape[1], out_shape[2]],
+            lambda: f"{name}: mask must be [B, offset_groups*kh*kw, out_h, out_w], got "
+            f"{list(mask.shape)}",
+        )
+    if bias is not None:
+        torch._check(
+            list(bias.shape) == [weight.shape[0]],
+            lambda: f"{name}: bias must be [Cout], got {list(bias.shape)}",
+        )
+    torch._check(
+        input.shape[1] * input.shape[2] * input.shape[3] <= _INT32_MAX
+        and weight.shape[0] * offset.shape[2] * offset.shape[3] <= _INT32_MAX,
+        lambda: f"{name}: one image's elements must fit in int32 offsets",
+    )
+
+
+def _offset_mask_args(offset, mask):
+    mask_arg = mask if mask is not None else offset  # never read when HAS_MASK is False
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    return mask_arg, (*offset.stride(), *mask_strides)
+
+
+def _weight_by_tap(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """[Cout, Cin_g, kh, kw] -> contiguous [G, T, Cin_g, Cout_g] (the GEMM's B operand layout)."""
+    out_channels, cin_g, kh, kw = weight.shape
+    return (
+        weight.reshape(groups, out_channels // groups, cin_g, kh * kw)
+        .permute(0, 3, 2, 1)
+        .contiguous()
+    )
+
+
+@triton_op("pem_kernels::deform_conv2d_triton", mutates_args=())
+def deform_conv2d_triton(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    groups: int,
+    offset_groups: int,
+) -> torch.Tensor:
+    """Triton DCNv2 forward: arguments and result of ``pem_kernels::deform_conv2d``.
+
+    Returns ``[B, Cout, out_h, out_w]`` in ``input.dtype``, channels_last when ``input`` is.
+    """
+    conv = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    _check_op_args(
+        "deform_conv2d_triton", input, weight, offset, mask, bias, groups, offset_groups, conv
+    )
+    s = _sizes(input, weight, offset, groups, offset_groups)
+    memory_format = torch.channels_last if _channels_last_wanted(input) else torch.contiguous_format
+    out = torch.empty(
+        (s["B"], s["Cout"], s["OH"], s["OW"]), dtype=input.dtype, device=input.device,
+        memory_format=memory_format,
+    )
+    M = s["B"] * s["L"]
+    if M == 0:
+        return out
+    block_m = 128 if INTERPRET else 64
+    block_n = _pow2(s["COUT_G"], 16, 64 if INTERPRET else 128)
+    block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
+    mask_arg, om_strides = _offset_mask_args(offset, mask)
+    grid = (triton.cdiv(M, block_m), groups * triton.cdiv(s["COUT_G"], block_n))
+    wrap_triton(_forward_kernel)[grid](
+        input, offset, mask_arg, _weight_by_tap(weight, groups),
+        bias if bias is not None else weight, out,
+        M, s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
+        *conv, *input.stride(), *om_strides, *out.stride(),
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        **_dot_config(input.dtype),
+    )
+    return out
+
+
+def _weight_grad_splits(tiles: int, m_blocks: int) -> int:
+    """Pixel-axis splits of the weight gradient: a function of the shapes only (deterministic)."""
+    if INTERPRET:
+        return min(2, m_blocks)
+    return max(1, min(m_blocks // 4 or 1, triton.cdiv(4 * 132, tiles)))
+
+
+@triton_op("pem_kernels::_deform_conv2d_backward_triton", mutates_args=())
+def deform_conv2d_backward_triton(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    groups: int,
+    offset_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``deform_conv2d_triton``: (grad_input, grad_weight, grad_offset, grad_mask,
+    grad_bias), as ``pem_kernels::_deform_conv2d_backward`` (grad_mask is empty(0) without a mask).
+    Deterministic: bit-identical results from run to run."""
+    conv = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    name = "_deform_conv2d_backward_triton"
+    _check_op_args(name, input, weight, offset, mask, None, groups, offset_groups, conv)
+    s = _sizes(input, weight, offset, groups, offset_groups)
+    torch._check(
+        list(grad_output.shape) == [s["B"], s["Cout"], s["OH"], s["OW"]],
+        lambda: f"{name}: grad_output must have shape {[s['B'], s['Cout'], s['OH'], s['OW']]}, "
+        f"got {list(grad_output.shape)}",
+    )
+    device, dtype = input.device, input.dtype
+    grad_output = grad_output.to(dtype)
+    memory_format = torch.channels_last if _channels_last_wanted(input) else torch.contiguous_format
+    grad_input = torch.empty(input.shape, dtype=dtype, device=device, memory_format=memory_format)
+    grad_offset = torch.empty(offset.shape, dtype=offset.dtype, device=device)
+    grad_mask = (
+        torch.empty(mask.shape, dtype=mask.dtype, device=device)
+        if mask is not None else input.new_empty(0)
+    )
+    grad_bias = grad_output.sum((0, 2, 3), dtype=torch.float32).to(dtype)
+    M = s["B"] * s["L"]
+    if M == 0:
+        return grad_input.zero_(), torch.zeros_like(weight), grad_offset, grad_mask, grad_bias
+
+    dots = _dot_config(dtype)
+    w_by_tap = _weight_by_tap(weight, groups)
+    mask_arg, om_strides = _offset_mask_args(offset, mask)
+    geometry = (s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"])
+    block_n = _pow2(s["COUT_G"], 16, 64)
+    block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
+
+    # grad_offset, grad_mask: one program per (pixel block, offset group).
+    block_m = 128 if INTERPRET else 64
+    wrap_triton(_offset_mask_grad_kernel)[(triton.cdiv(M, block_m), offset_groups)](
+        grad_output, input, offset, mask_arg, w_by_tap, grad_offset, grad_mask,
+        M, s["L"], s["OW"], *geometry, *conv,
+        *grad_output.stride(), *input.stride(), *om_strides,
+        HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, **dots,
+    )
+
+    # grad_weight: split-pixel partial GEMMs, summed in a fixed order.
+    block_m_w = 64
+    tiles = (
+        groups * s["TAPS"] * triton.cdiv(s["CIN_G"], block_k) * triton.cdiv(s["COUT_G"], block_n)
+    )
+    m_blocks = triton.cdiv(M, block_m_w)
+    splits = _weight_grad_splits(tiles, m_blocks)
+    per_split = triton.cdiv(m_blocks, splits)
+    splits = triton.cdiv(m_blocks, per_split)
+    partial = torch.empty(
+        (splits, groups, s["TAPS"], s["CIN_G"], s["COUT_G"]), dtype=torch.float32, device=device
+    )
+    wrap_triton(_weight_grad_kernel)[(tiles, splits)](
+        grad_output, input, offset, mask_arg, partial,
+        M, s["L"], s["OW"], *geometry, per_split, *conv,
+        *grad_output.stride(), *input.stride(), *om_strides,
+        HAS_MASK=mask is not None, BLOCK_M=block_m_w, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, **dots,
+    )
+    grad_weight = partial.sum(0).permute(0, 3, 2, 1).reshape(weight.shape).to(weight.dtype)
+
+    # grad_input: corner list sorted by input pixel, then a gather per input-pixel block.
+    entries = s["B"] * offset_groups * s["TAPS"] * s["L"]
+    keys = torch.empty(4 * entries, dtype=torch.int64, device=device)
+    corner_weights = torch.empty(4 * entries, dtype=torch.float32, device=device)
+    sentinel = entries // s["L"] * s["H"] * s["W"]  # B * OG * T * H * W: sorts after every key
+    block = 128 if INTERPRET else 256
+    wrap_triton(_corner_kernel)[(triton.cdiv(entries, block),)](
+        offset, mask_arg, keys, corner_weights, entries, sentinel,
+        s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], offset_groups, *conv, *om_strides,
+        HAS_MASK=mask is not None, BLOCK=block,
+    )
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    block_t = 32
+    pixels = s["H"] * s["W"]
+    n_tb = triton.cdiv(pixels, block_t)
+    starts = torch.clamp(torch.arange(n_tb + 1, device=device) * block_t, max=pixels)
+    queries = (
+        torch.arange(s["B"] * offset_groups * s["TAPS"], device=device)[:, None] * pixels
+        + starts[None, :]
+    )
+    bounds = torch.searchsorted(sorted_keys, queries.reshape(-1))
+    block_k_in = _pow2(s["COG"], 16, 32)
+    grid = (n_tb, offset_groups * triton.cdiv(s["COG"], block_k_in), s["B"])
+    wrap_triton(_input_grad_kernel)[grid](
+        grad_output, w_by_tap, sorted_keys, perm, corner_weights, bounds, grad_input,
+        s["L"], s["OW"], s["H"], s["W"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
+        offset_groups, *grad_output.stride(), *grad_input.stride(),
+        BLOCK_T=block_t, BLOCK_E=128 if INTERPRET else 64, BLOCK_N=block_n, BLOCK_K=block_k_in,
+        num_warps=4, **dots,
+    )
+    return grad_input, grad_weight, grad_offset, grad_mask, grad_bias
+
+
+# Positions of the tensor arguments in the op's schema.
+_INPUT, _WEIGHT, _OFFSET, _MASK, _BIAS = range(5)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, offset, mask, bias, *conv_params = inputs
+    ctx.save_for_backward(input, weight, offset, mask)
+    ctx.conv_params = conv_params
+    ctx.has_mask = mask is not None
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_output):
+    input, weight, offset, mask = ctx.saved_tensors
+    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = deform_conv2d_backward_triton(
+        grad_output, input, weight, offset, mask, *ctx.conv_params
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_input if needs[_INPUT] else None,
+        grad_weight if needs[_WEIGHT] else None,
+        grad_offset if needs[_OFFSET] else None,
+        grad_mask if ctx.has_mask and needs[_MASK] else None,
+        grad_bias if ctx.has_bias and needs[_BIAS] else None,
+    ) + (None,) * len(ctx.conv_params)
+
+
+deform_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """torchvision's signature over the Triton op, with full argument validation
+    (:func:`pem_kernels.reference.deform_conv.check_deform_conv2d_args`)."""
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = check_deform_conv2d_args(
+        input, offset, weight, bias, stride, padding, dilation, mask
+    )
+    groups = input.shape[1] // weight.shape[1]
+    offset_groups = offset.shape[1] // (2 * weight.shape[2] * weight.shape[3])
+    return deform_conv2d_triton(
+        input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        groups, offset_groups,
+    )

@@ -1,0 +1,382 @@
+"""The Triton deform_conv2d (DCNv2 implicit GEMM) against the reference and torchvision.
+
+Without a GPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), which
+costs milliseconds per program step: shapes are tiny, and every configuration runs forward and
+backward once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pem_kernels.reference.deform_conv import deform_conv2d_ref
+
+from conftest import HAS_CUDA
+
+triton_dcn = pytest.importorskip("pem_kernels.triton.deform_conv2d")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FP32 = dict(rtol=1e-5, atol=1e-5)
+GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    batch: int = 2
+    in_channels: int = 4
+    height: int = 5
+    width: int = 7
+    out_channels: int = 6
+    kernel: tuple[int, int] = (3, 3)
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    offset_groups: int = 1
+    offset_scale: float = 2.5  # uniform in [-scale, scale]: fractional, many samples off-image
+    integer_offsets: bool = False  # rounded: samples land exactly on rows/cols -1, 0, H-1, H
+    huge_offsets: bool = False  # some offsets at +-1e6 (every corner outside)
+    with_mask: bool = True
+    with_bias: bool = True
+    channels_last: bool = False
+
+    def output_size(self) -> tuple[int, int]:
+        return tuple(
+            (size + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+            for size, k in zip((self.height, self.width), self.kernel)
+        )
+
+
+def make_inputs(conv: Conv, dtype=torch.float32, seed=0, requires_grad=False) -> dict:
+    """Fresh random (never zero) tensors in ``dtype`` (the references upcast these exact values)."""
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = conv.kernel
+    out_h, out_w = conv.output_size()
+    taps = kh * kw
+
+    def rand(*shape, low=-1.0, high=1.0):
+        return torch.rand(*shape, generator=gen) * (high - low) + low
+
+    offset = rand(conv.batch, 2 * conv.offset_groups * taps, out_h, out_w) * conv.offset_scale
+    if conv.integer_offsets:
+        offset = offset.round()
+    if conv.huge_offsets:
+        pick = torch.rand(offset.shape, generator=gen) < 0.2
+        offset = torch.where(pick, torch.sign(offset) * 1e6, offset)
+    tensors = dict(
+        input=rand(conv.batch, conv.in_channels, conv.height, conv.width, low=0.5, high=1.5),
+        offset=offset,
+        weight=rand(conv.out_channels, conv.in_channels // conv.groups, kh, kw),
+        bias=rand(conv.out_channels) if conv.with_bias else None,
+        mask=rand(conv.batch, conv.offset_groups * taps, out_h, out_w, low=0.1, high=1.0)
+        if conv.with_mask else None,
+    )
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            tensor = tensor.to(device=DEVICE, dtype=dtype)
+            if name == "input" and conv.channels_last:
+                tensor = tensor.to(memory_format=torch.channels_last)
+            tensors[name] = tensor.requires_grad_(requires_grad)
+    return tensors
+
+
+def run(fn, conv: Conv, tensors: dict) -> torch.Tensor:
+    return fn(
+        tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"],
+        conv.stride, conv.padding, conv.dilation, tensors["mask"],
+    )
+
+
+def forward_and_grads(fn, conv: Conv, tensors: dict, grad_output: torch.Tensor):
+    names = [name for name in GRAD_NAMES if tensors[name] is not None]
+    out = run(fn, conv, tensors)
+    grads = torch.autograd.grad(out, [tensors[name] for name in names], grad_output)
+    return out, dict(zip(names, grads))
+
+
+CONFIGS = {
+    "base": Conv(),
+    "no_mask_no_bias": Conv(with_mask=False, with_bias=False, padding=0),
+    "stride2_pad2_dil2": Conv(stride=2, padding=2, dilation=2, height=7, width=8),
+    "groups2_offset_groups2_k3x2": Conv(groups=2, offset_groups=2, kernel=(3, 2)),
+    # weight groups of 3 channels, offset groups of 2: blocks straddle both kinds of group
+    "straddling_groups": Conv(in_channels=6, out_channels=4, groups=2, offset_groups=3),
+    "integer_and_huge_offsets": Conv(integer_offsets=True, huge_offsets=True, offset_scale=3.0),
+    "channels_last": Conv(channels_last=True, with_bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_and_all_gradients_match_reference_fp32(name):
+    conv = CONFIGS[name]
+    tensors = make_inputs(conv, requires_grad=True)
+    grad_output = torch.randn(conv.batch, conv.out_channels, *conv.output_size(), device=DEVICE)
+    expected, expected_grads = forward_and_grads(deform_conv2d_ref, conv, tensors, grad_output)
+    out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, **FP32)
+    assert set(grads) == set(expected_grads)
+    for grad_name, grad in grads.items():
+        assert grad.shape == expected_grads[grad_name].shape, grad_name
+        torch.testing.assert_close(grad, expected_grads[grad_name], **FP32, msg=grad_name)
+    if conv.channels_last:  # read in place; output and grad_input keep the input's format
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        assert grads["input"].is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+def test_matches_torchvision():
+    torchvision_ops = pytest.importorskip("torchvision.ops")
+    conv = Conv(groups=2, offset_groups=2, stride=2, padding=2, dilation=2, height=6, width=7)
+    tensors = make_inputs(conv, seed=3, requires_grad=True)
+    grad_output = torch.randn(conv.batch, conv.out_channels, *conv.output_size(), device=DEVICE)
+    expected, expected_grads = forward_and_grads(
+        torchvision_ops.deform_conv2d, conv, tensors, grad_output
+    )
+    out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    torch.testing.assert_close(out, expected, **FP32)
+    for grad_name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[grad_name], **FP32, msg=grad_name)
+
+
+def test_offset_gradient_is_the_right_hand_derivative_at_the_border():
+    """Samples exactly on row -1 (zero value, non-zero offset gradient) and on row H (zero both)."""
+    conv = Conv(batch=1, in_channels=2, height=4, width=4, out_channels=3, kernel=(1, 1),
+                padding=0, with_mask=False, with_bias=False)
+    tensors = make_inputs(conv, requires_grad=True)
+    with torch.no_grad():
+        tensors["offset"].zero_()
+        tensors["offset"][0, 0, 0, :] = -1.0  # output row 0 samples input row -1 (dy)
+        tensors["offset"][0, 0, 3, :] = 1.0  # output row 3 samples input row H = 4
+        tensors["offset"][0, 1, 1, :] = 0.25  # a fractional dx elsewhere
+    grad_output = torch.randn(1, 3, 4, 4, device=DEVICE)
+    out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    expected, expected_grads = forward_and_grads(deform_conv2d_ref, conv, tensors, grad_output)
+    torch.testing.assert_close(out, expected, **FP32)
+    for grad_name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[grad_name], **FP32, msg=grad_name)
+    assert torch.all(out[0, :, 0] == 0) and torch.all(out[0, :, 3] == 0)
+    assert torch.all(grads["offset"][0, 0, 0] != 0)  # slope towards row 0
+    assert torch.all(grads["offset"][0, 0, 3] == 0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inf - inf
+def test_non_finite_offsets_sample_zero():
+    conv = Conv(batch=1, in_channels=2, height=3, width=4, out_channels=3, kernel=(1, 1),
+                padding=0, with_bias=False)
+    tensors = make_inputs(conv, requires_grad=True)
+    with torch.no_grad():
+        tensors["offset"][0, 0, 1, 1] = float("inf")
+        tensors["offset"][0, 1, 2, 3] = -float("inf")
+        tensors["offset"][0, 1, 0, 0] = float("nan")
+    grad_output = torch.randn(1, 3, 3, 4, device=DEVICE)
+    out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    assert torch.all(out[0, :, 1, 1] == 0) and torch.all(out[0, :, 2, 3] == 0)
+    assert torch.all(out[0, :, 0, 0] == 0)
+    assert torch.all(out[0, :, 0, 1] != 0)  # the finite positions still sample
+    for grad_name, grad in grads.items():
+        assert torch.all(torch.isfinite(grad)), grad_name
+    for y, x in ((1, 1), (2, 3), (0, 0)):
+        assert torch.all(grads["offset"][0, :, y, x] == 0) and grads["mask"][0, 0, y, x] == 0
+
+
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_forward_within_rounding_bound(dtype):
+    """|ours - exact| <= u * (sum |W| |column| + |out|): the error of rounding the blended columns
+    (the dot operands) and the output once each, with the exact result computed in fp64 from the
+    same low-precision inputs."""
+    conv = Conv(batch=1, in_channels=8, out_channels=8, height=6, width=5)
+    tensors = make_inputs(conv, dtype=dtype, seed=1)
+    ours = run(triton_dcn.deform_conv2d, conv, tensors)
+    assert ours.dtype == dtype
+    exact64 = {k: v.double() if v is not None else None for k, v in tensors.items()}
+    exact = run(deform_conv2d_ref, conv, exact64)
+    magnitude = deform_conv2d_ref(
+        exact64["input"].abs(), exact64["offset"], exact64["weight"].abs(), None,
+        conv.stride, conv.padding, conv.dilation, exact64["mask"].abs(),
+    )
+    error = (ours.double() - exact).abs()
+    bound = 1.5 * UNIT_ROUNDOFF[dtype] * (magnitude + exact.abs()) + 1e-6
+    assert torch.all(error <= bound), (error - bound).max()
+    assert torch.all(torch.isfinite(ours))
+
+
+def test_bf16_gradients_close_to_fp32_reference():
+    conv = Conv(batch=1, in_channels=4, out_channels=4, height=5, width=5)
+    tensors = make_inputs(conv, dtype=torch.bfloat16, seed=2, requires_grad=True)
+    grad_output = torch.randn(1, 4, *conv.output_size(), device=DEVICE).to(torch.bfloat16)
+    _, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    upcast = {
+        k: v.detach().float().requires_grad_() if v is not None else None
+        for k, v in tensors.items()
+    }
+    _, expected = forward_and_grads(deform_conv2d_ref, conv, upcast, grad_output.float())
+    for grad_name, grad in grads.items():
+        assert grad.dtype == torch.bfloat16, grad_name
+        scale = expected[grad_name].abs().max().item()
+        torch.testing.assert_close(
+            grad.float(), expected[grad_name], rtol=2e-2, atol=2e-2 * scale, msg=grad_name
+        )
+
+
+def test_backward_is_deterministic():
+    """Repeated backward passes give bit-identical gradients, also under deterministic mode (no
+    atomics anywhere, so no separate path)."""
+    conv = Conv(batch=2, in_channels=4, out_channels=4, height=5, width=6, offset_scale=1.0)
+    tensors = make_inputs(conv, seed=4, requires_grad=True)
+    grad_output = torch.randn(2, 4, *conv.output_size(), device=DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+        _, second = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert set(first) == set(GRAD_NAMES)
+    for grad_name in first:
+        assert torch.equal(first[grad_name], second[grad_name]), grad_name
+
+
+def test_empty_batch():
+    conv = Conv(batch=0)
+    tensors = make_inputs(conv, requires_grad=True)
+    grad_output = torch.randn(0, conv.out_channels, *conv.output_size(), device=DEVICE)
+    out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    assert out.shape == (0, conv.out_channels, *conv.output_size())
+    assert grads["input"].shape == tensors["input"].shape
+    assert torch.equal(grads["weight"], torch.zeros_like(tensors["weight"]))
+    assert torch.equal(grads["bias"], torch.zeros_like(tensors["bias"]))
+
+
+def test_public_wrapper_validates_arguments():
+    conv = Conv()
+    tensors = make_inputs(conv)
+    with pytest.raises(ValueError, match="offset"):
+        triton_dcn.deform_conv2d(
+            tensors["input"], tensors["offset"][:, :-2], tensors["weight"], padding=1
+        )
+    with pytest.raises(TypeError, match="dtype"):
+        triton_dcn.deform_conv2d(
+            tensors["input"], tensors["offset"].double(), tensors["weight"], padding=1
+        )
+    with pytest.raises(RuntimeError, match="mask must be"):  # the op checks its own arguments
+        triton_dcn.deform_conv2d_triton(
+            tensors["input"], tensors["weight"], tensors["offset"], tensors["mask"][:, 1:], None,
+            1, 1, 1, 1, 1, 1, 1, 1,
+        )
+    doubles = {k: v.double() if v is not None else None for k, v in tensors.items()}
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
+        run(triton_dcn.deform_conv2d, conv, doubles)
+
+
+def _op_args(requires_grad: bool, with_mask: bool):
+    conv = Conv(batch=1, in_channels=2, out_channels=3, height=3, width=4, kernel=(2, 2),
+                with_mask=with_mask, with_bias=with_mask)
+    t = make_inputs(conv, requires_grad=requires_grad)
+    # stride, padding, dilation as (h, w) pairs; groups, offset_groups
+    conv_params = (1, 1, 1, 1, 1, 1, 1, 1)
+    return conv, (t["input"], t["weight"], t["offset"], t["mask"], t["bias"], *conv_params)
+
+
+# Under the interpreter the triton_op body runs on FakeTensors in opcheck's fake-tensor and AOT
+# checks and fails, so without a GPU only the schema and autograd-registration checks run.
+OPCHECK_KWARGS = {} if HAS_CUDA else {"test_utils": ("test_schema", "test_autograd_registration")}
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_opcheck(with_mask):
+    conv, args = _op_args(requires_grad=True, with_mask=with_mask)
+    torch.library.opcheck(
+        torch.ops.pem_kernels.deform_conv2d_triton.default, args, **OPCHECK_KWARGS
+    )
+    grad_output = torch.randn(1, 3, *conv.output_size(), device=DEVICE)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    input, weight, offset, mask, _bias, *params = detached
+    torch.library.opcheck(
+        torch.ops.pem_kernels._deform_conv2d_backward_triton.default,
+        (grad_output, input, weight, offset, mask, *params),
+        **OPCHECK_KWARGS,
+    )
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="torch.compile over a triton_op needs a GPU")
+def test_torch_compile_fullgraph():
+    conv = Conv(batch=2, in_channels=16, out_channels=16, height=12, width=10)
+    tensors = make_inputs(conv, requires_grad=True)
+
+    def step(input, offset, weight, bias, mask):
+        out = triton_dcn.deform_conv2d(input, offset, weight, bias, 1, 1, 1, mask)
+        return (out * out).sum()
+
+    args = [tensors[name] for name in ("input", "offset", "weight", "bias", "mask")]
+    compiled = torch.compile(step, fullgraph=True)
+    loss, expected = compiled(*args), step(*args)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(loss, args)
+    expected_grads = torch.autograd.grad(expected, args)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+_SM90_COMPILE = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from pem_kernels.triton import deform_conv2d as K
+
+assert not K.INTERPRET
+
+def compile_sm90(fn, pointers, constants):
+    signature = {
+        name: "constexpr" if name in constants else pointers.get(name, "i32")
+        for name in fn.arg_names
+    }
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+def pointers(dtype):
+    names = ("x_ptr", "offset_ptr", "mask_ptr", "w_ptr", "bias_ptr", "out_ptr", "gout_ptr",
+             "goffset_ptr", "gmask_ptr", "gin_ptr")
+    return {name: "*" + dtype for name in names}
+
+bf16 = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
+tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+compile_sm90(K._forward_kernel, pointers("bf16"),
+             dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **bf16))
+compile_sm90(K._forward_kernel, pointers("fp32"),
+             dict(HAS_MASK=False, HAS_BIAS=False, **tiles, DOT_DTYPE=tl.float32,
+                  DOT_PRECISION="ieee"))
+compile_sm90(K._offset_mask_grad_kernel, pointers("bf16"), dict(HAS_MASK=True, **tiles, **bf16))
+compile_sm90(K._weight_grad_kernel, {**pointers("bf16"), "partial_ptr": "*fp32"},
+             dict(HAS_MASK=True, **tiles, **bf16))
+compile_sm90(K._corner_kernel, {"offset_ptr": "*bf16", "mask_ptr": "*bf16", "key_ptr": "*i64",
+                                "weight_ptr": "*fp32", "N": "i64", "SENTINEL": "i64"},
+             dict(HAS_MASK=True, BLOCK=256))
+compile_sm90(K._input_grad_kernel, {**pointers("bf16"), "key_ptr": "*i64", "perm_ptr": "*i64",
+                                    "weight_ptr": "*fp32", "bounds_ptr": "*i64"},
+             dict(BLOCK_T=32, BLOCK_E=64, BLOCK_N=64, BLOCK_K=32, **bf16))
+print("compiled for sm_90")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU every kernel is compiled and run by the tests")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts code the compiler rejects: compile every kernel for an H100
+    (sm_90, through Triton's bundled ptxas) in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, timeout=400,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled for sm_90" in result.stdout
