@@ -14,13 +14,15 @@ from pem_kernels._extension import has_kernel
 
 def test_extension_is_loaded():
     assert pem_kernels.EXTENSION_LOADED, pem_kernels.EXTENSION_ERROR
-    for key in ("CPU",):
-        assert has_kernel("prototype_select", key)
-        assert has_kernel("_prototype_select_backward", key)
+    for op in ("prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward"):
+        assert has_kernel(op, "CPU"), op
 
 
 def test_every_op_schema_is_registered():
-    for op in ("prototype_select", "_prototype_select_backward", "prototype_attention", "deform_conv2d"):
+    for op in (
+        "prototype_select", "_prototype_select_backward", "prototype_attention", "deform_conv2d",
+        "_deform_conv2d_backward",
+    ):
         assert hasattr(torch.ops.pem_kernels, op), op
 
 
@@ -31,5 +33,5 @@ def test_every_op_schema_is_registered():
 )
 def test_cuda_kernels_were_compiled():
     """With a CUDA torch and nvcc, setup.py must compile csrc/cuda/*.cu, GPU or not."""
-    assert has_kernel("prototype_select", "CUDA")
-    assert has_kernel("_prototype_select_backward", "CUDA")
+    for op in ("prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward"):
+        assert has_kernel(op, "CUDA"), op

@@ -435,6 +435,15 @@ def test_backward_is_deterministic(device):
     tensors = make_inputs(conv, torch.float32, device)
     grad_output = torch.randn(conv.output_shape(), device=device)
     backend = backend_for(device)
+    if backend == "cuda":
+        # The CUDA backward scatters the input gradient with atomics: deterministic mode refuses it.
+        torch.use_deterministic_algorithms(True)
+        try:
+            with pytest.raises(RuntimeError, match="deterministic"):
+                gradients(lambda t: call(backend, t, conv), tensors, grad_output)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        return
     first = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
     second = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
     assert set(first) == set(TENSOR_NAMES)

@@ -1,11 +1,13 @@
 """``deform_conv2d``: modulated deformable convolution (DCNv2) with torchvision's semantics.
 
-Backends: ``reference`` (pure PyTorch, builds the full column tensor) and ``cpu`` (C++, blocked
+Backends: ``reference`` (pure PyTorch, builds the full column tensor); ``cpu`` (C++, blocked
 implicit GEMM: bounded per-thread column tiles, never the full im2col matrix; deterministic
-backward) and ``triton`` (:mod:`pem_kernels.triton.deform_conv2d`: implicit GEMM with the bilinear
+backward); ``triton`` (:mod:`pem_kernels.triton.deform_conv2d`: implicit GEMM with the bilinear
 gather fused into the ``tl.dot`` operand, deterministic backward; CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on a GPU, so ``"auto"`` does not
-pick it). A CUDA C++ kernel comes later. The registered op is
+pick it); ``cuda`` (C++/CUDA: a tiled implicit-GEMM forward; a correct-first backward whose
+input gradient uses atomics, so it raises under ``torch.use_deterministic_algorithms(True)``;
+compiled, not yet run on a GPU, so ``"auto"`` does not pick it). The registered op is
 ``torch.ops.pem_kernels.deform_conv2d``; its backward is the registered op
 ``torch.ops.pem_kernels._deform_conv2d_backward``.
 """
@@ -31,6 +33,7 @@ _BACKENDS = register_op_backends(
         "deform_conv2d",
         availability={
             "cpu": compiled_kernel("deform_conv2d", "CPU", "cpu"),
+            "cuda": compiled_kernel("deform_conv2d", "CUDA", "cuda"),
             "triton": triton_kernel,
         },
         # "cuda": ("triton",) joins once the Triton kernels have been validated on a GPU.
@@ -72,7 +75,7 @@ def deform_conv2d(
         stride, padding, dilation: int or (h, w).
         mask: Tensor[B, offset_groups * kh * kw, H_out, W_out] modulation, or None (all ones).
         backend: ``"auto"`` (``cpu`` for CPU tensors when the extension is built, else the
-            reference), ``"reference"``, ``"cpu"`` or ``"triton"``.
+            reference), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         Tensor[B, C_out, H_out, W_out] in ``input.dtype``, contiguous NCHW (the ``triton``
