@@ -87,7 +87,10 @@ class OpBackends:
         key = (self.op_name, device.type, chosen)
         if key not in _logged_choices and not torch.compiler.is_compiling():
             _logged_choices.add(key)
-            _logger.debug("pem_kernels: %s runs on the %r backend for %s tensors", *key)
+            _logger.debug(
+                "pem_kernels: %s runs on the %r backend for %s tensors", self.op_name, chosen,
+                device.type,
+            )
 
 
 def compiled_kernel(op_name: str, dispatch_key: str, device_type: str):

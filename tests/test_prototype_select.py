@@ -401,3 +401,15 @@ def test_import_without_extension_falls_back_to_reference():
     )
     assert result.returncode == 0, result.stderr
     assert "fallback-ok (1, 2, 8)" in result.stdout
+
+
+def test_backend_choice_is_logged_once_at_debug_level(caplog, monkeypatch):
+    from pem_kernels import _backends
+
+    monkeypatch.setattr(_backends, "_logged_choices", set())
+    keys, query, mask = make_inputs(1, 30, 16, 3)
+    with caplog.at_level("DEBUG", logger="pem_kernels"):
+        pem_kernels.prototype_select(keys, query, mask, 4, backend="reference")
+        pem_kernels.prototype_select(keys, query, mask, 4, backend="reference")
+    messages = [r.getMessage() for r in caplog.records if r.name == "pem_kernels"]
+    assert messages == ["pem_kernels: prototype_select runs on the 'reference' backend for cpu tensors"]
