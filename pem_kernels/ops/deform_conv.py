@@ -117,6 +117,39 @@ def _reads_channels_last(input: torch.Tensor) -> bool:
     return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
 
 
+# Positions of the tensor arguments in the op's schema.
+_INPUT, _WEIGHT, _OFFSET, _MASK, _BIAS = range(5)
+
+
+def autograd_functions(backward_op):
+    """(backward, setup_context) for ``register_autograd`` of a deform_conv2d op whose gradients
+    come from ``backward_op(grad_output, input, weight, offset, mask, *conv_params)`` as (input,
+    weight, offset, mask, bias) gradients; shared by the C++ and Triton ops."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        input, weight, offset, mask, bias, *conv_params = inputs
+        ctx.save_for_backward(input, weight, offset, mask)
+        ctx.conv_params = conv_params
+        ctx.has_mask = mask is not None
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_output):
+        input, weight, offset, mask = ctx.saved_tensors
+        grad_input, grad_weight, grad_offset, grad_mask, grad_bias = backward_op(
+            grad_output, input, weight, offset, mask, *ctx.conv_params
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_input if needs[_INPUT] else None,
+            grad_weight if needs[_WEIGHT] else None,
+            grad_offset if needs[_OFFSET] else None,
+            grad_mask if ctx.has_mask and needs[_MASK] else None,
+            grad_bias if ctx.has_bias and needs[_BIAS] else None,
+        ) + (None,) * len(ctx.conv_params)
+
+    return backward, setup_context
+
+
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("pem_kernels::deform_conv2d")
@@ -149,32 +182,9 @@ if EXTENSION_LOADED:
             input.new_empty(weight.shape[0]),
         )
 
-    # Positions of the tensor arguments in the op's schema.
-    _INPUT, _WEIGHT, _OFFSET, _MASK, _BIAS = range(5)
-
-    def _setup_context(ctx, inputs, output) -> None:
-        input, weight, offset, mask, bias, *conv_params = inputs
-        ctx.save_for_backward(input, weight, offset, mask)
-        ctx.conv_params = conv_params
-        ctx.has_mask = mask is not None
-        ctx.has_bias = bias is not None
-
-    def _backward(ctx, grad_output):
-        input, weight, offset, mask = ctx.saved_tensors
-        grad_input, grad_weight, grad_offset, grad_mask, grad_bias = (
-            torch.ops.pem_kernels._deform_conv2d_backward.default(
-                grad_output, input, weight, offset, mask, *ctx.conv_params
-            )
-        )
-        needs = ctx.needs_input_grad
-        return (
-            grad_input if needs[_INPUT] else None,
-            grad_weight if needs[_WEIGHT] else None,
-            grad_offset if needs[_OFFSET] else None,
-            grad_mask if ctx.has_mask and needs[_MASK] else None,
-            grad_bias if ctx.has_bias and needs[_BIAS] else None,
-        ) + (None,) * len(ctx.conv_params)
-
+    _backward, _setup_context = autograd_functions(
+        torch.ops.pem_kernels._deform_conv2d_backward.default
+    )
     torch.library.register_autograd(
         "pem_kernels::deform_conv2d", _backward, setup_context=_setup_context
     )

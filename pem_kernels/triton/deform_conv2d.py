@@ -80,6 +80,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pem_kernels.ops.deform_conv import autograd_functions
 from pem_kernels.reference.deform_conv import check_deform_conv2d_args
 from pem_kernels.triton import interpreter_requested
 
@@ -774,33 +775,8 @@ def deform_conv2d_backward_triton(
     return grad_input, grad_weight, grad_offset, grad_mask, grad_bias
 
 
-# Positions of the tensor arguments in the op's schema.
-_INPUT, _WEIGHT, _OFFSET, _MASK, _BIAS = range(5)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, weight, offset, mask, bias, *conv_params = inputs
-    ctx.save_for_backward(input, weight, offset, mask)
-    ctx.conv_params = conv_params
-    ctx.has_mask = mask is not None
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_output):
-    input, weight, offset, mask = ctx.saved_tensors
-    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = deform_conv2d_backward_triton(
-        grad_output, input, weight, offset, mask, *ctx.conv_params
-    )
-    needs = ctx.needs_input_grad
-    return (
-        grad_input if needs[_INPUT] else None,
-        grad_weight if needs[_WEIGHT] else None,
-        grad_offset if needs[_OFFSET] else None,
-        grad_mask if ctx.has_mask and needs[_MASK] else None,
-        grad_bias if ctx.has_bias and needs[_BIAS] else None,
-    ) + (None,) * len(ctx.conv_params)
-
-
+# The same autograd as the C++ op, with the Triton backward.
+_backward, _setup_context = autograd_functions(deform_conv2d_backward_triton)
 deform_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
 
 IntOrPair = Union[int, Sequence[int]]
