@@ -285,20 +285,6 @@ def make_step(backend: str, mode: str) -> Callable[[dict[str, torch.Tensor]], An
     return step
 
 
-def choose_repeats(
-    step: Callable[..., Any], inputs: list[tuple], device: torch.device, args: argparse.Namespace
-) -> tuple[int, int]:
-    """(warmup, repeats): fixed by the flags, else adapted to one timed probe call."""
-    budget_s, lo, hi, warmup = REPEAT_POLICY.get(device.type, REPEAT_POLICY["cpu"])
-    if args.warmup is not None:
-        warmup = args.warmup
-    if args.repeats is not None:
-        return warmup, args.repeats
-    probe = harness.measure_time(step, device=device, warmup=warmup, repeats=1, inputs=inputs)
-    repeats = int(budget_s * 1e3 / max(probe["median_ms"], 1e-3))
-    return 0, max(lo, min(hi, repeats))  # the probe's own warmup already ran
-
-
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     """Runs the sweep; returns (rows, number of backend runs that failed)."""
     device = torch.device(args.device)
@@ -358,7 +344,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                         lambda: step(inputs[0][0]), device=device
                     )
                     row["peak_mib"] = row["peak_bytes"] / harness.MIB
-                    warmup, repeats = choose_repeats(step, inputs, device, args)
+                    warmup, repeats = harness.choose_repeats(
+                        step, device=device, inputs=inputs, repeats=args.repeats, warmup=args.warmup,
+                        policy=REPEAT_POLICY.get(device.type, REPEAT_POLICY["cpu"]),
+                    )
                     timing = harness.measure_time(
                         step, device=device, warmup=warmup, repeats=repeats, inputs=inputs
                     )
@@ -376,17 +365,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             tv_row = next(
                 (r for r in size_rows if r["backend"] == TORCHVISION and "median_ms" in r), None
             )
-            for row in size_rows:
-                row["vs_tv"] = (
-                    tv_row["median_ms"] / row["median_ms"]
-                    if tv_row is not None and "median_ms" in row
-                    else None
-                )
-                row["mem_vs_tv"] = (
-                    row["peak_bytes"] / tv_row["peak_bytes"]
-                    if tv_row is not None and "peak_bytes" in row and tv_row["peak_bytes"] > 0
-                    else None
-                )
+            harness.add_ratios(size_rows, baseline=tv_row, time_key="vs_tv", memory_key="mem_vs_tv")
             rows += size_rows
             del inputs, expected
             if device.type == "cuda":

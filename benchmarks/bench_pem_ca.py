@@ -200,9 +200,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                     bar.update(1)
                 for baseline in ("mask2former", "reference"):
                     base = next((r for r in group if r["provider"] == baseline and "median_ms" in r), None)
-                    for row in group:
-                        if base is not None and "median_ms" in row:
-                            row[f"speedup_vs_{baseline}"] = base["median_ms"] / row["median_ms"]
+                    harness.add_ratios(
+                        group, baseline=base, time_key=f"speedup_vs_{baseline}",
+                        memory_key=f"memory_vs_{baseline}",
+                    )
                 rows += group
             del inputs
     return rows, failures
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             op: pem_kernels.available_backends(op, device, DTYPES[args.dtype])
             for op in ("prototype_select", "prototype_attention")
         },
-        "units": {"*_ms": "milliseconds", "peak_mib": "MiB", "speedup_vs_*": "baseline median / median"},
+        "units": {"*_ms": "milliseconds", "peak_mib": "MiB", "speedup_vs_*": "baseline median / median",
+                  "memory_vs_*": "peak_bytes / baseline peak_bytes"},
     }
     env = meta["environment"]
     print(

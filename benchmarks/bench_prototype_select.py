@@ -180,22 +180,6 @@ def make_op(backend: str, heads: int, empty: str, normalize_keys: bool) -> Calla
     return op
 
 
-def choose_repeats(
-    op: Callable[..., Any], inputs: list[tuple], device: torch.device, args: argparse.Namespace
-) -> tuple[int, int]:
-    """(warmup, repeats): fixed by the flags, else adapted to one timed probe call."""
-    budget_s, lo, hi, warmup = REPEAT_POLICY.get(device.type, REPEAT_POLICY["cpu"])
-    if args.warmup is not None:
-        warmup = args.warmup
-    if args.repeats is not None:
-        return warmup, args.repeats
-    repeats = harness.adaptive_repeats(
-        op, device=device, budget_s=budget_s, min_repeats=lo, max_repeats=hi, warmup=warmup,
-        inputs=inputs,
-    )
-    return 0, repeats  # the probe already warmed up
-
-
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     """Runs the sweep; returns (rows, number of backend runs that failed)."""
     device = torch.device(args.device)
@@ -258,7 +242,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                         lambda: op(*inputs[0]), device=device
                     )
                     row["peak_mib"] = row["peak_bytes"] / harness.MIB
-                    warmup, repeats = choose_repeats(op, inputs, device, args)
+                    warmup, repeats = harness.choose_repeats(
+                        op, device=device, inputs=inputs, repeats=args.repeats, warmup=args.warmup,
+                        policy=REPEAT_POLICY.get(device.type, REPEAT_POLICY["cpu"]),
+                    )
                     timing = harness.measure_time(
                         op, device=device, warmup=warmup, repeats=repeats, inputs=inputs
                     )
@@ -276,17 +263,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             ref_row = next(
                 (r for r in size_rows if r["backend"] == "reference" and "median_ms" in r), None
             )
-            for row in size_rows:
-                row["speedup"] = (
-                    ref_row["median_ms"] / row["median_ms"]
-                    if ref_row is not None and "median_ms" in row
-                    else None
-                )
-                row["mem_ratio"] = (
-                    row["peak_bytes"] / ref_row["peak_bytes"]
-                    if ref_row is not None and "peak_bytes" in row and ref_row["peak_bytes"] > 0
-                    else None
-                )
+            harness.add_ratios(
+                size_rows, baseline=ref_row, time_key="speedup", memory_key="mem_ratio"
+            )
             rows += size_rows
             del inputs, ref_indices
             if device.type == "cuda":

@@ -40,6 +40,8 @@ __all__ = [
     "MIB",
     "REPO_ROOT",
     "adaptive_repeats",
+    "add_ratios",
+    "choose_repeats",
     "default_out_dir",
     "device_slug",
     "environment_info",
@@ -147,6 +149,43 @@ def adaptive_repeats(
     probe = measure_time(fn, device=device, warmup=warmup, repeats=1, inputs=inputs)
     repeats = int(budget_s * 1e3 / max(probe["median_ms"], 1e-3))
     return max(min_repeats, min(max_repeats, repeats))
+
+
+def choose_repeats(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    policy: tuple[float, int, int, int],
+    inputs: Sequence[Sequence[Any]] | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+) -> tuple[int, int]:
+    """(warmup, repeats) for :func:`measure_time`. ``policy`` is (time budget s, min repeats, max
+    repeats, warmup calls); explicit ``repeats`` / ``warmup`` win. Without ``repeats`` one probe
+    call fits the count to the budget; it also warms up, so the returned warmup is then 0."""
+    budget_s, lo, hi, default_warmup = policy
+    warmup = default_warmup if warmup is None else warmup
+    if repeats is not None:
+        return warmup, repeats
+    fitted = adaptive_repeats(
+        fn, device=device, budget_s=budget_s, min_repeats=lo, max_repeats=hi, warmup=warmup,
+        inputs=inputs,
+    )
+    return 0, fitted
+
+
+def add_ratios(
+    rows: list[dict[str, Any]], *, baseline: dict[str, Any] | None, time_key: str, memory_key: str
+) -> None:
+    """Sets ``row[time_key]`` = baseline median / row median and ``row[memory_key]`` = row peak /
+    baseline peak on every row (None where either side is missing)."""
+    for row in rows:
+        timed = baseline is not None and "median_ms" in baseline and "median_ms" in row
+        row[time_key] = baseline["median_ms"] / row["median_ms"] if timed else None
+        measured = (
+            baseline is not None and baseline.get("peak_bytes", 0) > 0 and "peak_bytes" in row
+        )
+        row[memory_key] = row["peak_bytes"] / baseline["peak_bytes"] if measured else None
 
 
 # --------------------------------------------------------------------------------------------
