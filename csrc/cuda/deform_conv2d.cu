@@ -248,16 +248,9 @@ deform_conv2d_backward_cuda(
     const at::Tensor& offset_in, const std::optional<at::Tensor>& mask_in, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
     int64_t groups, int64_t offset_groups) {
-  constexpr const char* kOp = "_deform_conv2d_backward";
-  const ConvShape s = check_inputs(
-      kOp, input_in, weight_in, offset_in, mask_in, std::nullopt, stride_h, stride_w, pad_h,
-      pad_w, dilation_h, dilation_w, groups, offset_groups);
-  const std::vector<int64_t> output_shape{s.batch, s.out_channels, s.out_h, s.out_w};
-  TORCH_CHECK(
-      grad_output_in.sizes() == at::IntArrayRef(output_shape), kOp,
-      ": grad_output must have the output's shape [B, C_out, out_h, out_w] = ",
-      at::IntArrayRef(output_shape), ", got ", grad_output_in.sizes());
-  check_like_input(kOp, "grad_output", grad_output_in, input_in);
+  const ConvShape s = check_backward_inputs(
+      grad_output_in, input_in, weight_in, offset_in, mask_in, stride_h, stride_w, pad_h, pad_w,
+      dilation_h, dilation_w, groups, offset_groups);
   at::globalContext().alertNotDeterministic("_deform_conv2d_backward (cuda backend)");
   const c10::cuda::CUDAGuard device_guard(input_in.device());
   const at::Tensor grad_output = grad_output_in.contiguous();

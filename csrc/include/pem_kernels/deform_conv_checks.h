@@ -131,4 +131,23 @@ inline ConvShape check_inputs(
   return s;
 }
 
+// check_inputs() for the backward op, plus grad_output's shape, dtype and device.
+inline ConvShape check_backward_inputs(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& offset, const std::optional<at::Tensor>& mask, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
+    int64_t groups, int64_t offset_groups) {
+  constexpr const char* kOp = "_deform_conv2d_backward";
+  const ConvShape s = check_inputs(
+      kOp, input, weight, offset, mask, std::nullopt, stride_h, stride_w, pad_h, pad_w,
+      dilation_h, dilation_w, groups, offset_groups);
+  const std::vector<int64_t> output_shape{s.batch, s.out_channels, s.out_h, s.out_w};
+  TORCH_CHECK(
+      grad_output.sizes() == at::IntArrayRef(output_shape), kOp,
+      ": grad_output must have the output's shape [B, C_out, out_h, out_w] = ",
+      at::IntArrayRef(output_shape), ", got ", grad_output.sizes());
+  check_like_input(kOp, "grad_output", grad_output, input);
+  return s;
+}
+
 }  // namespace pem_kernels
