@@ -2,8 +2,8 @@
 
 ``PEM(backbone, num_classes, backend)`` takes 0-255 RGB images, normalizes them with the ImageNet
 mean / std, zero-pads them (after normalization, as detectron2's ``ImageList``) at the bottom and
-right to a multiple of 32, and returns the decoder's predictions with the mask logits cropped back
-to the region that covers the image (see :meth:`PEM.forward`).
+right to a multiple of 32, and returns the decoder's predictions on the padded canvas (see
+:meth:`PEM.forward`); :mod:`pem.inference` turns them into semantic and panoptic results.
 
 ``backend="auto"`` runs PEM-CA and the deformable convs on the fused ``pem_kernels`` ops;
 ``backend="reference"`` runs the pure-PyTorch reference ops. Parameters are identical in both
@@ -97,35 +97,22 @@ class PEM(nn.Module):
             images: [B, 3, H, W] float, RGB in 0-255 (any H, W >= 1).
 
         Returns:
-            ``{"pred_logits": [B, Q, K + 1], "pred_masks": [B, Q, ceil(H/4), ceil(W/4)],
+            ``{"pred_logits": [B, Q, K + 1], "pred_masks": [B, Q, Hp / 4, Wp / 4],
             "aux_outputs": [6 x {"pred_logits", "pred_masks"}], "image_size": (H, W),
-            "padded_size": (Hp, Wp)}``. The mask logits live at 1/4 of the padded input; they are
-            cropped to the ceil(H/4) x ceil(W/4) cells that cover the image, so the padding
-            (which the image does not contain) is dropped. Upsample x4 and crop to H x W
-            (:meth:`upsample_masks`) for per-pixel predictions.
+            "padded_size": (Hp, Wp)}`` with Hp, Wp = H, W rounded up to a multiple of 32. The mask
+            logits cover the padded canvas, as in the official code: training targets are
+            zero-padded to (Hp, Wp), and inference upsamples to (Hp, Wp) before cropping to
+            (H, W) (:func:`pem.inference.postprocess`), so the rows next to the crop edge are
+            interpolated from real neighbours rather than clamped.
         """
         h, w = images.shape[-2:] if isinstance(images, Tensor) and images.dim() == 4 else (0, 0)
         x = self.preprocess(images)
         features = self.backbone(x)
         mask_features, multi_scale = self.pixel_decoder(features)
         out = self.transformer_decoder(multi_scale, mask_features)
-        hc, wc = -(-h // 4), -(-w // 4)
-        out["pred_masks"] = out["pred_masks"][..., :hc, :wc]
-        for aux in out["aux_outputs"]:
-            aux["pred_masks"] = aux["pred_masks"][..., :hc, :wc]
         out["image_size"] = (h, w)
         out["padded_size"] = (x.shape[-2], x.shape[-1])
         return out
-
-    @staticmethod
-    def upsample_masks(pred_masks: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """[B, Q, ceil(H/4), ceil(W/4)] mask logits -> [B, Q, H, W]: bilinear x4
-        (align_corners=False, as the official inference) then crop to the image."""
-        h, w = image_size
-        up = F.interpolate(
-            pred_masks, scale_factor=4, mode="bilinear", align_corners=False
-        )
-        return up[..., :h, :w]
 
 
 def _check_backend(backend: str) -> None:
