@@ -1,0 +1,196 @@
+"""Tests of PEM training: optimizer groups, schedule, sampler, SyncBN on CPU, loop, DDP, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pem.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
+from pem.model import PEM
+from pem.train import (
+    ShardedBatchSampler,
+    build_optimizer,
+    cosine_factor,
+    load_checkpoint,
+    main as train_main,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny, fast configuration of the real training command.
+TINY = ["--data", "synthetic", "--synthetic-size", "64", "--synthetic-images", "16",
+        "--num-queries", "8", "--num-points", "256", "--batch", "2", "--log-period", "1", "--lr", "1e-4"]
+
+
+def test_optimizer_groups_follow_detectron2_rules() -> None:
+    model = PEM("stdc1", num_classes=5, num_queries=10, backend="reference")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, backbone_multiplier=0.1)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+
+    def lr_wd(name: str) -> tuple[float, float]:
+        g = group_of[id(params[name])]
+        return g["lr"], g["weight_decay"]
+
+    backbone_conv, backbone_bn = "backbone.stem.0.0.weight", "backbone.stem.0.1.weight"
+    assert isinstance(model.backbone.stem[0][1], nn.BatchNorm2d)
+    assert lr_wd(backbone_conv) == pytest.approx((1e-4, 0.05))
+    assert lr_wd(backbone_bn) == pytest.approx((1e-4, 0.0))
+    assert lr_wd("transformer_decoder.query_feat.weight") == pytest.approx((1e-3, 0.0))
+    alpha = next(n for n in params if n.endswith("alpha"))
+    assert lr_wd(alpha) == pytest.approx((1e-3, 0.05))  # a bare Parameter: decayed, as official
+    norm = "transformer_decoder.self_attention_layers.0.norm.weight"
+    assert lr_wd(norm) == pytest.approx((1e-3, 0.0))
+    bias = "transformer_decoder.class_embed.bias"
+    assert lr_wd(bias) == pytest.approx((1e-3, 0.05))
+
+
+def test_cosine_factor() -> None:
+    assert cosine_factor(0, 100, 0.0) == 1.0
+    assert cosine_factor(50, 100, 0.0) == pytest.approx(0.5)
+    assert cosine_factor(100, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_factor(150, 100, 0.1) == pytest.approx(0.1)
+    assert cosine_factor(25, 100, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_sharded_sampler_resumes_and_shards() -> None:
+    n, b, world, iters = 7, 2, 2, 9
+    full = [list(ShardedBatchSampler(n, b, r, world, seed=3, start_iter=0, max_iter=iters))
+            for r in range(world)]
+    resumed = [list(ShardedBatchSampler(n, b, r, world, seed=3, start_iter=4, max_iter=iters))
+               for r in range(world)]
+    for r in range(world):
+        assert len(full[r]) == iters and resumed[r] == full[r][4:]
+    # The global stream, read in order, is a sequence of permutations of range(n).
+    stream = [i for it in range(iters) for r in range(world) for i in full[r][it]]
+    for start in range(0, len(stream) - n + 1, n):
+        assert sorted(stream[start : start + n]) == list(range(n))
+    assert stream[:n] != stream[n : 2 * n]  # a fresh shuffle every epoch
+
+
+def _sync_bn_worker(rank: int, world: int, port: int, x: torch.Tensor, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = CPUSyncBatchNorm(3, momentum=0.5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    local = x.chunk(world)[rank].clone().requires_grad_()
+    out = bn(local)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    grads = [p.grad.clone() for p in bn.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+    queue.put((rank, out.detach(), local.grad, grads, bn.running_mean, bn.running_var))
+    dist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch() -> None:
+    torch.manual_seed(0)
+    world = 2
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float32) * 3 + 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sync_bn_worker, args=(r, world, port, x, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    ref = nn.BatchNorm2d(3, momentum=0.5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        ref.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    xr = x.clone().requires_grad_()
+    out = ref(xr)
+    (torch.cat([(o * torch.arange(o.numel()).view_as(o).sin()) for o in out.chunk(world)]).sum()
+     ).backward()
+    torch.testing.assert_close(torch.cat([r[1] for r in results]), out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[2] for r in results]), xr.grad, rtol=1e-4, atol=1e-5)
+    # Parameter gradients: each process holds its local share; their sum is the global gradient.
+    for got, want in zip(results[0][3], [ref.weight.grad, ref.bias.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for r in results:
+        torch.testing.assert_close(r[4], ref.running_mean)
+        torch.testing.assert_close(r[5], ref.running_var)
+
+
+def test_convert_sync_batchnorm_keeps_parameters_and_state() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    weight = model[1].weight
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(converted[1], CPUSyncBatchNorm) and isinstance(converted[2][0], CPUSyncBatchNorm)
+    assert converted[1].weight is weight
+    assert converted.state_dict().keys() == state.keys()
+    x = torch.randn(2, 3, 4, 4)
+    # Without a process group it is plain BatchNorm.
+    ref = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    ref.load_state_dict(state)
+    torch.testing.assert_close(converted(x), ref(x))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_main(TINY + ["--iters", "4", "--out", str(straight), "--checkpoint-period", "2"])
+    # The same 4-iteration run, interrupted after iteration 2, then resumed.
+    train_main(TINY + ["--iters", "4", "--out", str(resumed), "--checkpoint-period", "2",
+                       "--stop-after", "2"])
+    assert load_checkpoint(resumed / "last.pt")["iteration"] == 2
+    train_main(TINY + ["--iters", "4", "--out", str(resumed), "--checkpoint-period", "2", "--resume"])
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    assert b["iteration"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    losses_a = [m["loss"] for m in _metrics(straight) if "loss" in m]
+    losses_b = [m["loss"] for m in _metrics(resumed) if "loss" in m]
+    assert losses_b == pytest.approx(losses_a, rel=1e-4)
+
+
+def test_train_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        train_main(["--iters", "0"])
+    with pytest.raises(SystemExit):
+        train_main(["--crop", "12by3"])
+    with pytest.raises(ValueError, match="data"):
+        train_main(["--data", "imagenet:/x", "--iters", "1"])
+
+
+def test_torchrun_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pem.train", *TINY, "--iters", "2", "--out", str(out), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = _metrics(out)
+    assert records[0]["world_size"] == 2
+    assert [m["iteration"] for m in records if "loss" in m] == [1, 2]
+    state = load_checkpoint(out / "last.pt")
+    assert state["iteration"] == 2 and len(state["rng"]) == 2
+    # Parameters were updated (the run trained) and the SyncBN state loads into a plain model.
+    model = PEM(**state["model_config"], backend="reference")
+    model.load_state_dict(state["model"])
+    fresh = PEM(**state["model_config"], backend="reference").state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in state["model"].items() if v.is_floating_point())
