@@ -138,15 +138,23 @@ def test_single_empty_query(device, empty):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("empty", ["per_query", "official"])
-def test_all_queries_of_an_image_empty(device, empty):
-    keys, query, mask = make_inputs(2, 300, 32, 5, device)
+@pytest.mark.parametrize("pixels, normalize_keys", [(300, False), (1500, True)])
+def test_all_queries_of_an_image_empty(device, empty, pixels, normalize_keys):
+    keys, query, mask = make_inputs(2, pixels, 32, 5, device)
     mask[1] = False
+    if pixels > 1000:
+        # Several pixel tiles; the unmasked selection also follows the NaN rule (first NaN wins).
+        keys[1, 1200, :8] = float("nan")
+        keys[1, 1300, :8] = float("nan")
     _, indices = assert_matches_reference(
-        keys, query, mask, 4, empty=empty, normalize_keys=False, backend=backend_for(device)
+        keys, query, mask, 4, empty=empty, normalize_keys=normalize_keys,
+        backend=backend_for(device),
     )
     # Both conventions unmask the whole image when all its queries are empty.
-    scores = head_scores(keys, query, 4, False)
+    scores = head_scores(keys, query, 4, normalize_keys)
     assert torch.equal(indices[1], scores[1].argmax(dim=1))
+    if pixels > 1000:
+        assert (indices[1, 0] == 1200).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

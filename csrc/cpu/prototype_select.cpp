@@ -141,83 +141,15 @@ struct Problem {
   int64_t batch, pixels, channels, queries, heads, head_dim;
 };
 
-// Indices still at -1 after the main pass belong to queries whose allowed pixels all score -inf
-// (they take their first allowed pixel) or that have no allowed pixel at all (empty-mask rule).
+// The masked running argmax of every (image, head, query) over all pixels: tiles of kPixelTile
+// pixels are scored with one GEMM each and folded into per-query states; pixel chunks run in
+// parallel and are merged afterwards. ``mask`` == nullptr allows every pixel. Queries that saw
+// no allowed pixel scoring above -inf are left at index -1.
 template <typename scalar_t, typename acc_t>
-void resolve_unselected(
-    const Problem& pr, const scalar_t* keys, const scalar_t* queries, const bool* mask,
-    const acc_t* divisors, bool official_empty, int64_t* indices) {
-  struct Pending {
-    int64_t b, h, n;
-  };
-  std::vector<Pending> over_all_pixels;
-  for (int64_t b = 0; b < pr.batch; ++b) {
-    std::vector<int64_t> first_allowed(pr.queries, -2);  // -2: not looked up yet
-    auto lookup_first_allowed = [&](int64_t n) {
-      if (first_allowed[n] == -2) {
-        first_allowed[n] = -1;
-        const bool* row = mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels;
-        for (int64_t p = 0; p < pr.pixels; ++p) {
-          if (row == nullptr || row[p]) {
-            first_allowed[n] = p;
-            break;
-          }
-        }
-      }
-      return first_allowed[n];
-    };
-    bool image_all_empty = true;
-    for (int64_t n = 0; n < pr.queries && image_all_empty; ++n) {
-      image_all_empty = lookup_first_allowed(n) < 0;
-    }
-    const EmptyQueryChoice choice = empty_query_choice(official_empty, image_all_empty);
-    for (int64_t h = 0; h < pr.heads; ++h) {
-      for (int64_t n = 0; n < pr.queries; ++n) {
-        int64_t& index = indices[(b * pr.heads + h) * pr.queries + n];
-        if (index >= 0) continue;
-        const int64_t first = lookup_first_allowed(n);
-        if (first >= 0) {
-          index = first;
-        } else if (choice == EmptyQueryChoice::kPixelZero) {
-          index = 0;
-        } else {
-          over_all_pixels.push_back({b, h, n});
-        }
-      }
-    }
-  }
-  at::parallel_for(0, static_cast<int64_t>(over_all_pixels.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Pending& item = over_all_pixels[i];
-      const scalar_t* query = queries + (item.b * pr.queries + item.n) * pr.channels + item.h * pr.head_dim;
-      ArgmaxState<acc_t> state{0, -1};
-      for (int64_t p = 0; p < pr.pixels; ++p) {
-        const int64_t row = item.b * pr.pixels + p;
-        acc_t score = 0;
-        for (int64_t d = 0; d < pr.head_dim; ++d) {
-          score += key_value(keys, divisors, row, item.h * pr.head_dim + d, pr.channels) *
-              static_cast<acc_t>(query[d]);
-        }
-        argmax_visit(state, score, p);
-      }
-      indices[(item.b * pr.heads + item.h) * pr.queries + item.n] = state.index;
-    }
-  });
-}
-
-template <typename scalar_t>
-void prototype_select_cpu_impl(
+void tiled_argmax(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    const bool* mask, bool official_empty, bool normalize_keys, scalar_t* prototypes,
-    int64_t* indices) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* keys = keys_tensor.data_ptr<scalar_t>();
+    const bool* mask, const acc_t* divisors, int64_t* indices) {
   const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor divisor_tensor = normalize_keys
-      ? key_norm_divisors<scalar_t, acc_t>(keys, pr.batch * pr.pixels, pr.channels)
-      : at::Tensor();
-  const acc_t* divisors = normalize_keys ? divisor_tensor.data_ptr<acc_t>() : nullptr;
-
   // Split pixels into chunks when B * heads alone cannot keep every thread busy.
   const int64_t tiles = (pr.pixels + kPixelTile - 1) / kPixelTile;
   const int64_t heads_total = pr.batch * pr.heads;
@@ -293,8 +225,79 @@ void prototype_select_cpu_impl(
       indices[bh * pr.queries + n] = merged.index;
     }
   }
-  resolve_unselected(
-      pr, keys, queries_tensor.data_ptr<scalar_t>(), mask, divisors, official_empty, indices);
+}
+
+// Indices still at -1 after the main pass belong to queries whose allowed pixels all score -inf
+// (they take their first allowed pixel) or that have no allowed pixel at all (empty-mask rule).
+// Queries that select over all pixels are common, not rare: an untrained model's masks are often
+// all empty. They get a second tiled pass without the mask, so they cost as much as the main pass
+// rather than a scalar dot product per pixel.
+template <typename scalar_t, typename acc_t>
+void resolve_unselected(
+    const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
+    const bool* mask, const acc_t* divisors, bool official_empty, int64_t* indices) {
+  std::vector<int64_t> over_all_pixels;  // flat (b, h, n) positions in indices
+  for (int64_t b = 0; b < pr.batch; ++b) {
+    std::vector<int64_t> first_allowed(pr.queries, -2);  // -2: not looked up yet
+    auto lookup_first_allowed = [&](int64_t n) {
+      if (first_allowed[n] == -2) {
+        first_allowed[n] = -1;
+        const bool* row = mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels;
+        for (int64_t p = 0; p < pr.pixels; ++p) {
+          if (row == nullptr || row[p]) {
+            first_allowed[n] = p;
+            break;
+          }
+        }
+      }
+      return first_allowed[n];
+    };
+    bool image_all_empty = true;
+    for (int64_t n = 0; n < pr.queries && image_all_empty; ++n) {
+      image_all_empty = lookup_first_allowed(n) < 0;
+    }
+    const EmptyQueryChoice choice = empty_query_choice(official_empty, image_all_empty);
+    for (int64_t h = 0; h < pr.heads; ++h) {
+      for (int64_t n = 0; n < pr.queries; ++n) {
+        const int64_t at = (b * pr.heads + h) * pr.queries + n;
+        if (indices[at] >= 0) continue;
+        const int64_t first = lookup_first_allowed(n);
+        if (first >= 0) {
+          indices[at] = first;
+        } else if (choice == EmptyQueryChoice::kPixelZero) {
+          indices[at] = 0;
+        } else {
+          over_all_pixels.push_back(at);
+        }
+      }
+    }
+  }
+  if (over_all_pixels.empty()) return;
+  at::Tensor unmasked = at::empty({pr.batch * pr.heads * pr.queries}, at::kLong);
+  int64_t* unmasked_indices = unmasked.data_ptr<int64_t>();
+  tiled_argmax<scalar_t, acc_t>(pr, keys_tensor, queries_tensor, nullptr, divisors, unmasked_indices);
+  for (const int64_t at : over_all_pixels) {
+    // Without a mask every pixel is allowed, so only an all-NaN-free, all -inf row stays at -1;
+    // such a row takes pixel 0, its first allowed pixel.
+    indices[at] = unmasked_indices[at] >= 0 ? unmasked_indices[at] : 0;
+  }
+}
+
+template <typename scalar_t>
+void prototype_select_cpu_impl(
+    const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
+    const bool* mask, bool official_empty, bool normalize_keys, scalar_t* prototypes,
+    int64_t* indices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* keys = keys_tensor.data_ptr<scalar_t>();
+  const at::Tensor divisor_tensor = normalize_keys
+      ? key_norm_divisors<scalar_t, acc_t>(keys, pr.batch * pr.pixels, pr.channels)
+      : at::Tensor();
+  const acc_t* divisors = normalize_keys ? divisor_tensor.data_ptr<acc_t>() : nullptr;
+
+  tiled_argmax<scalar_t, acc_t>(pr, keys_tensor, queries_tensor, mask, divisors, indices);
+  resolve_unselected<scalar_t, acc_t>(
+      pr, keys_tensor, queries_tensor, mask, divisors, official_empty, indices);
 
   at::parallel_for(0, pr.batch * pr.queries, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bn = begin; bn < end; ++bn) {
