@@ -366,6 +366,11 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(total=args.iters, initial=start_iter, disable=not ctx.is_main, desc="train",
                dynamic_ncols=True)
     last: dict = {}
+    if val_dataset is not None and start_iter == 0:
+        # The untrained model's scores: the chance level the training run is measured against.
+        _log(log_path, {"iteration": 0, "eval": _evaluate(model, val_dataset, args.task, ctx.device)})
+    if ctx.distributed and args.eval_period > 0 and start_iter == 0:
+        dist.barrier()
     ddp.train()
     batches = iter(loader)
     if resume_rng is not None:
@@ -411,7 +416,7 @@ def train(args: argparse.Namespace) -> dict:
             checkpoint(done)
         if args.eval_period > 0 and (done % args.eval_period == 0 or done == args.iters):
             if ctx.is_main:
-                last["eval"] = _evaluate(model, val_dataset, args.task, ctx.device, done)
+                last["eval"] = _evaluate(model, val_dataset, args.task, ctx.device)
                 _log(log_path, {"iteration": done, "eval": last["eval"]})
                 bar.write(f"iteration {done}: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in last["eval"].items()))
@@ -426,7 +431,7 @@ def train(args: argparse.Namespace) -> dict:
     return last
 
 
-def _evaluate(model: nn.Module, dataset, task: str, device: torch.device, iteration: int) -> dict:
+def _evaluate(model: nn.Module, dataset, task: str, device: torch.device) -> dict:
     from pem.evaluate import evaluate
 
     model.eval()
