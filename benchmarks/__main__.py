@@ -6,6 +6,7 @@ all of which take ``--device``, ``--dtype`` and ``--sizes``):
     pem-ca            PEM-CA (fused, reference, torch.compile) vs masked cross-attention
     prototype-select  prototype selection alone, every backend vs the eager reference
     deform-conv       deformable convolution, every backend vs torchvision and the reference
+    model             the whole PEM model: inference latency, peak memory, FLOPs, fused vs reference
     plots             PNG plots from the JSON results in a folder
 """
 
@@ -18,6 +19,7 @@ COMMANDS = {
     "pem-ca": "benchmarks.bench_pem_ca",
     "prototype-select": "benchmarks.bench_prototype_select",
     "deform-conv": "benchmarks.bench_deform_conv",
+    "model": "benchmarks.bench_model",
     "plots": "benchmarks.plots",
 }
 

@@ -50,6 +50,14 @@ if [ -f benchmarks/bench_deform_conv.py ]; then
   step bench_deform_conv 400 $PYTHON -m benchmarks.bench_deform_conv --device cuda \
     --mode forward+backward --out-dir "$results/deform_conv"
 fi
+# Whole model (R50, 512x512 and 1024x2048, batch 1), fused (triton) vs reference in both dtypes,
+# then torch.compile of the reference at 1024x2048 alone (its compile is the slow part).
+for dtype in float32 bfloat16; do
+  step "bench_model_$dtype" 240 $PYTHON -m benchmarks.bench_model --device cuda --dtype "$dtype" \
+    --providers fused,reference --out-dir "$results/model_$dtype"
+done
+step bench_model_compiled 300 $PYTHON -m benchmarks.bench_model --device cuda \
+  --providers reference,compiled --sizes 1024x2048 --out-dir "$results/model_float32_compiled"
 step plots 120 $PYTHON -m benchmarks plots "$results"
 nvidia-smi > "$results/nvidia-smi.txt" 2>&1
 echo "failed steps: $failures" | tee -a "$summary"

@@ -3,7 +3,9 @@
 For every ``pem_ca*.json`` under the folder: latency vs pixels, one line per provider and mode
 (the paper's Fig. 4 with the fused layer added), log-log. For every ``deform_conv*.json``: the
 speedup of each backend over torchvision per feature-map size. For every
-``prototype_select*.json``: latency vs pixels per backend. Each PNG is written next to its JSON.
+``prototype_select*.json``: latency vs pixels per backend. For every ``model*.json`` (the
+whole-model benchmark): median latency (p20-p80 whiskers, speedup over the reference) and peak
+memory vs input size, one line per provider. Each PNG is written next to its JSON.
 """
 
 from __future__ import annotations
@@ -76,6 +78,53 @@ def plot_speedup_bars(json_path: Path) -> Path:
     return out
 
 
+def plot_model_latency(json_path: Path) -> Path:
+    """Whole-model median latency (p20-p80 whiskers, speedup over the reference next to each
+    point) and peak memory vs input pixels, one line per provider, log-log."""
+    data = json.loads(json_path.read_text())
+    rows = [r for r in data["rows"] if r.get("median_ms") is not None]
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        points = sorted(
+            (r["height"] * r["width"], r) for r in rows if r["provider"] == provider
+        )
+        pixels = [p for p, _ in points]
+        medians = [r["median_ms"] for _, r in points]
+        whiskers = [
+            [r["median_ms"] - r.get("p20_ms", r["median_ms"]) for _, r in points],
+            [r.get("p80_ms", r["median_ms"]) - r["median_ms"] for _, r in points],
+        ]
+        line = ax_time.errorbar(pixels, medians, yerr=whiskers, marker="o", capsize=3,
+                                label=provider)
+        for x, (_, r) in zip(pixels, points):
+            speedup = r.get("speedup_vs_reference")
+            if speedup is not None and provider != "reference":
+                ax_time.annotate(f"{speedup:.2f}x", (x, r["median_ms"]), fontsize=7,
+                                 xytext=(5, -10), textcoords="offset points",
+                                 color=line[0].get_color())
+        memory = [(p, r["peak_mib"]) for p, r in points if r.get("peak_mib")]
+        ax_memory.plot([p for p, _ in memory], [m for _, m in memory], marker="o", label=provider)
+    sizes = {r["height"] * r["width"]: r["size"] for r in rows}
+    for ax, label in ((ax_time, "median latency (ms), p20-p80"),
+                      (ax_memory, "peak extra memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(sizes), [sizes[p] for p in sorted(sizes)], fontsize=8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.margins(x=0.15)
+        ax.set_xlabel("input image (H x W)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    config = data["meta"].get("config", {})
+    fig.suptitle(_title(data["meta"], f"PEM {config.get('backbone', '?')} inference"), fontsize=10)
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_folder(folder: Path) -> list[Path]:
     """Writes every plot the folder's JSON files allow; returns the PNG paths."""
     written = []
@@ -87,6 +136,8 @@ def plot_folder(folder: Path) -> list[Path]:
             written.append(plot_latency_vs_pixels(path, "backend", "prototype selection"))
         elif name.startswith("deform_conv"):
             written.append(plot_speedup_bars(path))
+        elif name.startswith("model"):
+            written.append(plot_model_latency(path))
     return written
 
 
@@ -100,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print(f"no pem_ca / prototype_select / deform_conv JSON files under {args.folder}")
+        print(f"no pem_ca / prototype_select / deform_conv / model JSON files under {args.folder}")
         return 1
     return 0
 
