@@ -132,3 +132,21 @@ def available_backends(
     ops = _REGISTRY[op_name]
     device = torch.device(device)
     return [name for name in ops.availability if ops.unavailable_reason(name, device, dtype) is None]
+
+
+def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
+    """The op's floating-point tensors in the autocast dtype when autocast is on for ``device``.
+
+    Under ``torch.autocast`` the pem_kernels ops run in the lower precision, as matmul and conv
+    do (their kernels accumulate in fp32): every floating tensor argument is cast to the autocast
+    dtype, so fp32 weights meet fp16/bf16 activations without a dtype error. This is what PEM's
+    official code does for its deformable conv (it casts the weight to the input dtype).
+    Outside autocast the tensors come back unchanged.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        for t in tensors
+    )

@@ -123,8 +123,14 @@ class PEMCrossAttention(nn.Module):
             keys, queries, allowed, self.num_heads, empty=self.empty, normalize_keys=True,
             backend=self.backend,
         )
+        autocast = torch.is_autocast_enabled(tgt.device.type)
         out = prototype_attention(
-            prototypes, queries, residual, self.proj.weight, self.proj.bias, self.alpha,
-            self.final.weight, self.final.bias, normalize=self.attention_norm, backend=self.backend,
+            prototypes, queries, torch.zeros_like(residual) if autocast else residual,
+            self.proj.weight, self.proj.bias, self.alpha, self.final.weight, self.final.bias,
+            normalize=self.attention_norm, backend=self.backend,
         )
+        if autocast:
+            # The ops run in the autocast dtype; the official layer adds its low-precision output
+            # to the residual stream in the stream's dtype (fp32 + fp16 -> fp32), so do the same.
+            out = residual + out
         return out.transpose(0, 1)

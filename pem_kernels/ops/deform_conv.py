@@ -18,6 +18,7 @@ import torch
 
 from pem_kernels._backends import (
     OpBackends,
+    autocast_inputs,
     compiled_kernel,
     register_op_backends,
     triton_kernel,
@@ -80,7 +81,8 @@ def deform_conv2d(
     Returns:
         Tensor[B, C_out, H_out, W_out] in ``input.dtype``, contiguous NCHW (the ``triton``
         backend returns channels_last for channels_last input). fp16/bf16 inputs are accumulated
-        in fp32 and rounded once.
+        in fp32 and rounded once. Under ``torch.autocast`` every tensor argument is cast to the
+        autocast dtype first (as PEM's official DCN casts its weight to the input dtype).
 
     Example::
 
@@ -89,6 +91,10 @@ def deform_conv2d(
         >>> deform_conv2d(x, offset, w, padding=1, mask=mask).shape
         torch.Size([1, 4, 16, 16])
     """
+    if isinstance(input, torch.Tensor):
+        input, offset, weight, bias, mask = autocast_inputs(
+            input.device, input, offset, weight, bias, mask
+        )
     stride, padding, dilation = check_deform_conv2d_args(
         input, offset, weight, bias, stride, padding, dilation, mask
     )

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import OpBackends, register_op_backends, triton_kernel
+from pem_kernels._backends import (
+    OpBackends,
+    autocast_inputs,
+    register_op_backends,
+    triton_kernel,
+)
 from pem_kernels._extension import EXTENSION_LOADED
 from pem_kernels.reference.prototype_attention import AttentionNormAxis, prototype_attention_ref
 
@@ -86,8 +91,15 @@ def prototype_attention(
         backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     Returns:
-        Tensor[B, N, C].
+        Tensor[B, N, C]. Under ``torch.autocast`` every tensor argument is cast to the autocast
+        dtype first, so the result has that dtype.
     """
+    if isinstance(prototypes, torch.Tensor):
+        (prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight,
+         out_bias) = autocast_inputs(
+            prototypes.device, prototypes, queries, residual, proj_weight, proj_bias, alpha,
+            out_weight, out_bias,
+        )
     _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize)
     if _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype) == "triton":
         from pem_kernels.triton.prototype_attention import prototype_attention_triton

@@ -15,6 +15,7 @@ import torch
 
 from pem_kernels._backends import (
     OpBackends,
+    autocast_inputs,
     compiled_kernel,
     register_op_backends,
     triton_kernel,
@@ -120,7 +121,11 @@ def prototype_select(
         >>> keys, queries = torch.randn(1, 64, 32), torch.randn(1, 5, 32)
         >>> mask = torch.rand(1, 5, 64) > 0.5
         >>> prototypes, indices = prototype_select(keys, queries, mask, num_heads=4)
+
+    Under ``torch.autocast``, keys and queries are cast to the autocast dtype first.
     """
+    if isinstance(keys, torch.Tensor):
+        keys, queries = autocast_inputs(keys.device, keys, queries)
     _check_args(keys, queries, mask, num_heads, empty)
     chosen = _BACKENDS.resolve(backend, keys.device, keys.dtype)
     if chosen == "reference":
