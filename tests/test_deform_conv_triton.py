@@ -8,16 +8,13 @@ backward once.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pem_kernels.reference.deform_conv import deform_conv2d_ref
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_compiles_for_sm90
 
 triton_dcn = pytest.importorskip("pem_kernels.triton.deform_conv2d")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -372,11 +369,4 @@ print("compiled for sm_90")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter accepts code the compiler rejects: compile every kernel for an H100
     (sm_90, through Triton's bundled ptxas) in a process without TRITON_INTERPRET."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, timeout=400,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled for sm_90" in result.stdout
+    assert_compiles_for_sm90(_SM90_COMPILE)

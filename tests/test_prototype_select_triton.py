@@ -19,7 +19,7 @@ import pem_kernels
 from pem_kernels.reference import prototype_select_ref
 from pem_kernels.triton import triton_unavailable_reason
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, assert_compiles_for_sm90, requires_cuda
 from test_prototype_select import assert_matches_reference, gather_at, head_scores, make_inputs
 
 _TRITON_REASON = triton_unavailable_reason()
@@ -371,13 +371,7 @@ print("compiled for sm_90")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter accepts code the compiler rejects (e.g. non-constexpr globals): compile the
     main specializations for an H100 (sm_90, PTX and cubin through Triton's bundled ptxas)."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled for sm_90" in result.stdout
+    assert_compiles_for_sm90(_SM90_COMPILE)
 
 
 def _opcheck_samples():

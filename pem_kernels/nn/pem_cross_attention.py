@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pem_kernels.ops.prototype_attention import prototype_attention
-from pem_kernels.ops.prototype_select import prototype_select
+from pem_kernels.ops.prototype_select import _BACKENDS as SELECT_BACKENDS, prototype_select
 from pem_kernels.reference.prototype_attention import AttentionNormAxis
 from pem_kernels.reference.prototype_select import EmptyMaskRule
 
@@ -38,6 +38,44 @@ class LocalRepresentation(nn.Module):
         local = self.to_query_3x3(self.bn(x))
         return self.out(local.flatten(2).transpose(1, 2))
 
+    def project(self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """``self(memory + pos)``; for inference on the ``triton`` backend one fused kernel
+        (:mod:`pem_kernels.triton.local_representation`) computes it without the intermediates.
+
+        The fused kernel runs when BN is in eval mode, no gradient is needed, autocast is off and
+        all tensors share one dtype; otherwise the modules run (same result up to rounding).
+        """
+        if self._can_fuse(memory, pos, backend):
+            from pem_kernels.triton.local_representation import local_representation_triton
+
+            bn = self.bn
+            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.float()
+            shift = -bn.running_mean.float() * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.float()
+            return local_representation_triton(
+                memory, pos, scale, shift, self.to_query_3x3.weight, self.to_query_3x3.bias,
+                self.out.weight, self.out.bias,
+            )
+        return self(memory + pos if pos is not None else memory)
+
+    def _can_fuse(self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str) -> bool:
+        bn = self.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return False
+        tensors = [memory, *self.parameters()] + ([pos] if pos is not None else [])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        if torch.is_autocast_enabled(memory.device.type) or memory.dim() != 4:
+            return False
+        if any(t.dtype != memory.dtype for t in tensors):
+            return False
+        if pos is not None and pos.shape != memory.shape:
+            return False
+        return SELECT_BACKENDS.resolve(backend, memory.device, memory.dtype) == "triton"
+
 
 class PEMCrossAttention(nn.Module):
     """Prototype-based masked cross-attention of PEM (CVPR 2024), fused.
@@ -46,7 +84,8 @@ class PEMCrossAttention(nn.Module):
     arguments, parameter names and shapes (a state_dict loads both ways), the same forward
     signature, and by default the same computation:
 
-    1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C];
+    1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C] (for inference on
+       the ``triton`` backend, one fused kernel: :meth:`LocalRepresentation.project`);
        ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C];
     2. per head, the pixel with the largest similarity to the query among those whose mask logit
        is not negative (:func:`pem_kernels.prototype_select` with ``normalize_keys=True``: keys are
@@ -104,11 +143,9 @@ class PEMCrossAttention(nn.Module):
                 f"{list(tgt.shape)} and memory {list(memory.shape)}"
             )
         residual = tgt.transpose(0, 1)
-        if pos is not None:
-            memory = memory + pos
         if query_pos is not None:
             tgt = tgt + query_pos
-        keys = self.feature_proj(memory)
+        keys = self.feature_proj.project(memory, pos, self.backend)
         queries = F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)
         allowed = None
         if memory_mask is not None:

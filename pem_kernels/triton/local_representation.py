@@ -1,0 +1,139 @@
+"""PEM-CA's feature projection fused into one Triton kernel (inference).
+
+``keys[b, p, :] = W_out @ dwconv3x3(BN(memory + pos))[b, :, p] + b_out`` for every pixel p, with
+BN in eval mode (a per-channel affine ``scale * x + shift`` from the running statistics) and the
+depthwise conv's zero padding applied *after* BN, exactly as ``nn.Conv2d(padding=1)`` pads its
+BN-normalized input. Unfused, this chain reads and writes the [B, C, H, W] feature map four times
+(add, BN, depthwise conv, the Linear over a transposed view) and is the largest memory cost of a
+PEM-CA layer; fused, it reads memory and pos once and writes keys [B, HW, C_out] once.
+
+One program computes a tile of BLOCK_P pixels of one image row x BLOCK_N output channels: it loops over the input
+channels in blocks of BLOCK_K, builds the [BLOCK_P, BLOCK_K] depthwise-conv tile in fp32 registers
+(9 masked, pixel-contiguous loads from NCHW memory; neighbouring taps hit L1/L2) and feeds it
+straight into ``tl.dot`` with the matching [BLOCK_K, BLOCK_N] block of W_out^T. Intermediates stay
+in fp32 (the unfused chain rounds BN and conv outputs to the input dtype: for fp16/bf16 the fused
+result is the more precise one). There is no backward: training, or any input that requires grad,
+takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from pem_kernels.triton import interpreter_requested
+
+__all__ = ["local_representation_triton"]
+
+INTERPRET = interpreter_requested()
+
+
+@triton.jit
+def _local_representation_kernel(
+    x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, weight_ptr, bias_ptr,
+    out_ptr, C, H, W, C_OUT,
+    HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    # A tile is BLOCK_P consecutive pixels of one image row, so every tap's load is contiguous
+    # along the pixels (coalesced from NCHW) and the row bounds are scalars.
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hw = H * W
+    row_tiles = tl.cdiv(W, BLOCK_P)
+    h = pid_p // row_tiles
+    w = (pid_p % row_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = w < W
+    p = h * W + w
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < C_OUT
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        c_ok = c < C
+        scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+        plane = (b * C + c) * hw  # start of channel c of image b, [BLOCK_K]
+        conv = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        for tap in tl.static_range(9):
+            hh = h + (tap // 3 - 1)
+            ww = w + (tap % 3 - 1)
+            inside = p_ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+            offsets = plane[None, :] + (hh * W + ww)[:, None]
+            ok = inside[:, None] & c_ok[None, :]
+            v = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            if HAS_POS:
+                v += tl.load(pos_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            # The conv zero-pads the BN output: padded taps contribute 0, not BN's shift.
+            v = tl.where(ok, v * scale[None, :] + shift[None, :], 0.0)
+            tap_weight = tl.load(dw_weight_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(tl.float32)
+            conv += v * tap_weight[None, :]
+        conv += tl.load(dw_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        # rhs[k, j] = W_out[n_j, c_k]
+        rhs = tl.load(
+            weight_ptr + n[None, :] * C + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        if IEEE:
+            acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision="ieee")
+        else:
+            acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
+    acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_offsets = (b * hw + p)[:, None] * C_OUT + n[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & n_ok[None, :])
+
+
+def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
+    # The interpreter's bf16/fp16 tl.dot is unreliable: it multiplies fp32 operands instead.
+    dot_dtype = tl.float32 if (dtype == torch.float32 or INTERPRET) else (
+        tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    )
+    # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
+    # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
+    block_n = max(16, min(256, triton.next_power_of_2(out_channels)))
+    return dict(
+        BLOCK_P=64 if block_n <= 128 else 32, BLOCK_N=block_n, BLOCK_K=32,
+        DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32, num_warps=8 if block_n > 128 else 4,
+    )
+
+
+@triton_op("pem_kernels::local_representation_triton", mutates_args=())
+def local_representation_triton(
+    memory: torch.Tensor,
+    pos: torch.Tensor | None,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """keys [B, H*W, C_out] from memory [B, C, H, W] (+ pos, same shape, optional).
+
+    Args:
+        bn_scale, bn_shift: [C] fp32, the eval-mode BatchNorm as ``scale * x + shift``.
+        dw_weight: [C, 1, 3, 3] depthwise weights; dw_bias: [C].
+        weight: [C_out, C] and bias: [C_out], the Linear.
+    """
+    batch, channels, height, width = memory.shape
+    out_channels = weight.shape[0]
+    x = memory.contiguous()
+    out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    config = _launch_config(out_channels, x.dtype)
+    grid = (
+        height * triton.cdiv(width, config["BLOCK_P"]),
+        triton.cdiv(out_channels, config["BLOCK_N"]),
+        batch,
+    )
+    wrap_triton(_local_representation_kernel)[grid](
+        x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
+        bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
+        weight.contiguous(), bias.contiguous(), out, channels, height, width, out_channels,
+        HAS_POS=pos is not None, **config,
+    )
+    return out
