@@ -35,6 +35,7 @@ _OPS = (
     "prototype_attention",
     "deform_conv2d",
     "_deform_conv2d_backward",
+    "local_representation",
 )
 _DISPATCH_KEYS = ("CPU", "CUDA")
 # Looked up once: the registrations are static, and a plain set lookup stays traceable by

@@ -17,6 +17,9 @@ on the fused ops counts the same FLOPs as the same model run on the reference op
   ``2 * B * heads * N * HW * (C / heads) = 2 * B * N * HW * C`` (the reference's einsum). The fused
   kernels stream over pixels without materializing the similarity, but they compute every score.
   Its backward (a scatter of the prototype gradients) counts 0, as the reference's gather does.
+* ``local_representation`` (C++ op and ``local_representation_triton``, PEM-CA's fused feature
+  projection): ``2 * B * H * W * C * (9 + C_out)``, the depthwise conv and the Linear as torch
+  counts them unfused (the BN and the pos add are elementwise).
 * ``prototype_attention`` (C++ schema and ``prototype_attention_triton``): its two [C, C]
   linear layers, ``2 * 2 * B * N * C * C``; ``_prototype_attention_backward_triton``: the two
   input-side GEMMs, ``2 * 2 * B * N * C * C`` (the weight-gradient GEMMs run as ATen matmuls
@@ -39,6 +42,7 @@ import torch
 
 __all__ = [
     "deform_conv2d_flops",
+    "local_representation_flops",
     "prototype_attention_flops",
     "prototype_select_flops",
     "count_flops",
@@ -79,6 +83,19 @@ def _deform_conv2d_backward(grad_output_shape, input_shape, weight_shape, *args,
     return 2 * deform_conv2d_flops(input_shape, weight_shape, grad_output_shape)
 
 
+def local_representation_flops(memory_shape: Shape, out_weight_shape: Shape) -> int:
+    """``2 * B * H * W * C * (9 + C_out)``: the depthwise 3x3 conv (torch's conv formula with
+    groups = C) and the Linear, the two GEMM-like ops of the unfused chain."""
+    batch, channels, height, width = memory_shape
+    return 2 * batch * height * width * channels * (9 + out_weight_shape[0])
+
+
+def _local_representation(memory_shape, pos_shape, bn_scale_shape, bn_shift_shape,
+                          dw_weight_shape, dw_bias_shape, out_weight_shape, *args,
+                          out_shape=None, **kwargs) -> int:
+    return local_representation_flops(memory_shape, out_weight_shape)
+
+
 def _prototype_select(keys_shape, queries_shape, *args, out_shape=None, **kwargs) -> int:
     return prototype_select_flops(keys_shape, queries_shape)
 
@@ -99,6 +116,8 @@ FORMULAS: dict[str, Callable[..., int]] = {
     "_deform_conv2d_backward": _deform_conv2d_backward,
     "prototype_select": _prototype_select,
     "prototype_attention": _prototype_attention,
+    "local_representation": _local_representation,
+    "local_representation_triton": _local_representation,
     "deform_conv2d_triton": _deform_conv2d,
     "_deform_conv2d_backward_triton": _deform_conv2d_backward,
     "prototype_select_triton": _prototype_select,
@@ -109,6 +128,7 @@ _TRITON_MODULES = (
     "pem_kernels.triton.deform_conv2d",
     "pem_kernels.triton.prototype_select",
     "pem_kernels.triton.prototype_attention",
+    "pem_kernels.triton.local_representation",
 )
 
 

@@ -14,14 +14,17 @@ from pem_kernels._extension import has_kernel
 
 def test_extension_is_loaded():
     assert pem_kernels.EXTENSION_LOADED, pem_kernels.EXTENSION_ERROR
-    for op in ("prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward"):
+    for op in (
+        "prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward",
+        "local_representation",
+    ):
         assert has_kernel(op, "CPU"), op
 
 
 def test_every_op_schema_is_registered():
     for op in (
         "prototype_select", "_prototype_select_backward", "prototype_attention", "deform_conv2d",
-        "_deform_conv2d_backward",
+        "_deform_conv2d_backward", "local_representation",
     ):
         assert hasattr(torch.ops.pem_kernels, op), op
 

@@ -6,6 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pem_kernels.ops.local_representation import (
+    FUSED_LOCAL_REPRESENTATION_BACKENDS,
+    fused_local_representation,
+)
 from pem_kernels.ops.prototype_attention import prototype_attention
 from pem_kernels.ops.prototype_select import _BACKENDS as SELECT_BACKENDS, prototype_select
 from pem_kernels.reference.prototype_attention import AttentionNormAxis
@@ -39,15 +43,14 @@ class LocalRepresentation(nn.Module):
         return self.out(local.flatten(2).transpose(1, 2))
 
     def project(self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
-        """``self(memory + pos)``; for inference on the ``triton`` backend one fused kernel
-        (:mod:`pem_kernels.triton.local_representation`) computes it without the intermediates.
+        """``self(memory + pos)``; for inference on the ``cpu`` or ``triton`` backend one fused
+        kernel computes it in a single pass (:mod:`pem_kernels.ops.local_representation`).
 
         The fused kernel runs when BN is in eval mode, no gradient is needed, autocast is off and
         all tensors share one dtype; otherwise the modules run (same result up to rounding).
         """
-        if self._can_fuse(memory, pos, backend):
-            from pem_kernels.triton.local_representation import local_representation_triton
-
+        chosen = self._fusable_backend(memory, pos, backend)
+        if chosen is not None:
             bn = self.bn
             scale = torch.rsqrt(bn.running_var.float() + bn.eps)
             if bn.weight is not None:
@@ -55,26 +58,31 @@ class LocalRepresentation(nn.Module):
             shift = -bn.running_mean.float() * scale
             if bn.bias is not None:
                 shift = shift + bn.bias.float()
-            return local_representation_triton(
-                memory, pos, scale, shift, self.to_query_3x3.weight, self.to_query_3x3.bias,
-                self.out.weight, self.out.bias,
+            keys = fused_local_representation(
+                chosen, memory, pos, scale, shift, self.to_query_3x3.weight,
+                self.to_query_3x3.bias, self.out.weight, self.out.bias,
             )
+            if keys is not None:
+                return keys
         return self(memory + pos if pos is not None else memory)
 
-    def _can_fuse(self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str) -> bool:
+    def _fusable_backend(
+        self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str
+    ) -> str | None:
         bn = self.bn
         if bn.training or bn.running_mean is None or bn.running_var is None:
-            return False
+            return None
         tensors = [memory, *self.parameters()] + ([pos] if pos is not None else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return False
+            return None
         if torch.is_autocast_enabled(memory.device.type) or memory.dim() != 4:
-            return False
+            return None
         if any(t.dtype != memory.dtype for t in tensors):
-            return False
+            return None
         if pos is not None and pos.shape != memory.shape:
-            return False
-        return SELECT_BACKENDS.resolve(backend, memory.device, memory.dtype) == "triton"
+            return None
+        chosen = SELECT_BACKENDS.resolve(backend, memory.device, memory.dtype)
+        return chosen if chosen in FUSED_LOCAL_REPRESENTATION_BACKENDS else None
 
 
 class PEMCrossAttention(nn.Module):
@@ -85,7 +93,7 @@ class PEMCrossAttention(nn.Module):
     signature, and by default the same computation:
 
     1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C] (for inference on
-       the ``triton`` backend, one fused kernel: :meth:`LocalRepresentation.project`);
+       the ``cpu`` and ``triton`` backends, one fused kernel: :meth:`LocalRepresentation.project`);
        ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C];
     2. per head, the pixel with the largest similarity to the query among those whose mask logit
        is not negative (:func:`pem_kernels.prototype_select` with ``normalize_keys=True``: keys are

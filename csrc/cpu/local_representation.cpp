@@ -1,0 +1,188 @@
+// PEM-CA's feature projection on the CPU, fused for inference (mirrors
+// pem_kernels/triton/local_representation.py):
+//
+//   keys[b, p, :] = out_weight @ dwconv3x3(BN(memory + pos))[b, :, p] + out_bias
+//
+// with BN in eval mode as a per-channel affine and the depthwise conv's zero padding applied after
+// BN (nn.Conv2d pads its BN-normalized input). Unfused, the chain makes four full passes over the
+// [B, C, H, W] map (add, BN, conv, a Linear over a transposed view). Here each task takes a block
+// of image rows: it builds the depthwise-conv tile [C, rows * W] in acc_t from the NCHW input (the
+// three source rows of a channel are read once, BN'd into a padded line buffer) and multiplies it
+// by out_weight^T with one BLAS call straight into the output rows. Intermediates stay in acc_t, so
+// fp16/bf16 results are rounded once.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace pem_kernels {
+namespace {
+
+// At least this many pixels per BLAS call: narrow maps (W = 8 at 1/32 of a 256-pixel-wide image)
+// group several rows so the GEMM is not starved.
+constexpr int64_t kMinTilePixels = 256;
+
+void check_local_representation_inputs(
+    const at::Tensor& memory, const std::optional<at::Tensor>& pos, const at::Tensor& bn_scale,
+    const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+    const at::Tensor& out_weight, const at::Tensor& out_bias) {
+  TORCH_CHECK(memory.dim() == 4, "local_representation: memory must be [B, C, H, W], got shape ",
+              memory.sizes());
+  TORCH_CHECK(at::isFloatingType(memory.scalar_type()),
+              "local_representation: memory must be a floating tensor, got dtype ",
+              memory.scalar_type());
+  const int64_t channels = memory.size(1);
+  if (pos.has_value()) {
+    TORCH_CHECK(pos->sizes() == memory.sizes(), "local_representation: pos must have memory's shape ",
+                memory.sizes(), ", got ", pos->sizes());
+    TORCH_CHECK(pos->scalar_type() == memory.scalar_type(), "local_representation: pos dtype ",
+                pos->scalar_type(), " must equal memory dtype ", memory.scalar_type());
+  }
+  for (const auto& [name, t] : {std::pair{"bn_scale", &bn_scale}, std::pair{"bn_shift", &bn_shift}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "local_representation: ", name,
+                " must be [C] = [", channels, "], got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "local_representation: ", name,
+                " must be float32, got ", t->scalar_type());
+  }
+  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == channels && dw_weight.size(1) == 1 &&
+                  dw_weight.size(2) == 3 && dw_weight.size(3) == 3,
+              "local_representation: dw_weight must be [C, 1, 3, 3] = [", channels,
+              ", 1, 3, 3], got shape ", dw_weight.sizes());
+  TORCH_CHECK(dw_bias.dim() == 1 && dw_bias.size(0) == channels,
+              "local_representation: dw_bias must be [C] = [", channels, "], got shape ",
+              dw_bias.sizes());
+  TORCH_CHECK(out_weight.dim() == 2 && out_weight.size(1) == channels,
+              "local_representation: out_weight must be [C_out, C] with C = ", channels,
+              ", got shape ", out_weight.sizes());
+  TORCH_CHECK(out_bias.dim() == 1 && out_bias.size(0) == out_weight.size(0),
+              "local_representation: out_bias must be [C_out] = [", out_weight.size(0),
+              "], got shape ", out_bias.sizes());
+  for (const auto& [name, t] : {std::pair{"dw_weight", &dw_weight}, std::pair{"dw_bias", &dw_bias},
+                                std::pair{"out_weight", &out_weight},
+                                std::pair{"out_bias", &out_bias}}) {
+    TORCH_CHECK(t->scalar_type() == memory.scalar_type(), "local_representation: ", name,
+                " dtype ", t->scalar_type(), " must equal memory dtype ", memory.scalar_type());
+  }
+}
+
+template <typename scalar_t>
+void local_representation_cpu_impl(
+    const at::Tensor& memory, const at::Tensor& pos, const at::Tensor& bn_scale,
+    const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+    const at::Tensor& out_weight, const at::Tensor& out_bias, at::Tensor& keys) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const auto acc_options = memory.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t batch = memory.size(0), channels = memory.size(1);
+  const int64_t height = memory.size(2), width = memory.size(3);
+  const int64_t out_channels = out_weight.size(0);
+  const scalar_t* x = memory.data_ptr<scalar_t>();
+  const scalar_t* p = pos.defined() ? pos.data_ptr<scalar_t>() : nullptr;
+  const float* scale = bn_scale.data_ptr<float>();
+  const float* shift = bn_shift.data_ptr<float>();
+  // Small parameters in acc_t once, so the inner loops do not convert.
+  const at::Tensor dw_w = dw_weight.reshape({channels, 9}).to(acc_options.dtype()).contiguous();
+  const at::Tensor dw_b = dw_bias.to(acc_options.dtype()).contiguous();
+  const at::Tensor weight_t = out_weight.to(acc_options.dtype()).t();  // [C, C_out] view
+  const at::Tensor bias = out_bias.to(acc_options.dtype());
+  const acc_t* dww = dw_w.data_ptr<acc_t>();
+  const acc_t* dwb = dw_b.data_ptr<acc_t>();
+
+  const int64_t rows_per_task = std::clamp<int64_t>((kMinTilePixels + width - 1) / width, 1, height);
+  const int64_t row_blocks = (height + rows_per_task - 1) / rows_per_task;
+  const int64_t plane = height * width;
+
+  at::parallel_for(0, batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile_pixels = rows_per_task * width;
+    at::Tensor tile = at::empty({channels, tile_pixels}, acc_options);
+    at::Tensor result = kSameType ? at::Tensor() : at::empty({tile_pixels, out_channels}, acc_options);
+    // One BN'd source row with a zero on each side: the conv's padding.
+    std::vector<acc_t> lines(3 * (width + 2));
+    acc_t* conv = tile.data_ptr<acc_t>();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / row_blocks;
+      const int64_t row0 = (task % row_blocks) * rows_per_task;
+      const int64_t rows = std::min(rows_per_task, height - row0);
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t base = (b * channels + c) * plane;
+        const acc_t s = scale[c], t = shift[c];
+        const acc_t* w9 = dww + c * 9;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t h = row0 + r;
+          for (int64_t dy = 0; dy < 3; ++dy) {
+            acc_t* line = lines.data() + dy * (width + 2);
+            const int64_t hh = h + dy - 1;
+            line[0] = line[width + 1] = 0;
+            if (hh < 0 || hh >= height) {
+              std::fill(line + 1, line + width + 1, acc_t(0));
+              continue;
+            }
+            const scalar_t* src = x + base + hh * width;
+            const scalar_t* src_pos = p == nullptr ? nullptr : p + base + hh * width;
+            for (int64_t w = 0; w < width; ++w) {
+              acc_t v = static_cast<acc_t>(src[w]);
+              if (src_pos != nullptr) v += static_cast<acc_t>(src_pos[w]);
+              line[w + 1] = v * s + t;
+            }
+          }
+          acc_t* out_row = conv + c * tile_pixels + r * width;
+          const acc_t* l0 = lines.data();
+          const acc_t* l1 = l0 + (width + 2);
+          const acc_t* l2 = l1 + (width + 2);
+          for (int64_t w = 0; w < width; ++w) {
+            out_row[w] = dwb[c] + w9[0] * l0[w] + w9[1] * l0[w + 1] + w9[2] * l0[w + 2] +
+                w9[3] * l1[w] + w9[4] * l1[w + 1] + w9[5] * l1[w + 2] + w9[6] * l2[w] +
+                w9[7] * l2[w + 1] + w9[8] * l2[w + 2];
+          }
+        }
+      }
+      const int64_t count = rows * width;
+      const at::Tensor lhs = tile.narrow(1, 0, count).t();  // [count, C]
+      at::Tensor out_rows = keys[b].narrow(0, row0 * width, count);
+      // BLAS runs single-threaded here: we are inside at::parallel_for.
+      if constexpr (kSameType) {
+        at::addmm_out(out_rows, bias, lhs, weight_t);
+      } else {
+        at::Tensor acc_rows = result.narrow(0, 0, count);
+        at::addmm_out(acc_rows, bias, lhs, weight_t);
+        out_rows.copy_(acc_rows);
+      }
+    }
+  });
+}
+
+at::Tensor local_representation_cpu(
+    const at::Tensor& memory_in, const std::optional<at::Tensor>& pos_in, const at::Tensor& bn_scale,
+    const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+    const at::Tensor& out_weight, const at::Tensor& out_bias) {
+  check_local_representation_inputs(
+      memory_in, pos_in, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias);
+  // ATen ops run on these internally (views, addmm_out); detached inputs keep them out of autograd.
+  const at::Tensor memory = memory_in.detach().contiguous();
+  const at::Tensor pos = pos_in.has_value() ? pos_in->detach().contiguous() : at::Tensor();
+  at::Tensor keys = at::empty(
+      {memory.size(0), memory.size(2) * memory.size(3), out_weight.size(0)}, memory.options());
+  if (keys.numel() == 0) return keys;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, memory.scalar_type(), "local_representation_cpu", [&] {
+        local_representation_cpu_impl<scalar_t>(
+            memory, pos, bn_scale.contiguous(), bn_shift.contiguous(), dw_weight.detach(),
+            dw_bias.detach(), out_weight.detach(), out_bias.detach(), keys);
+      });
+  return keys;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pem_kernels, CPU, m) {
+  m.impl("local_representation", &local_representation_cpu);
+}
+
+}  // namespace pem_kernels

@@ -1,0 +1,57 @@
+"""PEM-CA's feature projection fused for inference: the dispatch between its two kernels.
+
+``keys [B, H*W, C_out] = Linear(dwconv3x3(BN_eval(memory + pos)))`` in one pass over memory, on
+the ``cpu`` backend (C++, ``csrc/cpu/local_representation.cpp``) or the ``triton`` backend
+(:mod:`pem_kernels.triton.local_representation`). There is no backward: the caller
+(:meth:`pem_kernels.nn.LocalRepresentation.project`) uses it only when no gradient is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pem_kernels._extension import EXTENSION_LOADED, has_kernel
+
+__all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation"]
+
+FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "triton")
+
+
+def fused_local_representation(
+    backend: str,
+    memory: torch.Tensor,
+    pos: torch.Tensor | None,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+) -> torch.Tensor | None:
+    """keys [B, H*W, C_out] on ``backend``, or ``None`` when that backend has no fused kernel
+    (the caller then runs the modules).
+
+    Args:
+        memory, pos: [B, C, H, W] (pos optional), one dtype.
+        bn_scale, bn_shift: [C] fp32, eval-mode BatchNorm as ``scale * x + shift``.
+        dw_weight: [C, 1, 3, 3], dw_bias: [C]; out_weight: [C_out, C], out_bias: [C_out].
+    """
+    args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias)
+    if backend == "cpu" and has_kernel("local_representation", "CPU"):
+        return torch.ops.pem_kernels.local_representation(*args)
+    if backend == "triton":
+        from pem_kernels.triton.local_representation import local_representation_triton
+
+        return local_representation_triton(*args)
+    return None
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("pem_kernels::local_representation")
+    def _local_representation_fake(
+        memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias
+    ):
+        torch._check(memory.dim() == 4, lambda: "memory must be [B, C, H, W]")
+        batch, _, height, width = memory.shape
+        return memory.new_empty(batch, height * width, out_weight.shape[0])

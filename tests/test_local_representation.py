@@ -1,0 +1,173 @@
+"""PEM-CA's fused feature projection (C++ on CPU, Triton) against the modules.
+
+Triton runs under the interpreter on CPU tensors when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pem_kernels.nn import PEMCrossAttention
+from pem_kernels.nn.pem_cross_attention import LocalRepresentation
+
+from conftest import HAS_CUDA, assert_compiles_for_sm90
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = ["cpu", "triton"]
+
+
+def _device(backend: str) -> str:
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+@pytest.fixture
+def fused():
+    return pytest.importorskip("pem_kernels.triton.local_representation")
+
+
+def _module(channels: int, dtype: torch.dtype = torch.float32, device: str = DEVICE) -> LocalRepresentation:
+    torch.manual_seed(0)
+    module = LocalRepresentation(channels)
+    with torch.no_grad():  # non-trivial BN statistics and affine
+        module.bn.running_mean.uniform_(-1, 1)
+        module.bn.running_var.uniform_(0.5, 2)
+        module.bn.weight.uniform_(0.5, 1.5)
+        module.bn.bias.uniform_(-0.5, 0.5)
+    return module.to(device=device, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 32, 5, 7), (1, 48, 9, 4), (1, 16, 1, 1), (1, 64, 16, 12),
+                                   (1, 16, 3, 150), (1, 160, 2, 40), (2, 8, 70, 3)],
+                         ids=str)
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_matches_the_modules_fp32(backend, shape, with_pos):
+    device = _device(backend)
+    module = _module(shape[1], device=device)
+    memory = torch.randn(shape, device=device)
+    pos = torch.randn(shape, device=device) if with_pos else None
+    with torch.no_grad():
+        expected = module(memory + pos if with_pos else memory)
+        out = module.project(memory, pos, backend)
+    assert out.shape == (shape[0], shape[2] * shape[3], shape[1])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_fp64_matches_the_modules_tightly():
+    module = _module(24, torch.float64, "cpu")
+    memory, pos = torch.randn(2, 24, 11, 13, dtype=torch.float64), torch.randn(2, 24, 11, 13, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(module.project(memory, pos, "cpu"), module(memory + pos),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_close_to_fp32(backend, dtype):
+    device = _device(backend)
+    module32 = _module(32, device=device)
+    module = _module(32, dtype, device)
+    memory, pos = torch.randn(2, 32, 6, 5, device=device), torch.randn(2, 32, 6, 5, device=device)
+    with torch.no_grad():
+        expected = module32(memory + pos)
+        out = module.project(memory.to(dtype), pos.to(dtype), backend)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_cpu_op_checks_its_arguments():
+    op = torch.ops.pem_kernels.local_representation
+    c = 8
+    good = [torch.randn(1, c, 4, 4), None, torch.ones(c), torch.zeros(c), torch.randn(c, 1, 3, 3),
+            torch.randn(c), torch.randn(5, c), torch.randn(5)]
+    assert op(*good).shape == (1, 16, 5)
+    cases = [
+        (0, torch.randn(c, 4, 4), "memory must be \\[B, C, H, W\\]"),
+        (1, torch.randn(1, c, 4, 5), "pos must have memory's shape"),
+        (2, torch.ones(c, dtype=torch.float64), "bn_scale must be float32"),
+        (4, torch.randn(c, 1, 5, 5), "dw_weight must be \\[C, 1, 3, 3\\]"),
+        (6, torch.randn(5, c + 1), "out_weight must be \\[C_out, C\\]"),
+        (7, torch.randn(4), "out_bias must be \\[C_out\\]"),
+        (5, torch.randn(c, dtype=torch.float64), "dw_bias dtype"),
+    ]
+    for index, value, match in cases:
+        args = list(good)
+        args[index] = value
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+
+
+def test_cpu_op_opcheck():
+    c = 8
+    args = (torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
+            torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6))
+    torch.library.opcheck(torch.ops.pem_kernels.local_representation, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pem_cross_attention_uses_it_for_inference_only(monkeypatch, backend):
+    torch.manual_seed(0)
+    device = _device(backend)
+    layer = PEMCrossAttention(32, 4, backend=backend).to(device).eval()
+    reference = PEMCrossAttention(32, 4, backend="reference").to(device).eval()
+    reference.load_state_dict(layer.state_dict())
+    args = (torch.randn(6, 2, 32, device=device), torch.randn(2, 32, 5, 7, device=device),
+            torch.randn(2, 6, 5, 7, device=device), torch.randn(2, 32, 5, 7, device=device),
+            torch.randn(6, 2, 32, device=device))
+    calls = []
+    from pem_kernels.nn import pem_cross_attention
+
+    original = pem_cross_attention.fused_local_representation
+    def recording(*a):
+        keys = original(*a)
+        calls.append(a[0] if keys is not None else None)  # None: no fused kernel ran
+        return keys
+
+    monkeypatch.setattr(pem_cross_attention, "fused_local_representation", recording)
+    with torch.no_grad():
+        out = layer(*args)
+        expected = reference(*args)
+    assert calls == [backend]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # With gradients (or BN in training mode) the modules run, so autograd sees every op.
+    out = layer(*args)
+    out.sum().backward()
+    assert calls == [backend] and layer.feature_proj.out.weight.grad is not None
+    with torch.no_grad():
+        layer.train()(*args)
+    assert calls == [backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    module = _module(16, device=_device(backend))
+    with torch.no_grad():
+        out = module.project(torch.randn(0, 16, 3, 3, device=_device(backend)), None, backend)
+    assert out.shape == (0, 9, 16)
+
+
+_SM90_COMPILE = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from pem_kernels.triton import local_representation as K
+
+assert not K.INTERPRET
+fn = K._local_representation_kernel
+for dtype, dot, ieee in [("bf16", tl.bfloat16, False), ("fp32", tl.float32, True)]:
+    pointers = {name: "*" + dtype for name in ("x_ptr", "pos_ptr", "dw_weight_ptr", "dw_bias_ptr",
+                                             "weight_ptr", "bias_ptr", "out_ptr")}
+    pointers.update(scale_ptr="*fp32", shift_ptr="*fp32")
+    constants = dict(HAS_POS=True, BLOCK_P=32, BLOCK_N=256, BLOCK_K=32, DOT_DTYPE=dot, IEEE=ieee)
+    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in fn.arg_names}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+print("compiled for sm_90")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernel is compiled and run by the tests")
+def test_triton_kernel_compiles_for_sm90_without_a_gpu(fused):
+    assert_compiles_for_sm90(_SM90_COMPILE)
