@@ -34,7 +34,7 @@ TORCH_LIBRARY(pem_kernels, m) {
       "bool normalize_over_queries) -> Tensor");
   // PEM-CA's feature projection for inference: keys [B, H*W, C_out] = out_weight @
   // dwconv3x3(bn_scale * (memory + pos) + bn_shift, zero padding 1) + out_bias, per pixel.
-  // memory and pos [B, C, H, W]; bn_scale, bn_shift [C] fp32 (eval BatchNorm); dw_weight
+  // memory and pos [B, C, H, W]; bn_scale, bn_shift [C] (eval BatchNorm, fp32 or fp64); dw_weight
   // [C, 1, 3, 3], dw_bias [C]; out_weight [C_out, C], out_bias [C_out]. No autograd.
   m.def(
       "local_representation(Tensor memory, Tensor? pos, Tensor bn_scale, Tensor bn_shift, "

@@ -37,40 +37,54 @@ def _module(channels: int, dtype: torch.dtype = torch.float32, device: str = DEV
     return module.to(device=device, dtype=dtype).eval()
 
 
+def _forbid_modules(monkeypatch, module: LocalRepresentation) -> None:
+    """From now on ``module``'s unfused forward raises: project() must take the fused kernel."""
+
+    def unfused(*args):
+        raise AssertionError("the modules ran instead of the fused kernel")
+
+    monkeypatch.setattr(module, "forward", unfused)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 32, 5, 7), (1, 48, 9, 4), (1, 16, 1, 1), (1, 64, 16, 12),
                                    (1, 16, 3, 150), (1, 160, 2, 40), (2, 8, 70, 3)],
                          ids=str)
 @pytest.mark.parametrize("with_pos", [True, False])
-def test_matches_the_modules_fp32(backend, shape, with_pos):
+def test_matches_the_modules_fp32(backend, shape, with_pos, monkeypatch):
     device = _device(backend)
     module = _module(shape[1], device=device)
     memory = torch.randn(shape, device=device)
     pos = torch.randn(shape, device=device) if with_pos else None
     with torch.no_grad():
         expected = module(memory + pos if with_pos else memory)
+        _forbid_modules(monkeypatch, module)
         out = module.project(memory, pos, backend)
     assert out.shape == (shape[0], shape[2] * shape[3], shape[1])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_fp64_matches_the_modules_tightly():
+def test_cpu_fp64_matches_the_modules_tightly(monkeypatch):
     module = _module(24, torch.float64, "cpu")
-    memory, pos = torch.randn(2, 24, 11, 13, dtype=torch.float64), torch.randn(2, 24, 11, 13, dtype=torch.float64)
+    memory = torch.randn(2, 24, 11, 13, dtype=torch.float64)
+    pos = torch.randn(2, 24, 11, 13, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(module.project(memory, pos, "cpu"), module(memory + pos),
+        expected = module(memory + pos)
+        _forbid_modules(monkeypatch, module)
+        torch.testing.assert_close(module.project(memory, pos, "cpu"), expected,
                                    rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_close_to_fp32(backend, dtype):
+def test_half_precision_is_close_to_fp32(backend, dtype, monkeypatch):
     device = _device(backend)
     module32 = _module(32, device=device)
     module = _module(32, dtype, device)
     memory, pos = torch.randn(2, 32, 6, 5, device=device), torch.randn(2, 32, 6, 5, device=device)
     with torch.no_grad():
         expected = module32(memory + pos)
+        _forbid_modules(monkeypatch, module)
         out = module.project(memory.to(dtype), pos.to(dtype), backend)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=5e-2)
@@ -85,7 +99,7 @@ def test_cpu_op_checks_its_arguments():
     cases = [
         (0, torch.randn(c, 4, 4), "memory must be \\[B, C, H, W\\]"),
         (1, torch.randn(1, c, 4, 5), "pos must have memory's shape"),
-        (2, torch.ones(c, dtype=torch.float64), "bn_scale must be float32"),
+        (2, torch.ones(c, dtype=torch.int32), "bn_scale must be a floating tensor"),
         (4, torch.randn(c, 1, 5, 5), "dw_weight must be \\[C, 1, 3, 3\\]"),
         (6, torch.randn(5, c + 1), "out_weight must be \\[C_out, C\\]"),
         (7, torch.randn(4), "out_bias must be \\[C_out\\]"),

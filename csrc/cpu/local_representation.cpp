@@ -48,8 +48,8 @@ void check_local_representation_inputs(
   for (const auto& [name, t] : {std::pair{"bn_scale", &bn_scale}, std::pair{"bn_shift", &bn_shift}}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "local_representation: ", name,
                 " must be [C] = [", channels, "], got shape ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "local_representation: ", name,
-                " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "local_representation: ", name,
+                " must be a floating tensor, got ", t->scalar_type());
   }
   TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == channels && dw_weight.size(1) == 1 &&
                   dw_weight.size(2) == 3 && dw_weight.size(3) == 3,
@@ -85,9 +85,11 @@ void local_representation_cpu_impl(
   const int64_t out_channels = out_weight.size(0);
   const scalar_t* x = memory.data_ptr<scalar_t>();
   const scalar_t* p = pos.defined() ? pos.data_ptr<scalar_t>() : nullptr;
-  const float* scale = bn_scale.data_ptr<float>();
-  const float* shift = bn_shift.data_ptr<float>();
-  // Small parameters in acc_t once, so the inner loops do not convert.
+  // Small parameters in acc_t once, so the inner loops do not convert (and fp64 stays fp64).
+  const at::Tensor scale_acc = bn_scale.to(acc_options.dtype()).contiguous();
+  const at::Tensor shift_acc = bn_shift.to(acc_options.dtype()).contiguous();
+  const acc_t* scale = scale_acc.data_ptr<acc_t>();
+  const acc_t* shift = shift_acc.data_ptr<acc_t>();
   const at::Tensor dw_w = dw_weight.reshape({channels, 9}).to(acc_options.dtype()).contiguous();
   const at::Tensor dw_b = dw_bias.to(acc_options.dtype()).contiguous();
   const at::Tensor weight_t = out_weight.to(acc_options.dtype()).t();  // [C, C_out] view

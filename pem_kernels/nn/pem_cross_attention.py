@@ -52,12 +52,14 @@ class LocalRepresentation(nn.Module):
         chosen = self._fusable_backend(memory, pos, backend)
         if chosen is not None:
             bn = self.bn
-            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+            # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
+            acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+            scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
             if bn.weight is not None:
-                scale = scale * bn.weight.float()
-            shift = -bn.running_mean.float() * scale
+                scale = scale * bn.weight.to(acc)
+            shift = -bn.running_mean.to(acc) * scale
             if bn.bias is not None:
-                shift = shift + bn.bias.float()
+                shift = shift + bn.bias.to(acc)
             keys = fused_local_representation(
                 chosen, memory, pos, scale, shift, self.to_query_3x3.weight,
                 self.to_query_3x3.bias, self.out.weight, self.out.bias,

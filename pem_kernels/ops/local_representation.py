@@ -33,7 +33,8 @@ def fused_local_representation(
 
     Args:
         memory, pos: [B, C, H, W] (pos optional), one dtype.
-        bn_scale, bn_shift: [C] fp32, eval-mode BatchNorm as ``scale * x + shift``.
+        bn_scale, bn_shift: [C], eval-mode BatchNorm as ``scale * x + shift``, in the
+            accumulation dtype (fp64 for fp64 memory, fp32 otherwise).
         dw_weight: [C, 1, 3, 3], dw_bias: [C]; out_weight: [C_out, C], out_bias: [C_out].
     """
     args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias)

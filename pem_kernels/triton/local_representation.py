@@ -114,7 +114,8 @@ def local_representation_triton(
     """keys [B, H*W, C_out] from memory [B, C, H, W] (+ pos, same shape, optional).
 
     Args:
-        bn_scale, bn_shift: [C] fp32, the eval-mode BatchNorm as ``scale * x + shift``.
+        bn_scale, bn_shift: [C] fp32 (the Triton kernels take no fp64), the eval-mode BatchNorm
+            as ``scale * x + shift``.
         dw_weight: [C, 1, 3, 3] depthwise weights; dw_bias: [C].
         weight: [C_out, C] and bias: [C_out], the Linear.
     """
