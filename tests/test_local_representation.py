@@ -117,7 +117,22 @@ def test_cpu_op_opcheck():
     args = (torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
             torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6))
     torch.library.opcheck(torch.ops.pem_kernels.local_representation, args,
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differentiating_through_the_kernel_is_a_clear_error(backend):
+    from pem_kernels.ops.local_representation import fused_local_representation
+
+    device, c = _device(backend), 8
+    memory = torch.randn(1, c, 3, 4, device=device, requires_grad=True)
+    params = [torch.rand(c, device=device) + 0.5, torch.randn(c, device=device),
+              torch.randn(c, 1, 3, 3, device=device), torch.randn(c, device=device),
+              torch.randn(5, c, device=device), torch.randn(5, device=device)]
+    keys = fused_local_representation(backend, memory, None, *params)
+    assert keys.requires_grad
+    with pytest.raises(RuntimeError, match="has no backward"):
+        keys.sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,7 +12,8 @@ import torch
 
 from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
-__all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation"]
+__all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation", "no_backward",
+           "no_backward_setup"]
 
 FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "triton")
 
@@ -47,7 +48,23 @@ def fused_local_representation(
     return None
 
 
+def no_backward_setup(ctx, inputs, output) -> None:
+    """setup_context of :func:`no_backward`: nothing to save."""
+
+
+def no_backward(ctx, grad_keys):
+    """The fused feature projection's autograd: a clear error instead of a silently missing
+    gradient when someone differentiates through it."""
+    raise RuntimeError(
+        "local_representation: the fused feature projection has no backward (it serves "
+        "inference); run LocalRepresentation's modules (its forward) when gradients are needed"
+    )
+
+
 if EXTENSION_LOADED:
+    torch.library.register_autograd(
+        "pem_kernels::local_representation", no_backward, setup_context=no_backward_setup
+    )
 
     @torch.library.register_fake("pem_kernels::local_representation")
     def _local_representation_fake(

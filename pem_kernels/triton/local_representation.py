@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from pem_kernels.ops.local_representation import no_backward, no_backward_setup
 from pem_kernels.triton import interpreter_requested
 
 __all__ = ["local_representation_triton"]
@@ -138,3 +139,6 @@ def local_representation_triton(
         HAS_POS=pos is not None, **config,
     )
     return out
+
+
+local_representation_triton.register_autograd(no_backward, setup_context=no_backward_setup)
