@@ -68,15 +68,8 @@ def overlay(image: Tensor, colored: np.ndarray, segment_ids: Tensor, alpha: floa
     return out.round().astype(np.uint8)
 
 
-def _read_image(path: Path) -> Tensor:
-    if not path.is_file():
-        raise FileNotFoundError(f"--image: no file at {str(path)!r}")
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from pem.data.folders import read_image
     from pem.evaluate import predict
     from pem.train import load_checkpoint, model_from_checkpoint
 
@@ -98,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     info = state["dataset_info"]
     task = args.task or state.get("task", "panoptic")
     model = model_from_checkpoint(state, args.backend).to(args.device)
-    image = _read_image(Path(args.image))
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"--image: no file at {str(image_path)!r}")
+    image = read_image(image_path)
     with torch.no_grad():
         result = predict(model, image, info["thing_ids"], task, torch.device(args.device),
                          short_side=args.short_side, max_size=args.max_size)

@@ -79,6 +79,7 @@ __all__ = [
     "CITYSCAPES_INFO",
     "ADE20KDataset",
     "CityscapesDataset",
+    "read_image",
 ]
 
 PathLike = str | Path
@@ -112,7 +113,7 @@ ADE20K_IMAGE_SUFFIXES = (".jpg", ".png")
 # --------------------------------------------------------------------------------------------
 
 
-def _read_image(path: Path) -> torch.Tensor:
+def read_image(path: Path) -> torch.Tensor:
     """Read an image file as a uint8 RGB tensor ``[3, H, W]``."""
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
@@ -290,7 +291,7 @@ class _FolderDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         rec = self.records[index]
-        image = _read_image(rec.image)
+        image = read_image(rec.image)
         hw = tuple(image.shape[1:])
         sem = self._decode_semantic(_read_label_map(rec.sem_seg), rec.sem_seg)
         if sem.shape != hw:
