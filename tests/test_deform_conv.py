@@ -187,6 +187,61 @@ def test_all_gradients_match_torchvision_fp64(device, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "layout", ["nchw", "channels_last", "channels_last_unaligned"]
+)
+@pytest.mark.parametrize(
+    "channels,groups,offset_groups",
+    [(32, 2, 1), (32, 1, 2), (64, 4, 4), (48, 1, 3), (20, 1, 1), (32, 2, 4)],
+    ids=lambda value: str(value),
+)
+def test_forward_gather_paths(device, dtype, layout, channels, groups, offset_groups):
+    """The CUDA forward gathers per element, with shared sample tables (channels per weight and
+    per offset group multiples of 16), or 4 channels per vector load (also channels_last with an
+    aligned start); every path and the fallbacks around them against torchvision."""
+    conv = Conv(
+        in_channels=channels, height=9, width=11, out_channels=8 * groups, groups=groups,
+        offset_groups=offset_groups, offset_scale=3.0,
+    )
+    tensors = make_inputs(conv, dtype, device)
+    input = tensors["input"]
+    strides = input.contiguous(memory_format=torch.channels_last).stride()
+    if layout == "channels_last":
+        tensors["input"] = input.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_unaligned":
+        # channels_last strides, but starting one element into the storage: no aligned vectors.
+        flat = torch.zeros(input.numel() + 1, dtype=dtype, device=device)
+        tensors["input"] = flat[1:].as_strided(input.shape, strides).copy_(input)
+        assert tensors["input"].data_ptr() % (4 * input.element_size()) != 0
+    if layout != "nchw":
+        assert tensors["input"].stride() == strides
+    expected = call_torchvision(tensors, conv)
+    torch.testing.assert_close(call(backend_for(device), tensors, conv), expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradients_over_several_backward_blocks(device, layout):
+    """C_in * taps large enough that one image's backward runs in several pixel blocks on every
+    backend (CUDA: 32 MiB column tiles, here 36 KiB per fp64 pixel, so 896-pixel blocks; CPU:
+    2 MiB), the last one partial; grad_weight accumulates over the blocks and grad_input over
+    the blocks' entry lists."""
+    conv = Conv(
+        batch=2, in_channels=512, height=41, width=47, out_channels=4, offset_groups=2,
+        groups=2, offset_scale=3.0,
+    )
+    tensors = make_inputs(conv, torch.float64, device)
+    if layout == "channels_last":
+        tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=device)
+    backend = backend_for(device)
+    actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
+    expected = gradients(lambda t: call_torchvision(t, conv), tensors, grad_output)
+    assert_gradients_close(actual, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "name", ["fractional_offsets", "groups4_offset_groups2", "large_offsets", "many_pixels"]
 )
@@ -430,22 +485,21 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_is_deterministic(device):
+def test_backward_is_deterministic(device, monkeypatch):
+    """Bit-identical gradients from run to run, also under torch's deterministic mode (no backend
+    uses floating-point atomics; CUDA's GEMMs need the cuBLAS setting torch asks for there)."""
     conv = CONFIGS["many_pixels"]
     tensors = make_inputs(conv, torch.float32, device)
     grad_output = torch.randn(conv.output_shape(), device=device)
     backend = backend_for(device)
-    if backend == "cuda":
-        # The CUDA backward scatters the input gradient with atomics: deterministic mode refuses it.
-        torch.use_deterministic_algorithms(True)
-        try:
-            with pytest.raises(RuntimeError, match="deterministic"):
-                gradients(lambda t: call(backend, t, conv), tensors, grad_output)
-        finally:
-            torch.use_deterministic_algorithms(False)
-        return
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     first = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
-    second = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        second = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
+    finally:
+        torch.use_deterministic_algorithms(previous)
     assert set(first) == set(TENSOR_NAMES)
     for name in first:
         assert torch.equal(first[name], second[name]), name

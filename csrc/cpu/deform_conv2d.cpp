@@ -103,20 +103,6 @@ void run_tasks(int64_t count, const Task& task) {
   });
 }
 
-// Whether the channels_last path reads the input in place. A tensor that is both contiguous and
-// channels_last-contiguous (C == 1 or H == W == 1) takes the NCHW path.
-bool reads_channels_last(const at::Tensor& input) {
-  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// The layout the kernels read: channels_last in place, anything else as contiguous NCHW. Detached:
-// the kernels run ATen ops (views, mm_out) internally, and autograd differentiates the op as a
-// whole (pem_kernels/ops/deform_conv.py).
-at::Tensor kernel_input(const at::Tensor& input) {
-  const at::Tensor detached = input.detach();
-  return reads_channels_last(detached) ? detached : detached.contiguous();
-}
-
 // Output pixels per block: as many as fit `tile_bytes` of columns, but no more than gives the
 // batch `wanted_blocks` blocks in all (so every thread gets several).
 int64_t block_pixels(

@@ -1,25 +1,51 @@
 // deform_conv2d on CUDA: the semantics of csrc/cpu/deform_conv2d.cpp (torchvision's DCNv2), with
 // the same argument checks (deform_conv_checks.h) and sampling rules (deform_conv_common.h).
 //
+// Memory formats, as on the CPU: a channels_last input is read in place through its strides (no
+// NCHW copy) and its gradient is written in the same layout; any other layout is made contiguous
+// NCHW first. offset, mask and grad_output are made contiguous; the output is contiguous NCHW.
+//
 // Forward: an implicit GEMM per weight group, out[m, n] = sum_k col[m, k] * W[n, k] with m an
-// output pixel, n an output channel and k an (input channel, tap) pair; each block computes a
+// output pixel, n an output channel and k a (tap, input channel) pair; each block computes a
 // 64 x 64 output tile and gathers its [16 x 64] column tile (bilinear samples times the
 // modulation) straight into shared memory, so the column matrix never exists. fp32 accumulation.
+// When 16 consecutive k share a tap and an offset group (channel counts that are multiples of
+// 16, PEM's case) the tile's 64 sample positions are computed once and shared by the channels,
+// and a channels_last input is read 4 channels per vector load (Gather below).
 //
-// Backward, a correct-first version: one thread per (image, offset group, tap, pixel) forms the
-// column gradient and writes the offset and mask gradients and scatters the input gradient with
-// atomics (so it is not deterministic: torch.use_deterministic_algorithms(True) raises; the CPU
-// and Triton backends are deterministic); one thread per weight element reduces its gradient
-// over all pixels in a fixed order. The tiled backward is future work.
+// Backward: the structure of the CPU backward, one image and one block of output pixels at a
+// time (the block size depends on the shape only), each step parallel over the block:
+//   1. the modulated column tile [C_in * taps, pixels] in acc_t (one thread per offset group, tap
+//      and pixel computes the sample position once for all channels of its offset group);
+//   2. grad_weight_g += grad_out_g @ columns_g^T and 3. grad_columns_g = W_g^T @ grad_out_g,
+//      cuBLAS GEMMs in acc_t;
+//   4. offset and mask gradients: one thread per (offset group, tap, pixel) sums its channels in
+//      order;
+//   5. grad_input: the scatter through the bilinear weights is turned into a gather, so that no
+//      atomics are needed. Every (offset group, tap, pixel, corner) of the block is listed with
+//      the corner's input pixel as a sort key; a stable sort and a searchsorted give each
+//      (offset group, input pixel) its list of entries in entry order, and one thread per
+//      (channel, input pixel) adds them up in that order (the order in which the CPU kernel adds
+//      them) onto grad_input.
+// Every gradient element is therefore written by one thread per launch with a fixed order of
+// additions: the backward is bit-identical from run to run and needs no special path under
+// torch.use_deterministic_algorithms(True) (its cuBLAS calls follow torch's rules there, i.e.
+// CUBLAS_WORKSPACE_CONFIG must be set as for any CUDA matmul). fp16/bf16 gradients are computed
+// in fp32 and rounded once. Extra memory: two column tiles of at most kBackwardTileBytes each,
+// the entry list (about 30 bytes per (offset group, tap, pixel, corner) of a block) and, for
+// fp16/bf16, fp32 copies of one image's input gradient and of the weight gradient.
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "pem_kernels/deform_conv_checks.h"
 #include "pem_kernels/deform_conv_common.h"
@@ -35,61 +61,174 @@ constexpr int kElementThreads = 256;
 
 int64_t blocks_for(int64_t count, int threads) { return (count + threads - 1) / threads; }
 
-// Sample of channel `channel` of image `b` at output pixel (oy, ox) and tap `tap`, times the
-// modulation; `mask` may be null.
+// Element strides of a 4-D [B, C, H, W] tensor of any layout (NCHW, channels_last).
+struct Strides4 {
+  int64_t image, channel, row, col;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The sample of (offset group, tap) row `row` of image `b` at output pixel `pixel`: its corners
+// as element offsets row * stride_y + col * stride_x within one channel.
 template <typename scalar_t, typename acc_t>
-__device__ acc_t modulated_sample(
-    const ConvShape& s, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
-    int64_t b, int64_t channel, int64_t tap, int64_t oy, int64_t ox) {
-  const int64_t row = (channel / s.offset_group_channels()) * s.taps() + tap;
-  const int64_t pixel = oy * s.out_w + ox;
+__device__ BilinearSample<acc_t> sample_at(
+    const ConvShape& s, const scalar_t* offset, int64_t b, int64_t row, int64_t pixel,
+    int64_t stride_y, int64_t stride_x) {
+  const int64_t tap = row % s.taps();
+  const int64_t oy = pixel / s.out_w, ox = pixel % s.out_w;
   const scalar_t* offset_yx = offset + (b * 2 * s.sample_rows() + 2 * row) * s.out_pixels() + pixel;
   const acc_t y = sample_coordinate<acc_t>(
       oy, tap / s.kernel_w, s.stride_h, s.pad_h, s.dilation_h, static_cast<acc_t>(offset_yx[0]));
   const acc_t x = sample_coordinate<acc_t>(
       ox, tap % s.kernel_w, s.stride_w, s.pad_w, s.dilation_w,
       static_cast<acc_t>(offset_yx[s.out_pixels()]));
-  const BilinearSample<acc_t> sample = bilinear_sample<acc_t>(y, x, s.height, s.width, s.width, 1);
-  acc_t value = bilinear_interpolate<scalar_t, acc_t>(
-      input + (b * s.in_channels + channel) * s.height * s.width, sample);
-  if (mask != nullptr) {
-    value *= static_cast<acc_t>(mask[(b * s.sample_rows() + row) * s.out_pixels() + pixel]);
-  }
-  return value;
+  return bilinear_sample<acc_t>(y, x, s.height, s.width, stride_y, stride_x);
 }
 
-// Grid (M tiles, N tiles, groups).
+// The modulation of row `row` of image `b` at output pixel `pixel`; 1 without a mask.
 template <typename scalar_t, typename acc_t>
+__device__ acc_t modulation_at(
+    const ConvShape& s, const scalar_t* mask, int64_t b, int64_t row, int64_t pixel) {
+  return mask == nullptr
+      ? acc_t(1)
+      : static_cast<acc_t>(mask[(b * s.sample_rows() + row) * s.out_pixels() + pixel]);
+}
+
+// Sample of channel `channel` of image `b` at output pixel `pixel` and tap `tap`, times the
+// modulation; `mask` may be null.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t modulated_sample(
+    const ConvShape& s, const Strides4& in, const scalar_t* input, const scalar_t* offset,
+    const scalar_t* mask, int64_t b, int64_t channel, int64_t tap, int64_t pixel) {
+  const int64_t row = (channel / s.offset_group_channels()) * s.taps() + tap;
+  const BilinearSample<acc_t> sample =
+      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
+  return bilinear_interpolate<scalar_t, acc_t>(input + b * in.image + channel * in.channel, sample) *
+      modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+}
+
+// How the forward kernel gathers a [kTileK x kTileM] column tile.
+enum class Gather {
+  // Every element computes its own sample position: any channel counts.
+  kPerElement,
+  // Every stage of kTileK (tap, channel) pairs lies within one tap and one offset group
+  // (C_in / groups and C_in / offset_groups are multiples of kTileK): the tile's kTileM samples
+  // are computed once per (offset group, tap) into shared memory and serve all its channels.
+  kSharedSamples,
+  // kSharedSamples on a channels_last input with 4-aligned channels: one vector load fetches
+  // kVectorChannels consecutive channels of a corner.
+  kVectorizedChannels,
+};
+
+constexpr int kVectorChannels = 4;
+
+template <typename scalar_t>
+struct alignas(sizeof(scalar_t) * kVectorChannels) ChannelVector {
+  scalar_t value[kVectorChannels];
+};
+
+// Grid (M tiles, N tiles, groups). `weight` is laid out [C_out, kh, kw, C_in / groups], so that
+// k = tap * (C_in / groups) + channel and a stage of kTileK consecutive k usually shares one tap.
+template <typename scalar_t, typename acc_t, Gather kGather>
 __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
-    ConvShape s, const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
-    const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
-    const scalar_t* __restrict__ bias, scalar_t* __restrict__ output) {
+    ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
+    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
+    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ output) {
   __shared__ acc_t column_tile[kTileK][kTileM];
   __shared__ acc_t weight_tile[kTileK][kTileN];
+  // The samples of the tile's pixels for one (offset group, tap) row (kSharedSamples and
+  // kVectorizedChannels): corner element offsets from the input's start (image included),
+  // bilinear weights times the modulation, and inside flags (0 past the last pixel).
+  __shared__ int64_t corner_offset[kTileM][kBilinearCorners];
+  __shared__ acc_t corner_weight[kTileM][kBilinearCorners];
+  __shared__ uint8_t corner_inside[kTileM];
   const int64_t group = blockIdx.z;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const int64_t pixels_total = s.batch * s.out_pixels();
   const int64_t group_rows = s.group_rows(), out_per_group = s.group_out_channels();
+  const int64_t group_channels = s.group_channels();
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   acc_t acc[4][4] = {};
+  int64_t tables_row = -1;  // the (offset group, tap) row the sample tables hold
 
   for (int64_t k0 = 0; k0 < group_rows; k0 += kTileK) {
-    // Consecutive threads take consecutive pixels: their offsets and outputs are contiguous.
-    for (int i = threadIdx.x; i < kTileK * kTileM; i += kThreads) {
-      const int kk = i / kTileM, mm = i % kTileM;
-      const int64_t k = k0 + kk, m = m0 + mm;
-      acc_t value = 0;
-      if (k < group_rows && m < pixels_total) {
-        const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
-        const int64_t channel = group * s.group_channels() + k / s.taps();
-        value = modulated_sample<scalar_t, acc_t>(
-            s, input, offset, mask, b, channel, k % s.taps(), pixel / s.out_w, pixel % s.out_w);
+    if constexpr (kGather == Gather::kPerElement) {
+      // Consecutive threads take consecutive pixels: their offsets are contiguous.
+      for (int i = threadIdx.x; i < kTileK * kTileM; i += kThreads) {
+        const int kk = i / kTileM, mm = i % kTileM;
+        const int64_t k = k0 + kk, m = m0 + mm;
+        acc_t value = 0;
+        if (k < group_rows && m < pixels_total) {
+          value = modulated_sample<scalar_t, acc_t>(
+              s, in, input, offset, mask, m / s.out_pixels(),
+              group * group_channels + k % group_channels, k / group_channels,
+              m % s.out_pixels());
+        }
+        column_tile[kk][mm] = value;
       }
-      column_tile[kk][mm] = value;
+    } else {
+      const int64_t c0 = group * group_channels + k0 % group_channels;
+      const int64_t row = (c0 / s.offset_group_channels()) * s.taps() + k0 / group_channels;
+      if (row != tables_row) {  // the same decision in every thread of the block
+        if (threadIdx.x < kTileM) {
+          const int64_t m = m0 + threadIdx.x;
+          uint8_t inside = 0;
+          if (m < pixels_total) {
+            const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
+            const BilinearSample<acc_t> sample =
+                sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
+            const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+            for (int corner = 0; corner < kBilinearCorners; ++corner) {
+              corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
+              corner_weight[threadIdx.x][corner] = sample.weight[corner] * modulation;
+            }
+            inside = sample.inside;
+          }
+          corner_inside[threadIdx.x] = inside;
+        }
+        tables_row = row;
+        __syncthreads();
+      }
+      if constexpr (kGather == Gather::kSharedSamples) {
+        for (int i = threadIdx.x; i < kTileK * kTileM; i += kThreads) {
+          const int kk = i / kTileM, mm = i % kTileM;
+          const scalar_t* channel = input + (c0 + kk) * in.channel;
+          acc_t value = 0;
+          for (int corner = 0; corner < kBilinearCorners; ++corner) {
+            if (corner_inside[mm] & (1u << corner)) {
+              value += corner_weight[mm][corner] *
+                  static_cast<acc_t>(channel[corner_offset[mm][corner]]);
+            }
+          }
+          column_tile[kk][mm] = value;
+        }
+      } else {
+        // Consecutive threads take consecutive channel vectors of one pixel: adjacent memory.
+        constexpr int kVectors = kTileK / kVectorChannels;
+        for (int i = threadIdx.x; i < kVectors * kTileM; i += kThreads) {
+          const int mm = i / kVectors, first = (i % kVectors) * kVectorChannels;
+          const scalar_t* channels = input + c0 + first;  // channel stride 1
+          acc_t value[kVectorChannels] = {};
+          for (int corner = 0; corner < kBilinearCorners; ++corner) {
+            if (corner_inside[mm] & (1u << corner)) {
+              const ChannelVector<scalar_t> v = *reinterpret_cast<const ChannelVector<scalar_t>*>(
+                  channels + corner_offset[mm][corner]);
+#pragma unroll
+              for (int e = 0; e < kVectorChannels; ++e) {
+                value[e] += corner_weight[mm][corner] * static_cast<acc_t>(v.value[e]);
+              }
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < kVectorChannels; ++e) column_tile[first + e][mm] = value[e];
+        }
+      }
     }
-    // Consecutive threads take consecutive k: the weight rows [C_out, C_in/groups * kh * kw]
-    // are contiguous along k.
+    // Consecutive threads take consecutive k: the weight rows are contiguous along k.
     for (int i = threadIdx.x; i < kTileK * kTileN; i += kThreads) {
       const int kk = i % kTileK, nn = i / kTileK;
       const int64_t k = k0 + kk, n = n0 + nn;
@@ -138,8 +277,9 @@ at::Tensor deform_conv2d_cuda(
       "deform_conv2d", input_in, weight_in, offset_in, mask_in, bias_in, stride_h, stride_w,
       pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
   const c10::cuda::CUDAGuard device_guard(input_in.device());
-  const at::Tensor input = input_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor input = kernel_input(input_in);
+  // [C_out, kh, kw, C_in / groups]: (tap, channel) order along k (a copy of the small weight).
+  const at::Tensor weight = weight_in.permute({0, 2, 3, 1}).contiguous();
   const at::Tensor offset = offset_in.contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -152,94 +292,270 @@ at::Tensor deform_conv2d_cuda(
       grid.x < (1u << 31) && grid.y <= 65535 && grid.z <= 65535,
       "deform_conv2d (cuda): the problem is too large for one launch: ", s.batch, " images of ",
       s.out_pixels(), " pixels, ", s.out_channels, " output channels, ", s.groups, " groups");
+  const Strides4 in = strides_of(input);
+  const bool shared_samples =
+      s.group_channels() % kTileK == 0 && s.offset_group_channels() % kTileK == 0;
+  // Channel vectors start at multiples of kVectorChannels elements (c0 is a multiple of kTileK;
+  // the row, column and image strides of channels_last are multiples of C_in).
+  const bool vectorized = shared_samples && in.channel == 1 &&
+      s.in_channels % kVectorChannels == 0 &&
+      reinterpret_cast<uintptr_t>(input.const_data_ptr()) %
+              (kVectorChannels * input.element_size()) == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        deform_conv2d_forward_kernel<scalar_t, acc_t>
-            <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                s, input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                offset.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<scalar_t>() : nullptr,
-                bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, output.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto launch = [&](auto gather) {
+          deform_conv2d_forward_kernel<scalar_t, acc_t, decltype(gather)::value>
+              <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  s, in, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                  offset.const_data_ptr<scalar_t>(),
+                  mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr,
+                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                  output.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (vectorized) {
+          launch(std::integral_constant<Gather, Gather::kVectorizedChannels>{});
+        } else if (shared_samples) {
+          launch(std::integral_constant<Gather, Gather::kSharedSamples>{});
+        } else {
+          launch(std::integral_constant<Gather, Gather::kPerElement>{});
+        }
       });
   return output;
 }
 
-// One thread per (image, offset group, tap, output pixel): the column gradient of each channel of
-// the offset group, dcol = sum_n W[n, c, tap] * grad_out[b, n, pixel] over its weight group's
-// output channels, gives the mask gradient (dcol * sample), the offset gradient
-// (dcol * mask * d sample / d(y, x)) and, through atomics, the input gradient.
-template <typename scalar_t, typename acc_t>
-__global__ void deform_conv2d_backward_data_kernel(
-    ConvShape s, const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
-    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
-    const scalar_t* __restrict__ mask, acc_t* grad_input, scalar_t* grad_offset,
-    scalar_t* grad_mask) {
-  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (index >= s.batch * s.sample_rows() * s.out_pixels()) return;
-  const int64_t pixel = index % s.out_pixels();
-  const int64_t row = (index / s.out_pixels()) % s.sample_rows();
-  const int64_t b = index / (s.out_pixels() * s.sample_rows());
-  const int64_t offset_group = row / s.taps(), tap = row % s.taps();
-  const int64_t oy = pixel / s.out_w, ox = pixel % s.out_w;
-  const scalar_t* offset_yx = offset + (b * 2 * s.sample_rows() + 2 * row) * s.out_pixels() + pixel;
-  const acc_t y = sample_coordinate<acc_t>(
-      oy, tap / s.kernel_w, s.stride_h, s.pad_h, s.dilation_h, static_cast<acc_t>(offset_yx[0]));
-  const acc_t x = sample_coordinate<acc_t>(
-      ox, tap % s.kernel_w, s.stride_w, s.pad_w, s.dilation_w,
-      static_cast<acc_t>(offset_yx[s.out_pixels()]));
-  const BilinearSample<acc_t> sample = bilinear_sample<acc_t>(y, x, s.height, s.width, s.width, 1);
-  const int64_t mask_at = (b * s.sample_rows() + row) * s.out_pixels() + pixel;
-  const acc_t modulation = mask == nullptr ? acc_t(1) : static_cast<acc_t>(mask[mask_at]);
-  acc_t grad_value = 0, grad_y = 0, grad_x = 0;
-  const int64_t channel_begin = offset_group * s.offset_group_channels();
-  for (int64_t channel = channel_begin; channel < channel_begin + s.offset_group_channels(); ++channel) {
-    const int64_t group = channel / s.group_channels();
-    const int64_t local = channel % s.group_channels();
-    acc_t dcol = 0;
-    for (int64_t n = group * s.group_out_channels(); n < (group + 1) * s.group_out_channels(); ++n) {
-      dcol += static_cast<acc_t>(weight[(n * s.group_channels() + local) * s.taps() + tap]) *
-          static_cast<acc_t>(grad_output[(b * s.out_channels + n) * s.out_pixels() + pixel]);
-    }
-    const int64_t plane = (b * s.in_channels + channel) * s.height * s.width;
-    accumulate_sample_grads<scalar_t, acc_t>(
-        input + plane, sample, dcol, &grad_value, &grad_y, &grad_x);
-    for (int corner = 0; corner < kBilinearCorners; ++corner) {
-      if (sample.inside & (1u << corner)) {
-        atomicAdd(grad_input + plane + sample.offset[corner], dcol * modulation * sample.weight[corner]);
-      }
-    }
-  }
-  scalar_t* grad_offset_yx = grad_offset + (b * 2 * s.sample_rows() + 2 * row) * s.out_pixels() + pixel;
-  grad_offset_yx[0] = static_cast<scalar_t>(grad_y * modulation);
-  grad_offset_yx[s.out_pixels()] = static_cast<scalar_t>(grad_x * modulation);
-  if (mask != nullptr) grad_mask[mask_at] = static_cast<scalar_t>(grad_value);
+// Upper bound of each backward column tile (the columns and their gradient): large enough that the
+// GEMMs over a tile fill the GPU, small enough to stay well below torchvision's im2col buffer.
+constexpr int64_t kBackwardTileBytes = 32 << 20;
+// Pixel blocks are multiples of this (except the last block of an image).
+constexpr int64_t kPixelAlign = 128;
+
+// Output pixels per backward block: a function of the shape only, so that grad_weight is always
+// accumulated in the same order.
+int64_t backward_block_pixels(const ConvShape& s, int64_t element_size) {
+  const int64_t column_bytes = s.in_channels * s.taps() * element_size;
+  const int64_t by_size = kBackwardTileBytes / column_bytes / kPixelAlign * kPixelAlign;
+  return std::min(std::max(by_size, kPixelAlign), s.out_pixels());
 }
 
-// One thread per weight element (output channel, input channel of its group, tap): the sum over
-// images and pixels of grad_out * modulated sample, in a fixed order (deterministic).
+// Step 1. One thread per (offset group * taps + tap, pixel of the block): the modulated samples of
+// every channel of the offset group, columns[(c * taps + tap) * count + j].
 template <typename scalar_t, typename acc_t>
-__global__ void deform_conv2d_backward_weight_kernel(
-    ConvShape s, const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
-    const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, scalar_t* grad_weight) {
+__global__ void fill_columns_kernel(
+    ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
+    const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b,
+    int64_t pixel0, int64_t count, acc_t* __restrict__ columns) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (index >= s.out_channels * s.group_rows()) return;
-  const int64_t out_channel = index / s.group_rows();
-  const int64_t k = index % s.group_rows();
-  const int64_t group = out_channel / s.group_out_channels();
-  const int64_t channel = group * s.group_channels() + k / s.taps(), tap = k % s.taps();
-  acc_t sum = 0;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const scalar_t* grad_row = grad_output + (b * s.out_channels + out_channel) * s.out_pixels();
-    for (int64_t pixel = 0; pixel < s.out_pixels(); ++pixel) {
-      const acc_t grad = static_cast<acc_t>(grad_row[pixel]);
-      if (grad != acc_t(0)) {
-        sum += grad * modulated_sample<scalar_t, acc_t>(
-            s, input, offset, mask, b, channel, tap, pixel / s.out_w, pixel % s.out_w);
-      }
-    }
+  if (index >= s.sample_rows() * count) return;
+  const int64_t row = index / count, j = index % count;
+  const int64_t tap = row % s.taps(), channels = s.offset_group_channels();
+  const BilinearSample<acc_t> sample =
+      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel0 + j, in.row, in.col);
+  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
+  const int64_t c0 = (row / s.taps()) * channels;
+  for (int64_t c = c0; c < c0 + channels; ++c) {
+    columns[(c * s.taps() + tap) * count + j] =
+        modulation *
+        bilinear_interpolate<scalar_t, acc_t>(input + b * in.image + c * in.channel, sample);
   }
-  grad_weight[index] = static_cast<scalar_t>(sum);
+}
+
+// Step 4. One thread per (row, pixel of the block): the offset and mask gradients, a sum over the
+// offset group's channels in channel order. The column's gradient reaches the unmodulated sample
+// times the modulation, and the modulation times the sample.
+template <typename scalar_t, typename acc_t>
+__global__ void coordinate_grads_kernel(
+    ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
+    const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b,
+    int64_t pixel0, int64_t count, const acc_t* __restrict__ grad_columns,
+    scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= s.sample_rows() * count) return;
+  const int64_t row = index / count, j = index % count, pixel = pixel0 + j;
+  const int64_t tap = row % s.taps(), channels = s.offset_group_channels();
+  const BilinearSample<acc_t> sample =
+      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
+  acc_t sum_value = 0, sum_dy = 0, sum_dx = 0;
+  const int64_t c0 = (row / s.taps()) * channels;
+  for (int64_t c = c0; c < c0 + channels; ++c) {
+    accumulate_sample_grads<scalar_t, acc_t>(
+        input + b * in.image + c * in.channel, sample, grad_columns[(c * s.taps() + tap) * count + j],
+        &sum_value, &sum_dy, &sum_dx);
+  }
+  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+  scalar_t* grad_y = grad_offset + (b * 2 * s.sample_rows() + 2 * row) * s.out_pixels() + pixel;
+  grad_y[0] = static_cast<scalar_t>(modulation * sum_dy);
+  grad_y[s.out_pixels()] = static_cast<scalar_t>(modulation * sum_dx);
+  if (grad_mask != nullptr) {
+    grad_mask[(b * s.sample_rows() + row) * s.out_pixels() + pixel] = static_cast<scalar_t>(sum_value);
+  }
+}
+
+// Step 5a. One thread per (row, pixel of the block): its four corners as entries
+// e = (row * count + j) * 4 + corner of the block's entry list, with the sort key
+// offset group * H * W + the corner's input pixel (y * W + x), or H * W * offset_groups (sorts
+// last) for a corner outside the image, and the weight bilinear weight * modulation.
+template <typename scalar_t, typename acc_t>
+__global__ void corner_entries_kernel(
+    ConvShape s, const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
+    int64_t b, int64_t pixel0, int64_t count, int64_t* __restrict__ keys,
+    acc_t* __restrict__ weights) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= s.sample_rows() * count) return;
+  const int64_t row = index / count, j = index % count;
+  const int64_t image_pixels = s.height * s.width;
+  const BilinearSample<acc_t> sample =
+      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel0 + j, s.width, 1);
+  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
+  const int64_t key0 = (row / s.taps()) * image_pixels;
+  for (int corner = 0; corner < kBilinearCorners; ++corner) {
+    const bool inside = sample.inside & (1u << corner);
+    keys[index * kBilinearCorners + corner] =
+        inside ? key0 + sample.offset[corner] : s.offset_groups * image_pixels;
+    weights[index * kBilinearCorners + corner] = inside ? sample.weight[corner] * modulation : acc_t(0);
+  }
+}
+
+// Step 5b. One thread per (channel, input pixel): adds the entries of its (offset group, input
+// pixel), in entry order (tap, pixel, corner), weight * grad_columns[(c * taps + tap), j], onto
+// grad_input. Consecutive threads take consecutive pixels for NCHW and consecutive channels for
+// channels_last, so that their grad_input elements are adjacent.
+template <typename acc_t>
+__global__ void input_grad_kernel(
+    ConvShape s, Strides4 grad_in, bool channel_fastest, int64_t count,
+    const int64_t* __restrict__ entry_begin, const int64_t* __restrict__ order,
+    const acc_t* __restrict__ weights, const acc_t* __restrict__ grad_columns,
+    acc_t* __restrict__ grad_image) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t image_pixels = s.height * s.width;
+  if (index >= s.in_channels * image_pixels) return;
+  const int64_t c = channel_fastest ? index % s.in_channels : index / image_pixels;
+  const int64_t p = channel_fastest ? index / s.in_channels : index % image_pixels;
+  const int64_t list = (c / s.offset_group_channels()) * image_pixels + p;
+  const int64_t begin = entry_begin[list], end = entry_begin[list + 1];
+  if (begin == end) return;
+  acc_t* grad = grad_image + c * grad_in.channel + (p / s.width) * grad_in.row +
+      (p % s.width) * grad_in.col;
+  acc_t sum = *grad;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t entry = order[i];
+    const int64_t sample = entry / kBilinearCorners;  // row * count + j
+    const int64_t tap = (sample / count) % s.taps(), j = sample % count;
+    sum += weights[entry] * grad_columns[(c * s.taps() + tap) * count + j];
+  }
+  *grad = sum;
+}
+
+template <typename scalar_t>
+void deform_conv2d_backward_impl(
+    const ConvShape& s, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& offset, const at::Tensor& mask,
+    at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_offset,
+    at::Tensor& grad_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // fp32/fp64 gradients are accumulated in place; fp16/bf16 ones in fp32 buffers.
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t taps = s.taps(), pixels = s.out_pixels();
+  const int64_t group_rows = s.group_rows(), group_out = s.group_out_channels();
+  const int64_t image_pixels = s.height * s.width;
+  const int64_t block = backward_block_pixels(s, sizeof(acc_t));
+  const int64_t blocks_per_image = (pixels + block - 1) / block;
+
+  const at::Tensor weight_acc =
+      weight.to(acc_options.dtype()).contiguous().view({s.out_channels, group_rows});
+  at::Tensor grad_weight_acc = kSameType ? grad_weight.view({s.out_channels, group_rows})
+                                         : at::zeros({s.out_channels, group_rows}, acc_options);
+  // grad_input of the current image in acc_t, in grad_input's own layout: grad_input itself, or
+  // a one-image fp32 buffer.
+  const at::Tensor grad_image_buffer =
+      kSameType ? at::Tensor() : at::empty_like(grad_input[0], acc_options);
+  Strides4 grad_in = strides_of(grad_input);
+  if constexpr (!kSameType) {
+    TORCH_INTERNAL_ASSERT(grad_image_buffer.strides() == grad_input.strides().slice(1));
+  }
+  const bool channel_fastest = grad_in.channel == 1 && s.in_channels > 1;
+
+  const at::Tensor columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
+  const at::Tensor grad_columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
+  const int64_t entries_max = s.sample_rows() * block * kBilinearCorners;
+  const at::Tensor keys_storage = at::empty({entries_max}, input.options().dtype(at::kLong));
+  const at::Tensor weights_storage = at::empty({entries_max}, acc_options);
+  // Boundaries of the entry lists: list l = offset group * H * W + input pixel holds the sorted
+  // entries [entry_begin[l], entry_begin[l + 1]).
+  const at::Tensor list_bounds =
+      at::arange(s.offset_groups * image_pixels + 1, input.options().dtype(at::kLong));
+  const at::Tensor grad_output_rows = grad_output.view({s.batch, s.out_channels, pixels});
+  const Strides4 in = strides_of(input);
+  const scalar_t* input_data = input.const_data_ptr<scalar_t>();
+  const scalar_t* offset_data = offset.const_data_ptr<scalar_t>();
+  const scalar_t* mask_data = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+
+  for (int64_t b = 0; b < s.batch; ++b) {
+    acc_t* grad_image;
+    if constexpr (kSameType) {
+      grad_image = grad_input.data_ptr<acc_t>() + b * grad_input.stride(0);
+    } else {
+      grad_image_buffer.zero_();
+      grad_image = grad_image_buffer.data_ptr<acc_t>();
+    }
+    for (int64_t block_index = 0; block_index < blocks_per_image; ++block_index) {
+      const int64_t pixel0 = block_index * block;
+      const int64_t count = std::min(block, pixels - pixel0);
+      const int64_t sample_threads = s.sample_rows() * count;
+      const unsigned sample_blocks = blocks_for(sample_threads, kElementThreads);
+      const at::Tensor columns =
+          columns_storage.narrow(0, 0, s.in_channels * taps * count).view({s.in_channels * taps, count});
+      const at::Tensor grad_columns = grad_columns_storage.narrow(0, 0, s.in_channels * taps * count)
+                                          .view({s.in_channels * taps, count});
+
+      // 1. The modulated column tile.
+      fill_columns_kernel<scalar_t, acc_t><<<sample_blocks, kElementThreads, 0, stream>>>(
+          s, in, input_data, offset_data, mask_data, b, pixel0, count, columns.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+      // 2., 3. grad_weight_g += grad_out_g @ columns_g^T; grad_columns_g = W_g^T @ grad_out_g.
+      at::Tensor grad_out_block = grad_output_rows[b].narrow(1, pixel0, count);
+      if constexpr (!kSameType) grad_out_block = grad_out_block.to(acc_options.dtype());
+      for (int64_t g = 0; g < s.groups; ++g) {
+        const at::Tensor grad_out_g = grad_out_block.narrow(0, g * group_out, group_out);
+        grad_weight_acc.narrow(0, g * group_out, group_out)
+            .addmm_(grad_out_g, columns.narrow(0, g * group_rows, group_rows).t());
+        at::Tensor grad_columns_g = grad_columns.narrow(0, g * group_rows, group_rows);
+        at::mm_out(
+            grad_columns_g, weight_acc.narrow(0, g * group_out, group_out).t(), grad_out_g);
+      }
+
+      // 4. Offset and mask gradients.
+      coordinate_grads_kernel<scalar_t, acc_t><<<sample_blocks, kElementThreads, 0, stream>>>(
+          s, in, input_data, offset_data, mask_data, b, pixel0, count,
+          grad_columns.const_data_ptr<acc_t>(), grad_offset.data_ptr<scalar_t>(),
+          mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+      // 5. grad_input through the sorted entry list.
+      const int64_t entries = sample_threads * kBilinearCorners;
+      const at::Tensor keys = keys_storage.narrow(0, 0, entries);
+      const at::Tensor weights = weights_storage.narrow(0, 0, entries);
+      corner_entries_kernel<scalar_t, acc_t><<<sample_blocks, kElementThreads, 0, stream>>>(
+          s, offset_data, mask_data, b, pixel0, count, keys.data_ptr<int64_t>(),
+          weights.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0);
+      const at::Tensor entry_begin = at::searchsorted(sorted_keys, list_bounds);
+      input_grad_kernel<acc_t>
+          <<<blocks_for(s.in_channels * image_pixels, kElementThreads), kElementThreads, 0,
+             stream>>>(
+              s, grad_in, channel_fastest, count, entry_begin.const_data_ptr<int64_t>(),
+              order.const_data_ptr<int64_t>(), weights.const_data_ptr<acc_t>(),
+              grad_columns.const_data_ptr<acc_t>(), grad_image);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if constexpr (!kSameType) grad_input[b].copy_(grad_image_buffer);
+  }
+  if constexpr (!kSameType) grad_weight.copy_(grad_weight_acc.view(grad_weight.sizes()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -251,46 +567,30 @@ deform_conv2d_backward_cuda(
   const ConvShape s = check_backward_inputs(
       grad_output_in, input_in, weight_in, offset_in, mask_in, stride_h, stride_w, pad_h, pad_w,
       dilation_h, dilation_w, groups, offset_groups);
-  at::globalContext().alertNotDeterministic("_deform_conv2d_backward (cuda backend)");
   const c10::cuda::CUDAGuard device_guard(input_in.device());
-  const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor input = input_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor offset = offset_in.contiguous();
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const at::Tensor input = kernel_input(input_in);
+  const at::Tensor grad_output = grad_output_in.detach().contiguous();
+  const at::Tensor weight = weight_in.detach();
+  const at::Tensor offset = offset_in.detach().contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->detach().contiguous() : at::Tensor();
+  // grad_input has the layout the kernels read the input in (channels_last stays channels_last);
+  // the other gradients are contiguous. Every offset (and mask) element is written by step 4.
+  at::Tensor grad_input = at::zeros_like(input);
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_offset = at::zeros(offset.sizes(), offset.options());
+  // Without a mask there is no mask gradient: an empty tensor stands in for it.
   at::Tensor grad_mask =
       mask.defined() ? at::zeros(mask.sizes(), mask.options()) : at::empty({0}, input.options());
   // grad_bias: a fixed-order reduction by ATen, accumulated in fp32 for half inputs.
-  at::Tensor grad_bias = grad_output.sum({0, 2, 3}, /*keepdim=*/false, at::toOpMathType(input.scalar_type()))
-                             .to(input.scalar_type());
-  if (s.batch == 0) {
-    return {at::zeros_like(input), grad_weight, grad_offset, grad_mask, grad_bias};
-  }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor grad_input;
+  at::Tensor grad_bias =
+      grad_output.sum({0, 2, 3}, /*keepdim=*/false, at::toOpMathType(input.scalar_type()))
+          .to(input.scalar_type());
+  if (s.batch == 0) return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        // Atomics accumulate in acc_t; the result is rounded once.
-        at::Tensor grad_input_acc = at::zeros(input.sizes(), input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-        const int64_t data_threads = s.batch * s.sample_rows() * s.out_pixels();
-        deform_conv2d_backward_data_kernel<scalar_t, acc_t>
-            <<<blocks_for(data_threads, kElementThreads), kElementThreads, 0, stream>>>(
-                s, grad_output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
-                weight.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, grad_input_acc.data_ptr<acc_t>(),
-                grad_offset.data_ptr<scalar_t>(), mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const int64_t weight_threads = s.out_channels * s.group_rows();
-        deform_conv2d_backward_weight_kernel<scalar_t, acc_t>
-            <<<blocks_for(weight_threads, kElementThreads), kElementThreads, 0, stream>>>(
-                s, grad_output.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
-                offset.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<scalar_t>() : nullptr,
-                grad_weight.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_input = grad_input_acc.to(input.scalar_type());
+        deform_conv2d_backward_impl<scalar_t>(
+            s, grad_output, input, weight, offset, mask, grad_input, grad_weight, grad_offset,
+            grad_mask);
       });
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }

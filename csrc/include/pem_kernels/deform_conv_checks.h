@@ -150,4 +150,18 @@ inline ConvShape check_backward_inputs(
   return s;
 }
 
+// Whether a kernel reads the input in place as channels_last. A tensor that is both contiguous and
+// channels_last-contiguous (C == 1 or H == W == 1) is read as NCHW.
+inline bool reads_channels_last(const at::Tensor& input) {
+  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The layout the CPU and CUDA kernels read: channels_last in place, anything else as contiguous
+// NCHW. Detached: the kernels run ATen ops (views, GEMMs) internally, and autograd differentiates
+// the op as a whole (pem_kernels/ops/deform_conv.py).
+inline at::Tensor kernel_input(const at::Tensor& input) {
+  const at::Tensor detached = input.detach();
+  return reads_channels_last(detached) ? detached : detached.contiguous();
+}
+
 }  // namespace pem_kernels
