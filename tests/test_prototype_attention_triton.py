@@ -7,7 +7,7 @@ import torch
 
 from pem_kernels.reference import prototype_attention_ref
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_compiles_for_sm90
 
 triton_attention = pytest.importorskip("pem_kernels.triton.prototype_attention")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -115,3 +115,43 @@ def test_opcheck(requires_grad):
         (grad_out, args[0], args[1], args[3], args[5], args[6], an, div, True),
         **kwargs,
     )
+
+
+_SM90_COMPILE = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from pem_kernels.triton import prototype_attention as K
+
+assert not K.INTERPRET
+
+def compile_sm90(fn, dtype, constants):
+    signature = {
+        name: "constexpr" if name in constants
+        else "fp32" if name == "eps"
+        else "i32" if name in ("N", "C")
+        else "*fp32" if name in ("x_ptr", "an_ptr", "m_ptr", "div_ptr", "da_ptr", "dp_ptr",
+                                 "dq_ptr", "dalpha_ptr")
+        else "*" + dtype
+        for name in fn.arg_names
+    }
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+# PEM's 100 queries (BLOCK_N=128) and the launch configuration of each dtype.
+for kernel in (K._prototype_attention_fwd_kernel, K._prototype_attention_bwd_kernel):
+    for over_queries in (True, False):
+        compile_sm90(kernel, "bf16", dict(NORM_OVER_QUERIES=over_queries, BLOCK_N=128,
+                                          BLOCK_J=64, BLOCK_K=32, DOT_DTYPE=tl.bfloat16,
+                                          IEEE=False))
+        compile_sm90(kernel, "fp32", dict(NORM_OVER_QUERIES=over_queries, BLOCK_N=128,
+                                          BLOCK_J=64, BLOCK_K=32, DOT_DTYPE=tl.float32, IEEE=True))
+print("compiled for sm_90")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU every kernel is compiled and run by the tests")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts code the compiler rejects: compile the forward and backward kernels
+    for an H100 (sm_90, through Triton's bundled ptxas) in a process without TRITON_INTERPRET."""
+    assert_compiles_for_sm90(_SM90_COMPILE)
