@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,6 +182,58 @@ def test_all_gradients_match_torchvision_fp64(device, name):
     tensors = make_inputs(conv, torch.float64, device)
     grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=device)
     backend = backend_for(device)
+    actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
+    expected = gradients(lambda t: call_torchvision(t, conv), tensors, grad_output)
+    assert_gradients_close(actual, expected, **TOLERANCES[torch.float64])
+
+
+def random_conv(seed: int) -> Conv:
+    """A random valid convolution: any kernel, stride, padding, dilation, groups and offset
+    groups (channel counts sometimes multiples of 16, for the CUDA forward's shared-sample
+    paths), maps down to 1 x 1, offsets from sub-pixel to far outside the image."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    def between(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+    groups, offset_groups = pick([1, 1, 2, 4]), pick([1, 1, 2, 3])
+    lcm = groups * offset_groups // math.gcd(groups, offset_groups)
+    in_channels = lcm * pick([1, 2, 3, 16 // math.gcd(16, lcm) * pick([1, 2])])
+    kernel = (between(1, 4), between(1, 4))
+    dilation = (between(1, 3), between(1, 3))
+    padding = (between(0, 3), between(0, 3))
+    # Large enough for at least one output pixel along each axis.
+    height, width = (
+        max(between(1, 14), d * (k - 1) + 1 - 2 * p)
+        for k, d, p in zip(kernel, dilation, padding)
+    )
+    return Conv(
+        batch=between(1, 3), in_channels=in_channels, height=height, width=width,
+        out_channels=groups * between(1, 3), kernel=kernel, stride=(between(1, 3), between(1, 3)),
+        padding=padding, dilation=dilation, groups=groups, offset_groups=offset_groups,
+        offset_scale=pick([0.5, 2.0, 6.0]), integer_offsets=pick([False, False, True]),
+        with_mask=pick([True, False]), with_bias=pick([True, False]),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configurations_match_torchvision(device, seed):
+    """Forward and every gradient of random configurations against torchvision in fp64, in NCHW
+    or channels_last."""
+    conv = random_conv(seed)
+    tensors = make_inputs(conv, torch.float64, device, seed=seed)
+    if seed % 2:
+        tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    backend = backend_for(device)
+    torch.testing.assert_close(
+        call(backend, tensors, conv), call_torchvision(tensors, conv), **TOLERANCES[torch.float64],
+        msg=lambda message: f"{conv}: {message}",
+    )
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=device)
     actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output)
     expected = gradients(lambda t: call_torchvision(t, conv), tensors, grad_output)
     assert_gradients_close(actual, expected, **TOLERANCES[torch.float64])
