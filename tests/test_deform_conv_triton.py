@@ -128,6 +128,37 @@ def test_forward_and_all_gradients_match_reference_fp32(name):
         assert out.is_contiguous()
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configurations_match_the_fp64_reference(seed):
+    """test_deform_conv.py's random configurations (any kernel, stride, padding, dilation, groups
+    and offset groups; channels_last for odd seeds), fp32 against the fp64 reference: forward
+    and every gradient."""
+    from test_deform_conv import make_inputs as make_fp64_inputs
+    from test_deform_conv import random_conv
+
+    conv = random_conv(seed)
+    reference = make_fp64_inputs(conv, torch.float64, DEVICE, seed=seed)
+    tensors = {k: None if v is None else v.float() for k, v in reference.items()}
+    if seed % 2:
+        tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=DEVICE)
+    results = {}
+    for name, inputs, fn in [
+        ("triton", tensors, lambda **t: triton_dcn.deform_conv2d(**t, **conv.kwargs())),
+        ("reference", reference, lambda **t: deform_conv2d_ref(**t, **conv.kwargs())),
+    ]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
+        out = fn(**{**inputs, **leaves})
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(out.dtype))
+        results[name] = {"output": out, **dict(zip(leaves, grads))}
+    assert results["triton"].keys() == results["reference"].keys()
+    for key, expected in results["reference"].items():
+        torch.testing.assert_close(
+            results["triton"][key].double(), expected, rtol=1e-4, atol=1e-4,
+            msg=lambda message, key=key: f"{conv} {key}: {message}",
+        )
+
+
 def test_matches_torchvision():
     torchvision_ops = pytest.importorskip("torchvision.ops")
     conv = Conv(groups=2, offset_groups=2, stride=2, padding=2, dilation=2, height=6, width=7)
