@@ -42,7 +42,10 @@ if wants build; then
     $PYTHON -m pip install --no-build-isolation --no-deps -e .
 fi
 if wants tests; then
-  step tests 400 $PYTHON -m pytest -q -rs tests
+  # pytest-xdist (the GPU image has it) spreads the suite over the CPU cores; the GPU is shared.
+  parallel=""
+  if $PYTHON -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
+  step tests 400 $PYTHON -m pytest -q -rs $parallel tests
 fi
 if wants sanitize; then
   # The C++ CUDA kernels' tests carry "cuda" in their ids; the Triton test files run on the GPU
