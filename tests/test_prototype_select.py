@@ -111,6 +111,54 @@ def test_matches_reference_random(device, dtype, shape, empty, normalize_keys):
     )
 
 
+def blob_masks(batch, queries, height, width, device, empty_queries=3):
+    """Masks shaped like a model's (thresholded upsampled logits: blobs, not noise), with the
+    first ``empty_queries`` queries of every image empty."""
+    logits = torch.randn(batch, queries, max(height // 8, 1), max(width // 8, 1), device=device)
+    mask = F.interpolate(logits, size=(height, width), mode="bilinear") > 0.5
+    mask[:, :empty_queries] = False
+    return mask.flatten(2)
+
+
+def assert_same_up_to_ties(keys, queries, mask, num_heads, indices, ref_indices, normalize_keys):
+    """Indices equal to the reference's, or (different summation orders) pixels whose fp64 scores
+    tie with the reference's choice within 1e-5 relative; chosen pixels are allowed ones."""
+    scores = head_scores(keys, queries, num_heads, normalize_keys)  # [B, heads, HW, N]
+    chosen = scores.gather(2, indices[:, :, None]).squeeze(2)
+    expected = scores.gather(2, ref_indices[:, :, None]).squeeze(2)
+    differ = indices != ref_indices
+    scale = scores.abs().amax().item()
+    gap = (chosen - expected).abs()[differ]
+    assert gap.numel() == 0 or gap.max().item() < 1e-5 * scale, f"score gap {gap.max().item()}"
+    assert differ.float().mean().item() < 0.01
+    has_allowed = mask.any(-1)  # [B, N]
+    allowed = mask[:, None].expand(-1, num_heads, -1, -1).transpose(2, 3)  # [B, heads, HW, N]
+    picked_allowed = allowed.gather(2, indices[:, :, None]).squeeze(2)
+    assert picked_allowed[has_allowed[:, None].expand_as(picked_allowed)].all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", [(2, 32, 64), (1, 128, 256)], ids=str)  # 2048, 32768 pixels
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_pem_sizes_match_reference(device, dtype, size, normalize_keys):
+    """PEM's real problem (C = 256, 8 heads, 100 queries) at the paper's 2048 and 32768 pixels,
+    model-like blob masks with empty queries: the kernel's splits, tiles and merges at scale."""
+    batch, height, width = size
+    keys, queries, _ = make_inputs(batch, height * width, 256, 100, device, dtype)
+    mask = blob_masks(batch, 100, height, width, device)
+    prototypes, indices = pem_kernels.prototype_select(
+        keys, queries, mask, 8, normalize_keys=normalize_keys, backend=backend_for(device)
+    )
+    ref_prototypes, ref_indices = prototype_select_ref(
+        keys.float(), queries.float(), mask, 8, normalize_keys=normalize_keys
+    )
+    assert_same_up_to_ties(keys, queries, mask, 8, indices, ref_indices, normalize_keys)
+    gathered, _ = gather_at(keys.float(), indices, 8, normalize_keys)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(prototypes.float(), gathered, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize_keys", [False, True])
 def test_no_mask_selects_over_all_pixels(device, normalize_keys):

@@ -20,7 +20,14 @@ from pem_kernels.reference import prototype_select_ref
 from pem_kernels.triton import triton_unavailable_reason
 
 from conftest import HAS_CUDA, assert_compiles_for_sm90, requires_cuda
-from test_prototype_select import assert_matches_reference, gather_at, head_scores, make_inputs
+from test_prototype_select import (
+    assert_matches_reference,
+    assert_same_up_to_ties,
+    blob_masks,
+    gather_at,
+    head_scores,
+    make_inputs,
+)
 
 _TRITON_REASON = triton_unavailable_reason()
 if _TRITON_REASON is None and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -403,6 +410,32 @@ def test_opcheck(kernels):
             kernels.prototype_select_backward_triton, (grad, args[0].detach(), indices, args[5]),
             **OPCHECK_KWARGS,
         )
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("size", [(2, 32, 64), (1, 128, 256), (1, 256, 512)], ids=str)
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_pem_sizes_match_reference(dtype, size, empty, normalize_keys):
+    """PEM's real problem (C = 256, 8 heads, 100 queries) at the paper's 2048, 32768 and 131072
+    pixels with model-like blob masks and empty queries: the default splits and tiles at scale
+    (too slow for the interpreter, so GPU only)."""
+    batch, height, width = size
+    keys, queries, _ = make_inputs(batch, height * width, 256, 100, DEVICE, dtype)
+    mask = blob_masks(batch, 100, height, width, DEVICE)
+    if empty == "official":
+        mask[-1] = False  # one image with every query empty: the official rule's unmasked pass
+    prototypes, indices = pem_kernels.prototype_select(
+        keys, queries, mask, 8, empty=empty, normalize_keys=normalize_keys, backend=BACKEND
+    )
+    _, ref_indices = prototype_select_ref(
+        keys.float(), queries.float(), mask, 8, empty=empty, normalize_keys=normalize_keys
+    )
+    assert_same_up_to_ties(keys, queries, mask, 8, indices, ref_indices, normalize_keys)
+    gathered, _ = gather_at(keys.float(), indices, 8, normalize_keys)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(prototypes.float(), gathered, rtol=tol, atol=tol)
 
 
 @requires_cuda
