@@ -187,6 +187,43 @@ def test_all_gradients_match_torchvision_fp64(device, name):
     assert_gradients_close(actual, expected, **TOLERANCES[torch.float64])
 
 
+# PEM's pixel-decoder DeformLayer (128 -> 128 channels, 3x3, padding 1) at one image's 1/8 level
+# of 512x512 and a batch at 1/32 of 512x512.
+PEM_DECODER_CONVS = {
+    "1x128x64x64": Conv(batch=1, in_channels=128, height=64, width=64, out_channels=128,
+                        offset_scale=3.0),
+    "4x128x16x16": Conv(batch=4, in_channels=128, height=16, width=16, out_channels=128,
+                        offset_scale=3.0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", list(PEM_DECODER_CONVS))
+def test_pem_decoder_sizes_match_torchvision(device, layout, name):
+    """fp32 forward and every gradient at PEM's real channel counts (so the CUDA forward's
+    shared-sample and vector paths and the backward's multi-block accumulation run at scale)
+    against torchvision in fp64."""
+    conv = PEM_DECODER_CONVS[name]
+    tensors = make_inputs(conv, torch.float32, device)
+    if layout == "channels_last":
+        tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    tensors64 = {k: cast(v, torch.float64) for k, v in tensors.items()}
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=device)
+    backend = backend_for(device)
+    out = call(backend, tensors, conv)
+    torch.testing.assert_close(
+        out.double(), call_torchvision(tensors64, conv), rtol=1e-4, atol=1e-3
+    )
+    actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output.float())
+    expected = gradients(lambda t: call_torchvision(t, conv), tensors64, grad_output)
+    for grad_name, grad in actual.items():
+        torch.testing.assert_close(
+            grad.double(), expected[grad_name], rtol=1e-4, atol=1e-3,
+            msg=lambda message, grad_name=grad_name: f"{grad_name}: {message}",
+        )
+
+
 def random_conv(seed: int) -> Conv:
     """A random valid convolution: any kernel, stride, padding, dilation, groups and offset
     groups (channel counts sometimes multiples of 16, for the CUDA forward's shared-sample

@@ -159,6 +159,42 @@ def test_random_configurations_match_the_fp64_reference(seed):
         )
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="too slow for the interpreter: GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", ["1x128x64x64", "4x128x16x16"])
+def test_pem_decoder_sizes_match_the_fp64_reference(dtype, layout, name):
+    """PEM's pixel-decoder DeformLayer (128 -> 128, 3x3) at scale, forward and every gradient,
+    against the fp64 reference on the same values; bf16 within a relative error of 1e-2 of the
+    whole tensor."""
+    from test_deform_conv import PEM_DECODER_CONVS
+    from test_deform_conv import make_inputs as make_fp64_inputs
+
+    conv = PEM_DECODER_CONVS[name]
+    tensors = make_fp64_inputs(conv, dtype, DEVICE)
+    # The reference gets the same (rounded) values: only the kernel's arithmetic is judged.
+    reference = {k: None if v is None else v.double() for k, v in tensors.items()}
+    if layout == "channels_last":
+        tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=DEVICE)
+    results = {}
+    for provider, inputs, fn in [
+        ("triton", tensors, lambda **t: triton_dcn.deform_conv2d(**t, **conv.kwargs())),
+        ("reference", reference, lambda **t: deform_conv2d_ref(**t, **conv.kwargs())),
+    ]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
+        out = fn(**{**inputs, **leaves})
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(out.dtype))
+        results[provider] = {"output": out, **dict(zip(leaves, grads))}
+    for key, expected in results["reference"].items():
+        actual = results["triton"][key].double()
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3, msg=key)
+        else:
+            error = (actual - expected).norm() / expected.norm()
+            assert error < 1e-2, f"{key}: relative error {error:.2e}"
+
+
 def test_matches_torchvision():
     torchvision_ops = pytest.importorskip("torchvision.ops")
     conv = Conv(groups=2, offset_groups=2, stride=2, padding=2, dilation=2, height=6, width=7)
