@@ -64,6 +64,36 @@ def test_backward_matches_reference_fp32(normalize, shape):
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic
 
 
+PEM_LAYER = (100, 256)  # (queries, channels)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="too slow for the interpreter: GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", NORMS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pem_size_forward_and_backward(dtype, normalize, batch):
+    """PEM's real layer (100 queries, C = 256): forward and every gradient against the fp64
+    reference on the same values; fp32 elementwise, bf16 within a relative error of 1e-2 of the
+    whole tensor (its GEMM operands are bf16)."""
+    queries, channels = PEM_LAYER
+    args = [a.requires_grad_(True) for a in make_args(batch, queries, channels, dtype)]
+    exact_args = [a.detach().double().requires_grad_(True) for a in args]
+    grad_out = torch.randn(batch, queries, channels, device=DEVICE, dtype=torch.float64)
+    exact = prototype_attention_ref(*exact_args, normalize=normalize)
+    expected = [exact, *torch.autograd.grad(exact, exact_args, grad_out)]
+    out = run_triton(args, normalize)
+    got = [out, *torch.autograd.grad(out, args, grad_out.to(dtype))]
+    names = ["output", "prototypes", "queries", "residual", "proj_weight", "proj_bias", "alpha",
+             "out_weight", "out_bias"]
+    for name, g, e in zip(names, got, expected):
+        assert g.shape == e.shape and g.dtype == dtype, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4, msg=name)
+        else:
+            error = (g.double() - e).norm() / e.norm()
+            assert error < 1e-2, f"{name}: relative error {error:.2e}"
+
+
 def test_clamped_norm_uses_the_constant_divisor():
     """A column of A that is all zero has norm 0 < eps: its gradient is dAn / eps, as F.normalize."""
     args = [a.requires_grad_(True) for a in make_args(1, 4, 16)]
