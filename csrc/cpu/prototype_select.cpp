@@ -141,18 +141,20 @@ struct Problem {
   int64_t batch, pixels, channels, queries, heads, head_dim;
 };
 
-// The masked running argmax of every (image, head, query) over all pixels: tiles of kPixelTile
-// pixels are scored with one GEMM each and folded into per-query states; pixel chunks run in
-// parallel and are merged afterwards. ``mask`` == nullptr allows every pixel. Queries that saw
-// no allowed pixel scoring above -inf are left at index -1.
+// The masked running argmax of every (image, head, query) over all pixels, for the images listed
+// in `images`: tiles of kPixelTile pixels are scored with one GEMM each and folded into
+// per-query states; pixel chunks run in parallel and are merged afterwards. ``mask`` == nullptr
+// allows every pixel. Queries that saw no allowed pixel scoring above -inf are left at index -1;
+// the indices of images not listed are not written.
 template <typename scalar_t, typename acc_t>
 void tiled_argmax(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    const bool* mask, const acc_t* divisors, int64_t* indices) {
+    const bool* mask, const acc_t* divisors, const std::vector<int64_t>& images,
+    int64_t* indices) {
   const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  // Split pixels into chunks when B * heads alone cannot keep every thread busy.
+  // Split pixels into chunks when (listed images) * heads alone cannot keep every thread busy.
   const int64_t tiles = (pr.pixels + kPixelTile - 1) / kPixelTile;
-  const int64_t heads_total = pr.batch * pr.heads;
+  const int64_t heads_total = static_cast<int64_t>(images.size()) * pr.heads;
   const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
   const int64_t chunks = std::clamp<int64_t>((wanted_tasks + heads_total - 1) / heads_total, 1, tiles);
 
@@ -178,8 +180,8 @@ void tiled_argmax(
     at::Tensor key_tile_t = thread_scratch.narrow(0, scratch_per_thread - key_tile_size, key_tile_size);
     const acc_t* scores = score_tile.data_ptr<acc_t>();
     for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t bh = task / chunks, chunk = task % chunks;
-      const int64_t b = bh / pr.heads, h = bh % pr.heads;
+      const int64_t bh = task / chunks, chunk = task % chunks;  // bh: listed image * heads + h
+      const int64_t b = images[bh / pr.heads], h = bh % pr.heads;
       const int64_t channel0 = h * pr.head_dim;
       query_block.copy_(queries_tensor[b].narrow(1, channel0, pr.head_dim));
 
@@ -222,7 +224,8 @@ void tiled_argmax(
         const int64_t at = (bh * chunks + chunk) * pr.queries + n;
         merged = argmax_merge(merged, ArgmaxState<acc_t>{part_score[at], part_index[at]});
       }
-      indices[bh * pr.queries + n] = merged.index;
+      indices[(images[bh / pr.heads] * pr.heads + bh % pr.heads) * pr.queries + n] =
+          merged.index;
     }
   }
 }
@@ -230,13 +233,14 @@ void tiled_argmax(
 // Indices still at -1 after the main pass belong to queries whose allowed pixels all score -inf
 // (they take their first allowed pixel) or that have no allowed pixel at all (empty-mask rule).
 // Queries that select over all pixels are common, not rare: an untrained model's masks are often
-// all empty. They get a second tiled pass without the mask, so they cost as much as the main pass
-// rather than a scalar dot product per pixel.
+// all empty. They get a second tiled pass without the mask over their images only, so they cost
+// at most as much as the main pass rather than a scalar dot product per pixel.
 template <typename scalar_t, typename acc_t>
 void resolve_unselected(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
     const bool* mask, const acc_t* divisors, bool official_empty, int64_t* indices) {
   std::vector<int64_t> over_all_pixels;  // flat (b, h, n) positions in indices
+  std::vector<int64_t> images_over_all_pixels;  // their images, each once
   for (int64_t b = 0; b < pr.batch; ++b) {
     std::vector<int64_t> first_allowed(pr.queries, -2);  // -2: not looked up yet
     auto lookup_first_allowed = [&](int64_t n) {
@@ -268,6 +272,9 @@ void resolve_unselected(
           indices[at] = 0;
         } else {
           over_all_pixels.push_back(at);
+          if (images_over_all_pixels.empty() || images_over_all_pixels.back() != b) {
+            images_over_all_pixels.push_back(b);
+          }
         }
       }
     }
@@ -275,7 +282,9 @@ void resolve_unselected(
   if (over_all_pixels.empty()) return;
   at::Tensor unmasked = at::empty({pr.batch * pr.heads * pr.queries}, at::kLong);
   int64_t* unmasked_indices = unmasked.data_ptr<int64_t>();
-  tiled_argmax<scalar_t, acc_t>(pr, keys_tensor, queries_tensor, nullptr, divisors, unmasked_indices);
+  tiled_argmax<scalar_t, acc_t>(
+      pr, keys_tensor, queries_tensor, nullptr, divisors, images_over_all_pixels,
+      unmasked_indices);
   for (const int64_t at : over_all_pixels) {
     // Without a mask every pixel is allowed, so only an all-NaN-free, all -inf row stays at -1;
     // such a row takes pixel 0, its first allowed pixel.
@@ -295,7 +304,9 @@ void prototype_select_cpu_impl(
       : at::Tensor();
   const acc_t* divisors = normalize_keys ? divisor_tensor.data_ptr<acc_t>() : nullptr;
 
-  tiled_argmax<scalar_t, acc_t>(pr, keys_tensor, queries_tensor, mask, divisors, indices);
+  std::vector<int64_t> every_image(pr.batch);
+  for (int64_t b = 0; b < pr.batch; ++b) every_image[b] = b;
+  tiled_argmax<scalar_t, acc_t>(pr, keys_tensor, queries_tensor, mask, divisors, every_image, indices);
   resolve_unselected<scalar_t, acc_t>(
       pr, keys_tensor, queries_tensor, mask, divisors, official_empty, indices);
 
