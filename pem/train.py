@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -177,6 +178,30 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _rng_state(device: torch.device) -> dict:
+    """The random state a resumed run needs: the CPU generator's and, on CUDA, the device's (the
+    criterion's point sampling draws on the device)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict | Tensor, device: torch.device) -> None:
+    if isinstance(state, Tensor):  # checkpoints written before the CUDA state was saved
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
+        else:
+            warnings.warn(
+                "--resume: the checkpoint holds no CUDA random state (it was written on the CPU); "
+                "the run goes on with a fresh one, so it does not repeat an uninterrupted run",
+                stacklevel=2,
+            )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Loads a checkpoint written by :func:`train`, with a clear error for a wrong file."""
     path = Path(path)
@@ -305,7 +330,8 @@ def train(args: argparse.Namespace) -> dict:
 
     start_iter, resume_rng = 0, None
     if args.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, ctx.device)
+        # On the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = load_checkpoint(ckpt_path)
         if state["model_config"] != model_config:
             raise ValueError(
                 f"--resume: {ckpt_path} was trained with {state['model_config']}, "
@@ -339,7 +365,7 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     def checkpoint(iteration: int) -> None:
-        rng = [torch.get_rng_state()]
+        rng = [_rng_state(ctx.device)]
         if ctx.distributed:
             gathered: list[Tensor | None] = [None] * ctx.world_size
             dist.all_gather_object(gathered, rng[0])
@@ -376,7 +402,7 @@ def train(args: argparse.Namespace) -> dict:
     if resume_rng is not None:
         # After the loader has drawn its base seed, so a resumed run continues the interrupted
         # run's random stream (criterion points, augmentation) exactly.
-        torch.set_rng_state(resume_rng)
+        _set_rng_state(resume_rng, ctx.device)
     tic = time.perf_counter()
     for iteration, (images, samples) in enumerate(batches, start=start_iter):
         images = images.to(ctx.device, non_blocking=True)
