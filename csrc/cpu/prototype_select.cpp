@@ -24,7 +24,7 @@
 // The mask-and-max scan is compiled twice (AVX2 and baseline x86-64) and picked at load time, so
 // the package gets SIMD speed without requiring AVX2 from every machine that installs it.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PEM_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define PEM_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define PEM_SIMD_CLONES
 #endif
