@@ -128,6 +128,20 @@ def test_forward_and_all_gradients_match_reference_fp32(name):
         assert out.is_contiguous()
 
 
+def triton_and_fp64_reference(conv, tensors: dict, reference: dict) -> tuple[dict, dict]:
+    """(Triton, fp64 reference) results of test_deform_conv.py's ``conv``: for each, the output
+    and the gradient of every given tensor for one random fp64 ``grad_output``."""
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=DEVICE)
+    results = []
+    for inputs, fn in [(tensors, triton_dcn.deform_conv2d), (reference, deform_conv2d_ref)]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
+        out = fn(**{**inputs, **leaves}, **conv.kwargs())
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(out.dtype))
+        results.append({"output": out, **dict(zip(leaves, grads))})
+    assert results[0].keys() == results[1].keys()
+    return results[0], results[1]
+
+
 @pytest.mark.parametrize("seed", range(24))
 def test_random_configurations_match_the_fp64_reference(seed):
     """test_deform_conv.py's random configurations (any kernel, stride, padding, dilation, groups
@@ -141,20 +155,10 @@ def test_random_configurations_match_the_fp64_reference(seed):
     tensors = {k: None if v is None else v.float() for k, v in reference.items()}
     if seed % 2:
         tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
-    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=DEVICE)
-    results = {}
-    for name, inputs, fn in [
-        ("triton", tensors, lambda **t: triton_dcn.deform_conv2d(**t, **conv.kwargs())),
-        ("reference", reference, lambda **t: deform_conv2d_ref(**t, **conv.kwargs())),
-    ]:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
-        out = fn(**{**inputs, **leaves})
-        grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(out.dtype))
-        results[name] = {"output": out, **dict(zip(leaves, grads))}
-    assert results["triton"].keys() == results["reference"].keys()
-    for key, expected in results["reference"].items():
+    actual, expected = triton_and_fp64_reference(conv, tensors, reference)
+    for key, value in expected.items():
         torch.testing.assert_close(
-            results["triton"][key].double(), expected, rtol=1e-4, atol=1e-4,
+            actual[key].double(), value, rtol=1e-4, atol=1e-4,
             msg=lambda message, key=key: f"{conv} {key}: {message}",
         )
 
@@ -176,22 +180,13 @@ def test_pem_decoder_sizes_match_the_fp64_reference(dtype, layout, name):
     reference = {k: None if v is None else v.double() for k, v in tensors.items()}
     if layout == "channels_last":
         tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
-    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=DEVICE)
-    results = {}
-    for provider, inputs, fn in [
-        ("triton", tensors, lambda **t: triton_dcn.deform_conv2d(**t, **conv.kwargs())),
-        ("reference", reference, lambda **t: deform_conv2d_ref(**t, **conv.kwargs())),
-    ]:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items() if v is not None}
-        out = fn(**{**inputs, **leaves})
-        grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(out.dtype))
-        results[provider] = {"output": out, **dict(zip(leaves, grads))}
-    for key, expected in results["reference"].items():
-        actual = results["triton"][key].double()
+    actual, expected = triton_and_fp64_reference(conv, tensors, reference)
+    for key, value in expected.items():
+        got = actual[key].double()
         if dtype == torch.float32:
-            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3, msg=key)
+            torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-3, msg=key)
         else:
-            error = (actual - expected).norm() / expected.norm()
+            error = (got - value).norm() / value.norm()
             assert error < 1e-2, f"{key}: relative error {error:.2e}"
 
 
