@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "cpu_unavailable_reason",
     "interpreter_requested",
+    "launcher",
     "triton_backend_unavailable_reason",
     "triton_unavailable_reason",
 ]
@@ -44,6 +45,19 @@ def triton_unavailable_reason() -> str | None:
 def interpreter_requested() -> bool:
     """Whether Triton kernels run under the interpreter (``TRITON_INTERPRET=1``): on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launcher(kernel, interpreted: bool):
+    """What a kernel module's ``triton_op`` launches ``kernel`` through: ``wrap_triton(kernel)``,
+    so that torch.compile and fake tensors see the launch; under the interpreter (``interpreted``,
+    the module's ``INTERPRET``) the kernel itself, since torch.compile does not apply to CPU
+    tensors and torch before 2.12 (2.11 is on this project's GPU machines) refuses to wrap an
+    interpreted kernel."""
+    if interpreted:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
 
 
 def cpu_unavailable_reason() -> str | None:

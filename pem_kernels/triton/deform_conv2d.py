@@ -78,11 +78,11 @@ from typing import Optional, Union
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from pem_kernels.ops.deform_conv import autograd_functions
 from pem_kernels.reference.deform_conv import check_deform_conv2d_args
-from pem_kernels.triton import interpreter_requested
+from pem_kernels.triton import interpreter_requested, launcher
 
 __all__ = ["deform_conv2d", "deform_conv2d_backward_triton", "deform_conv2d_triton"]
 
@@ -643,7 +643,7 @@ def deform_conv2d_triton(
     block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
     mask_arg, om_strides = _offset_mask_args(offset, mask)
     grid = (triton.cdiv(M, block_m), groups * triton.cdiv(s["COUT_G"], block_n))
-    wrap_triton(_forward_kernel)[grid](
+    launcher(_forward_kernel, INTERPRET)[grid](
         input, offset, mask_arg, _weight_by_tap(weight, groups),
         bias if bias is not None else weight, out,
         M, s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
@@ -713,7 +713,7 @@ def deform_conv2d_backward_triton(
 
     # grad_offset, grad_mask: one program per (pixel block, offset group).
     block_m = 128 if INTERPRET else 64
-    wrap_triton(_offset_mask_grad_kernel)[(triton.cdiv(M, block_m), offset_groups)](
+    launcher(_offset_mask_grad_kernel, INTERPRET)[(triton.cdiv(M, block_m), offset_groups)](
         grad_output, input, offset, mask_arg, w_by_tap, grad_offset, grad_mask,
         M, s["L"], s["OW"], *geometry, *conv,
         *grad_output.stride(), *input.stride(), *om_strides,
@@ -733,7 +733,7 @@ def deform_conv2d_backward_triton(
     partial = torch.empty(
         (splits, groups, s["TAPS"], s["CIN_G"], s["COUT_G"]), dtype=torch.float32, device=device
     )
-    wrap_triton(_weight_grad_kernel)[(tiles, splits)](
+    launcher(_weight_grad_kernel, INTERPRET)[(tiles, splits)](
         grad_output, input, offset, mask_arg, partial,
         M, s["L"], s["OW"], *geometry, per_split, *conv,
         *grad_output.stride(), *input.stride(), *om_strides,
@@ -748,7 +748,7 @@ def deform_conv2d_backward_triton(
     corner_weights = torch.empty(4 * entries, dtype=torch.float32, device=device)
     sentinel = entries // s["L"] * s["H"] * s["W"]  # B * OG * T * H * W: sorts after every key
     block = 128 if INTERPRET else 256
-    wrap_triton(_corner_kernel)[(triton.cdiv(entries, block),)](
+    launcher(_corner_kernel, INTERPRET)[(triton.cdiv(entries, block),)](
         offset, mask_arg, keys, corner_weights, entries, sentinel,
         s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], offset_groups, *conv, *om_strides,
         HAS_MASK=mask is not None, BLOCK=block,
@@ -765,7 +765,7 @@ def deform_conv2d_backward_triton(
     bounds = torch.searchsorted(sorted_keys, queries.reshape(-1))
     block_k_in = _pow2(s["COG"], 16, 32)
     grid = (n_tb, offset_groups * triton.cdiv(s["COG"], block_k_in), s["B"])
-    wrap_triton(_input_grad_kernel)[grid](
+    launcher(_input_grad_kernel, INTERPRET)[grid](
         grad_output, w_by_tap, sorted_keys, perm, corner_weights, bounds, grad_input,
         s["L"], s["OW"], s["H"], s["W"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
         offset_groups, *grad_output.stride(), *grad_input.stride(),

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from pem_kernels.ops.local_representation import no_backward, no_backward_setup
-from pem_kernels.triton import interpreter_requested
+from pem_kernels.triton import interpreter_requested, launcher
 
 __all__ = ["local_representation_triton"]
 
@@ -132,7 +132,7 @@ def local_representation_triton(
         triton.cdiv(out_channels, config["BLOCK_N"]),
         batch,
     )
-    wrap_triton(_local_representation_kernel)[grid](
+    launcher(_local_representation_kernel, INTERPRET)[grid](
         x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
         bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
         weight.contiguous(), bias.contiguous(), out, channels, height, width, out_channels,

@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from pem_kernels.triton import interpreter_requested
+from pem_kernels.triton import interpreter_requested, launcher
 
 __all__ = ["prototype_attention_triton"]
 
@@ -230,7 +230,7 @@ def prototype_attention_triton(
     x, an, m = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
     div = torch.empty(batch, channels if normalize_over_queries else num_queries, **f32)
     if out.numel():
-        wrap_triton(_prototype_attention_fwd_kernel)[(batch,)](
+        launcher(_prototype_attention_fwd_kernel, INTERPRET)[(batch,)](
             p, q, r, proj_weight.contiguous(), proj_bias.contiguous(), alpha.reshape(-1).contiguous(),
             out_weight.contiguous(), out_bias.contiguous(), out, x, an, m, div,
             num_queries, channels, EPS, NORM_OVER_QUERIES=normalize_over_queries,
@@ -257,7 +257,7 @@ def prototype_attention_backward_triton(
     dp, dq, da = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
     dalpha = torch.empty(batch, channels, **f32)
     if dp.numel():
-        wrap_triton(_prototype_attention_bwd_kernel)[(batch,)](
+        launcher(_prototype_attention_bwd_kernel, INTERPRET)[(batch,)](
             grad_out.contiguous(), prototypes.contiguous(), queries.contiguous(),
             proj_weight.contiguous(), alpha.reshape(-1).contiguous(), out_weight.contiguous(),
             normalized, divisors, dp, dq, da, dalpha, num_queries, channels, EPS,

@@ -43,9 +43,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from pem_kernels.ops.prototype_select import autograd_functions
+from pem_kernels.triton import launcher
 
 __all__ = ["prototype_select_triton", "prototype_select_backward_triton", "SUPPORTED_DTYPES"]
 
@@ -421,7 +422,7 @@ def prototype_select_triton(
     if normalize_keys:
         block_c = _pow2(channels, 16, 128)
         block_r = max(1, 2048 // block_c)
-        wrap_triton(_key_norm_kernel)[(triton.cdiv(batch * pixels, block_r),)](
+        launcher(_key_norm_kernel, INTERPRET)[(triton.cdiv(batch * pixels, block_r),)](
             keys, divisors, batch * pixels, pixels, channels, *keys.stride(),
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
@@ -439,7 +440,7 @@ def prototype_select_triton(
     for fallback in passes:
         # pass 1 writes masked_best; pass 2 reads it and writes fallback_best
         read, written = (masked_best, fallback_best) if fallback else (fallback_best, masked_best)
-        wrap_triton(_select_kernel)[grid](
+        launcher(_select_kernel, INTERPRET)[grid](
             keys, queries, mask_bytes, divisors, read, written,
             pixels, num_queries, head_dim, num_heads, tiles_per_split,
             *keys.stride(), *queries.stride(), *mask_strides,
@@ -448,7 +449,7 @@ def prototype_select_triton(
             DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
-    wrap_triton(_finalize_kernel)[(batch * num_queries,)](
+    launcher(_finalize_kernel, INTERPRET)[(batch * num_queries,)](
         keys, divisors, masked_best, fallback_best, indices, prototypes,
         pixels, num_queries, head_dim, num_heads, *keys.stride(),
         HAS_MASK=mask is not None, OFFICIAL=official_empty, NORMALIZE=normalize_keys,
@@ -486,7 +487,7 @@ def prototype_select_backward_triton(
         return grad_keys
     block_c = _pow2(channels)
     block_nb = _pow2(num_queries, 1, max(1, 4096 // block_c))
-    wrap_triton(_backward_kernel)[(num_heads * num_queries, batch)](
+    launcher(_backward_kernel, INTERPRET)[(num_heads * num_queries, batch)](
         grad_prototypes, keys, indices, grad_keys,
         pixels, num_queries, channels, channels // num_heads, num_heads,
         *grad_prototypes.stride(), *keys.stride(), *indices.stride(),
