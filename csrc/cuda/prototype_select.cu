@@ -1,9 +1,28 @@
 // prototype_select on CUDA: the same semantics as csrc/cpu/prototype_select.cpp.
 //
-// A straightforward first version: one thread block per (query, head, image) streams over all
-// pixels with a per-thread running argmax (masked and unmasked) and reduces them with the shared
-// argmax_merge rule; a second kernel applies the empty-mask rule and gathers the prototypes. The
-// similarity tensor is never materialized. The tiled tensor-core kernel is future work.
+// Forward, three kernels (four with normalize_keys), none of which materializes the
+// [B, heads, HW, N] similarity or the normalized keys:
+//
+// 1. key_norm_divisors_kernel (normalize_keys only): max(||keys[b, p, :]||, eps) per pixel.
+// 2. prototype_select_tile_kernel, grid (pixel splits, query blocks, B * heads): a block owns
+//    kTileQueries queries of one (image, head) and a contiguous range of kTilePixels-pixel tiles.
+//    Per tile it stages keys and queries in shared memory kTileDim channels at a time and every
+//    thread accumulates a kMicro x kMicro (pixel x query) block of scores in registers, then folds
+//    its pixels into per-query running argmaxes, masked and unmasked. Each thread sees its pixels in
+//    increasing order, so argmax_visit's rule holds; at the end the 16 threads that share a query
+//    are merged with argmax_merge (warp shuffles) and the block writes one partial per
+//    (split, image, head, query). Splitting the pixel axis keeps the GPU busy at batch 1
+//    (B * heads * query blocks = 16 blocks for PEM).
+// 3. merge_splits_kernel, one block per image: merges the partials of every (head, query) in
+//    split order (argmax_merge is associative and commutative: the result is deterministic and
+//    independent of block timing), applies the empty-mask rule (which needs every query of the
+//    image) and writes the indices.
+// 4. gather_prototypes_kernel: copies (and normalizes) the selected key rows.
+//
+// The tie and NaN rules (ArgmaxState, argmax_visit, argmax_merge, empty_query_choice) are the host
+// + device helpers the CPU kernel uses. Scores are accumulated in fp32 (fp64 for fp64 inputs) on
+// CUDA cores, not tensor cores: fp32 inputs get IEEE fp32 products, as on the CPU. The Triton
+// backend is the tensor-core path.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,13 +32,26 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "pem_kernels/prototype_select_checks.h"
 #include "pem_kernels/prototype_select_common.h"
 
 namespace pem_kernels {
 namespace {
 
-constexpr int kScanThreads = 256;
+// Score tile of one block: kTilePixels x kTileQueries, kMicro x kMicro per thread.
+constexpr int kTilePixels = 64;
+constexpr int kTileQueries = 64;
+constexpr int kTileDim = 16;  // channels staged in shared memory per step
+constexpr int kMicro = 4;
+constexpr int kPixelLanes = kTilePixels / kMicro;  // threads that share a query: 16 lanes of a warp
+constexpr int kTileThreads = kPixelLanes * (kTileQueries / kMicro);
+static_assert(kTileThreads == 256, "the tile kernel is launched with 256 threads");
+static_assert(32 % kPixelLanes == 0, "the lanes sharing a query must lie in one warp");
+// Blocks per SM the split heuristic aims for (several waves hide the tail of the last one).
+constexpr int64_t kBlocksPerSM = 4;
+constexpr int kMergeThreads = 256;
 constexpr int kGatherThreads = 256;
 
 struct Problem {
@@ -39,86 +71,147 @@ __global__ void key_norm_divisors_kernel(const scalar_t* keys, acc_t* divisors, 
   if (threadIdx.x == 0) divisors[row] = max(sqrt(sum_sq), static_cast<acc_t>(kKeyNormEps));
 }
 
+// Merges the states of the kPixelLanes consecutive lanes that hold the same query; every one of
+// them gets the result.
 template <typename acc_t>
-__device__ ArgmaxState<acc_t> block_argmax(ArgmaxState<acc_t> state, ArgmaxState<acc_t>* shared) {
-  shared[threadIdx.x] = state;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = argmax_merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
+__device__ ArgmaxState<acc_t> merge_pixel_lanes(ArgmaxState<acc_t> state) {
+  for (int offset = kPixelLanes / 2; offset > 0; offset /= 2) {
+    const ArgmaxState<acc_t> other{
+        __shfl_xor_sync(0xffffffffu, state.score, offset),
+        __shfl_xor_sync(0xffffffffu, static_cast<long long>(state.index), offset)};
+    state = argmax_merge(state, other);
   }
-  const ArgmaxState<acc_t> result = shared[0];
-  __syncthreads();
-  return result;
+  return state;
 }
 
-// Grid (N, heads, B). Writes, per (b, h, n): the argmax over allowed pixels (-1 if none), the
-// argmax over all pixels, and per (b, n) whether the query has any allowed pixel.
-template <typename scalar_t, typename acc_t>
-__global__ void prototype_select_scan_kernel(
-    Problem pr, const scalar_t* __restrict__ keys, const scalar_t* __restrict__ queries,
-    const bool* __restrict__ mask, const acc_t* __restrict__ divisors, int64_t* masked_index,
-    int64_t* unmasked_index, bool* query_has_allowed) {
-  const int64_t n = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  extern __shared__ unsigned char shared_bytes[];
-  acc_t* query = reinterpret_cast<acc_t*>(shared_bytes);
-  ArgmaxState<acc_t>* reduce = reinterpret_cast<ArgmaxState<acc_t>*>(query + pr.head_dim);
-  __shared__ int any_allowed;
-  if (threadIdx.x == 0) any_allowed = 0;
-  for (int64_t d = threadIdx.x; d < pr.head_dim; d += blockDim.x)
-    query[d] = static_cast<acc_t>(queries[(b * pr.queries + n) * pr.channels + h * pr.head_dim + d]);
-  __syncthreads();
+// One partial result per (split, image, head, query): masked, then unmasked.
+template <typename acc_t>
+struct SplitPartial {
+  ArgmaxState<acc_t> masked, unmasked;
+};
 
-  ArgmaxState<acc_t> masked{0, -1}, unmasked{0, -1};
-  bool saw_allowed = false;
-  const bool* mask_row = mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels;
-  for (int64_t p = threadIdx.x; p < pr.pixels; p += blockDim.x) {
-    const scalar_t* key = keys + (b * pr.pixels + p) * pr.channels + h * pr.head_dim;
-    acc_t score = 0;
-    for (int64_t d = 0; d < pr.head_dim; ++d) score += static_cast<acc_t>(key[d]) * query[d];
-    if (divisors != nullptr) score /= divisors[b * pr.pixels + p];
-    argmax_visit(unmasked, score, p);
-    if (mask_row == nullptr || mask_row[p]) {
-      saw_allowed = true;
-      argmax_visit(masked, score, p);
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
+    Problem pr, int64_t tiles, const scalar_t* __restrict__ keys, const scalar_t* __restrict__ queries,
+    const bool* __restrict__ mask, const acc_t* __restrict__ divisors, SplitPartial<acc_t>* partials) {
+  const int64_t split = blockIdx.x, splits = gridDim.x;
+  const int64_t query0 = blockIdx.y * static_cast<int64_t>(kTileQueries);
+  const int64_t bh = blockIdx.z, b = bh / pr.heads, h = bh % pr.heads;
+  const int pixel_lane = threadIdx.x % kPixelLanes, query_lane = threadIdx.x / kPixelLanes;
+  // Transposed ([channel][pixel or query]) so the inner loop reads kMicro neighbours; the padding
+  // spreads the staging stores over the banks.
+  __shared__ acc_t key_tile[kTileDim][kTilePixels + 4];
+  __shared__ acc_t query_tile[kTileDim][kTileQueries + 4];
+
+  const scalar_t* key_base = keys + b * pr.pixels * pr.channels + h * pr.head_dim;
+  const scalar_t* query_base = queries + b * pr.queries * pr.channels + h * pr.head_dim;
+  ArgmaxState<acc_t> masked[kMicro], unmasked[kMicro];
+  for (int j = 0; j < kMicro; ++j) masked[j] = unmasked[j] = ArgmaxState<acc_t>{0, -1};
+
+  const int64_t tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t pixel0 = tile * kTilePixels;
+    acc_t scores[kMicro][kMicro] = {};
+    for (int64_t dim0 = 0; dim0 < pr.head_dim; dim0 += kTileDim) {
+      // Consecutive threads load consecutive channels of a row: coalesced.
+      for (int e = threadIdx.x; e < kTileDim * kTilePixels; e += kTileThreads) {
+        const int p = e / kTileDim, d = e % kTileDim;
+        const int64_t pixel = pixel0 + p, dim = dim0 + d;
+        key_tile[d][p] = pixel < pr.pixels && dim < pr.head_dim
+            ? static_cast<acc_t>(key_base[pixel * pr.channels + dim])
+            : acc_t(0);
+      }
+      for (int e = threadIdx.x; e < kTileDim * kTileQueries; e += kTileThreads) {
+        const int q = e / kTileDim, d = e % kTileDim;
+        const int64_t query = query0 + q, dim = dim0 + d;
+        query_tile[d][q] = query < pr.queries && dim < pr.head_dim
+            ? static_cast<acc_t>(query_base[query * pr.channels + dim])
+            : acc_t(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int d = 0; d < kTileDim; ++d) {
+        acc_t key_values[kMicro], query_values[kMicro];
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i) key_values[i] = key_tile[d][pixel_lane * kMicro + i];
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) query_values[j] = query_tile[d][query_lane * kMicro + j];
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+          for (int j = 0; j < kMicro; ++j) scores[i][j] += key_values[i] * query_values[j];
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      const int64_t pixel = pixel0 + pixel_lane * kMicro + i;
+      if (pixel >= pr.pixels) break;
+      const acc_t divisor = divisors == nullptr ? acc_t(1) : divisors[b * pr.pixels + pixel];
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        const int64_t query = query0 + query_lane * kMicro + j;
+        if (query >= pr.queries) break;
+        const acc_t score = divisors == nullptr ? scores[i][j] : scores[i][j] / divisor;
+        if (mask == nullptr) {
+          argmax_visit(masked[j], score, pixel);  // the unmasked argmax is never needed
+        } else {
+          argmax_visit(unmasked[j], score, pixel);
+          if (mask[(b * pr.queries + query) * pr.pixels + pixel]) argmax_visit(masked[j], score, pixel);
+        }
+      }
     }
   }
-  if (saw_allowed) atomicOr(&any_allowed, 1);  // a flag, so the result is order-independent
-  masked = block_argmax(masked, reduce);
-  unmasked = block_argmax(unmasked, reduce);
-  if (threadIdx.x == 0) {
-    const int64_t at = (b * pr.heads + h) * pr.queries + n;
-    masked_index[at] = masked.index;
-    unmasked_index[at] = unmasked.index;
-    if (h == 0) query_has_allowed[b * pr.queries + n] = any_allowed != 0;
+  // Every thread reaches the shuffles: the loops above have block-uniform trip counts.
+#pragma unroll
+  for (int j = 0; j < kMicro; ++j) {
+    masked[j] = merge_pixel_lanes(masked[j]);
+    unmasked[j] = merge_pixel_lanes(unmasked[j]);
+    const int64_t query = query0 + query_lane * kMicro + j;
+    if (pixel_lane == 0 && query < pr.queries)
+      partials[(split * pr.batch * pr.heads + bh) * pr.queries + query] = SplitPartial<acc_t>{masked[j], unmasked[j]};
   }
 }
 
-// Grid (N, B), threads over channels: applies the empty-mask rule and gathers the prototype.
-template <typename scalar_t, typename acc_t>
-__global__ void prototype_select_gather_kernel(
-    Problem pr, const scalar_t* __restrict__ keys, const acc_t* __restrict__ divisors,
-    const int64_t* masked_index, const int64_t* unmasked_index, const bool* query_has_allowed,
-    bool official_empty, scalar_t* prototypes, int64_t* indices) {
-  const int64_t n = blockIdx.x, b = blockIdx.y;
-  __shared__ int image_all_empty;
-  if (threadIdx.x == 0) {
-    int all_empty = 1;
-    for (int64_t q = 0; q < pr.queries && all_empty; ++q) all_empty = !query_has_allowed[b * pr.queries + q];
-    image_all_empty = all_empty;
+// One block per image: merges the splits of every (head, query), applies the empty-mask rule and
+// writes indices[b, :, :].
+template <typename acc_t>
+__global__ void merge_splits_kernel(
+    Problem pr, int64_t splits, const SplitPartial<acc_t>* __restrict__ partials, bool official_empty,
+    int64_t* indices) {
+  const int64_t b = blockIdx.x;
+  const int64_t slots = pr.heads * pr.queries, stride = pr.batch * slots;
+  const SplitPartial<acc_t>* image = partials + b * slots;
+  // A query has an allowed pixel iff its masked argmax found one; head 0 (slots [0, N)) tells.
+  int has_allowed = 0;
+  for (int64_t n = threadIdx.x; n < pr.queries && !has_allowed; n += blockDim.x)
+    for (int64_t s = 0; s < splits && !has_allowed; ++s) has_allowed = image[s * stride + n].masked.index >= 0;
+  const bool image_all_empty = __syncthreads_or(has_allowed) == 0;
+  for (int64_t slot = threadIdx.x; slot < slots; slot += blockDim.x) {
+    ArgmaxState<acc_t> masked{0, -1}, unmasked{0, -1};
+    for (int64_t s = 0; s < splits; ++s) {
+      masked = argmax_merge(masked, image[s * stride + slot].masked);
+      unmasked = argmax_merge(unmasked, image[s * stride + slot].unmasked);
+    }
+    int64_t index = masked.index;
+    if (index < 0) {
+      index = empty_query_choice(official_empty, image_all_empty) == EmptyQueryChoice::kPixelZero
+          ? 0
+          : unmasked.index;
+    }
+    indices[b * slots + slot] = index;
   }
-  __syncthreads();
+}
+
+// Grid (N, B), threads over channels: copies (and normalizes) the selected key rows.
+template <typename scalar_t, typename acc_t>
+__global__ void gather_prototypes_kernel(
+    Problem pr, const scalar_t* __restrict__ keys, const acc_t* __restrict__ divisors,
+    const int64_t* __restrict__ indices, scalar_t* prototypes) {
+  const int64_t n = blockIdx.x, b = blockIdx.y;
   for (int64_t c = threadIdx.x; c < pr.channels; c += blockDim.x) {
     const int64_t h = c / pr.head_dim;
-    const int64_t at = (b * pr.heads + h) * pr.queries + n;
-    int64_t index = masked_index[at];
-    if (index < 0) {
-      index = empty_query_choice(official_empty, image_all_empty != 0) == EmptyQueryChoice::kPixelZero
-          ? 0
-          : unmasked_index[at];
-    }
-    if (c % pr.head_dim == 0) indices[at] = index;
-    const int64_t row = b * pr.pixels + index;
+    const int64_t row = b * pr.pixels + indices[(b * pr.heads + h) * pr.queries + n];
     acc_t value = static_cast<acc_t>(keys[row * pr.channels + c]);
     if (divisors != nullptr) value /= divisors[row];
     prototypes[(b * pr.queries + n) * pr.channels + c] = static_cast<scalar_t>(value);
@@ -135,17 +228,21 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const Problem pr{keys.size(0), keys.size(1), keys.size(2), queries.size(1), num_heads,
                    keys.size(2) / num_heads};
+  const int64_t query_blocks = (pr.queries + kTileQueries - 1) / kTileQueries;
   TORCH_CHECK(
-      pr.queries <= 65535 && pr.heads <= 65535 && pr.batch <= 65535,
-      "prototype_select (cuda): B, num_heads and N must each be <= 65535, got ", pr.batch, ", ",
-      pr.heads, ", ", pr.queries);
+      pr.batch * pr.heads <= 65535 && query_blocks <= 65535,
+      "prototype_select (cuda): B * num_heads must be <= 65535 and N <= ", 65535 * kTileQueries,
+      ", got B = ", pr.batch, ", num_heads = ", pr.heads, ", N = ", pr.queries);
   at::Tensor prototypes = at::empty({pr.batch, pr.queries, pr.channels}, keys.options());
   at::Tensor indices = at::empty({pr.batch, pr.heads, pr.queries}, keys.options().dtype(at::kLong));
-  if (prototypes.numel() == 0) return {prototypes, indices};
-  at::Tensor masked_index = at::empty_like(indices);
-  at::Tensor unmasked_index = at::empty_like(indices);
-  at::Tensor query_has_allowed = at::empty({pr.batch, pr.queries}, keys.options().dtype(at::kBool));
+  if (indices.numel() == 0) return {prototypes, indices};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // Enough pixel splits for kBlocksPerSM blocks per SM, never more than there are tiles.
+  const int64_t tiles = (pr.pixels + kTilePixels - 1) / kTilePixels;
+  const int64_t blocks_wanted = kBlocksPerSM * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t other_blocks = pr.batch * pr.heads * query_blocks;
+  const int64_t splits = std::clamp<int64_t>((blocks_wanted + other_blocks - 1) / other_blocks, 1, std::min<int64_t>(tiles, 65535));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_cuda", [&] {
@@ -160,45 +257,48 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         const acc_t* divisor_ptr = normalize_keys ? divisors.data_ptr<acc_t>() : nullptr;
-        const size_t shared = pr.head_dim * sizeof(acc_t) + kScanThreads * sizeof(ArgmaxState<acc_t>);
-        const dim3 scan_grid(pr.queries, pr.heads, pr.batch);
-        prototype_select_scan_kernel<scalar_t, acc_t><<<scan_grid, kScanThreads, shared, stream>>>(
-            pr, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(),
-            mask.defined() ? mask.data_ptr<bool>() : nullptr, divisor_ptr,
-            masked_index.data_ptr<int64_t>(), unmasked_index.data_ptr<int64_t>(),
-            query_has_allowed.data_ptr<bool>());
+        // Every (split, image, head, query) partial is written by the tile kernel.
+        at::Tensor partials = at::empty(
+            {splits * static_cast<int64_t>(indices.numel() * sizeof(SplitPartial<acc_t>))},
+            keys.options().dtype(at::kByte));
+        auto* partial_ptr = reinterpret_cast<SplitPartial<acc_t>*>(partials.data_ptr<uint8_t>());
+        const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
+        prototype_select_tile_kernel<scalar_t, acc_t><<<tile_grid, kTileThreads, 0, stream>>>(
+            pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(),
+            mask.defined() ? mask.data_ptr<bool>() : nullptr, divisor_ptr, partial_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const dim3 gather_grid(pr.queries, pr.batch);
-        prototype_select_gather_kernel<scalar_t, acc_t><<<gather_grid, kGatherThreads, 0, stream>>>(
-            pr, keys.data_ptr<scalar_t>(), divisor_ptr, masked_index.data_ptr<int64_t>(),
-            unmasked_index.data_ptr<int64_t>(), query_has_allowed.data_ptr<bool>(), official_empty,
-            prototypes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+        merge_splits_kernel<acc_t><<<pr.batch, kMergeThreads, 0, stream>>>(
+            pr, splits, partial_ptr, official_empty, indices.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (prototypes.numel() > 0) {
+          gather_prototypes_kernel<scalar_t, acc_t><<<dim3(pr.queries, pr.batch), kGatherThreads, 0, stream>>>(
+              pr, keys.data_ptr<scalar_t>(), divisor_ptr, indices.data_ptr<int64_t>(),
+              prototypes.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
       });
   return {prototypes, indices};
 }
 
-// Grid (heads, B), threads over the head's channels. Each distinct selected pixel is written once,
-// by the first query (in order) that selected it, with the fp32 sum over all queries that did:
-// deterministic and free of atomics.
+// Grid (heads * N, B), threads over the head's channels. Each distinct selected pixel of a head is
+// written once, by the block of the first query (in order) that selected it, with the fp32 sum
+// over all queries that did: deterministic and free of atomics.
 template <typename scalar_t, typename acc_t>
 __global__ void prototype_select_scatter_kernel(
     Problem pr, const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
     scalar_t* grad_keys) {
-  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int64_t slot = blockIdx.x, b = blockIdx.y;
+  const int64_t h = slot / pr.queries, n = slot % pr.queries;
   const int64_t* head_indices = indices + (b * pr.heads + h) * pr.queries;
-  for (int64_t n = 0; n < pr.queries; ++n) {
-    const int64_t pixel = head_indices[n];
-    bool seen_before = false;
-    for (int64_t earlier = 0; earlier < n && !seen_before; ++earlier) seen_before = head_indices[earlier] == pixel;
-    if (seen_before) continue;
-    for (int64_t d = threadIdx.x; d < pr.head_dim; d += blockDim.x) {
-      const int64_t c = h * pr.head_dim + d;
-      acc_t sum = 0;
-      for (int64_t later = n; later < pr.queries; ++later)
-        if (head_indices[later] == pixel) sum += static_cast<acc_t>(grad[(b * pr.queries + later) * pr.channels + c]);
-      grad_keys[(b * pr.pixels + pixel) * pr.channels + c] = static_cast<scalar_t>(sum);
-    }
+  const int64_t pixel = head_indices[n];
+  for (int64_t earlier = 0; earlier < n; ++earlier)
+    if (head_indices[earlier] == pixel) return;  // block-uniform: an earlier query owns this pixel
+  for (int64_t d = threadIdx.x; d < pr.head_dim; d += blockDim.x) {
+    const int64_t c = h * pr.head_dim + d;
+    acc_t sum = 0;
+    for (int64_t later = n; later < pr.queries; ++later)
+      if (head_indices[later] == pixel) sum += static_cast<acc_t>(grad[(b * pr.queries + later) * pr.channels + c]);
+    grad_keys[(b * pr.pixels + pixel) * pr.channels + c] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -253,6 +353,8 @@ at::Tensor prototype_select_backward_cuda(
   const int64_t heads = indices.size(1);
   const Problem pr{keys.size(0), keys.size(1), keys.size(2), indices.size(2), heads,
                    keys.size(2) / heads};
+  TORCH_CHECK(
+      pr.batch <= 65535, "_prototype_select_backward (cuda): B must be <= 65535, got ", pr.batch);
   at::Tensor grad_keys = at::zeros_like(keys);
   if (grad.numel() == 0) return grad_keys;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -260,7 +362,7 @@ at::Tensor prototype_select_backward_cuda(
       at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const int threads = static_cast<int>(std::min<int64_t>(256, ((pr.head_dim + 31) / 32) * 32));
-        prototype_select_scatter_kernel<scalar_t, acc_t><<<dim3(pr.heads, pr.batch), threads, 0, stream>>>(
+        prototype_select_scatter_kernel<scalar_t, acc_t><<<dim3(pr.heads * pr.queries, pr.batch), threads, 0, stream>>>(
             pr, grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), grad_keys.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (normalize_keys) {
