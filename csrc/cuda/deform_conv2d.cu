@@ -285,13 +285,13 @@ at::Tensor deform_conv2d_cuda(
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   at::Tensor output = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options());
   if (output.numel() == 0) return output;
-  const dim3 grid(
-      blocks_for(s.batch * s.out_pixels(), kTileM), blocks_for(s.group_out_channels(), kTileN),
-      s.groups);
+  const int64_t pixel_blocks = blocks_for(s.batch * s.out_pixels(), kTileM);
+  const int64_t channel_blocks = blocks_for(s.group_out_channels(), kTileN);
   TORCH_CHECK(
-      grid.x < (1u << 31) && grid.y <= 65535 && grid.z <= 65535,
+      pixel_blocks < (int64_t{1} << 31) && channel_blocks <= 65535 && s.groups <= 65535,
       "deform_conv2d (cuda): the problem is too large for one launch: ", s.batch, " images of ",
       s.out_pixels(), " pixels, ", s.out_channels, " output channels, ", s.groups, " groups");
+  const dim3 grid(pixel_blocks, channel_blocks, s.groups);
   const Strides4 in = strides_of(input);
   const bool shared_samples =
       s.group_channels() % kTileK == 0 && s.offset_group_channels() % kTileK == 0;
@@ -543,7 +543,10 @@ void deform_conv2d_backward_impl(
           s, offset_data, mask_data, b, pixel0, count, keys.data_ptr<int64_t>(),
           weights.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0);
+      // The optional<bool> spells out the stable overload: a plain `true` would bind to
+      // sort(self, dim, descending) and mean dim = 1.
+      const auto [sorted_keys, order] =
+          at::sort(keys, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
       const at::Tensor entry_begin = at::searchsorted(sorted_keys, list_bounds);
       input_grad_kernel<acc_t>
           <<<blocks_for(s.in_channels * image_pixels, kElementThreads), kElementThreads, 0,
