@@ -8,6 +8,7 @@ explicitly requested backend that cannot run raises :class:`BackendUnavailableEr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable
@@ -150,3 +151,15 @@ def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tupl
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         for t in tensors
     )
+
+
+def reference_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where an op runs its reference on inputs :func:`autocast_inputs` has cast: autocast off.
+
+    The reference then computes in the dtype of its (already cast) inputs, as the kernels do;
+    left on, CUDA autocast would run parts of it (``F.normalize``'s norm) in fp32, so the op's
+    result under autocast would differ from the op on the cast inputs.
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

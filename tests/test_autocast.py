@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -56,6 +58,42 @@ def test_prototype_ops_cast_to_the_autocast_dtype(device):
     low = [t.to(AUTOCAST_DTYPE) for t in [queries, residual, *weights]]
     expected = prototype_attention(prototypes, low[0], low[1], low[2], low[3], low[4], low[5], low[6])
     assert out.dtype == AUTOCAST_DTYPE and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_references_run_with_autocast_off_on_the_cast_inputs(device, monkeypatch):
+    """The "reference" backend under autocast computes in the autocast dtype, as the kernels do:
+    CUDA autocast would otherwise run F.normalize's norm in fp32 inside the reference."""
+    # The modules, not the functions pem_kernels.ops re-exports under the same names.
+    deform_module = importlib.import_module("pem_kernels.ops.deform_conv")
+    attention_module = importlib.import_module("pem_kernels.ops.prototype_attention")
+    select_module = importlib.import_module("pem_kernels.ops.prototype_select")
+
+    seen = {}
+
+    def spy(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen[name] = (torch.is_autocast_enabled(device), args[0].dtype)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(select_module, "prototype_select_ref")
+    spy(attention_module, "prototype_attention_ref")
+    spy(deform_module, "deform_conv2d_ref")
+    keys, queries = torch.randn(1, 40, 16, device=device), torch.randn(1, 5, 16, device=device)
+    weight, vector = torch.randn(16, 16, device=device), torch.randn(16, device=device)
+    with torch.autocast(device, dtype=AUTOCAST_DTYPE):
+        prototypes, _ = prototype_select(keys, queries, None, 4, normalize_keys=True, backend="reference")
+        out = prototype_attention(prototypes, queries, queries, weight, vector, vector, weight, vector,
+                                  backend="reference")
+        conv = deform_conv2d(torch.randn(1, 4, 6, 6, device=device), torch.randn(1, 18, 6, 6, device=device),
+                             torch.randn(2, 4, 3, 3, device=device), padding=1, backend="reference")
+    assert seen == {name: (False, AUTOCAST_DTYPE) for name in
+                    ("prototype_select_ref", "prototype_attention_ref", "deform_conv2d_ref")}
+    assert prototypes.dtype == out.dtype == conv.dtype == AUTOCAST_DTYPE
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -158,7 +158,7 @@ def test_progress_bar_counts_and_never_breaks():
 def test_bench_prototype_select_script_runs_and_writes(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_prototype_select", "--sizes", "256",
+        [sys.executable, "-m", "benchmarks.bench_prototype_select", "--device", "cpu", "--sizes", "256",
          "--repeats", "2", "--backends", "reference", "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
@@ -178,7 +178,7 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     providers = ["fused", "reference", "mask2former", "sdpa"]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "pem-ca", "--sizes", "2048", "--repeats", "1",
+        [sys.executable, "-m", "benchmarks", "pem-ca", "--device", "cpu", "--sizes", "2048", "--repeats", "1",
          "--modes", "forward,forward+backward", "--providers", ",".join(providers),
          "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,

@@ -21,6 +21,7 @@ import torch
 from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
+    reference_context,
     compiled_kernel,
     register_op_backends,
     triton_kernel,
@@ -106,7 +107,8 @@ def deform_conv2d(
     )
     chosen = _BACKENDS.resolve(backend, input.device, input.dtype)
     if chosen == "reference":
-        return deform_conv2d_ref(input, offset, weight, bias, stride, padding, dilation, mask)
+        with reference_context(input.device):
+            return deform_conv2d_ref(input, offset, weight, bias, stride, padding, dilation, mask)
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     groups = input.shape[1] // weight.shape[1]
     offset_groups = offset.shape[1] // (2 * kernel_h * kernel_w)

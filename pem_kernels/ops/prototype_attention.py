@@ -1,8 +1,9 @@
 """``prototype_attention``: PEM-CA after the gather (eq. 5-7), ``residual + W_out(alpha *
 l2norm(W_A(P * q)) + P) + b_out``.
 
-Backends: ``reference``; ``cpu``, which runs the same composition of ATen's CPU kernels (two
-GEMMs dominate; there is nothing a hand-written CPU kernel would fuse away); ``triton``
+Backends: ``reference``; ``cpu`` and ``cuda``, which run the same composition of ATen's kernels
+on that device (two GEMMs dominate; there is nothing a hand-written C++ kernel would fuse away,
+and ``PEMCrossAttention(backend="cuda")`` needs a ``cuda`` name for both of its ops); ``triton``
 (:mod:`pem_kernels.triton.prototype_attention`: one fused forward launch and a fused backward, on
 CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on
 a GPU, so ``"auto"`` does not pick it). The C++ schema ``pem_kernels::prototype_attention`` is
@@ -12,11 +13,14 @@ ops, ``pem_kernels::prototype_attention_triton`` and its backward.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
+    reference_context,
     register_op_backends,
     triton_kernel,
 )
@@ -25,14 +29,21 @@ from pem_kernels.reference.prototype_attention import AttentionNormAxis, prototy
 
 __all__ = ["prototype_attention"]
 
-def _aten_on_cpu(device: torch.device, dtype: torch.dtype) -> str | None:
-    return None if device.type == "cpu" else "it runs on cpu tensors"
+
+def _aten_on(device_type: str) -> Callable[[torch.device, torch.dtype], str | None]:
+    """Availability of the ``cpu`` / ``cuda`` backend: the reference's ATen ops (GEMMs and
+    element-wise ops, nothing a C++ kernel would fuse better) on that device's tensors."""
+
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        return None if device.type == device_type else f"it runs on {device_type} tensors"
+
+    return unavailable_reason
 
 
 _BACKENDS = register_op_backends(
     OpBackends(
         "prototype_attention",
-        availability={"cpu": _aten_on_cpu, "triton": triton_kernel},
+        availability={"cpu": _aten_on("cpu"), "cuda": _aten_on("cuda"), "triton": triton_kernel},
         auto_order={"cpu": ("cpu",)},
     )
 )
@@ -88,7 +99,7 @@ def prototype_attention(
         prototypes, queries, residual: Tensor[B, N, C].
         proj_weight, out_weight: Tensor[C, C]; proj_bias, out_bias: Tensor[C]; alpha: C elements.
         normalize: ``"queries"`` (official code) or ``"channels"`` (paper).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         Tensor[B, N, C]. Under ``torch.autocast`` every tensor argument is cast to the autocast
@@ -108,10 +119,11 @@ def prototype_attention(
             prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
             normalize == "queries",
         )[0]
-    return prototype_attention_ref(
-        prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
-        normalize=normalize,
-    )
+    with reference_context(prototypes.device):
+        return prototype_attention_ref(
+            prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
+            normalize=normalize,
+        )
 
 
 if EXTENSION_LOADED:

@@ -16,6 +16,7 @@ import torch
 from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
+    reference_context,
     compiled_kernel,
     register_op_backends,
     triton_kernel,
@@ -129,9 +130,10 @@ def prototype_select(
     _check_args(keys, queries, mask, num_heads, empty)
     chosen = _BACKENDS.resolve(backend, keys.device, keys.dtype)
     if chosen == "reference":
-        return prototype_select_ref(
-            keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys
-        )
+        with reference_context(keys.device):
+            return prototype_select_ref(
+                keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys
+            )
     if chosen == "triton":
         # Imported here so that `import pem_kernels` never imports triton.
         from pem_kernels.triton.prototype_select import prototype_select_triton
