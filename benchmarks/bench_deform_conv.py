@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=128, help="C_in = C_out")
     parser.add_argument(
         "--channels-last", action="store_true",
-        help="give every backend a channels_last input (the output stays NCHW)",
+        help="give every backend a channels_last input (each returns its own output layout: "
+        "NCHW from the C++ kernels and torchvision, channels_last from Triton)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: adaptive)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")

@@ -421,7 +421,7 @@ def test_channels_last_input(device, name):
 def test_non_contiguous_inputs(device):
     conv = CONFIGS["offset_groups2"]
     tensors = make_inputs(conv, torch.float64, device)
-    for name in ("input", "offset", "weight", "mask"):
+    for name in ("input", "offset", "weight", "mask", "bias"):
         tensors[name] = torch.cat([tensors[name], tensors[name]], dim=-1)[..., ::2]
         assert not tensors[name].is_contiguous()
     torch.testing.assert_close(

@@ -128,6 +128,33 @@ def test_forward_and_all_gradients_match_reference_fp32(name):
         assert out.is_contiguous()
 
 
+def test_non_contiguous_tensors_including_bias():
+    conv = CONFIGS["base"]
+    tensors = make_inputs(conv)
+    for name, tensor in tensors.items():
+        tensors[name] = torch.stack([tensor, -tensor], dim=-1)[..., 0]  # the values, stride 2
+        assert not tensors[name].is_contiguous(), name
+    torch.testing.assert_close(
+        run(triton_dcn.deform_conv2d, conv, tensors), run(deform_conv2d_ref, conv, tensors), **FP32
+    )
+
+
+def test_int32_index_limits_are_checked_with_strides(monkeypatch):
+    """The kernels index within an image in int32; the check counts strides, so a view into a
+    larger tensor is judged by the span it addresses (the limit is lowered to test it)."""
+    conv = CONFIGS["base"]
+    tensors = make_inputs(conv)
+    out_pixels = conv.output_size()[0] * conv.output_size()[1]
+    spans = {name: triton_dcn._image_span(tensors[name]) for name in ("input", "offset", "mask")}
+    limit = max(*spans.values(), conv.out_channels * out_pixels, conv.batch * out_pixels)
+    assert spans["offset"] == limit  # the largest: 2 * 9 taps * 35 pixels - 1
+    monkeypatch.setattr(triton_dcn, "_INT32_MAX", limit)
+    run(triton_dcn.deform_conv2d, conv, tensors)  # contiguous tensors just fit
+    tensors["offset"] = torch.cat([tensors["offset"], tensors["offset"]], dim=-1)[..., ::2]
+    with pytest.raises(RuntimeError, match="fit in int32"):
+        run(triton_dcn.deform_conv2d, conv, tensors)
+
+
 def triton_and_fp64_reference(conv, tensors: dict, reference: dict) -> tuple[dict, dict]:
     """(Triton, fp64 reference) results of test_deform_conv.py's ``conv``: for each, the output
     and the gradient of every given tensor for one random fp64 ``grad_output``."""

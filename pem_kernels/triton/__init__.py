@@ -47,17 +47,50 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launcher(kernel, interpreted: bool):
-    """What a kernel module's ``triton_op`` launches ``kernel`` through: ``wrap_triton(kernel)``,
-    so that torch.compile and fake tensors see the launch; under the interpreter (``interpreted``,
-    the module's ``INTERPRET``) the kernel itself, since torch.compile does not apply to CPU
-    tensors and torch before 2.12 (2.11 is on this project's GPU machines) refuses to wrap an
-    interpreted kernel."""
+def launcher(kernel, interpreted: bool) -> "_OnTensorDevice":
+    """What a kernel module's ``triton_op`` launches ``kernel`` through: ``launcher(k, I)[grid](...)``.
+
+    Compiled, the launch goes through ``wrap_triton(kernel)``, so that torch.compile and fake
+    tensors see it; under the interpreter (``interpreted``, the module's ``INTERPRET``) through the
+    kernel itself, since torch.compile does not apply to CPU tensors and torch before 2.12 (2.11 is
+    on this project's GPU machines) refuses to wrap an interpreted kernel. Either way the launch
+    runs on the device of its first tensor argument (see :class:`_OnTensorDevice`).
+    """
     if interpreted:
-        return kernel
+        return _OnTensorDevice(kernel)
     from torch.library import wrap_triton
 
-    return wrap_triton(kernel)
+    return _OnTensorDevice(wrap_triton(kernel))
+
+
+class _OnTensorDevice:
+    """``kernel[grid](*args)`` made current on the GPU of the first tensor argument.
+
+    Triton launches on the *current* CUDA device, and a ``triton_op`` called eagerly sets none:
+    tensors on ``cuda:1`` while ``cuda:0`` is current would be touched from the wrong device. The
+    guard is entered only when the devices differ (the common case costs one device query) and
+    never while torch.compile traces (inductor's generated code guards the device itself).
+    """
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return launch(*args, **kwargs)
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    device = arg.device
+                    if device.type == "cuda" and device.index != torch.cuda.current_device():
+                        with torch.cuda.device(device):
+                            return launch(*args, **kwargs)
+                    break
+            return launch(*args, **kwargs)
+
+        return run
 
 
 def cpu_unavailable_reason() -> str | None:

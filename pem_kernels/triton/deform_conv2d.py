@@ -49,7 +49,11 @@ written by exactly one program, and every reduction has a fixed order):
 * ``grad_bias``: ``grad_output.sum((0, 2, 3))`` in fp32.
 
 So results are bit-identical from run to run, and ``torch.use_deterministic_algorithms(True)``
-needs no special path. The cost of the deterministic ``grad_input`` is a sort of the entry list and
+needs no special path. Non-finite values: a NaN or inf in ``grad_output`` (or the mask) reaches
+``grad_input`` through the one-hot dot (``0 * inf = NaN``), so every pixel of that program's
+``BLOCK_T``-pixel block becomes NaN, where the reference makes only the pixels the value touches
+non-finite; the other gradients follow the reference. (Under a GradScaler such a step is skipped
+anyway.) The cost of the deterministic ``grad_input`` is a sort of the entry list and
 4x recomputation of the column gradient (one per corner); there is no atomics-based path.
 
 Dtypes: fp32, fp16, bf16 inputs with fp32 accumulation (fp64 is not supported). fp16/bf16 dot
@@ -582,11 +586,21 @@ def _check_op_args(name, input, weight, offset, mask, bias, groups, offset_group
             list(bias.shape) == [weight.shape[0]],
             lambda: f"{name}: bias must be [Cout], got {list(bias.shape)}",
         )
+    # The kernels index within one image (and across B * out_h * out_w output pixels) in int32;
+    # strides count, so a view into a larger tensor is judged by the span it addresses.
+    per_image = [input, offset] + ([mask] if mask is not None else [])
     torch._check(
-        input.shape[1] * input.shape[2] * input.shape[3] <= _INT32_MAX
-        and weight.shape[0] * offset.shape[2] * offset.shape[3] <= _INT32_MAX,
-        lambda: f"{name}: one image's elements must fit in int32 offsets",
+        all(_image_span(t) <= _INT32_MAX for t in per_image)
+        and weight.shape[0] * offset.shape[2] * offset.shape[3] <= _INT32_MAX
+        and batch * offset.shape[2] * offset.shape[3] <= _INT32_MAX,
+        lambda: f"{name}: one image's elements (input, offset, mask; strides included), "
+        f"Cout * out_h * out_w and B * out_h * out_w must each fit in int32 offsets",
     )
+
+
+def _image_span(t: torch.Tensor) -> int:
+    """Largest element offset within one image of a 4-D tensor: sum of (size - 1) * stride."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
 
 
 def _offset_mask_args(offset, mask):
@@ -645,7 +659,7 @@ def deform_conv2d_triton(
     grid = (triton.cdiv(M, block_m), groups * triton.cdiv(s["COUT_G"], block_n))
     launcher(_forward_kernel, INTERPRET)[grid](
         input, offset, mask_arg, _weight_by_tap(weight, groups),
-        bias if bias is not None else weight, out,
+        bias.contiguous() if bias is not None else weight, out,
         M, s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
         *conv, *input.stride(), *om_strides, *out.stride(),
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
