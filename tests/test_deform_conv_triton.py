@@ -414,41 +414,31 @@ def test_torch_compile_fullgraph():
 
 
 _SM90_COMPILE = """
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
 from pem_kernels.triton import deform_conv2d as K
 
 assert not K.INTERPRET
 
-def compile_sm90(fn, pointers, constants):
-    signature = {
-        name: "constexpr" if name in constants else pointers.get(name, "i32")
-        for name in fn.arg_names
-    }
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-def pointers(dtype):
+def pointers(dtype, **extra):
     names = ("x_ptr", "offset_ptr", "mask_ptr", "w_ptr", "bias_ptr", "out_ptr", "gout_ptr",
              "goffset_ptr", "gmask_ptr", "gin_ptr")
-    return {name: "*" + dtype for name in names}
+    table = {**{name: "*" + dtype for name in names}, **extra}
+    return lambda name: table.get(name, "i32")
 
 bf16 = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
+fp32 = dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+# The GPU's forward tiles (BLOCK_M=64, BLOCK_N=128 for PEM's 128 channels) and a narrower one.
+for block_n in (64, 128):
+    tiles = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32)
+    compile_sm90(K._forward_kernel, pointers("bf16"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **bf16))
+    compile_sm90(K._forward_kernel, pointers("fp32"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **fp32))
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-compile_sm90(K._forward_kernel, pointers("bf16"),
-             dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **bf16))
-compile_sm90(K._forward_kernel, pointers("fp32"),
-             dict(HAS_MASK=False, HAS_BIAS=False, **tiles, DOT_DTYPE=tl.float32,
-                  DOT_PRECISION="ieee"))
 compile_sm90(K._offset_mask_grad_kernel, pointers("bf16"), dict(HAS_MASK=True, **tiles, **bf16))
-compile_sm90(K._weight_grad_kernel, {**pointers("bf16"), "partial_ptr": "*fp32"},
+compile_sm90(K._weight_grad_kernel, pointers("bf16", partial_ptr="*fp32"),
              dict(HAS_MASK=True, **tiles, **bf16))
-compile_sm90(K._corner_kernel, {"offset_ptr": "*bf16", "mask_ptr": "*bf16", "key_ptr": "*i64",
-                                "weight_ptr": "*fp32", "N": "i64", "SENTINEL": "i64"},
-             dict(HAS_MASK=True, BLOCK=256))
-compile_sm90(K._input_grad_kernel, {**pointers("bf16"), "key_ptr": "*i64", "perm_ptr": "*i64",
-                                    "weight_ptr": "*fp32", "bounds_ptr": "*i64"},
+compile_sm90(K._corner_kernel, pointers("bf16", key_ptr="*i64", weight_ptr="*fp32", N="i64",
+                                        SENTINEL="i64"), dict(HAS_MASK=True, BLOCK=256))
+compile_sm90(K._input_grad_kernel, pointers("bf16", key_ptr="*i64", perm_ptr="*i64",
+                                            weight_ptr="*fp32", bounds_ptr="*i64"),
              dict(BLOCK_T=32, BLOCK_E=64, BLOCK_N=64, BLOCK_K=32, **bf16))
 print("compiled for sm_90")
 """

@@ -178,21 +178,20 @@ def test_empty_batch(backend):
 
 
 _SM90_COMPILE = """
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
+import torch
 from pem_kernels.triton import local_representation as K
 
 assert not K.INTERPRET
 fn = K._local_representation_kernel
-for dtype, dot, ieee in [("bf16", tl.bfloat16, False), ("fp32", tl.float32, True)]:
-    pointers = {name: "*" + dtype for name in ("x_ptr", "pos_ptr", "dw_weight_ptr", "dw_bias_ptr",
-                                             "weight_ptr", "bias_ptr", "out_ptr")}
+# Every launch configuration the op can choose (C_out -> BLOCK_N 16 / 128 / 256), with pos.
+for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
+    pointers = {n: "*" + name for n in ("x_ptr", "pos_ptr", "dw_weight_ptr", "dw_bias_ptr",
+                                         "weight_ptr", "bias_ptr", "out_ptr")}
     pointers.update(scale_ptr="*fp32", shift_ptr="*fp32")
-    constants = dict(HAS_POS=True, BLOCK_P=32, BLOCK_N=256, BLOCK_K=32, DOT_DTYPE=dot, IEEE=ieee)
-    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in fn.arg_names}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    for out_channels in (16, 128, 256):
+        constants = K._launch_config(out_channels, dtype)
+        options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
+        compile_sm90(fn, lambda n: pointers.get(n, "i32"), dict(HAS_POS=True, **constants), **options)
 print("compiled for sm_90")
 """
 

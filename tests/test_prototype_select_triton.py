@@ -65,6 +65,8 @@ SHAPES = [
     # (B, HW, C, N, heads): HW not a multiple of any pixel tile; N=1; D = 8 and 32
     (2, 150, 32, 5, 4),
     (1, 64, 32, 1, 1),
+    # one 200-channel head (BLOCK_D = 256): scored in 64-channel chunks, the last one partial
+    (1, 150, 200, 3, 1),
 ]
 
 
@@ -341,35 +343,35 @@ def test_triton_backend_unavailable_without_triton_or_interpreter():
 
 
 _SM90_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
+import torch
 from pem_kernels.triton import prototype_select as K
 
 assert not K.INTERPRET
-def compile_sm90(fn, pointers, constants, num_warps=4):
-    signature = {
-        name: "constexpr" if name in constants else pointers.get(name, "i32")
-        for name in fn.arg_names
-    }
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+def select_pointers(dtype):
+    return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*u8",
+            "divisor_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
 
-for dtype, has_mask, fallback in [("bf16", True, False), ("bf16", True, True), ("fp32", False, False)]:
-    compile_sm90(K._select_kernel, {
-        "keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*u8",
-        "divisor_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64",
-    }, dict(HAS_MASK=has_mask, NORMALIZE=True, FALLBACK=fallback, OFFICIAL=True, INTERPRETED=False,
-            DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_P=64, BLOCK_N=128,
-            BLOCK_D=32), num_warps=8)
-compile_sm90(K._finalize_kernel, {
-    "keys_ptr": "*bf16", "divisor_ptr": "*fp32", "best_ptr": "*i64", "fallback_ptr": "*i64",
-    "indices_ptr": "*i64", "prototypes_ptr": "*bf16",
-}, dict(HAS_MASK=True, OFFICIAL=True, NORMALIZE=True, BLOCK_H=8, BLOCK_D=32, BLOCK_N=128))
-compile_sm90(K._key_norm_kernel, {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "rows": "i64"},
-             dict(BLOCK_R=16, BLOCK_C=128))
-compile_sm90(K._backward_kernel, {
-    "grad_ptr": "*bf16", "keys_ptr": "*bf16", "indices_ptr": "*i64", "grad_keys_ptr": "*bf16",
-}, dict(NORMALIZE=True, BLOCK_S=1024, BLOCK_NB=16, BLOCK_C=256))
+# The launch configurations of PEM's heads (32 channels) and of wide heads (256 and 512 channels,
+# fp32: the largest shared-memory need), 100 queries.
+cases = [("bf16", True, False, 32), ("bf16", True, True, 32), ("fp32", False, False, 32),
+         ("fp32", True, False, 256), ("fp32", True, False, 512), ("bf16", True, False, 512)]
+for dtype, has_mask, fallback, head_dim in cases:
+    block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
+        torch.device("cpu"), 8, 32768, 100, head_dim)
+    pointers = select_pointers(dtype)
+    compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
+        HAS_MASK=has_mask, NORMALIZE=True, FALLBACK=fallback, OFFICIAL=True, INTERPRETED=False,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_P=block_p, BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
+finalize = {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "best_ptr": "*i64", "fallback_ptr": "*i64",
+            "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}
+compile_sm90(K._finalize_kernel, lambda n: finalize.get(n, "i32"),
+             dict(HAS_MASK=True, OFFICIAL=True, NORMALIZE=True, BLOCK_H=8, BLOCK_D=32, BLOCK_N=128))
+key_norm = {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "rows": "i64"}
+compile_sm90(K._key_norm_kernel, lambda n: key_norm.get(n, "i32"), dict(BLOCK_R=16, BLOCK_C=128))
+backward = {"grad_ptr": "*bf16", "keys_ptr": "*bf16", "indices_ptr": "*i64", "grad_keys_ptr": "*bf16"}
+compile_sm90(K._backward_kernel, lambda n: backward.get(n, "i32"),
+             dict(NORMALIZE=True, BLOCK_S=1024, BLOCK_NB=16, BLOCK_C=256))
 print("compiled for sm_90")
 """
 

@@ -94,10 +94,14 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     )
     # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
     # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
-    block_n = max(16, min(256, triton.next_power_of_2(out_channels)))
+    block_n = max(16, min(256, triton.next_power_of_2(int(out_channels))))
+    # fp32 without software pipelining: three stages of the nine (eighteen with pos) tap tiles
+    # need up to 330 KB of shared memory, more than an H100 block has (227 KiB); the taps are
+    # mostly L1/L2 hits, so staging them buys little.
     return dict(
         BLOCK_P=64 if block_n <= 128 else 32, BLOCK_N=block_n, BLOCK_K=32,
         DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32, num_warps=8 if block_n > 128 else 4,
+        num_stages=1 if dtype == torch.float32 else 3,
     )
 
 

@@ -38,7 +38,12 @@ from pem_kernels.triton import interpreter_requested, launcher
 __all__ = ["prototype_attention_triton"]
 
 INTERPRET = interpreter_requested()
-EPS = 1e-12  # F.normalize's default
+# All N rows of an image live in one program: BLOCK_N = 512 is the largest tile whose fp32
+# kernels fit an H100 block's shared memory (checked by the sm_90 compile test).
+MAX_QUERIES = 512
+# F.normalize's default eps; a constexpr (a runtime float argument may become fp64 in compiled
+# graphs, and kernels may only read globals that are constexpr)
+EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -69,7 +74,7 @@ def _gemm_block(
 def _prototype_attention_fwd_kernel(
     p_ptr, q_ptr, r_ptr, wa_ptr, ba_ptr, alpha_ptr, wo_ptr, bo_ptr,
     out_ptr, x_ptr, an_ptr, m_ptr, div_ptr,
-    N, C, eps,
+    N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -97,14 +102,14 @@ def _prototype_attention_fwd_kernel(
         a = tl.where(ok, a, 0.0)  # padding must not enter the norms
         offs = image + rows[:, None] * C + cols[None, :]
         if NORM_OVER_QUERIES:
-            div = tl.maximum(tl.sqrt(tl.sum(a * a, axis=0)), eps)
+            div = tl.maximum(tl.sqrt_rn(tl.sum(a * a, axis=0)), EPS)
             tl.store(div_ptr + b * C + cols, div, mask=col_ok)
-            tl.store(an_ptr + offs, a / div[None, :], mask=ok)
+            tl.store(an_ptr + offs, tl.div_rn(a, div[None, :]), mask=ok)
         else:
             row_sq += tl.sum(a * a, axis=1)
             tl.store(an_ptr + offs, a, mask=ok)
     if not NORM_OVER_QUERIES:
-        div_rows = tl.maximum(tl.sqrt(row_sq), eps)
+        div_rows = tl.maximum(tl.sqrt_rn(row_sq), EPS)
         tl.store(div_ptr + b * N + rows, div_rows, mask=row_ok)
     tl.debug_barrier()
     # M = alpha * An + P (finishing the channel norm in the same pass).
@@ -115,7 +120,7 @@ def _prototype_attention_fwd_kernel(
         offs = image + rows[:, None] * C + cols[None, :]
         an = tl.load(an_ptr + offs, mask=ok, other=0.0)
         if not NORM_OVER_QUERIES:
-            an = an / div_rows[:, None]
+            an = tl.div_rn(an, div_rows[:, None])
             tl.store(an_ptr + offs, an, mask=ok)
         alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         m = alpha[None, :] * an + tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -138,7 +143,7 @@ def _prototype_attention_fwd_kernel(
 def _prototype_attention_bwd_kernel(
     dy_ptr, p_ptr, q_ptr, wa_ptr, alpha_ptr, wo_ptr, an_ptr, div_ptr,
     dp_ptr, dq_ptr, da_ptr, dalpha_ptr,
-    N, C, eps,
+    N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -164,22 +169,22 @@ def _prototype_attention_bwd_kernel(
         if NORM_OVER_QUERIES:
             div = tl.load(div_ptr + b * C + cols, mask=col_ok, other=1.0)
             # Where the norm was clamped to eps the divisor is a constant: no projection term.
-            projection = tl.where(div > eps, tl.sum(an * dan, axis=0), 0.0)
-            tl.store(da_ptr + offs, (dan - an * projection[None, :]) / div[None, :], mask=ok)
+            projection = tl.where(div > EPS, tl.sum(an * dan, axis=0), 0.0)
+            tl.store(da_ptr + offs, tl.div_rn(dan - an * projection[None, :], div[None, :]), mask=ok)
         else:
             row_dot += tl.sum(an * dan, axis=1)
             tl.store(da_ptr + offs, dan, mask=ok)
     if not NORM_OVER_QUERIES:
         tl.debug_barrier()
         div_rows = tl.load(div_ptr + b * N + rows, mask=row_ok, other=1.0)
-        projection = tl.where(div_rows > eps, row_dot, 0.0)
+        projection = tl.where(div_rows > EPS, row_dot, 0.0)
         for j0 in range(0, C, BLOCK_J):
             cols = j0 + tl.arange(0, BLOCK_J)
             ok = row_ok[:, None] & (cols < C)[None, :]
             offs = image + rows[:, None] * C + cols[None, :]
             dan = tl.load(da_ptr + offs, mask=ok, other=0.0)
             an = tl.load(an_ptr + offs, mask=ok, other=0.0)
-            tl.store(da_ptr + offs, (dan - an * projection[:, None]) / div_rows[:, None], mask=ok)
+            tl.store(da_ptr + offs, tl.div_rn(dan - an * projection[:, None], div_rows[:, None]), mask=ok)
     tl.debug_barrier()
     # dX = dA W_A; dP = dM + q * dX; dq = P * dX.
     for j0 in range(0, C, BLOCK_J):
@@ -198,7 +203,7 @@ def _prototype_attention_bwd_kernel(
 
 def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every block dimension >= 16; all N rows of an image live in one program.
-    block_n = max(16, triton.next_power_of_2(num_queries))
+    block_n = max(16, triton.next_power_of_2(int(num_queries)))
     # The interpreter's bf16/fp16 tl.dot is unreliable: it multiplies fp32 operands instead.
     dot_dtype = tl.float32 if (dtype == torch.float32 or INTERPRET) else (
         tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
@@ -224,6 +229,11 @@ def prototype_attention_triton(
     """Returns (out [B, N, C], X, An, M [B, N, C] fp32, divisors [B, C] or [B, N] fp32); the last
     four are saved for the backward."""
     batch, num_queries, channels = prototypes.shape
+    torch._check(
+        num_queries <= MAX_QUERIES,
+        lambda: f"prototype_attention_triton: at most {MAX_QUERIES} queries per image (all N rows "
+        f"of an image live in one program), got N = {num_queries}",
+    )
     p, q, r = prototypes.contiguous(), queries.contiguous(), residual.contiguous()
     out = torch.empty_like(p)
     f32 = dict(device=p.device, dtype=torch.float32)
@@ -233,7 +243,7 @@ def prototype_attention_triton(
         launcher(_prototype_attention_fwd_kernel, INTERPRET)[(batch,)](
             p, q, r, proj_weight.contiguous(), proj_bias.contiguous(), alpha.reshape(-1).contiguous(),
             out_weight.contiguous(), out_bias.contiguous(), out, x, an, m, div,
-            num_queries, channels, EPS, NORM_OVER_QUERIES=normalize_over_queries,
+            num_queries, channels, NORM_OVER_QUERIES=normalize_over_queries,
             **_launch_config(num_queries, p.dtype),
         )
     return out, x, an, m, div
@@ -260,7 +270,7 @@ def prototype_attention_backward_triton(
         launcher(_prototype_attention_bwd_kernel, INTERPRET)[(batch,)](
             grad_out.contiguous(), prototypes.contiguous(), queries.contiguous(),
             proj_weight.contiguous(), alpha.reshape(-1).contiguous(), out_weight.contiguous(),
-            normalized, divisors, dp, dq, da, dalpha, num_queries, channels, EPS,
+            normalized, divisors, dp, dq, da, dalpha, num_queries, channels,
             NORM_OVER_QUERIES=normalize_over_queries,
             **_launch_config(num_queries, prototypes.dtype),
         )

@@ -129,13 +129,16 @@ def _select_kernel(
     stride_mb, stride_mn, stride_mp,
     HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, FALLBACK: tl.constexpr,
     OFFICIAL: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
     """Masked (FALLBACK=False) or fallback unmasked (FALLBACK=True) argmax of one pixel range.
 
     Merges ``key << 32 | (INT32_MAX - pixel)`` per (b, head, query) into ``out_ptr`` with an atomic
     max. With FALLBACK, ``best_ptr`` holds the finished masked pass and only the queries that need
-    an unmasked argmax are scanned and written.
+    an unmasked argmax are scanned and written. When the head fits one chunk (``BLOCK_DC ==
+    BLOCK_D``, PEM's 32 channels) the query block is loaded once and every tile is one ``tl.dot``;
+    wider heads are scored ``BLOCK_DC`` channels at a time with the query chunks reloaded per tile
+    (from L1/L2), so shared memory stays bounded whatever the head size.
     """
     split = tl.program_id(0)
     query_block = tl.program_id(1)
@@ -164,25 +167,44 @@ def _select_kernel(
         any_write = tl.max(write.to(tl.int32), axis=0)
         tile_end = tl.where(any_write > 0, tile_end, tile_begin)
 
-    q = tl.load(
-        queries_ptr + b * stride_qb + offs_n[None, :] * stride_qn + channel[:, None] * stride_qc,
-        mask=d_ok[:, None] & n_ok[None, :], other=0.0,
-    )  # [BLOCK_D, BLOCK_N]
-    if INTERPRETED:
-        q = q.to(tl.float32)
+    query_base = queries_ptr + b * stride_qb + offs_n[None, :] * stride_qn
+    if BLOCK_DC == BLOCK_D:
+        q = tl.load(
+            query_base + channel[:, None] * stride_qc, mask=d_ok[:, None] & n_ok[None, :], other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        if INTERPRETED:
+            q = q.to(tl.float32)
 
     running = tl.full([BLOCK_N], INT64_MIN, dtype=tl.int64)
     for tile in range(tile_begin, tile_end):
         offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < pixels
-        k = tl.load(
-            keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
-            + channel[None, :] * stride_kc,
-            mask=p_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # [BLOCK_P, BLOCK_D]
-        if INTERPRETED:
-            k = k.to(tl.float32)
-        scores = tl.dot(k, q, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_N] fp32
+        key_rows = keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
+        if BLOCK_DC == BLOCK_D:
+            k = tl.load(
+                key_rows + channel[None, :] * stride_kc, mask=p_ok[:, None] & d_ok[None, :], other=0.0,
+            )  # [BLOCK_P, BLOCK_D]
+            if INTERPRETED:
+                k = k.to(tl.float32)
+            scores = tl.dot(k, q, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_N] fp32
+        else:
+            scores = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, BLOCK_D, BLOCK_DC):
+                offs_dc = d0 + tl.arange(0, BLOCK_DC)
+                dc_ok = offs_dc < head_dim
+                channel_c = h * head_dim + offs_dc
+                k = tl.load(
+                    key_rows + channel_c[None, :] * stride_kc, mask=p_ok[:, None] & dc_ok[None, :],
+                    other=0.0,
+                )  # [BLOCK_P, BLOCK_DC]
+                q = tl.load(
+                    query_base + channel_c[:, None] * stride_qc, mask=dc_ok[:, None] & n_ok[None, :],
+                    other=0.0,
+                )  # [BLOCK_DC, BLOCK_N]
+                if INTERPRETED:
+                    k = k.to(tl.float32)
+                    q = q.to(tl.float32)
+                scores += tl.dot(k, q, input_precision=DOT_PRECISION)
         if NORMALIZE:
             divisor = tl.load(divisor_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
             scores = tl.div_rn(scores, divisor[:, None])
@@ -328,10 +350,13 @@ def _pow2(value: int, low: int = 1, high: int | None = None) -> int:
 def _select_config(
     device: torch.device, batch_heads: int, pixels: int, queries: int, head_dim: int
 ):
-    """(BLOCK_P, BLOCK_N, BLOCK_D, tiles_per_split, splits, query_blocks, num_warps) of the select
-    kernel. Not tuned on a GPU yet."""
+    """(BLOCK_P, BLOCK_N, BLOCK_D, BLOCK_DC, tiles_per_split, splits, query_blocks, num_warps) of
+    the select kernel. Not tuned on a GPU yet."""
     block_n = _pow2(queries, 16, 128)  # tl.dot needs every dimension >= 16
     block_d = _pow2(head_dim, 16)
+    # Heads up to 128 channels in one chunk; wider ones in chunks of 64 (an fp32 [256, 128]
+    # query block alone would take 128 KiB of shared memory, and the pipeline stages more).
+    block_dc = block_d if block_d <= 128 else 64
     block_p = 64 if block_n * block_d >= 128 * 64 else 128
     tiles = triton.cdiv(pixels, block_p)
     query_blocks = triton.cdiv(queries, block_n)
@@ -345,7 +370,7 @@ def _select_config(
     tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
     splits = triton.cdiv(tiles, tiles_per_split)
     num_warps = 8 if block_p * block_n >= 128 * 128 else 4
-    return block_p, block_n, block_d, tiles_per_split, splits, query_blocks, num_warps
+    return block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +452,7 @@ def prototype_select_triton(
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
 
-    block_p, block_n, block_d, tiles_per_split, splits, query_blocks, num_warps = _select_config(
+    block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps = _select_config(
         keys.device, batch * num_heads, pixels, num_queries, head_dim
     )
     # The mask is read as bytes; without one, a dummy stands in (HAS_MASK=False never reads it).
@@ -447,7 +472,8 @@ def prototype_select_triton(
             HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
             OFFICIAL=official_empty, INTERPRETED=INTERPRET,
             DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
-            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
+            num_warps=num_warps,
         )
     launcher(_finalize_kernel, INTERPRET)[(batch * num_queries,)](
         keys, divisors, masked_best, fallback_best, indices, prototypes,
