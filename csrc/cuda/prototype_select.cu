@@ -84,6 +84,19 @@ __device__ ArgmaxState<acc_t> merge_pixel_lanes(ArgmaxState<acc_t> state) {
   return state;
 }
 
+// tile[d][r] = matrix[row0 + r][dim0 + d] (row-major, `row_stride` elements per row) in acc_t, zero
+// outside [0, rows) x [0, dims). Consecutive threads load consecutive channels of a row: coalesced.
+template <int kRows, typename scalar_t, typename acc_t>
+__device__ void stage_transposed(
+    acc_t (*tile)[kRows + 4], const scalar_t* matrix, int64_t row0, int64_t rows, int64_t dim0,
+    int64_t dims, int64_t row_stride) {
+  for (int e = threadIdx.x; e < kTileDim * kRows; e += kTileThreads) {
+    const int r = e / kTileDim, d = e % kTileDim;
+    const int64_t row = row0 + r, dim = dim0 + d;
+    tile[d][r] = row < rows && dim < dims ? static_cast<acc_t>(matrix[row * row_stride + dim]) : acc_t(0);
+  }
+}
+
 // One partial result per (split, image, head, query): masked, then unmasked.
 template <typename acc_t>
 struct SplitPartial {
@@ -113,21 +126,8 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     const int64_t pixel0 = tile * kTilePixels;
     acc_t scores[kMicro][kMicro] = {};
     for (int64_t dim0 = 0; dim0 < pr.head_dim; dim0 += kTileDim) {
-      // Consecutive threads load consecutive channels of a row: coalesced.
-      for (int e = threadIdx.x; e < kTileDim * kTilePixels; e += kTileThreads) {
-        const int p = e / kTileDim, d = e % kTileDim;
-        const int64_t pixel = pixel0 + p, dim = dim0 + d;
-        key_tile[d][p] = pixel < pr.pixels && dim < pr.head_dim
-            ? static_cast<acc_t>(key_base[pixel * pr.channels + dim])
-            : acc_t(0);
-      }
-      for (int e = threadIdx.x; e < kTileDim * kTileQueries; e += kTileThreads) {
-        const int q = e / kTileDim, d = e % kTileDim;
-        const int64_t query = query0 + q, dim = dim0 + d;
-        query_tile[d][q] = query < pr.queries && dim < pr.head_dim
-            ? static_cast<acc_t>(query_base[query * pr.channels + dim])
-            : acc_t(0);
-      }
+      stage_transposed<kTilePixels>(key_tile, key_base, pixel0, pr.pixels, dim0, pr.head_dim, pr.channels);
+      stage_transposed<kTileQueries>(query_tile, query_base, query0, pr.queries, dim0, pr.head_dim, pr.channels);
       __syncthreads();
 #pragma unroll
       for (int d = 0; d < kTileDim; ++d) {
