@@ -114,6 +114,11 @@ if wants pemca; then
   done
   step bench_pem_ca_b2 300 $PYTHON -m benchmarks.bench_pem_ca --device cuda --batch 2 \
     --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b2"
+  # The layer on the CUDA C++ prototype_select + cuBLAS prototype attention, against the Triton
+  # one above: which of the two "auto" should pick.
+  step bench_pem_ca_cuda_backend 200 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
+    --fused-backend cuda --providers fused,mask2former --modes forward,forward+backward \
+    --out-dir "$results/pem_ca_float32_b1_cuda_backend"
 fi
 if wants deform; then
   step bench_deform_conv 400 $PYTHON -m benchmarks.bench_deform_conv --device cuda \
