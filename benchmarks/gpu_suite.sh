@@ -72,7 +72,11 @@ if wants tests; then
   # pytest-xdist (the GPU image has it) spreads the suite over the CPU cores; the GPU is shared.
   parallel=""
   if $PYTHON -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
-  step tests 400 $PYTHON -m pytest -q -rs $parallel tests
+  # pytest-timeout (also on the image): one hung test (a GPU hang, a stuck torchrun) fails alone
+  # instead of eating the whole step, and -rfE names every failure at the end of the log.
+  per_test=""
+  if $PYTHON -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout 240"; fi
+  step tests 400 $PYTHON -m pytest -q -rsfE $parallel $per_test tests
 fi
 if wants sanitize; then
   # compute-sanitizer from PATH, else from the toolkit next to nvcc.
