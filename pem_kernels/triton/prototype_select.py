@@ -357,7 +357,10 @@ def _select_config(
     # Heads up to 128 channels in one chunk; wider ones in chunks of 64 (an fp32 [256, 128]
     # query block alone would take 128 KiB of shared memory, and the pipeline stages more).
     block_dc = block_d if block_d <= 128 else 64
-    block_p = 64 if block_n * block_d >= 128 * 64 else 128
+    # 64-pixel tiles with 8 warps for 128 queries: ptxas (sm_90, triton 3.6, fp32 and bf16, PEM's
+    # 32-channel heads) spills ~0.3 KB per thread there, against 1.7 KB with 128-pixel tiles or
+    # with 4 warps (the [BLOCK_P, BLOCK_N] score, key and pixel tiles all live in registers).
+    block_p = 64
     tiles = triton.cdiv(pixels, block_p)
     query_blocks = triton.cdiv(queries, block_n)
     if _SPLITS_OVERRIDE is not None:
@@ -369,7 +372,7 @@ def _select_config(
         wanted = 2  # the interpreter runs programs one after another: few, but still merged
     tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
     splits = triton.cdiv(tiles, tiles_per_split)
-    num_warps = 8 if block_p * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_n >= 128 else 4
     return block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps
 
 
