@@ -414,6 +414,7 @@ def test_torch_compile_fullgraph():
 
 
 _SM90_COMPILE = """
+import torch
 from pem_kernels.triton import deform_conv2d as K
 
 assert not K.INTERPRET
@@ -430,7 +431,8 @@ fp32 = dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
 for block_n in (64, 128):
     tiles = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32)
     compile_sm90(K._forward_kernel, pointers("bf16"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **bf16))
-    compile_sm90(K._forward_kernel, pointers("fp32"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **fp32))
+    compile_sm90(K._forward_kernel, pointers("fp32"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **fp32),
+                 num_warps=K._num_warps(torch.float32))
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 compile_sm90(K._offset_mask_grad_kernel, pointers("bf16"), dict(HAS_MASK=True, **tiles, **bf16))
 compile_sm90(K._weight_grad_kernel, pointers("bf16", partial_ptr="*fp32"),
