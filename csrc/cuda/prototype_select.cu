@@ -68,7 +68,10 @@ __global__ void key_norm_divisors_kernel(const scalar_t* keys, acc_t* divisors, 
     sum_sq += v * v;
   }
   for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-  if (threadIdx.x == 0) divisors[row] = max(sqrt(sum_sq), static_cast<acc_t>(kKeyNormEps));
+  // Not max(): CUDA's fmax returns eps for a NaN norm, where std::max (the CPU kernel) and
+  // F.normalize keep the NaN, so a NaN key must make every head's score at its pixel NaN.
+  const acc_t norm = sqrt(sum_sq);
+  if (threadIdx.x == 0) divisors[row] = norm < static_cast<acc_t>(kKeyNormEps) ? static_cast<acc_t>(kKeyNormEps) : norm;
 }
 
 // Merges the states of the kPixelLanes consecutive lanes that hold the same query; every one of
