@@ -18,8 +18,9 @@
 #   SUITE_DEADLINE_S=N   no step may run past N seconds after the start: each step's timeout is
 #                        cut to what is left, and a step with under 30 s left is skipped (and
 #                        counted); default 570 when $OUT is set, otherwise none.
-#   OUT=DIR              after every step the results folder is copied to DIR/<folder name>/, so
-#                        a command killed from outside still leaves what it finished.
+#   OUT=DIR              after every step the results folder is written to
+#                        DIR/gpu-suite-results.tgz, so a command killed from outside still leaves
+#                        what it finished.
 set -u
 groups=" ${*:-build tests sanitize kernels model plots} "
 groups=${groups/ kernels / select pemca deform }
@@ -37,8 +38,9 @@ summary="$results/summary.txt"
 touch "$summary"
 failures=0
 
-publish() {  # copies the results folder to $OUT (when set) so that it survives a kill
-  if [ -n "${OUT:-}" ]; then cp -r "$results" "$OUT/" 2>/dev/null; fi
+publish() {  # one tarball of the results folder in $OUT (when set), so that it survives a kill
+  # (one file: the device tool returns only a limited number of files)
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-suite-results.tgz" "$results" 2>/dev/null; fi
 }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs one step, logs it, records pass/fail and time
