@@ -144,14 +144,26 @@ def test_opcheck(requires_grad):
         torch.library.opcheck(
             torch.ops.pem_kernels.prototype_attention_triton.default, (*args, by_queries), **kwargs
         )
+    # The backward op is once-differentiable (autograd calls it on saved, detached tensors; a
+    # double backward is a clear error), so its own check runs on tensors without grad.
     grad_out = torch.randn(2, 5, 16, device=DEVICE)
-    out, _x, an, _m, div = triton_attention.prototype_attention_triton(*args, True)
+    with torch.no_grad():
+        out, _x, an, _m, div = triton_attention.prototype_attention_triton(*args, True)
+    saved = [a.detach() for a in args]
     torch.library.opcheck(
         torch.ops.pem_kernels._prototype_attention_backward_triton.default,
-        (grad_out, args[0], args[1], args[3], args[5], args[6], an, div, True),
+        (grad_out, saved[0], saved[1], saved[3], saved[5], saved[6], an, div, True),
         **kwargs,
     )
 
+
+
+def test_double_backward_is_a_clear_error():
+    args = [a.requires_grad_(True) for a in make_args(1, 3, 16)]
+    out = run_triton(args, "queries")
+    (grad_prototypes,) = torch.autograd.grad(out.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad_prototypes.sum().backward()
 
 _SM90_COMPILE = """
 import torch

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import pem_kernels
 from pem_kernels.reference import prototype_select_ref
 
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, HAS_CUDA, requires_cuda
 
 pytestmark = pytest.mark.skipif(
     not pem_kernels.EXTENSION_LOADED, reason="pem_kernels._C is not built"
@@ -85,7 +85,7 @@ def gather_at(keys, indices, num_heads, normalize_keys):
     head_dim = channels // num_heads
     by_head = source.view(batch, pixels, num_heads, head_dim).transpose(1, 2)
     picked = by_head.gather(2, indices[..., None].expand(-1, -1, -1, head_dim))
-    return picked.transpose(1, 2).reshape(batch, -1, channels), indices
+    return picked.transpose(1, 2).reshape(batch, indices.shape[2], channels), indices
 
 
 SHAPES = [
@@ -267,6 +267,20 @@ def test_batch_zero_and_no_queries(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+def test_zero_channels(device, with_mask, empty):
+    """C = 0: every score is 0, so each query takes its first allowed pixel (or the empty rule's)."""
+    keys, query, mask = make_inputs(2, 9, 0, 3, device)
+    mask[0, 1] = False
+    for normalize_keys in (False, True):
+        assert_matches_reference(
+            keys, query, mask if with_mask else None, 2, empty=empty,
+            normalize_keys=normalize_keys, backend=backend_for(device),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("normalize_keys", [False, True])
 def test_backward_matches_reference(device, dtype, normalize_keys):
@@ -352,6 +366,34 @@ def test_opcheck_backward_op(device):
             torch.ops.pem_kernels._prototype_select_backward.default,
             (grad, keys, indices, normalize_keys),
         )
+
+
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_backward_op_rejects_out_of_range_indices_on_cpu(normalize_keys):
+    keys, grad = torch.randn(1, 10, 8), torch.randn(1, 2, 8)
+    for bad in (10, -1):
+        indices = torch.tensor([[[3, bad]]])
+        with pytest.raises(RuntimeError, match=f"index {bad} out of range \\[0, 10\\)"):
+            torch.ops.pem_kernels._prototype_select_backward(grad, keys, indices, normalize_keys)
+
+
+@requires_cuda
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_backward_op_stops_on_out_of_range_indices_on_cuda(normalize_keys):
+    """A bad index stops the CUDA kernel with a device-side assert (never a write out of bounds);
+    the assert poisons the CUDA context, so the call runs in a child process."""
+    code = (
+        "import torch, pem_kernels\n"
+        "keys, grad = torch.randn(1, 10, 8, device='cuda'), torch.randn(1, 2, 8, device='cuda')\n"
+        "indices = torch.tensor([[[3, 10]]], device='cuda')\n"
+        "try:\n"
+        f"    torch.ops.pem_kernels._prototype_select_backward(grad, keys, indices, {normalize_keys})\n"
+        "    torch.cuda.synchronize()\n"
+        "except RuntimeError as error:\n"
+        "    print('raised:', error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "device-side assert" in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -206,6 +206,16 @@ def test_batch_zero_and_no_queries():
         assert grad.shape == keys.shape and not grad.any()
 
 
+@pytest.mark.parametrize("empty", ["per_query", "official"])
+def test_zero_channels(empty):
+    keys, query, mask = make_inputs(2, 9, 0, 3, DEVICE)
+    mask[0, 1] = False
+    for with_mask in (False, True):
+        for normalize_keys in (False, True):
+            check(keys, query, mask if with_mask else None, 2, empty=empty,
+                  normalize_keys=normalize_keys)
+
+
 @pytest.mark.parametrize(
     "dtype, normalize_keys",
     [(torch.float32, False), (torch.float32, True), (torch.float16, True)],
@@ -348,7 +358,7 @@ from pem_kernels.triton import prototype_select as K
 
 assert not K.INTERPRET
 def select_pointers(dtype):
-    return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*u8",
+    return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*i1",
             "divisor_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
 
 # The launch configurations of PEM's heads (32 channels) and of wide heads (256 and 512 channels,

@@ -338,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cpu(
                    keys.size(2) / num_heads};
   at::Tensor prototypes = at::empty({pr.batch, pr.queries, pr.channels}, keys.options());
   at::Tensor indices = at::empty({pr.batch, pr.heads, pr.queries}, keys.options().dtype(at::kLong));
-  if (prototypes.numel() == 0) return {prototypes, indices};
+  if (indices.numel() == 0) return {prototypes, indices};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_cpu", [&] {
         prototype_select_cpu_impl<scalar_t>(

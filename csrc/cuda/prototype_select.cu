@@ -294,6 +294,9 @@ __global__ void prototype_select_scatter_kernel(
   const int64_t h = slot / pr.queries, n = slot % pr.queries;
   const int64_t* head_indices = indices + (b * pr.heads + h) * pr.queries;
   const int64_t pixel = head_indices[n];
+  // A bad index would be a write out of bounds: stop with a device-side assert, as ATen's index ops
+  // do (checking on the host would synchronize every backward).
+  CUDA_KERNEL_ASSERT(pixel >= 0 && pixel < pr.pixels);
   for (int64_t earlier = 0; earlier < n; ++earlier)
     if (head_indices[earlier] == pixel) return;  // block-uniform: an earlier query owns this pixel
   for (int64_t d = threadIdx.x; d < pr.head_dim; d += blockDim.x) {
@@ -305,24 +308,35 @@ __global__ void prototype_select_scatter_kernel(
   }
 }
 
-// Grid (heads * N, B), threads over channels: pulls the accumulated gradient of each distinct
-// selected pixel back through k / max(||k||, eps), in place.
+// Grid (heads * N, B), threads over channels; with normalize_keys this replaces the scatter. The
+// block of the first (head, query) slot that selected a pixel owns the pixel's whole row: per
+// channel it sums, in fp32, the grads of the queries whose head selected the pixel, pulls the sum
+// back through k / max(||k||, eps) and writes the row once (half-precision grads are rounded once).
 template <typename scalar_t, typename acc_t>
-__global__ void normalize_backward_kernel(
-    Problem pr, const scalar_t* __restrict__ keys, const int64_t* __restrict__ indices, scalar_t* grad_keys) {
+__global__ void normalized_scatter_kernel(
+    Problem pr, const scalar_t* __restrict__ grad, const scalar_t* __restrict__ keys,
+    const int64_t* __restrict__ indices, scalar_t* grad_keys) {
   const int64_t slot = blockIdx.x, b = blockIdx.y;
   const int64_t* image_indices = indices + b * pr.heads * pr.queries;
   const int64_t pixel = image_indices[slot];
+  CUDA_KERNEL_ASSERT(pixel >= 0 && pixel < pr.pixels);
   for (int64_t earlier = 0; earlier < slot; ++earlier)
     if (image_indices[earlier] == pixel) return;  // block-uniform: another block owns this pixel
+  // The summed gradient of channel c: every query n whose head (c's head) selected this pixel.
+  const auto summed_grad = [&](int64_t c) {
+    const int64_t* head_indices = image_indices + (c / pr.head_dim) * pr.queries;
+    acc_t sum = 0;
+    for (int64_t n = 0; n < pr.queries; ++n)
+      if (head_indices[n] == pixel) sum += static_cast<acc_t>(grad[(b * pr.queries + n) * pr.channels + c]);
+    return sum;
+  };
   __shared__ acc_t partial[2][kGatherThreads];
   acc_t sum_sq = 0, key_dot_grad = 0;
   const scalar_t* key = keys + (b * pr.pixels + pixel) * pr.channels;
-  scalar_t* g = grad_keys + (b * pr.pixels + pixel) * pr.channels;
   for (int64_t c = threadIdx.x; c < pr.channels; c += blockDim.x) {
     const acc_t k = static_cast<acc_t>(key[c]);
     sum_sq += k * k;
-    key_dot_grad += k * static_cast<acc_t>(g[c]);
+    key_dot_grad += k * summed_grad(c);
   }
   partial[0][threadIdx.x] = sum_sq;
   partial[1][threadIdx.x] = key_dot_grad;
@@ -336,12 +350,13 @@ __global__ void normalize_backward_kernel(
   }
   const acc_t norm = sqrt(partial[0][0]);
   const acc_t projection = partial[1][0] / (norm * norm);
+  scalar_t* out_row = grad_keys + (b * pr.pixels + pixel) * pr.channels;
   for (int64_t c = threadIdx.x; c < pr.channels; c += blockDim.x) {
-    const acc_t grad_c = static_cast<acc_t>(g[c]);
+    const acc_t grad_c = summed_grad(c);
     const acc_t out = norm > static_cast<acc_t>(kKeyNormEps)
         ? (grad_c - static_cast<acc_t>(key[c]) * projection) / norm
         : grad_c / static_cast<acc_t>(kKeyNormEps);
-    g[c] = static_cast<scalar_t>(out);
+    out_row[c] = static_cast<scalar_t>(out);
   }
 }
 
@@ -364,16 +379,17 @@ at::Tensor prototype_select_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const int threads = static_cast<int>(std::min<int64_t>(256, ((pr.head_dim + 31) / 32) * 32));
-        prototype_select_scatter_kernel<scalar_t, acc_t><<<dim3(pr.heads * pr.queries, pr.batch), threads, 0, stream>>>(
-            pr, grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), grad_keys.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const dim3 grid(pr.heads * pr.queries, pr.batch);
         if (normalize_keys) {
-          normalize_backward_kernel<scalar_t, acc_t>
-              <<<dim3(pr.heads * pr.queries, pr.batch), kGatherThreads, 0, stream>>>(
-                  pr, keys.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), grad_keys.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          normalized_scatter_kernel<scalar_t, acc_t><<<grid, kGatherThreads, 0, stream>>>(
+              pr, grad.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+              grad_keys.data_ptr<scalar_t>());
+        } else {
+          const int threads = static_cast<int>(std::min<int64_t>(256, ((pr.head_dim + 31) / 32) * 32));
+          prototype_select_scatter_kernel<scalar_t, acc_t><<<grid, threads, 0, stream>>>(
+              pr, grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), grad_keys.data_ptr<scalar_t>());
         }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return grad_keys;
 }

@@ -458,18 +458,19 @@ def prototype_select_triton(
     block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps = _select_config(
         keys.device, batch * num_heads, pixels, num_queries, head_dim
     )
-    # The mask is read as bytes; without one, a dummy stands in (HAS_MASK=False never reads it).
+    # The bool mask goes to the kernel as it is (a reinterpreting view would not lower under
+    # torch.compile); without one, a dummy stands in (HAS_MASK=False never reads it).
     if mask is not None:
-        mask_bytes, mask_strides = mask.view(torch.uint8), mask.stride()
+        mask_arg, mask_strides = mask, mask.stride()
     else:
-        mask_bytes, mask_strides = keys.new_empty(1, dtype=torch.uint8), (0, 0, 0)
+        mask_arg, mask_strides = keys.new_empty(1, dtype=torch.bool), (0, 0, 0)
     grid = (splits, query_blocks, batch * num_heads)
     passes = (False, True) if mask is not None else (False,)
     for fallback in passes:
         # pass 1 writes masked_best; pass 2 reads it and writes fallback_best
         read, written = (masked_best, fallback_best) if fallback else (fallback_best, masked_best)
         launcher(_select_kernel, INTERPRET)[grid](
-            keys, queries, mask_bytes, divisors, read, written,
+            keys, queries, mask_arg, divisors, read, written,
             pixels, num_queries, head_dim, num_heads, tiles_per_split,
             *keys.stride(), *queries.stride(), *mask_strides,
             HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
