@@ -7,6 +7,7 @@ all of which take ``--device``, ``--dtype`` and ``--sizes``):
     prototype-select  prototype selection alone, every backend vs the eager reference
     deform-conv       deformable convolution, every backend vs torchvision and the reference
     model             the whole PEM model: inference latency, peak memory, FLOPs, fused vs reference
+    profile-pem-ca    one PEM-CA layer call split into host and device time, slowest kernels
     plots             PNG plots from the JSON results in a folder
 """
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "prototype-select": "benchmarks.bench_prototype_select",
     "deform-conv": "benchmarks.bench_deform_conv",
     "model": "benchmarks.bench_model",
+    "profile-pem-ca": "benchmarks.profile_pem_ca",
     "plots": "benchmarks.plots",
 }
 

@@ -8,9 +8,10 @@
 #   bash benchmarks/gpu_suite.sh build tests sanitize     # only some groups, e.g. when one
 #   bash benchmarks/gpu_suite.sh kernels model plots      # command may run 10 minutes at most
 #
-# Groups, in order: build, tests, sanitize, select (prototype selection benchmark), pemca (PEM-CA
-# benchmarks), deform (deformable conv benchmark), model (whole-model benchmark), plots;
-# "kernels" stands for select pemca deform. Later calls add to the same folder. On a machine that
+# Groups, in order: build, diagnose (why C++ argument errors crashed the first GPU machine),
+# tests, sanitize, select (prototype selection benchmark), pemca (PEM-CA benchmarks), profile
+# (host vs device time and slowest kernels of one PEM-CA call), deform (deformable conv
+# benchmark), model (whole-model benchmark), plots; "kernels" stands for select pemca deform. Later calls add to the same folder. On a machine that
 # may have been handed back between calls, start every call with "build": with the objects still
 # there it only relinks, on a fresh machine it rebuilds.
 #
@@ -22,7 +23,7 @@
 #                        DIR/gpu-suite-results.tgz, so a command killed from outside still leaves
 #                        what it finished.
 set -u
-groups=" ${*:-build tests sanitize kernels model plots} "
+groups=" ${*:-build diagnose tests sanitize kernels profile model plots} "
 groups=${groups/ kernels / select pemca deform }
 wants() { case " $groups " in *" $1 "*) return 0 ;; esac; return 1; }
 cd "$(dirname "$0")/.."
@@ -68,7 +69,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs one step, logs it, records pass
 arch=$($PYTHON -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
 if wants build; then
   step build 400 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 PEM_KERNELS_CUDA=1 \
-    $PYTHON -m pip install --no-build-isolation --no-deps -e .
+    $PYTHON -m pip install -v --no-build-isolation --no-deps -e .
+fi
+if wants diagnose; then
+  step diagnose_cpp_errors 240 $PYTHON -m benchmarks.diagnose_cpp_errors
 fi
 if wants tests; then
   # pytest-xdist (the GPU image has it) spreads the suite over the CPU cores; the GPU is shared.
@@ -126,9 +130,21 @@ if wants pemca; then
     --fused-backend cuda --providers fused,mask2former --modes forward,forward+backward \
     --out-dir "$results/pem_ca_float32_b1_cuda_backend"
 fi
+if wants profile; then
+  for dtype in float32 bfloat16; do
+    step "profile_pem_ca_$dtype" 200 $PYTHON -m benchmarks.profile_pem_ca --device cuda \
+      --dtype "$dtype" --sizes 2048,32768 --out-dir "$results/pem_ca_profile_$dtype"
+  done
+fi
 if wants deform; then
-  step bench_deform_conv 400 $PYTHON -m benchmarks.bench_deform_conv --device cuda \
-    --mode forward+backward --out-dir "$results/deform_conv"
+  # Every shape of issue #4 (B = 1 and 8) in both modes and both dtypes (torchvision has no
+  # bf16 kernel: those runs note that and compare against the reference only).
+  for dtype in float32 bfloat16; do
+    for mode in forward forward+backward; do
+      step "bench_deform_conv_${dtype}_${mode/+/_}" 200 $PYTHON -m benchmarks.bench_deform_conv \
+        --device cuda --dtype "$dtype" --mode "$mode" --out-dir "$results/deform_conv_${dtype}_${mode/+/_}"
+    done
+  done
 fi
 if wants model; then
   # Whole model (R50, 512x512 and 1024x2048, batch 1), fused (triton) vs reference in both

@@ -197,6 +197,26 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     assert png.name == "pem_ca.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_profile_pem_ca_splits_host_and_kernel_time(tmp_path):
+    env = dict(os.environ, PEM_BENCH_PROGRESS="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "profile-pem-ca", "--device", "cpu", "--sizes", "512",
+         "--variants", "cpu,reference", "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "pem_ca_profile.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["cpu", "reference"]
+    for row in rows:
+        assert "error" not in row and row["wall_ms"] > 0 and row["host_ms"] > 0
+        assert row["launches"] > 0 and "device_ms" not in row  # no device kernels on a CPU
+        times = [k["ms"] for k in row["kernels"]]
+        assert times == sorted(times, reverse=True) and all(k["name"].startswith("aten::") for k in row["kernels"])
+    # The reference materializes the similarity and takes its argmax; the fused CPU layer does not.
+    assert any(k["name"] == "aten::argmax" for k in rows[1]["kernels"])
+    assert not any(k["name"] == "aten::argmax" for k in rows[0]["kernels"])
+
+
 def test_front_end_rejects_unknown_comparisons():
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "no-such-thing"], cwd=REPO_ROOT, capture_output=True,

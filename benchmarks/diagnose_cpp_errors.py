@@ -1,0 +1,149 @@
+"""Diagnoses C++ argument errors that crash the process instead of raising (GPU suite, "diagnose").
+
+On the first GPU machine (torch 2.11, g++ 13.3, Python 3.12) every TORCH_CHECK of pem_kernels._C
+whose message formats an integer (a size, a stride, num_heads) killed the process with a
+segmentation fault, while checks whose message holds only text and dtypes raised RuntimeError as
+they should; on the development machines (g++ 12) all of them raise. This prints the facts that
+tell the causes apart: the toolchain and the C++ runtime the process maps, then each case in a
+child process of its own (a crash ends only that child), from the extension's own ops to a
+minimal extension compiled on the spot, and a native backtrace of the crash when cuda-gdb exists.
+
+    python -m benchmarks.diagnose_cpp_errors
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+CHILD_TIMEOUT_S = 120
+
+OPS_PRELUDE = "import torch, pem_kernels\n"
+OP_CASES = {
+    "op, integer in the message": (
+        "torch.ops.pem_kernels.prototype_select(torch.randn(2, 30, 16), torch.randn(2, 3, 16), "
+        "None, 5, False, False)"
+    ),
+    "op, only text and a dtype in the message": (
+        "torch.ops.pem_kernels.prototype_select(torch.randn(2, 30, 16), torch.randn(2, 3, 16), "
+        "torch.ones(2, 3, 30), 4, False, False)"
+    ),
+    "op below autograd (no Python autograd layer), integer in the message": (
+        "torch.ops.pem_kernels.prototype_select.default.redispatch("
+        "torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), torch.randn(2, 30, 16), "
+        "torch.randn(2, 3, 16), None, 5, False, False)"
+    ),
+}
+
+MINIMAL_SOURCE = textwrap.dedent(
+    """
+    #include <sstream>
+    #include <string>
+    #include <torch/extension.h>
+
+    std::string format_int() { return c10::str("n = ", int64_t(5)); }
+    std::string ostream_int() { std::ostringstream s; s << int64_t(5); return s.str(); }
+    void check_text() { TORCH_CHECK(false, "plain ", "text"); }
+    void check_int() { TORCH_CHECK(false, "n = ", int64_t(5)); }
+    void check_preformatted_int() { TORCH_CHECK(false, "n = " + std::to_string(int64_t(5))); }
+    """
+)
+MINIMAL_FUNCTIONS = ["format_int", "ostream_int", "check_text", "check_int", "check_preformatted_int"]
+
+
+def section(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def shell(command: str) -> None:
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    print(f"$ {command}\n{(done.stdout + done.stderr).rstrip()}", flush=True)
+
+
+def child(label: str, code: str, env: dict[str, str] | None = None) -> None:
+    """Runs ``code`` in a fresh interpreter and reports how it ended."""
+    wrapped = code + "\nprint('finished without an exception')"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-c", wrapped], capture_output=True, text=True,
+            timeout=CHILD_TIMEOUT_S, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"[{label}] TIMED OUT after {CHILD_TIMEOUT_S} s", flush=True)
+        return
+    outcome = "CRASHED" if done.returncode < 0 else f"exit code {done.returncode}"
+    tail = "\n    ".join((done.stdout + done.stderr).strip().splitlines()[-6:])
+    print(f"[{label}] {outcome}\n    {tail}", flush=True)
+
+
+def raising(call: str) -> str:
+    return f"try:\n    {call}\nexcept RuntimeError as error:\n    print('RuntimeError:', error)\n"
+
+
+def main() -> int:
+    import torch
+
+    section("toolchain")
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"cxx11 abi {torch.compiled_with_cxx11_abi()}", flush=True)
+    for line in torch.__config__.show().splitlines():
+        if any(key in line for key in ("GCC", "CXX_COMPILER", "CXX_FLAGS")):
+            print("torch config:", line.strip()[:300], flush=True)
+    shell("c++ --version | head -n 1; g++ --version | head -n 1")
+    import pem_kernels._C as extension
+
+    so_path = extension.__file__
+    shell(f"ldd {so_path} | grep -E 'stdc|gcc_s|gomp|libc10|torch_cpu'")
+    shell(f"objdump -T {so_path} | grep -o 'GLIBCXX_[0-9.]*' | sort -uV | tail -n 3")
+    child(
+        "C++ runtime mapped after importing pem_kernels",
+        "import pem_kernels\n"
+        "maps = open('/proc/self/maps').read().splitlines()\n"
+        "print(sorted({l.split()[-1] for l in maps if 'stdc++' in l or 'gcc_s' in l}))",
+    )
+
+    section("the extension's own ops (each in a child process)")
+    for label, call in OP_CASES.items():
+        child(label, OPS_PRELUDE + raising(call))
+
+    section("a minimal extension compiled here with the same toolchain")
+    from torch.utils.cpp_extension import load_inline
+
+    build_dir = tempfile.mkdtemp(prefix="pem_diag_")
+    try:
+        load_inline("pem_diag", cpp_sources=MINIMAL_SOURCE, functions=MINIMAL_FUNCTIONS,
+                    extra_cflags=["-O3"], build_directory=build_dir, verbose=False)
+    except Exception as error:  # noqa: BLE001 - report and go on to the backtrace
+        print(f"building the minimal extension failed: {error}", flush=True)
+    else:
+        prelude = (f"import sys, torch\nsys.path.insert(0, {build_dir!r})\n"
+                   "import pem_diag\n")
+        for function in MINIMAL_FUNCTIONS:
+            child(function, prelude + raising(f"print(repr(pem_diag.{function}()))"))
+
+    section("native backtrace of the first case")
+    debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if debugger is None:
+        print("no cuda-gdb or gdb on PATH", flush=True)
+    else:
+        code = OPS_PRELUDE + raising(next(iter(OP_CASES.values())))
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+            script.write(code)
+        command = [debugger, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, script.name]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                                  env=dict(os.environ, PYTHONFAULTHANDLER="0"))
+            lines = [l for l in (done.stdout + done.stderr).splitlines() if l.startswith(("#", "Thread", "Program"))]
+            print("\n".join(lines[-40:]) or (done.stdout + done.stderr)[-3000:], flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"{debugger} timed out after {CHILD_TIMEOUT_S} s", flush=True)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Where the time of one PEM-CA layer call goes: host (launch) time, device time, each kernel.
+
+A latency benchmark gives one number per call; this splits it, so that a slow variant can be
+told apart as host-bound (Python, dispatch and launch overhead: the GPU waits for work) or
+device-bound (a slow kernel), and names its slowest kernels. Run from the repository root::
+
+    python -m benchmarks.profile_pem_ca [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--sizes 32768] [--batch 1] [--modes forward] [--variants triton,cuda,reference,compiled]
+        [--top 8] [--out-dir DIR]
+
+Variants: ``triton``, ``cuda``, ``cpu`` (:class:`pem_kernels.nn.PEMCrossAttention` on that
+backend), ``reference`` (backend="reference") and ``compiled`` (``torch.compile`` of reference);
+the layers and inputs are those of :mod:`benchmarks.bench_pem_ca`. Per variant and size:
+
+* ``wall_ms``: median latency as the benchmark measures it (CUDA events around each call);
+* ``host_ms``: the host's time per call to issue it, timed over 20 back-to-back calls with no
+  synchronization inside (on a GPU, when ``host_ms`` is close to ``wall_ms`` the variant is
+  host-bound);
+* ``device_ms``: per call, the summed time of the device kernels (``torch.profiler``, CUDA only);
+* ``kernels``: the ``--top`` kernels (on a CPU: ATen ops by self time) by time per call, with
+  the number of launches per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks import harness
+from benchmarks.bench_pem_ca import DTYPES, make_inputs, make_layers, make_step
+
+VARIANTS = ("triton", "cuda", "cpu", "reference", "compiled")
+MODES = ("forward", "forward+backward")
+HOST_CALLS = 20
+PROFILED_CALLS = 10
+
+TABLE_COLUMNS = [
+    ("hw", "HW"),
+    ("mode", "mode"),
+    ("variant", "variant"),
+    ("wall_ms", "wall ms", ".3f"),
+    ("host_ms", "host ms", ".3f"),
+    ("device_ms", "device ms", ".3f"),
+    ("launches", "launches"),
+    ("top_kernels", "slowest kernels (ms per call, launches)"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_pem_ca",
+        description="Host vs device time of one PEM-CA layer call, and its slowest kernels.",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--sizes", default="32768", help="comma-separated pixel counts HW")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--modes", default="forward", help=f"comma-separated, from {MODES}")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--top", type=int, default=8, help="kernels listed per variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.variants is None:
+        args.variants = "triton,cuda,reference,compiled" if device.type == "cuda" else "cpu,reference"
+    try:
+        args.sizes = [int(size) for size in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes: expected comma-separated integers, got {args.sizes!r}")
+    if any(size < 2 for size in args.sizes):
+        parser.error(f"--sizes: every size must be >= 2, got {args.sizes}")
+    args.modes, args.variants = args.modes.split(","), args.variants.split(",")
+    for name, values, allowed in (("--modes", args.modes, MODES), ("--variants", args.variants, VARIANTS)):
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}, expected from {allowed}")
+    if args.batch < 1 or args.top < 1:
+        parser.error(f"--batch and --top must be >= 1, got {args.batch} and {args.top}")
+    return args
+
+
+def make_variant(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    backend = "reference" if name in ("reference", "compiled") else name
+    layer = make_layers(device, dtype, backend)["fused"]
+    return torch.compile(layer) if name == "compiled" else layer
+
+
+def host_time_ms(step, inputs, device: torch.device) -> float:
+    """Host time per call over back-to-back calls (the device catches up only after the clock
+    stops); the queue of an idle GPU holds far more than HOST_CALLS layer calls of launches."""
+    harness.synchronize(device)
+    started = time.perf_counter()
+    for i in range(HOST_CALLS):
+        step(*inputs[i % len(inputs)])
+    elapsed = time.perf_counter() - started
+    harness.synchronize(device)
+    return elapsed * 1e3 / HOST_CALLS
+
+
+def kernel_times(step, inputs, device: torch.device) -> list[tuple[str, float, float]]:
+    """(name, ms per call, launches per call) of every device kernel (on a CPU: every ATen op by
+    self time), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(PROFILED_CALLS):
+            step(*inputs[i % len(inputs)])
+        harness.synchronize(device)
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            duration_us = event.device_time
+        else:
+            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith("aten::"):
+                continue
+            duration_us = event.self_cpu_time_total
+        entry = totals.setdefault(event.name, [0.0, 0.0])
+        entry[0] += duration_us / 1e3 / PROFILED_CALLS
+        entry[1] += 1 / PROFILED_CALLS
+    return sorted(((name, ms, count) for name, (ms, count) in totals.items()), key=lambda k: -k[1])
+
+
+def short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    total = len(args.sizes) * len(args.modes) * len(args.variants)
+    with harness.progress(total=total, desc="profile pem_ca") as bar:
+        for hw in args.sizes:
+            inputs = [make_inputs(args.batch, hw, device, dtype, generator) for _ in range(2)]
+            for variant in args.variants:
+                if variant == "compiled":
+                    torch._dynamo.reset()
+                layer = None
+                for mode in args.modes:
+                    bar.set_postfix_str(f"HW={hw} {mode} {variant}")
+                    row: dict[str, Any] = {
+                        "op": "pem_ca_profile", "device": str(device), "dtype": args.dtype,
+                        "batch": args.batch, "hw": hw, "mode": mode, "variant": variant,
+                    }
+                    try:
+                        layer = layer or make_variant(variant, device, dtype)
+                        step = make_step(layer, mode)
+                        timing = harness.measure_time(step, device=device, warmup=3, repeats=20, inputs=inputs)
+                        row["wall_ms"] = timing["median_ms"]
+                        row["host_ms"] = host_time_ms(step, inputs, device)
+                        kernels = kernel_times(step, inputs, device)
+                        if device.type == "cuda":
+                            row["device_ms"] = sum(ms for _, ms, _ in kernels)
+                        row["launches"] = round(sum(count for _, _, count in kernels), 1)
+                        row["kernels"] = [
+                            {"name": name, "ms": ms, "launches": count} for name, ms, count in kernels
+                        ]
+                        row["top_kernels"] = "; ".join(
+                            f"{short(name)} {ms:.3f} x{count:g}" for name, ms, count in kernels[: args.top]
+                        )
+                    except Exception as error:  # noqa: BLE001 - report it, keep going
+                        failures += 1
+                        row["error"] = f"{type(error).__name__}: {error}"
+                        harness.note(f"ERROR: HW={hw} {mode} {variant}: {row['error']}")
+                    rows.append(row)
+                    bar.update(1)
+            del inputs
+    return rows, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    meta = {
+        "benchmark": "pem_ca_profile",
+        "environment": harness.environment_info(device),
+        "config": dict(vars(args)),
+        "units": {"*_ms": "milliseconds per layer call", "launches": "kernels (CPU: ATen ops) per call"},
+    }
+    print(
+        f"PEM-CA profile on {meta['environment']['device_name']} ({device}), dtype={args.dtype} "
+        f"B={args.batch}: host vs device time per call",
+        flush=True,
+    )
+    rows, failures = run(args)
+    meta["elapsed_s"] = time.perf_counter() - started
+    harness.print_table(rows, TABLE_COLUMNS)
+    out_dir = args.out_dir or harness.default_out_dir(device)
+    json_path, _ = harness.write_results(rows, out_dir, "pem_ca_profile", meta)
+    print(f"wrote {json_path}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
