@@ -130,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-sets", type=int, default=None, help="input sets to rotate over")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--profile", action="store_true",
+        help="also split each backend's call into host and device time and list its slowest "
+        "kernels (benchmarks.harness.profile_call)",
+    )
+    parser.add_argument(
         "--out-dir", default=None, help="default: benchmarks/results/<date>-<device>"
     )
     parser.add_argument(
@@ -355,6 +360,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                     row.update(timing)
                     row["warmup"] = warmup
                     row["gflops"] = flops / (timing["median_ms"] * 1e-3) / 1e9
+                    if args.profile:
+                        row.update(harness.profile_call(step, device=device, inputs=inputs))
                 except Exception as error:  # noqa: BLE001 - report, keep sweeping
                     failures += 1
                     row["error"] = f"{type(error).__name__}: {error}"
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the default CPU sweep skips {ALL_SIZES[-1]}; pass --sizes to include it")
     rows, failures = run(args)
     meta["elapsed_s"] = time.perf_counter() - started
-    harness.print_table(rows, TABLE_COLUMNS)
+    harness.print_table(rows, TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []))
     out_dir = args.out_dir or harness.default_out_dir(device)
     name = "deform_conv" if args.mode == "forward" else "deform_conv_forward_backward"
     json_path, csv_path = harness.write_results(rows, out_dir, name, meta)

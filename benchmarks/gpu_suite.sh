@@ -79,10 +79,11 @@ if wants tests; then
   parallel=""
   if $PYTHON -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
   # pytest-timeout (also on the image): one hung test (a GPU hang, a stuck torchrun) fails alone
-  # instead of eating the whole step, and -rfE names every failure at the end of the log.
+  # instead of eating the whole step, and -rfE names every failure at the end of the log;
+  # --durations lists the slowest tests (the suite should fit 10 minutes on an H100).
   per_test=""
   if $PYTHON -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout 240"; fi
-  step tests 400 $PYTHON -m pytest -q -rsfE $parallel $per_test tests
+  step tests 400 $PYTHON -m pytest -q -rsfE --durations=40 $parallel $per_test tests
 fi
 if wants sanitize; then
   # compute-sanitizer from PATH, else from the toolkit next to nvcc.
@@ -138,11 +139,15 @@ if wants profile; then
 fi
 if wants deform; then
   # Every shape of issue #4 (B = 1 and 8) in both modes and both dtypes (torchvision has no
-  # bf16 kernel: those runs note that and compare against the reference only).
+  # bf16 kernel: those runs note that and compare against the reference only); fp32 also
+  # profiled (host vs device time, slowest kernels of each backend).
   for dtype in float32 bfloat16; do
+    profile=""
+    [ "$dtype" = float32 ] && profile="--profile"
     for mode in forward forward+backward; do
       step "bench_deform_conv_${dtype}_${mode/+/_}" 200 $PYTHON -m benchmarks.bench_deform_conv \
-        --device cuda --dtype "$dtype" --mode "$mode" --out-dir "$results/deform_conv_${dtype}_${mode/+/_}"
+        --device cuda --dtype "$dtype" --mode "$mode" $profile \
+        --out-dir "$results/deform_conv_${dtype}_${mode/+/_}"
     done
   done
 fi

@@ -134,6 +134,83 @@ def measure_time(
     }
 
 
+# print_table columns of the fields profile_call adds to a row.
+PROFILE_COLUMNS = [
+    ("host_ms", "host ms", ".3f"),
+    ("device_ms", "device ms", ".3f"),
+    ("launches", "launches"),
+    ("top_kernels", "slowest kernels (ms per call, launches)"),
+]
+
+
+def profile_call(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    inputs: Sequence[Sequence[Any]],
+    host_calls: int = 20,
+    profiled_calls: int = 10,
+    top: int = 8,
+) -> dict[str, Any]:
+    """Splits the time of ``fn(*inputs[i % len(inputs)])`` into host and device time.
+
+    Returns ``host_ms`` (the host's time per call to issue it: ``host_calls`` back-to-back calls
+    with no synchronization inside, so on a GPU a value close to the call's latency means the call
+    is host-bound), ``device_ms`` (CUDA only: the summed time of its device kernels per call, from
+    ``torch.profiler``), ``launches`` (kernels per call; on a CPU, ATen ops), ``kernels`` (every
+    kernel, on a CPU every ATen op by self time, as ``{"name", "ms", "launches"}`` per call,
+    slowest first) and ``top_kernels`` (the ``top`` slowest as one line of text).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(host_calls):
+        fn(*inputs[i % len(inputs)])
+    host_ms = (time.perf_counter() - started) * 1e3 / host_calls
+    synchronize(device)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(profiled_calls):
+            fn(*inputs[i % len(inputs)])
+        synchronize(device)
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if on_cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            duration_us = event.device_time
+        else:
+            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith("aten::"):
+                continue
+            duration_us = event.self_cpu_time_total
+        entry = totals.setdefault(event.name, [0.0, 0.0])
+        entry[0] += duration_us / 1e3 / profiled_calls
+        entry[1] += 1 / profiled_calls
+    kernels = sorted(
+        ({"name": name, "ms": ms, "launches": count} for name, (ms, count) in totals.items()),
+        key=lambda k: -k["ms"],
+    )
+
+    def short(name: str, width: int = 48) -> str:
+        return name if len(name) <= width else name[: width - 3] + "..."
+
+    result: dict[str, Any] = {
+        "host_ms": host_ms,
+        "launches": round(sum(k["launches"] for k in kernels), 1),
+        "kernels": kernels,
+        "top_kernels": "; ".join(
+            f"{short(k['name'])} {k['ms']:.3f} x{k['launches']:g}" for k in kernels[:top]
+        ),
+    }
+    if on_cuda:
+        result["device_ms"] = sum(k["ms"] for k in kernels)
+    return result
+
+
 def adaptive_repeats(
     fn: Callable[..., Any],
     *,

@@ -13,12 +13,9 @@ backend), ``reference`` (backend="reference") and ``compiled`` (``torch.compile`
 the layers and inputs are those of :mod:`benchmarks.bench_pem_ca`. Per variant and size:
 
 * ``wall_ms``: median latency as the benchmark measures it (CUDA events around each call);
-* ``host_ms``: the host's time per call to issue it, timed over 20 back-to-back calls with no
-  synchronization inside (on a GPU, when ``host_ms`` is close to ``wall_ms`` the variant is
-  host-bound);
-* ``device_ms``: per call, the summed time of the device kernels (``torch.profiler``, CUDA only);
-* ``kernels``: the ``--top`` kernels (on a CPU: ATen ops by self time) by time per call, with
-  the number of launches per call.
+* ``host_ms``, ``device_ms``, ``launches`` and the slowest kernels: see
+  :func:`benchmarks.harness.profile_call` (on a GPU, when ``host_ms`` is close to ``wall_ms``
+  the variant is host-bound).
 """
 
 from __future__ import annotations
@@ -35,18 +32,13 @@ from benchmarks.bench_pem_ca import DTYPES, make_inputs, make_layers, make_step
 
 VARIANTS = ("triton", "cuda", "cpu", "reference", "compiled")
 MODES = ("forward", "forward+backward")
-HOST_CALLS = 20
-PROFILED_CALLS = 10
 
 TABLE_COLUMNS = [
     ("hw", "HW"),
     ("mode", "mode"),
     ("variant", "variant"),
     ("wall_ms", "wall ms", ".3f"),
-    ("host_ms", "host ms", ".3f"),
-    ("device_ms", "device ms", ".3f"),
-    ("launches", "launches"),
-    ("top_kernels", "slowest kernels (ms per call, launches)"),
+    *harness.PROFILE_COLUMNS,
 ]
 
 
@@ -92,48 +84,6 @@ def make_variant(name: str, device: torch.device, dtype: torch.dtype) -> torch.n
     return torch.compile(layer) if name == "compiled" else layer
 
 
-def host_time_ms(step, inputs, device: torch.device) -> float:
-    """Host time per call over back-to-back calls (the device catches up only after the clock
-    stops); the queue of an idle GPU holds far more than HOST_CALLS layer calls of launches."""
-    harness.synchronize(device)
-    started = time.perf_counter()
-    for i in range(HOST_CALLS):
-        step(*inputs[i % len(inputs)])
-    elapsed = time.perf_counter() - started
-    harness.synchronize(device)
-    return elapsed * 1e3 / HOST_CALLS
-
-
-def kernel_times(step, inputs, device: torch.device) -> list[tuple[str, float, float]]:
-    """(name, ms per call, launches per call) of every device kernel (on a CPU: every ATen op by
-    self time), slowest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for i in range(PROFILED_CALLS):
-            step(*inputs[i % len(inputs)])
-        harness.synchronize(device)
-    totals: dict[str, list[float]] = {}
-    for event in prof.events():
-        if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            duration_us = event.device_time
-        else:
-            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith("aten::"):
-                continue
-            duration_us = event.self_cpu_time_total
-        entry = totals.setdefault(event.name, [0.0, 0.0])
-        entry[0] += duration_us / 1e3 / PROFILED_CALLS
-        entry[1] += 1 / PROFILED_CALLS
-    return sorted(((name, ms, count) for name, (ms, count) in totals.items()), key=lambda k: -k[1])
-
-
-def short(name: str, width: int = 48) -> str:
-    return name if len(name) <= width else name[: width - 3] + "..."
-
-
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     generator = torch.Generator(device=device)
@@ -159,17 +109,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                         step = make_step(layer, mode)
                         timing = harness.measure_time(step, device=device, warmup=3, repeats=20, inputs=inputs)
                         row["wall_ms"] = timing["median_ms"]
-                        row["host_ms"] = host_time_ms(step, inputs, device)
-                        kernels = kernel_times(step, inputs, device)
-                        if device.type == "cuda":
-                            row["device_ms"] = sum(ms for _, ms, _ in kernels)
-                        row["launches"] = round(sum(count for _, _, count in kernels), 1)
-                        row["kernels"] = [
-                            {"name": name, "ms": ms, "launches": count} for name, ms, count in kernels
-                        ]
-                        row["top_kernels"] = "; ".join(
-                            f"{short(name)} {ms:.3f} x{count:g}" for name, ms, count in kernels[: args.top]
-                        )
+                        row.update(harness.profile_call(step, device=device, inputs=inputs, top=args.top))
                     except Exception as error:  # noqa: BLE001 - report it, keep going
                         failures += 1
                         row["error"] = f"{type(error).__name__}: {error}"

@@ -197,6 +197,25 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     assert png.name == "pem_ca.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_bench_deform_conv_script_runs_and_profiles(tmp_path, mode):
+    env = dict(os.environ, PEM_BENCH_PROGRESS="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "deform-conv", "--device", "cpu", "--sizes", "512x512/32",
+         "--repeats", "1", "--mode", mode, "--backends", "reference,cpu", "--profile",
+         "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    name = "deform_conv" if mode == "forward" else "deform_conv_forward_backward"
+    rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["reference", "cpu"]
+    for row in rows:
+        assert "error" not in row and row["shape"] == "(1,128,16,16)" and row["median_ms"] > 0
+        assert row["max_err"] < 1e-3 and row["host_ms"] > 0 and row["kernels"]
+    assert "slowest kernels" in done.stdout
+
+
 def test_profile_pem_ca_splits_host_and_kernel_time(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     done = subprocess.run(
