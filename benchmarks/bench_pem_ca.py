@@ -5,7 +5,8 @@ repository root::
 
     python -m benchmarks.bench_pem_ca [--device cpu|cuda] [--dtype float32|bfloat16]
         [--sizes 2048,8192,32768,131072] [--batch 1] [--modes forward,forward+backward]
-        [--providers fused,reference,compiled,mask2former,sdpa] [--repeats N] [--out-dir DIR]
+        [--providers fused,reference,compiled,fused_compiled,mask2former,sdpa] [--repeats N]
+        [--out-dir DIR]
 
 One decoder cross-attention layer (C=256, 8 heads, Q=100 queries) over a feature map of HW pixels
 with aspect 1:2 (2048 = 32x64, 8192 = 64x128, 32768 = 128x256, 131072 = 256x512, the 1/32 ... 1/4
@@ -18,6 +19,9 @@ allowed per query). Providers (same inputs, same layer interface):
 * ``reference``: the same layer with ``backend="reference"`` (eager pure PyTorch, which is the
   official PEM computation);
 * ``compiled``: ``torch.compile`` of ``reference`` (inductor, compiled once per size, not timed);
+* ``fused_compiled``: ``torch.compile`` of ``fused`` (its ops enter inductor's graph as custom
+  ops / user Triton kernels: no Python dispatch per op; on by default on a GPU only, where eager
+  launch overhead matters);
 * ``mask2former``: Mask2Former's masked cross-attention (``nn.MultiheadAttention`` + LayerNorm);
 * ``sdpa``: the same with ``F.scaled_dot_product_attention`` and a boolean mask.
 
@@ -40,11 +44,12 @@ import torch
 from benchmarks import harness
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PROVIDERS = ("fused", "reference", "compiled", "mask2former", "sdpa")
+PROVIDERS = ("fused", "reference", "compiled", "fused_compiled", "mask2former", "sdpa")
+CPU_PROVIDERS = ("fused", "reference", "compiled", "mask2former", "sdpa")
 MODES = ("forward", "forward+backward")
 # Per device: (default sizes, default providers, timing budget s, min repeats, max repeats).
 DEFAULTS = {
-    "cpu": ("2048,8192,32768", ",".join(PROVIDERS), 3.0, 3, 50),
+    "cpu": ("2048,8192,32768", ",".join(CPU_PROVIDERS), 3.0, 3, 50),
     "cuda": ("2048,8192,32768,131072", ",".join(PROVIDERS), 1.0, 20, 500),
 }
 D_MODEL, HEADS, QUERIES = 256, 8, 100
@@ -166,10 +171,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     with harness.progress(total=total, desc="pem_ca") as bar:
         for hw in args.sizes:
             inputs = [make_inputs(args.batch, hw, device, dtype, generator) for _ in range(2)]
-            if "compiled" in args.providers:
+            if "compiled" in args.providers or "fused_compiled" in args.providers:
                 # A fresh compile per size keeps dynamic-shape guards out of the measurement.
                 torch._dynamo.reset()
                 layers["compiled"] = torch.compile(layers["reference"])
+                layers["fused_compiled"] = torch.compile(layers["fused"])
             for mode in args.modes:
                 group: list[dict[str, Any]] = []
                 for provider in args.providers:

@@ -124,7 +124,8 @@ if wants pemca; then
       --modes forward,forward+backward --out-dir "$results/pem_ca_${dtype}_b1"
   done
   step bench_pem_ca_b2 300 $PYTHON -m benchmarks.bench_pem_ca --device cuda --batch 2 \
-    --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b2"
+    --providers fused,reference,compiled,mask2former,sdpa --modes forward,forward+backward \
+    --out-dir "$results/pem_ca_float32_b2"
   # The layer on the CUDA C++ prototype_select + cuBLAS prototype attention, against the Triton
   # one above: which of the two "auto" should pick.
   step bench_pem_ca_cuda_backend 200 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
