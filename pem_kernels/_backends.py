@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "available_backends"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "available_backends", "call_op",
+           "plain_eager_call"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _logger = logging.getLogger("pem_kernels")
@@ -163,3 +165,40 @@ def reference_context(device: torch.device) -> contextlib.AbstractContextManager
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+# Tensor types that carry no dispatch behaviour of their own.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager_call(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether an op call on ``tensors`` may skip torch's Python dispatch of custom ops.
+
+    True for an eager call that records no gradient (grad mode off, or no tensor requires grad)
+    on plain tensors, with no torch.compile / export tracing, functorch transform or dispatch
+    mode (FakeTensorMode, ...) active. Such a call needs nothing from the dispatcher's layers
+    above the kernel, whose Python custom-op machinery costs tens of microseconds per call: most
+    of the host time of an op on a GPU-sized problem of PEM's size.
+    """
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad_mode = torch.is_grad_enabled()
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if type(tensor) not in _PLAIN_TENSOR_TYPES or (grad_mode and tensor.requires_grad):
+            return False
+    return True
+
+
+def call_op(op: torch._ops.OpOverload, *args):
+    """``op(*args)`` for a C++ op of the extension. In a :func:`plain_eager_call` it runs below
+    autograd (straight to the device kernel: no autograd node is needed when no gradient is
+    recorded, and the Python autograd layer of a custom op is skipped); otherwise through the
+    full dispatcher."""
+    if plain_eager_call(arg for arg in args if isinstance(arg, torch.Tensor)):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return op(*args)
+    return op(*args)

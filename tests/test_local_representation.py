@@ -170,6 +170,35 @@ def test_pem_cross_attention_uses_it_for_inference_only(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorm_changes_reach_the_fused_kernel(backend, monkeypatch):
+    """project() reuses the BatchNorm affine between calls; every change must still show."""
+    device = _device(backend)
+    module = _module(16, device=device)
+    memory = torch.randn(1, 16, 5, 6, device=device)
+
+    def check():
+        with torch.no_grad():
+            expected = LocalRepresentation.forward(module, memory)
+            torch.testing.assert_close(module.project(memory, None, backend), expected,
+                                       rtol=1e-4, atol=1e-4)
+
+    _forbid_modules(monkeypatch, module)
+    check()
+    with torch.no_grad():
+        module.bn.running_mean.add_(0.5)  # in place: a new version
+    check()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    state["bn.running_var"] *= 3.0
+    state["bn.bias"] -= 1.0
+    module.load_state_dict(state)
+    check()
+    module.bn.eps = 0.5
+    check()
+    module.bn.weight = torch.nn.Parameter(torch.full((16,), 2.0, device=device))  # a new tensor
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     module = _module(16, device=_device(backend))
     with torch.no_grad():

@@ -37,6 +37,8 @@ class LocalRepresentation(nn.Module):
         self.bn = nn.BatchNorm2d(d_model)
         self.out = nn.Linear(d_model, d_model)
         self.d_model = d_model
+        # (the tensors and versions it was computed from, (scale, shift)): see _bn_affine.
+        self._bn_affine_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.to_query_3x3(self.bn(x))
@@ -51,15 +53,9 @@ class LocalRepresentation(nn.Module):
         """
         chosen = self._fusable_backend(memory, pos, backend)
         if chosen is not None:
-            bn = self.bn
             # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
             acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
-            scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.to(acc)
-            shift = -bn.running_mean.to(acc) * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.to(acc)
+            scale, shift = self._bn_affine(acc)
             keys = fused_local_representation(
                 chosen, memory, pos, scale, shift, self.to_query_3x3.weight,
                 self.to_query_3x3.bias, self.out.weight, self.out.bias,
@@ -68,13 +64,45 @@ class LocalRepresentation(nn.Module):
                 return keys
         return self(memory + pos if pos is not None else memory)
 
+    def _bn_affine(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode BatchNorm as (scale, shift) [C] in ``acc``.
+
+        Eager calls reuse the last result while the statistics and affine parameters are the same
+        tensors at the same versions (every in-place change, ``load_state_dict`` included, bumps
+        a version; ``.to()`` makes new tensors): in inference they never change, and recomputing
+        takes six small kernel launches per layer call.
+        """
+        bn = self.bn
+        eager = not torch.compiler.is_compiling()  # compiled, inductor fuses these ops anyway
+        if eager:
+            sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+            key = (acc, bn.eps) + tuple(t._version if t is not None else None for t in sources)
+            cached = self._bn_affine_cache
+            if cached is not None and cached[1] == key and all(
+                a is b for a, b in zip(cached[0], sources)
+            ):
+                return cached[2]
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        if eager:
+            # Holding the source tensors keeps their ids from being reused by new tensors.
+            self._bn_affine_cache = (sources, key, (scale, shift))
+        return scale, shift
+
     def _fusable_backend(
         self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str
     ) -> str | None:
         bn = self.bn
         if bn.training or bn.running_mean is None or bn.running_var is None:
             return None
-        tensors = [memory, *self.parameters()] + ([pos] if pos is not None else [])
+        # The parameters named one by one: self.parameters() walks the module tree on every call.
+        conv, out = self.to_query_3x3, self.out
+        tensors = [memory, pos, conv.weight, conv.bias, out.weight, out.bias, bn.weight, bn.bias]
+        tensors = [t for t in tensors if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return None
         if torch.is_autocast_enabled(memory.device.type) or memory.dim() != 4:

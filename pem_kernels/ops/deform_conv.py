@@ -21,8 +21,9 @@ import torch
 from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
-    reference_context,
+    call_op,
     compiled_kernel,
+    reference_context,
     register_op_backends,
     triton_kernel,
 )
@@ -114,15 +115,16 @@ def deform_conv2d(
     offset_groups = offset.shape[1] // (2 * kernel_h * kernel_w)
     if chosen == "triton":
         # Imported here so that `import pem_kernels` never imports triton.
+        from pem_kernels.triton import call_triton_op
         from pem_kernels.triton.deform_conv2d import deform_conv2d_triton
 
-        return deform_conv2d_triton(
-            input, weight, offset, mask, bias, stride[0], stride[1], padding[0], padding[1],
-            dilation[0], dilation[1], groups, offset_groups,
+        return call_triton_op(
+            deform_conv2d_triton, input, weight, offset, mask, bias, stride[0], stride[1],
+            padding[0], padding[1], dilation[0], dilation[1], groups, offset_groups,
         )
-    return torch.ops.pem_kernels.deform_conv2d.default(
-        input, weight, offset, mask, bias, stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], groups, offset_groups,
+    return call_op(
+        torch.ops.pem_kernels.deform_conv2d.default, input, weight, offset, mask, bias, stride[0],
+        stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, offset_groups,
     )
 
 
@@ -197,7 +199,7 @@ if EXTENSION_LOADED:
         )
 
     _backward, _setup_context = autograd_functions(
-        torch.ops.pem_kernels._deform_conv2d_backward.default
+        lambda *args: call_op(torch.ops.pem_kernels._deform_conv2d_backward.default, *args)
     )
     torch.library.register_autograd(
         "pem_kernels::deform_conv2d", _backward, setup_context=_setup_context

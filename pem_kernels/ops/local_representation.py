@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pem_kernels._backends import call_op
 from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
 __all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation", "no_backward",
@@ -40,11 +41,12 @@ def fused_local_representation(
     """
     args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias)
     if backend == "cpu" and has_kernel("local_representation", "CPU"):
-        return torch.ops.pem_kernels.local_representation(*args)
+        return call_op(torch.ops.pem_kernels.local_representation.default, *args)
     if backend == "triton":
+        from pem_kernels.triton import call_triton_op
         from pem_kernels.triton.local_representation import local_representation_triton
 
-        return local_representation_triton(*args)
+        return call_triton_op(local_representation_triton, *args)
     return None
 
 

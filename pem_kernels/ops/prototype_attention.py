@@ -113,11 +113,12 @@ def prototype_attention(
         )
     _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize)
     if _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype) == "triton":
+        from pem_kernels.triton import call_triton_op
         from pem_kernels.triton.prototype_attention import prototype_attention_triton
 
-        return prototype_attention_triton(
-            prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
-            normalize == "queries",
+        return call_triton_op(
+            prototype_attention_triton, prototypes, queries, residual, proj_weight, proj_bias,
+            alpha, out_weight, out_bias, normalize == "queries",
         )[0]
     with reference_context(prototypes.device):
         return prototype_attention_ref(

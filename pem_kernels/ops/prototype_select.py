@@ -16,8 +16,9 @@ import torch
 from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
-    reference_context,
+    call_op,
     compiled_kernel,
+    reference_context,
     register_op_backends,
     triton_kernel,
 )
@@ -136,13 +137,16 @@ def prototype_select(
             )
     if chosen == "triton":
         # Imported here so that `import pem_kernels` never imports triton.
+        from pem_kernels.triton import call_triton_op
         from pem_kernels.triton.prototype_select import prototype_select_triton
 
-        return prototype_select_triton(
-            keys, queries, mask, num_heads, empty == "official", normalize_keys
+        return call_triton_op(
+            prototype_select_triton, keys, queries, mask, num_heads, empty == "official",
+            normalize_keys,
         )
-    return torch.ops.pem_kernels.prototype_select.default(
-        keys, queries, mask, num_heads, empty == "official", normalize_keys
+    return call_op(
+        torch.ops.pem_kernels.prototype_select.default, keys, queries, mask, num_heads,
+        empty == "official", normalize_keys,
     )
 
 
@@ -185,7 +189,7 @@ if EXTENSION_LOADED:
         return torch.empty_like(keys)
 
     _backward, _setup_context = autograd_functions(
-        torch.ops.pem_kernels._prototype_select_backward.default
+        lambda *args: call_op(torch.ops.pem_kernels._prototype_select_backward.default, *args)
     )
     torch.library.register_autograd(
         "pem_kernels::prototype_select", _backward, setup_context=_setup_context

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import torch
 
 __all__ = [
+    "call_triton_op",
+    "cdiv",
+    "next_power_of_2",
+    "pem_triton_op",
     "cpu_unavailable_reason",
     "interpreter_requested",
     "launcher",
@@ -42,6 +47,17 @@ def triton_unavailable_reason() -> str | None:
     return _IMPORT_ERROR[0] or None
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. Host code uses this, not ``triton.cdiv``: Triton's is a
+    constexpr function whose argument unwrapping costs microseconds per call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1); see :func:`cdiv` for why not Triton's."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def interpreter_requested() -> bool:
     """Whether Triton kernels run under the interpreter (``TRITON_INTERPRET=1``): on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,14 +69,53 @@ def launcher(kernel, interpreted: bool) -> "_OnTensorDevice":
     Compiled, the launch goes through ``wrap_triton(kernel)``, so that torch.compile and fake
     tensors see it; under the interpreter (``interpreted``, the module's ``INTERPRET``) through the
     kernel itself, since torch.compile does not apply to CPU tensors and torch before 2.12 (2.11 is
-    on this project's GPU machines) refuses to wrap an interpreted kernel. Either way the launch
-    runs on the device of its first tensor argument (see :class:`_OnTensorDevice`).
+    on this project's GPU machines) refuses to wrap an interpreted kernel; in a body run by
+    :func:`call_triton_op` also through the kernel itself. Either way the launch runs on the
+    device of its first tensor argument (see :class:`_OnTensorDevice`).
     """
-    if interpreted:
+    if interpreted or getattr(_DIRECT, "active", False):
         return _OnTensorDevice(kernel)
     from torch.library import wrap_triton
 
     return _OnTensorDevice(wrap_triton(kernel))
+
+
+# Set while call_triton_op runs a triton_op's body directly: its launches skip wrap_triton.
+_DIRECT = threading.local()
+# The Python function of every op made by pem_triton_op.
+_BODIES: dict = {}
+
+
+def pem_triton_op(name: str):
+    """``torch.library.triton_op(name, mutates_args=())`` that also keeps the decorated function,
+    for :func:`call_triton_op` to run directly."""
+    from torch.library import triton_op
+
+    def register(body):
+        op = triton_op(name, mutates_args=())(body)
+        _BODIES[op] = body
+        return op
+
+    return register
+
+
+def call_triton_op(op, *args):
+    """``op(*args)`` for an op made by :func:`pem_triton_op`.
+
+    In a :func:`pem_kernels._backends.plain_eager_call` its Python function runs directly and the
+    launches go straight to the kernels (what the custom op's eager dispatch ends up doing too,
+    after tens of microseconds of Python dispatch per call); otherwise (gradients to record,
+    torch.compile, fake tensors) the registered op runs.
+    """
+    from pem_kernels._backends import plain_eager_call
+
+    if not plain_eager_call(arg for arg in args if isinstance(arg, torch.Tensor)):
+        return op(*args)
+    _DIRECT.active = True
+    try:
+        return _BODIES[op](*args)
+    finally:
+        _DIRECT.active = False
 
 
 class _OnTensorDevice:
@@ -101,10 +156,18 @@ def cpu_unavailable_reason() -> str | None:
     """
     if not interpreter_requested():
         return "it runs cpu tensors only under the Triton interpreter (TRITON_INTERPRET=1)"
-    for name, module in list(sys.modules.items()):
-        if name.startswith("pem_kernels.triton.") and getattr(module, "INTERPRET", True) is False:
+    for name in _KERNEL_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "INTERPRET", True) is False:
             return f"{name} was imported before TRITON_INTERPRET=1 was set (compiled kernels)"
     return None
+
+
+# Checked by name on every call: scanning all of sys.modules cost milliseconds per op call.
+_KERNEL_MODULES = tuple(
+    f"pem_kernels.triton.{name}"
+    for name in ("prototype_select", "prototype_attention", "local_representation", "deform_conv2d")
+)
 
 
 def triton_backend_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:

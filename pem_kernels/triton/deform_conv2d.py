@@ -82,11 +82,17 @@ from typing import Optional, Union
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from pem_kernels.ops.deform_conv import autograd_functions
 from pem_kernels.reference.deform_conv import check_deform_conv2d_args
-from pem_kernels.triton import interpreter_requested, launcher
+from pem_kernels.triton import (
+    call_triton_op,
+    cdiv,
+    interpreter_requested,
+    launcher,
+    next_power_of_2,
+    pem_triton_op,
+)
 
 __all__ = ["deform_conv2d", "deform_conv2d_backward_triton", "deform_conv2d_triton"]
 
@@ -503,7 +509,7 @@ def _input_grad_kernel(
 
 
 def _pow2(n: int, low: int = 16, high: int = 64) -> int:
-    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+    return max(low, min(high, next_power_of_2(max(int(n), 1))))
 
 
 def _dot_config(dtype: torch.dtype) -> dict:
@@ -626,7 +632,7 @@ def _weight_by_tap(weight: torch.Tensor, groups: int) -> torch.Tensor:
     )
 
 
-@triton_op("pem_kernels::deform_conv2d_triton", mutates_args=())
+@pem_triton_op("pem_kernels::deform_conv2d_triton")
 def deform_conv2d_triton(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -663,7 +669,7 @@ def deform_conv2d_triton(
     block_n = _pow2(s["COUT_G"], 16, 64 if INTERPRET else 128)
     block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
     mask_arg, om_strides = _offset_mask_args(offset, mask)
-    grid = (triton.cdiv(M, block_m), groups * triton.cdiv(s["COUT_G"], block_n))
+    grid = (cdiv(M, block_m), groups * cdiv(s["COUT_G"], block_n))
     launcher(_forward_kernel, INTERPRET)[grid](
         input, offset, mask_arg, _weight_by_tap(weight, groups),
         bias.contiguous() if bias is not None else weight, out,
@@ -680,10 +686,10 @@ def _weight_grad_splits(tiles: int, m_blocks: int) -> int:
     """Pixel-axis splits of the weight gradient: a function of the shapes only (deterministic)."""
     if INTERPRET:
         return min(2, m_blocks)
-    return max(1, min(m_blocks // 4 or 1, triton.cdiv(4 * 132, tiles)))
+    return max(1, min(m_blocks // 4 or 1, cdiv(4 * 132, tiles)))
 
 
-@triton_op("pem_kernels::_deform_conv2d_backward_triton", mutates_args=())
+@pem_triton_op("pem_kernels::_deform_conv2d_backward_triton")
 def deform_conv2d_backward_triton(
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -734,7 +740,7 @@ def deform_conv2d_backward_triton(
 
     # grad_offset, grad_mask: one program per (pixel block, offset group).
     block_m = 128 if INTERPRET else 64
-    launcher(_offset_mask_grad_kernel, INTERPRET)[(triton.cdiv(M, block_m), offset_groups)](
+    launcher(_offset_mask_grad_kernel, INTERPRET)[(cdiv(M, block_m), offset_groups)](
         grad_output, input, offset, mask_arg, w_by_tap, grad_offset, grad_mask,
         M, s["L"], s["OW"], *geometry, *conv,
         *grad_output.stride(), *input.stride(), *om_strides,
@@ -745,12 +751,12 @@ def deform_conv2d_backward_triton(
     # grad_weight: split-pixel partial GEMMs, summed in a fixed order.
     block_m_w = 64
     tiles = (
-        groups * s["TAPS"] * triton.cdiv(s["CIN_G"], block_k) * triton.cdiv(s["COUT_G"], block_n)
+        groups * s["TAPS"] * cdiv(s["CIN_G"], block_k) * cdiv(s["COUT_G"], block_n)
     )
-    m_blocks = triton.cdiv(M, block_m_w)
+    m_blocks = cdiv(M, block_m_w)
     splits = _weight_grad_splits(tiles, m_blocks)
-    per_split = triton.cdiv(m_blocks, splits)
-    splits = triton.cdiv(m_blocks, per_split)
+    per_split = cdiv(m_blocks, splits)
+    splits = cdiv(m_blocks, per_split)
     partial = torch.empty(
         (splits, groups, s["TAPS"], s["CIN_G"], s["COUT_G"]), dtype=torch.float32, device=device
     )
@@ -769,7 +775,7 @@ def deform_conv2d_backward_triton(
     corner_weights = torch.empty(4 * entries, dtype=torch.float32, device=device)
     sentinel = entries // s["L"] * s["H"] * s["W"]  # B * OG * T * H * W: sorts after every key
     block = 128 if INTERPRET else 256
-    launcher(_corner_kernel, INTERPRET)[(triton.cdiv(entries, block),)](
+    launcher(_corner_kernel, INTERPRET)[(cdiv(entries, block),)](
         offset, mask_arg, keys, corner_weights, entries, sentinel,
         s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], offset_groups, *conv, *om_strides,
         HAS_MASK=mask is not None, BLOCK=block,
@@ -777,7 +783,7 @@ def deform_conv2d_backward_triton(
     sorted_keys, perm = torch.sort(keys, stable=True)
     block_t = 32
     pixels = s["H"] * s["W"]
-    n_tb = triton.cdiv(pixels, block_t)
+    n_tb = cdiv(pixels, block_t)
     starts = torch.clamp(torch.arange(n_tb + 1, device=device) * block_t, max=pixels)
     queries = (
         torch.arange(s["B"] * offset_groups * s["TAPS"], device=device)[:, None] * pixels
@@ -785,7 +791,7 @@ def deform_conv2d_backward_triton(
     )
     bounds = torch.searchsorted(sorted_keys, queries.reshape(-1))
     block_k_in = _pow2(s["COG"], 16, 32)
-    grid = (n_tb, offset_groups * triton.cdiv(s["COG"], block_k_in), s["B"])
+    grid = (n_tb, offset_groups * cdiv(s["COG"], block_k_in), s["B"])
     launcher(_input_grad_kernel, INTERPRET)[grid](
         grad_output, w_by_tap, sorted_keys, perm, corner_weights, bounds, grad_input,
         s["L"], s["OW"], s["H"], s["W"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
@@ -797,7 +803,9 @@ def deform_conv2d_backward_triton(
 
 
 # The same autograd as the C++ op, with the Triton backward.
-_backward, _setup_context = autograd_functions(deform_conv2d_backward_triton)
+_backward, _setup_context = autograd_functions(
+    lambda *args: call_triton_op(deform_conv2d_backward_triton, *args)
+)
 deform_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
 
 IntOrPair = Union[int, Sequence[int]]
@@ -820,7 +828,7 @@ def deform_conv2d(
     )
     groups = input.shape[1] // weight.shape[1]
     offset_groups = offset.shape[1] // (2 * weight.shape[2] * weight.shape[3])
-    return deform_conv2d_triton(
-        input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        groups, offset_groups,
+    return call_triton_op(
+        deform_conv2d_triton, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
+        dil_h, dil_w, groups, offset_groups,
     )

@@ -21,10 +21,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from pem_kernels.ops.local_representation import no_backward, no_backward_setup
-from pem_kernels.triton import interpreter_requested, launcher
+from pem_kernels.triton import (
+    cdiv,
+    interpreter_requested,
+    launcher,
+    next_power_of_2,
+    pem_triton_op,
+)
 
 __all__ = ["local_representation_triton"]
 
@@ -94,7 +99,7 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     )
     # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
     # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
-    block_n = max(16, min(256, triton.next_power_of_2(int(out_channels))))
+    block_n = max(16, min(256, next_power_of_2(int(out_channels))))
     # fp32 without software pipelining: three stages of the nine (eighteen with pos) tap tiles
     # need up to 330 KB of shared memory, more than an H100 block has (227 KiB); the taps are
     # mostly L1/L2 hits, so staging them buys little. 8 warps: with 4, ptxas (sm_90, triton 3.6)
@@ -106,7 +111,7 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     )
 
 
-@triton_op("pem_kernels::local_representation_triton", mutates_args=())
+@pem_triton_op("pem_kernels::local_representation_triton")
 def local_representation_triton(
     memory: torch.Tensor,
     pos: torch.Tensor | None,
@@ -133,8 +138,8 @@ def local_representation_triton(
         return out
     config = _launch_config(out_channels, x.dtype)
     grid = (
-        height * triton.cdiv(width, config["BLOCK_P"]),
-        triton.cdiv(out_channels, config["BLOCK_N"]),
+        height * cdiv(width, config["BLOCK_P"]),
+        cdiv(out_channels, config["BLOCK_N"]),
         batch,
     )
     launcher(_local_representation_kernel, INTERPRET)[grid](

@@ -31,9 +31,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from pem_kernels.triton import interpreter_requested, launcher
+from pem_kernels.triton import (
+    call_triton_op,
+    cdiv,
+    interpreter_requested,
+    launcher,
+    next_power_of_2,
+    pem_triton_op,
+)
 
 __all__ = ["prototype_attention_triton"]
 
@@ -203,7 +209,7 @@ def _prototype_attention_bwd_kernel(
 
 def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every block dimension >= 16; all N rows of an image live in one program.
-    block_n = max(16, triton.next_power_of_2(int(num_queries)))
+    block_n = max(16, next_power_of_2(int(num_queries)))
     # The interpreter's bf16/fp16 tl.dot is unreliable: it multiplies fp32 operands instead.
     dot_dtype = tl.float32 if (dtype == torch.float32 or INTERPRET) else (
         tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
@@ -216,7 +222,7 @@ def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     )
 
 
-@triton_op("pem_kernels::prototype_attention_triton", mutates_args=())
+@pem_triton_op("pem_kernels::prototype_attention_triton")
 def prototype_attention_triton(
     prototypes: torch.Tensor,
     queries: torch.Tensor,
@@ -251,7 +257,7 @@ def prototype_attention_triton(
     return out, x, an, m, div
 
 
-@triton_op("pem_kernels::_prototype_attention_backward_triton", mutates_args=())
+@pem_triton_op("pem_kernels::_prototype_attention_backward_triton")
 def prototype_attention_backward_triton(
     grad_out: torch.Tensor,
     prototypes: torch.Tensor,
@@ -290,9 +296,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _gx, _gan, _gm, _gdiv):
     prototypes, queries, proj_weight, alpha, out_weight, x, an, m, div = ctx.saved_tensors
-    dp, dq, da, dalpha = prototype_attention_backward_triton(
-        grad_out, prototypes, queries, proj_weight, alpha, out_weight, an, div,
-        ctx.normalize_over_queries,
+    dp, dq, da, dalpha = call_triton_op(
+        prototype_attention_backward_triton, grad_out, prototypes, queries, proj_weight, alpha,
+        out_weight, an, div, ctx.normalize_over_queries,
     )
     dy = grad_out.float()
     # Weight gradients: GEMMs over all images' rows, in one fixed order.

@@ -43,10 +43,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from pem_kernels.ops.prototype_select import autograd_functions
-from pem_kernels.triton import launcher
+from pem_kernels.triton import call_triton_op, cdiv, launcher, next_power_of_2, pem_triton_op
 
 __all__ = ["prototype_select_triton", "prototype_select_backward_triton", "SUPPORTED_DTYPES"]
 
@@ -343,7 +342,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _pow2(value: int, low: int = 1, high: int | None = None) -> int:
-    result = max(low, triton.next_power_of_2(max(int(value), 1)))
+    result = max(low, next_power_of_2(max(int(value), 1)))
     return min(result, high) if high is not None else result
 
 
@@ -361,17 +360,17 @@ def _select_config(
     # 32-channel heads) spills ~0.3 KB per thread there, against 1.7 KB with 128-pixel tiles or
     # with 4 warps (the [BLOCK_P, BLOCK_N] score, key and pixel tiles all live in registers).
     block_p = 64
-    tiles = triton.cdiv(pixels, block_p)
-    query_blocks = triton.cdiv(queries, block_n)
+    tiles = cdiv(pixels, block_p)
+    query_blocks = cdiv(queries, block_n)
     if _SPLITS_OVERRIDE is not None:
         wanted = _SPLITS_OVERRIDE
     elif device.type == "cuda" and not INTERPRET:
         # enough programs to fill the GPU a few times over; batch 1 has only heads * N pairs
-        wanted = triton.cdiv(4 * _sm_count(device), batch_heads * query_blocks)
+        wanted = cdiv(4 * _sm_count(device), batch_heads * query_blocks)
     else:
         wanted = 2  # the interpreter runs programs one after another: few, but still merged
-    tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
-    splits = triton.cdiv(tiles, tiles_per_split)
+    tiles_per_split = cdiv(tiles, max(1, min(wanted, tiles)))
+    splits = cdiv(tiles, tiles_per_split)
     num_warps = 8 if block_n >= 128 else 4
     return block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps
 
@@ -421,7 +420,7 @@ def _check_inputs(keys, queries, mask, num_heads):
     )
 
 
-@triton_op("pem_kernels::prototype_select_triton", mutates_args=())
+@pem_triton_op("pem_kernels::prototype_select_triton")
 def prototype_select_triton(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -450,7 +449,7 @@ def prototype_select_triton(
     if normalize_keys:
         block_c = _pow2(channels, 16, 128)
         block_r = max(1, 2048 // block_c)
-        launcher(_key_norm_kernel, INTERPRET)[(triton.cdiv(batch * pixels, block_r),)](
+        launcher(_key_norm_kernel, INTERPRET)[(cdiv(batch * pixels, block_r),)](
             keys, divisors, batch * pixels, pixels, channels, *keys.stride(),
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
@@ -488,7 +487,7 @@ def prototype_select_triton(
     return prototypes, indices
 
 
-@triton_op("pem_kernels::_prototype_select_backward_triton", mutates_args=())
+@pem_triton_op("pem_kernels::_prototype_select_backward_triton")
 def prototype_select_backward_triton(
     grad_prototypes: torch.Tensor,
     keys: torch.Tensor,
@@ -528,5 +527,7 @@ def prototype_select_backward_triton(
 
 
 # The same autograd as the C++ op, with the Triton backward.
-_backward, _setup_context = autograd_functions(prototype_select_backward_triton)
+_backward, _setup_context = autograd_functions(
+    lambda *args: call_triton_op(prototype_select_backward_triton, *args)
+)
 prototype_select_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,97 @@
+"""The eager fast path of the public ops (pem_kernels._backends.plain_eager_call): a call that
+records no gradient skips torch's Python dispatch of custom ops; everything else goes through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import pem_kernels
+from pem_kernels import _backends
+from pem_kernels._backends import plain_eager_call
+
+from conftest import HAS_CUDA
+
+pytestmark = pytest.mark.skipif(
+    not pem_kernels.EXTENSION_LOADED, reason="pem_kernels._C is not built"
+)
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_plain_eager_call_conditions():
+    plain, leaf = torch.randn(3), torch.randn(3, requires_grad=True)
+    assert plain_eager_call([plain, None, torch.nn.Parameter(torch.randn(2), requires_grad=False)])
+    assert not plain_eager_call([plain, leaf])
+    with torch.no_grad():
+        assert plain_eager_call([plain, leaf])
+    with torch.inference_mode():
+        assert plain_eager_call([plain, torch.randn(2)])
+    assert not plain_eager_call([plain.as_subclass(_Subclass)])
+    with FakeTensorMode():
+        assert not plain_eager_call([torch.empty(3)])
+    seen = []
+    torch.vmap(lambda x: seen.append(plain_eager_call([x])) or x)(torch.randn(2, 3))
+    assert seen == [False]
+
+
+def _select_args(device):
+    keys, queries = torch.randn(2, 40, 16, device=device), torch.randn(2, 3, 16, device=device)
+    mask = torch.rand(2, 3, 40, device=device) < 0.3
+    return keys, queries, mask
+
+
+def _deform_args(device):
+    return (torch.randn(1, 4, 6, 5, device=device), torch.randn(1, 18, 6, 5, device=device),
+            torch.randn(3, 4, 3, 3, device=device))
+
+
+def _backends_of(op_name: str) -> list[str]:
+    names = [b for b in ("cpu", "cuda", "triton") if b in pem_kernels.available_backends(op_name, DEVICE)]
+    return names + (["cpu"] if DEVICE == "cuda" and "cpu" not in names else [])
+
+
+@pytest.mark.parametrize("backend", _backends_of("prototype_select"))
+def test_fast_path_equals_the_dispatcher_path(backend, monkeypatch):
+    device = "cpu" if backend == "cpu" else DEVICE
+    keys, queries, mask = _select_args(device)
+    deform = _deform_args(device)
+    deform_backend = backend if backend in pem_kernels.available_backends("deform_conv2d", device) else "cpu"
+    if deform_backend == "cpu":
+        deform = tuple(t.cpu() for t in deform)
+
+    def run():
+        with torch.no_grad():
+            select = pem_kernels.prototype_select(
+                keys, queries, mask, 4, empty="official", normalize_keys=True, backend=backend
+            )
+            conv = pem_kernels.deform_conv2d(*deform, padding=1, backend=deform_backend)
+        return (*select, conv)
+
+    fast = run()
+    assert all(t.grad_fn is None for t in fast)
+    monkeypatch.setattr(_backends, "plain_eager_call", lambda tensors: False)
+    for a, b in zip(fast, run()):
+        assert torch.equal(a, b)
+
+
+def test_gradients_still_flow_through_the_registered_ops():
+    keys, queries, mask = _select_args("cpu")
+    keys.requires_grad_(True)
+    prototypes, _ = pem_kernels.prototype_select(keys, queries, mask, 4, backend="cpu")
+    assert prototypes.grad_fn is not None
+    (grad,) = torch.autograd.grad(prototypes.sum(), keys)
+    assert grad.abs().sum() > 0
+
+
+def test_fake_tensors_go_through_the_fake_kernels():
+    with FakeTensorMode():
+        keys, queries, mask = _select_args("cpu")
+        prototypes, indices = pem_kernels.prototype_select(keys, queries, mask, 4, backend="cpu")
+        out = pem_kernels.deform_conv2d(*_deform_args("cpu"), padding=1, backend="cpu")
+    assert prototypes.shape == (2, 3, 16) and indices.shape == (2, 4, 3)
+    assert out.shape == (1, 3, 6, 5)
