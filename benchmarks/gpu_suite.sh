@@ -159,6 +159,9 @@ if wants model; then
     step "bench_model_$dtype" 240 $PYTHON -m benchmarks.bench_model --device cuda --dtype "$dtype" \
       --providers fused,reference --out-dir "$results/model_$dtype"
   done
+  # The model as users get it by default (backend "auto": the ops "auto" picks on a GPU).
+  step bench_model_auto 240 $PYTHON -m benchmarks.bench_model --device cuda --fused-backend auto \
+    --providers fused,reference --out-dir "$results/model_float32_auto"
   step bench_model_compiled 300 $PYTHON -m benchmarks.bench_model --device cuda \
     --providers reference,compiled --sizes 1024x2048 --out-dir "$results/model_float32_compiled"
 fi

@@ -479,6 +479,15 @@ def test_auto_backend_and_environment_override(monkeypatch):
         pem_kernels.prototype_select(keys, query, mask, 4)
 
 
+def test_auto_picks_the_cuda_kernel_for_cuda_tensors():
+    from pem_kernels._extension import has_kernel
+    from pem_kernels.ops.prototype_select import _BACKENDS
+
+    expected = "cuda" if has_kernel("prototype_select", "CUDA") else "reference"
+    for dtype in ALL_DTYPES:
+        assert _BACKENDS.resolve("auto", torch.device("cuda"), dtype) == expected
+
+
 def test_import_without_extension_falls_back_to_reference():
     code = (
         "import sys, warnings\n"
