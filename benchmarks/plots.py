@@ -2,7 +2,8 @@
 
 For every ``pem_ca*.json`` under the folder: latency vs pixels, one line per provider and mode
 (the paper's Fig. 4 with the fused layer added), log-log. For every ``deform_conv*.json``: the
-speedup of each backend over torchvision per feature-map size. For every
+speedup of each backend over torchvision (over the reference in runs without torchvision, such as
+bf16) per feature-map size. For every
 ``prototype_select*.json``: latency vs pixels per backend. For every ``model*.json`` (the
 whole-model benchmark): median latency (p20-p80 whiskers, speedup over the reference) and peak
 memory vs input size, one line per provider. Each PNG is written next to its JSON.
@@ -55,20 +56,29 @@ def plot_latency_vs_pixels(json_path: Path, series_key: str, what: str) -> Path:
 
 
 def plot_speedup_bars(json_path: Path) -> Path:
+    """Speedup of every backend over torchvision per size, or over the reference where the run
+    has no torchvision rows (torchvision has no bf16 kernel)."""
     data = json.loads(json_path.read_text())
-    rows = [r for r in data["rows"] if r.get("vs_tv") is not None and r.get("backend") != "torchvision"]
-    sizes = list(dict.fromkeys(f"{r['size']} B={r['batch']}" for r in rows))
+    timed = [r for r in data["rows"] if r.get("median_ms") is not None]
+    baseline = "torchvision" if any(r["backend"] == "torchvision" for r in timed) else "reference"
+
+    def size_of(row: dict) -> str:
+        return f"{row['size']} B={row['batch']}"
+
+    base_ms = {size_of(r): r["median_ms"] for r in timed if r["backend"] == baseline}
+    rows = [r for r in timed if r["backend"] != baseline and size_of(r) in base_ms]
+    sizes = list(dict.fromkeys(size_of(r) for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sizes)), 4.5))
     width = 0.8 / max(1, len(backends))
     for i, backend in enumerate(backends):
-        values = {f"{r['size']} B={r['batch']}": r["vs_tv"] for r in rows if r["backend"] == backend}
+        values = {size_of(r): base_ms[size_of(r)] / r["median_ms"] for r in rows if r["backend"] == backend}
         xs = [j + i * width for j in range(len(sizes))]
         ax.bar(xs, [values.get(s, 0.0) for s in sizes], width, label=backend)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(sizes))])
     ax.set_xticklabels(sizes, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("speedup over torchvision (x)")
+    ax.set_ylabel(f"speedup over {baseline} (x)")
     ax.set_title(_title(data["meta"], f"deform_conv2d {data['meta'].get('config', {}).get('mode', '')}"))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -130,6 +140,8 @@ def plot_folder(folder: Path) -> list[Path]:
     written = []
     for path in sorted(folder.rglob("*.json")):
         name = path.stem
+        if name.startswith("pem_ca_profile"):
+            continue  # a table of host / device time, printed by its command
         if name.startswith("pem_ca"):
             written.append(plot_latency_vs_pixels(path, "provider", "PEM-CA vs masked cross-attention"))
         elif name.startswith("prototype_select"):

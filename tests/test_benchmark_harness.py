@@ -214,6 +214,11 @@ def test_bench_deform_conv_script_runs_and_profiles(tmp_path, mode):
         assert "error" not in row and row["shape"] == "(1,128,16,16)" and row["median_ms"] > 0
         assert row["max_err"] < 1e-3 and row["host_ms"] > 0 and row["kernels"]
     assert "slowest kernels" in done.stdout
+    from benchmarks.plots import plot_folder
+
+    # No torchvision in this run: the bars show the speedup over the reference.
+    (png,) = plot_folder(tmp_path)
+    assert png.name == f"{name}.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_profile_pem_ca_splits_host_and_kernel_time(tmp_path):
@@ -234,6 +239,9 @@ def test_profile_pem_ca_splits_host_and_kernel_time(tmp_path):
     # The reference materializes the similarity and takes its argmax; the fused CPU layer does not.
     assert any(k["name"] == "aten::argmax" for k in rows[1]["kernels"])
     assert not any(k["name"] == "aten::argmax" for k in rows[0]["kernels"])
+    from benchmarks.plots import plot_folder
+
+    assert plot_folder(tmp_path) == []  # a table, not a plot
 
 
 def test_front_end_rejects_unknown_comparisons():
