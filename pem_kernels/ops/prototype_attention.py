@@ -4,11 +4,12 @@ l2norm(W_A(P * q)) + P) + b_out``.
 Backends: ``reference``; ``cpu`` and ``cuda``, which run the same composition of ATen's kernels
 on that device (two GEMMs dominate; there is nothing a hand-written C++ kernel would fuse away,
 and ``PEMCrossAttention(backend="cuda")`` needs a ``cuda`` name for both of its ops); ``triton``
-(:mod:`pem_kernels.triton.prototype_attention`: one fused forward launch and a fused backward, on
-CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on
-a GPU, so ``"auto"`` does not pick it). The C++ schema ``pem_kernels::prototype_attention`` is
-registered (with a fake kernel) for a future C++/CUDA kernel; the Triton backend registers its own
-ops, ``pem_kernels::prototype_attention_triton`` and its backward.
+(:mod:`pem_kernels.triton.prototype_attention`: two launches forward and two backward, spread
+over channel blocks, on CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``;
+fp32/fp16/bf16; its current form has not run on a GPU yet, so ``"auto"`` does not pick it).
+The C++ schema ``pem_kernels::prototype_attention`` is registered (with a fake kernel) for a
+future C++/CUDA kernel; the Triton backend registers its own ops,
+``pem_kernels::prototype_attention_triton`` and its backward.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fused prototype attention (PEM-CA after the gather, paper eq. 5-7) in Triton.
 
-Forward, one program per image b (the l2norm over queries couples all N rows of an image)::
+Forward::
 
     X  = P * q                                  [N, C]  (element-wise)
     A  = X @ W_A^T + b_A                        [N, C]
@@ -8,19 +8,32 @@ Forward, one program per image b (the l2norm over queries couples all N rows of 
     M  = alpha * An + P
     Y  = M @ W_out^T + b_out + residual
 
-All of it is one launch: A is produced in column blocks (a K loop of ``tl.dot`` over the input
-channels), normalized in registers, and M is staged in a per-image fp32 scratch (L2-resident,
-N x C) because the second GEMM needs all of M's columns; a barrier separates the two phases.
+Two launches, each with one program per (block of BLOCK_J output channels, image): all N rows of
+an image live in every program (the query-axis norm couples them), and the channels are spread
+over programs, so that a single image (PEM's batch 1) still occupies C / BLOCK_J SMs.
 
-Backward, one program per image, the same structure in reverse::
+1. A's column block, from X computed on the fly from P and q inside the K loop (each program also
+   stores its block of X, which the backward needs). With the query-axis norm the block is
+   complete: its norms, An and M are written here. With the channel norm A is written raw, with
+   each row's partial sum of squares over the block.
+2. Y's column block = M @ W_out^T over all of M's columns. With the channel norm, the row norms are
+   the partial sums added in block order, and M is computed from the raw A inside the K loop (the
+   programs of the first block also store An and M for the backward).
+
+Backward, the same two-launch structure in reverse::
 
     dM  = dY @ W_out          dalpha = sum_n dM * An     dAn = alpha * dM
     dA  = (dAn - An * <An, dAn>) / ||A||   (or dAn / eps where the norm was clamped)
     dX  = dA @ W_A            dP = dM + q * dX           dq = P * dX
 
-The element-wise chain, both normalizations and the two activation GEMMs are fused; the weight
-gradients (dW_out = dY^T M, dW_A = dA^T X, summed over images) are plain GEMMs left to
-cuBLAS/ATen in the autograd wrapper, with a fixed reduction order (deterministic).
+1. dM's column block, dalpha, dAn; with the query-axis norm dA too (its projection is per column);
+   with the channel norm the row dot <An, dAn> as partial sums over the block.
+2. dX's column block over all of dA's columns (with the channel norm dA is computed in the K loop
+   from dAn, An and the summed row dots), then dP and dq of the block.
+
+The weight gradients (dW_out = dY^T M, dW_A = dA^T X, summed over images) are plain GEMMs left to
+cuBLAS/ATen in the autograd wrapper, with a fixed reduction order; every partial sum above is also
+added in a fixed order, so the results are deterministic.
 
 Scratch and saved tensors are fp32; inputs may be fp32, fp16 or bf16 (GEMM operands in the input
 dtype, fp32 accumulation; fp32 operands use IEEE fp32 products, not TF32, to match PyTorch).
@@ -44,7 +57,7 @@ from pem_kernels.triton import (
 __all__ = ["prototype_attention_triton"]
 
 INTERPRET = interpreter_requested()
-# All N rows of an image live in one program: BLOCK_N = 512 is the largest tile whose fp32
+# All N rows of an image live in every program: BLOCK_N = 512 is the largest tile whose fp32
 # kernels fit an H100 block's shared memory (checked by the sm_90 compile test).
 MAX_QUERIES = 512
 # F.normalize's default eps; a constexpr (a runtime float argument may become fp64 in compiled
@@ -69,156 +82,213 @@ def _gemm_block(
             rhs_ptr + ks[:, None] * rhs_row_stride + cols[None, :] * rhs_col_stride,
             mask=k_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        if IEEE:
-            acc += tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision="ieee")
-        else:
-            acc += tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
+        acc += _dot(lhs, rhs, DOT_DTYPE, IEEE)
     return acc
 
 
 @triton.jit
-def _prototype_attention_fwd_kernel(
-    p_ptr, q_ptr, r_ptr, wa_ptr, ba_ptr, alpha_ptr, wo_ptr, bo_ptr,
-    out_ptr, x_ptr, an_ptr, m_ptr, div_ptr,
-    N, C,
-    NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-):
-    b = tl.program_id(0)
-    image = b * N * C
-    rows = tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    # X = P * q, staged in fp32 scratch: it is the K operand of the first GEMM (and the backward's).
-    for j0 in range(0, C, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        ok = row_ok[:, None] & (cols < C)[None, :]
-        offs = image + rows[:, None] * C + cols[None, :]
-        x = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(x_ptr + offs, x, mask=ok)
-    tl.debug_barrier()
-    # A = X W_A^T + b_A in column blocks; rows' squared norms accumulate for the channel norm.
-    row_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j0 in range(0, C, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        a = _gemm_block(x_ptr + image, wa_ptr, rows, cols, row_ok, col_ok, C, C, 1, C,
-                        BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
-        a += tl.load(ba_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        a = tl.where(ok, a, 0.0)  # padding must not enter the norms
-        offs = image + rows[:, None] * C + cols[None, :]
-        if NORM_OVER_QUERIES:
-            div = tl.maximum(tl.sqrt_rn(tl.sum(a * a, axis=0)), EPS)
-            tl.store(div_ptr + b * C + cols, div, mask=col_ok)
-            tl.store(an_ptr + offs, tl.div_rn(a, div[None, :]), mask=ok)
-        else:
-            row_sq += tl.sum(a * a, axis=1)
-            tl.store(an_ptr + offs, a, mask=ok)
-    if not NORM_OVER_QUERIES:
-        div_rows = tl.maximum(tl.sqrt_rn(row_sq), EPS)
-        tl.store(div_ptr + b * N + rows, div_rows, mask=row_ok)
-    tl.debug_barrier()
-    # M = alpha * An + P (finishing the channel norm in the same pass).
-    for j0 in range(0, C, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = image + rows[:, None] * C + cols[None, :]
-        an = tl.load(an_ptr + offs, mask=ok, other=0.0)
-        if not NORM_OVER_QUERIES:
-            an = tl.div_rn(an, div_rows[:, None])
-            tl.store(an_ptr + offs, an, mask=ok)
-        alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        m = alpha[None, :] * an + tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(m_ptr + offs, m, mask=ok)
-    tl.debug_barrier()
-    # Y = M W_out^T + b_out + residual.
-    for j0 in range(0, C, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        y = _gemm_block(m_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, 1, C,
-                        BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
-        offs = image + rows[:, None] * C + cols[None, :]
-        y += tl.load(bo_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+def _dot(lhs, rhs, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision="ieee")
+    else:
+        return tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
 
 
 @triton.jit
-def _prototype_attention_bwd_kernel(
-    dy_ptr, p_ptr, q_ptr, wa_ptr, alpha_ptr, wo_ptr, an_ptr, div_ptr,
-    dp_ptr, dq_ptr, da_ptr, dalpha_ptr,
+def _fwd_a_kernel(
+    p_ptr, q_ptr, wa_ptr, ba_ptr, alpha_ptr, x_ptr, a_ptr, an_ptr, m_ptr, div_ptr, partial_ptr,
     N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    """Launch 1 of the forward: A's column block (see the module docstring)."""
+    pid_j = tl.program_id(0)
+    b = tl.program_id(1)
     image = b * N * C
     rows = tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # dM = dY W_out (stored in dP, which gets dX * q added later); dAn = alpha * dM (in dA).
-    row_dot = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j0 in range(0, C, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = image + rows[:, None] * C + cols[None, :]
-        dm = _gemm_block(dy_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
-                         BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
-        dm = tl.where(ok, dm, 0.0)
-        tl.store(dp_ptr + offs, dm, mask=ok)
-        an = tl.load(an_ptr + offs, mask=ok, other=0.0)
-        tl.store(dalpha_ptr + b * C + cols, tl.sum(dm * an, axis=0), mask=col_ok)
+    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = image + rows[:, None] * C + cols[None, :]
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, p * tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32), mask=ok)
+    # A[:, cols] = X W_A[cols, :]^T + b_A, X's K tiles made from P and q as they are loaded.
+    acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        tile = image + rows[:, None] * C + ks[None, :]
+        tile_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(p_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32) * tl.load(
+            q_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        w = tl.load(wa_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += _dot(x, w, DOT_DTYPE, IEEE)
+    a = acc + tl.load(ba_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    a = tl.where(ok, a, 0.0)  # padding must not enter the norms
+    if NORM_OVER_QUERIES:
+        div = tl.maximum(tl.sqrt_rn(tl.sum(a * a, axis=0)), EPS)
+        tl.store(div_ptr + b * C + cols, div, mask=col_ok)
+        an = tl.div_rn(a, div[None, :])
+        tl.store(an_ptr + offs, an, mask=ok)
         alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dan = alpha[None, :] * dm
-        if NORM_OVER_QUERIES:
-            div = tl.load(div_ptr + b * C + cols, mask=col_ok, other=1.0)
-            # Where the norm was clamped to eps the divisor is a constant: no projection term.
-            projection = tl.where(div > EPS, tl.sum(an * dan, axis=0), 0.0)
-            tl.store(da_ptr + offs, tl.div_rn(dan - an * projection[None, :], div[None, :]), mask=ok)
-        else:
-            row_dot += tl.sum(an * dan, axis=1)
-            tl.store(da_ptr + offs, dan, mask=ok)
-    if not NORM_OVER_QUERIES:
-        tl.debug_barrier()
-        div_rows = tl.load(div_ptr + b * N + rows, mask=row_ok, other=1.0)
-        projection = tl.where(div_rows > EPS, row_dot, 0.0)
-        for j0 in range(0, C, BLOCK_J):
-            cols = j0 + tl.arange(0, BLOCK_J)
-            ok = row_ok[:, None] & (cols < C)[None, :]
-            offs = image + rows[:, None] * C + cols[None, :]
-            dan = tl.load(da_ptr + offs, mask=ok, other=0.0)
-            an = tl.load(an_ptr + offs, mask=ok, other=0.0)
-            tl.store(da_ptr + offs, tl.div_rn(dan - an * projection[:, None], div_rows[:, None]), mask=ok)
-    tl.debug_barrier()
-    # dX = dA W_A; dP = dM + q * dX; dq = P * dX.
-    for j0 in range(0, C, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = image + rows[:, None] * C + cols[None, :]
+        tl.store(m_ptr + offs, alpha[None, :] * an + p, mask=ok)
+    else:
+        tl.store(a_ptr + offs, a, mask=ok)
+        blocks = tl.num_programs(0)
+        tl.store(partial_ptr + (b * blocks + pid_j) * N + rows, tl.sum(a * a, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _fwd_y_kernel(
+    p_ptr, r_ptr, wo_ptr, bo_ptr, alpha_ptr, a_ptr, an_ptr, m_ptr, div_ptr, partial_ptr, out_ptr,
+    N, C,
+    NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Launch 2 of the forward: Y's column block (see the module docstring)."""
+    pid_j = tl.program_id(0)
+    b = tl.program_id(1)
+    image = b * N * C
+    rows = tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = image + rows[:, None] * C + cols[None, :]
+    if NORM_OVER_QUERIES:
+        y = _gemm_block(m_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, 1, C,
+                        BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
+    else:
+        # Row norms: the blocks' partial sums of squares, added in block order.
+        blocks = tl.num_programs(0)
+        row_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block in range(0, blocks):
+            row_sq += tl.load(partial_ptr + (b * blocks + block) * N + rows, mask=row_ok, other=0.0)
+        div_rows = tl.maximum(tl.sqrt_rn(row_sq), EPS)
+        if pid_j == 0:
+            tl.store(div_ptr + b * N + rows, div_rows, mask=row_ok)
+        y = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < C
+            tile = image + rows[:, None] * C + ks[None, :]
+            tile_ok = row_ok[:, None] & k_ok[None, :]
+            an = tl.div_rn(tl.load(a_ptr + tile, mask=tile_ok, other=0.0), div_rows[:, None])
+            alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            m = alpha[None, :] * an + tl.load(p_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            if pid_j == 0:  # An and M are saved for the backward
+                tl.store(an_ptr + tile, an, mask=tile_ok)
+                tl.store(m_ptr + tile, m, mask=tile_ok)
+            w = tl.load(wo_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            y += _dot(m, w, DOT_DTYPE, IEEE)
+    y += tl.load(bo_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_dm_kernel(
+    dy_ptr, wo_ptr, alpha_ptr, an_ptr, div_ptr, dp_ptr, da_ptr, dan_ptr, dalpha_ptr, partial_ptr,
+    N, C,
+    NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Launch 1 of the backward: dM, dalpha and dAn (dA with the query-axis norm) of a column block."""
+    pid_j = tl.program_id(0)
+    b = tl.program_id(1)
+    image = b * N * C
+    rows = tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = image + rows[:, None] * C + cols[None, :]
+    # dM[:, cols] = dY W_out[:, cols], stored in dP (launch 2 adds q * dX).
+    dm = _gemm_block(dy_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
+                     BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
+    dm = tl.where(ok, dm, 0.0)
+    tl.store(dp_ptr + offs, dm, mask=ok)
+    an = tl.load(an_ptr + offs, mask=ok, other=0.0)
+    tl.store(dalpha_ptr + b * C + cols, tl.sum(dm * an, axis=0), mask=col_ok)
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dan = alpha[None, :] * dm
+    if NORM_OVER_QUERIES:
+        div = tl.load(div_ptr + b * C + cols, mask=col_ok, other=1.0)
+        # Where the norm was clamped to eps the divisor is a constant: no projection term.
+        projection = tl.where(div > EPS, tl.sum(an * dan, axis=0), 0.0)
+        tl.store(da_ptr + offs, tl.div_rn(dan - an * projection[None, :], div[None, :]), mask=ok)
+    else:
+        tl.store(dan_ptr + offs, dan, mask=ok)
+        blocks = tl.num_programs(0)
+        tl.store(partial_ptr + (b * blocks + pid_j) * N + rows, tl.sum(an * dan, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    p_ptr, q_ptr, wa_ptr, an_ptr, div_ptr, dan_ptr, partial_ptr, da_ptr, dp_ptr, dq_ptr,
+    N, C,
+    NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Launch 2 of the backward: dX, dP and dq of a column block."""
+    pid_j = tl.program_id(0)
+    b = tl.program_id(1)
+    image = b * N * C
+    rows = tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = image + rows[:, None] * C + cols[None, :]
+    # dX[:, cols] = dA W_A[:, cols]
+    if NORM_OVER_QUERIES:
         dx = _gemm_block(da_ptr + image, wa_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
                          BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
-        p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        dm = tl.load(dp_ptr + offs, mask=ok, other=0.0)
-        tl.store(dp_ptr + offs, dm + q * dx, mask=ok)
-        tl.store(dq_ptr + offs, p * dx, mask=ok)
+    else:
+        blocks = tl.num_programs(0)
+        row_dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block in range(0, blocks):
+            row_dot += tl.load(partial_ptr + (b * blocks + block) * N + rows, mask=row_ok, other=0.0)
+        div_rows = tl.load(div_ptr + b * N + rows, mask=row_ok, other=1.0)
+        projection = tl.where(div_rows > EPS, row_dot, 0.0)
+        dx = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < C
+            tile = image + rows[:, None] * C + ks[None, :]
+            tile_ok = row_ok[:, None] & k_ok[None, :]
+            dan = tl.load(dan_ptr + tile, mask=tile_ok, other=0.0)
+            an = tl.load(an_ptr + tile, mask=tile_ok, other=0.0)
+            da = tl.div_rn(dan - an * projection[:, None], div_rows[:, None])
+            if pid_j == 0:  # dA is returned for the weight gradient
+                tl.store(da_ptr + tile, da, mask=tile_ok)
+            w = tl.load(wa_ptr + ks[:, None] * C + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            dx += _dot(da, w, DOT_DTYPE, IEEE)
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dm = tl.load(dp_ptr + offs, mask=ok, other=0.0)
+    tl.store(dp_ptr + offs, dm + q * dx, mask=ok)
+    tl.store(dq_ptr + offs, p * dx, mask=ok)
 
 
 def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
-    # tl.dot needs every block dimension >= 16; all N rows of an image live in one program.
+    # tl.dot needs every block dimension >= 16; all N rows of an image live in every program.
     block_n = max(16, next_power_of_2(int(num_queries)))
     # The interpreter's bf16/fp16 tl.dot is unreliable: it multiplies fp32 operands instead.
     dot_dtype = tl.float32 if (dtype == torch.float32 or INTERPRET) else (
         tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
     )
-    # 8 warps: with 4, ptxas (sm_90, triton 3.8) spills 1-4.5 KB per thread at N = 100 (the
-    # [BLOCK_N, BLOCK_J] fp32 accumulator and operand tiles of one image); with 8, 0-0.5 KB.
+    # 32 output channels per program: PEM's C = 256 gives 8 programs per image. Fewer pipeline
+    # stages for more queries: each stage holds a [BLOCK_N, BLOCK_K] operand tile (fp32 at
+    # BLOCK_N = 512 with 3 stages: 328 KiB of shared memory, over an H100 block's 227 KiB).
+    # Warps (ptxas for sm_90, triton 3.6): at BLOCK_N = 128, 4 warps spill up to 280 bytes per
+    # thread in fp32 and 148 in bf16, 8 warps none; at 256 and 512, 8 warps spill up to 1 KB,
+    # 16 warps about half of that.
     return dict(
-        BLOCK_N=block_n, BLOCK_J=64 if block_n <= 128 else 32, BLOCK_K=32,
-        DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32, num_warps=8,
+        BLOCK_N=block_n, BLOCK_J=32, BLOCK_K=32, DOT_DTYPE=dot_dtype,
+        IEEE=dot_dtype == tl.float32, num_warps=8 if block_n <= 128 else 16,
+        num_stages=3 if block_n <= 128 else 2 if block_n <= 256 else 1,
     )
 
 
@@ -248,11 +318,24 @@ def prototype_attention_triton(
     x, an, m = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
     div = torch.empty(batch, channels if normalize_over_queries else num_queries, **f32)
     if out.numel():
-        launcher(_prototype_attention_fwd_kernel, INTERPRET)[(batch,)](
-            p, q, r, proj_weight.contiguous(), proj_bias.contiguous(), alpha.reshape(-1).contiguous(),
-            out_weight.contiguous(), out_bias.contiguous(), out, x, an, m, div,
-            num_queries, channels, NORM_OVER_QUERIES=normalize_over_queries,
-            **_launch_config(num_queries, p.dtype),
+        config = _launch_config(num_queries, p.dtype)
+        blocks = cdiv(channels, config["BLOCK_J"])
+        # The channel norm's scratch: raw A and per-block row sums (the query-axis norm never
+        # touches them: a one-element stand-in, so that no argument aliases a written one).
+        if normalize_over_queries:
+            a = partial = torch.empty(1, **f32)
+        else:
+            a = torch.empty(batch, num_queries, channels, **f32)
+            partial = torch.empty(batch, blocks, num_queries, **f32)
+        wa, wo = proj_weight.contiguous(), out_weight.contiguous()
+        alpha_flat = alpha.reshape(-1).contiguous()
+        launcher(_fwd_a_kernel, INTERPRET)[(blocks, batch)](
+            p, q, wa, proj_bias.contiguous(), alpha_flat, x, a, an, m, div, partial,
+            num_queries, channels, NORM_OVER_QUERIES=normalize_over_queries, **config,
+        )
+        launcher(_fwd_y_kernel, INTERPRET)[(blocks, batch)](
+            p, r, wo, out_bias.contiguous(), alpha_flat, a, an, m, div, partial, out,
+            num_queries, channels, NORM_OVER_QUERIES=normalize_over_queries, **config,
         )
     return out, x, an, m, div
 
@@ -275,12 +358,24 @@ def prototype_attention_backward_triton(
     dp, dq, da = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
     dalpha = torch.empty(batch, channels, **f32)
     if dp.numel():
-        launcher(_prototype_attention_bwd_kernel, INTERPRET)[(batch,)](
-            grad_out.contiguous(), prototypes.contiguous(), queries.contiguous(),
-            proj_weight.contiguous(), alpha.reshape(-1).contiguous(), out_weight.contiguous(),
-            normalized, divisors, dp, dq, da, dalpha, num_queries, channels,
-            NORM_OVER_QUERIES=normalize_over_queries,
-            **_launch_config(num_queries, prototypes.dtype),
+        config = _launch_config(num_queries, prototypes.dtype)
+        blocks = cdiv(channels, config["BLOCK_J"])
+        # The channel norm's scratch: dAn and per-block row dots (a stand-in, as in the forward).
+        if normalize_over_queries:
+            dan = partial = torch.empty(1, **f32)
+        else:
+            dan = torch.empty(batch, num_queries, channels, **f32)
+            partial = torch.empty(batch, blocks, num_queries, **f32)
+        p, q = prototypes.contiguous(), queries.contiguous()
+        alpha_flat = alpha.reshape(-1).contiguous()
+        launcher(_bwd_dm_kernel, INTERPRET)[(blocks, batch)](
+            grad_out.contiguous(), out_weight.contiguous(), alpha_flat, normalized, divisors, dp,
+            da, dan, dalpha, partial, num_queries, channels,
+            NORM_OVER_QUERIES=normalize_over_queries, **config,
+        )
+        launcher(_bwd_dx_kernel, INTERPRET)[(blocks, batch)](
+            p, q, proj_weight.contiguous(), normalized, divisors, dan, partial, da, dp, dq,
+            num_queries, channels, NORM_OVER_QUERIES=normalize_over_queries, **config,
         )
     return dp, dq, da, dalpha
 
