@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -129,6 +130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--input-sets", type=int, default=None, help="input sets to rotate over")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--deterministic", action="store_true",
+        help="run under torch.use_deterministic_algorithms(True): the cuda backend's backward "
+        "then gathers its input gradient over a sorted list instead of using atomics "
+        "(torchvision's CUDA backward uses atomics too)",
+    )
     parser.add_argument(
         "--profile", action="store_true",
         help="also split each backend's call into host and device time and list its slowest "
@@ -388,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda requested but CUDA is not available")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {args.device}: only cpu and cuda are supported")
+    if args.deterministic:
+        # cuBLAS reads this when its handle is created: before the first GEMM.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
     meta = {
         "benchmark": "deform_conv2d",

@@ -21,19 +21,22 @@
 //      cuBLAS GEMMs in acc_t;
 //   4. offset and mask gradients: one thread per (offset group, tap, pixel) sums its channels in
 //      order;
-//   5. grad_input: the scatter through the bilinear weights is turned into a gather, so that no
-//      atomics are needed. Every (offset group, tap, pixel, corner) of the block is listed with
-//      the corner's input pixel as a sort key; a stable sort and a searchsorted give each
-//      (offset group, input pixel) its list of entries in entry order, and one thread per
+//   5. grad_input, the scatter of the column gradient through the bilinear weights. By default
+//      (as torchvision) one thread per (channel, tap, pixel) adds its share to the four corners
+//      with atomics: fast, but the order of the additions, and so the last bits of grad_input,
+//      vary from run to run. Under torch.use_deterministic_algorithms(True) the scatter is
+//      turned into a gather instead: every (offset group, tap, pixel, corner) of the block is
+//      listed with the corner's input pixel as a sort key; a stable sort and a searchsorted give
+//      each (offset group, input pixel) its list of entries in entry order, and one thread per
 //      (channel, input pixel) adds them up in that order (the order in which the CPU kernel adds
 //      them) onto grad_input.
-// Every gradient element is therefore written by one thread per launch with a fixed order of
-// additions: the backward is bit-identical from run to run and needs no special path under
-// torch.use_deterministic_algorithms(True) (its cuBLAS calls follow torch's rules there, i.e.
-// CUBLAS_WORKSPACE_CONFIG must be set as for any CUDA matmul). fp16/bf16 gradients are computed
-// in fp32 and rounded once. Extra memory: two column tiles of at most kBackwardTileBytes each,
-// the entry list (about 30 bytes per (offset group, tap, pixel, corner) of a block) and, for
-// fp16/bf16, fp32 copies of one image's input gradient and of the weight gradient.
+// Every other gradient element is written by one thread per launch with a fixed order of
+// additions, so in deterministic mode the whole backward is bit-identical from run to run (its
+// cuBLAS calls follow torch's rules there, i.e. CUBLAS_WORKSPACE_CONFIG must be set as for any
+// CUDA matmul). fp16/bf16 gradients are computed in fp32 and rounded once. Extra memory: two
+// column tiles of at most kBackwardTileBytes each, in deterministic mode the entry list (about
+// 30 bytes per (offset group, tap, pixel, corner) of a block) and, for fp16/bf16, fp32 copies of
+// one image's input gradient and of the weight gradient.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -447,6 +450,31 @@ __global__ void input_grad_kernel(
   *grad = sum;
 }
 
+// Step 5 outside deterministic mode. One thread per (channel * taps + tap, pixel of the block),
+// consecutive threads on consecutive pixels: adds grad_columns times the modulation and each
+// corner's bilinear weight onto grad_image with atomics (fp32, or fp64 for fp64 inputs).
+template <typename scalar_t, typename acc_t>
+__global__ void input_grad_atomic_kernel(
+    ConvShape s, Strides4 grad_in, const scalar_t* __restrict__ offset,
+    const scalar_t* __restrict__ mask, int64_t b, int64_t pixel0, int64_t count,
+    const acc_t* __restrict__ grad_columns, acc_t* grad_image) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= s.in_channels * s.taps() * count) return;
+  const int64_t column = index / count, j = index % count;  // column = c * taps + tap
+  const int64_t c = column / s.taps(), tap = column % s.taps();
+  const int64_t row = (c / s.offset_group_channels()) * s.taps() + tap;
+  const BilinearSample<acc_t> sample =
+      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel0 + j, grad_in.row, grad_in.col);
+  const acc_t value =
+      grad_columns[index] * modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
+  acc_t* channel = grad_image + c * grad_in.channel;
+  for (int corner = 0; corner < kBilinearCorners; ++corner) {
+    if (sample.inside & (1u << corner)) {
+      atomicAdd(channel + sample.offset[corner], sample.weight[corner] * value);
+    }
+  }
+}
+
 template <typename scalar_t>
 void deform_conv2d_backward_impl(
     const ConvShape& s, const at::Tensor& grad_output, const at::Tensor& input,
@@ -480,13 +508,16 @@ void deform_conv2d_backward_impl(
 
   const at::Tensor columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
   const at::Tensor grad_columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
-  const int64_t entries_max = s.sample_rows() * block * kBilinearCorners;
+  // The sorted gather of step 5 (deterministic mode only): the entry list and the boundaries of
+  // its lists, one per (offset group, input pixel): list l holds the sorted entries
+  // [entry_begin[l], entry_begin[l + 1]).
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const int64_t entries_max = deterministic ? s.sample_rows() * block * kBilinearCorners : 0;
   const at::Tensor keys_storage = at::empty({entries_max}, input.options().dtype(at::kLong));
   const at::Tensor weights_storage = at::empty({entries_max}, acc_options);
-  // Boundaries of the entry lists: list l = offset group * H * W + input pixel holds the sorted
-  // entries [entry_begin[l], entry_begin[l + 1]).
-  const at::Tensor list_bounds =
-      at::arange(s.offset_groups * image_pixels + 1, input.options().dtype(at::kLong));
+  const at::Tensor list_bounds = deterministic
+      ? at::arange(s.offset_groups * image_pixels + 1, input.options().dtype(at::kLong))
+      : at::Tensor();
   const at::Tensor grad_output_rows = grad_output.view({s.batch, s.out_channels, pixels});
   const Strides4 in = strides_of(input);
   const scalar_t* input_data = input.const_data_ptr<scalar_t>();
@@ -535,7 +566,16 @@ void deform_conv2d_backward_impl(
           mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-      // 5. grad_input through the sorted entry list.
+      // 5. grad_input: atomics, or the sorted entry list in deterministic mode.
+      if (!deterministic) {
+        input_grad_atomic_kernel<scalar_t, acc_t>
+            <<<blocks_for(s.in_channels * taps * count, kElementThreads), kElementThreads, 0,
+               stream>>>(
+                s, grad_in, offset_data, mask_data, b, pixel0, count,
+                grad_columns.const_data_ptr<acc_t>(), grad_image);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        continue;
+      }
       const int64_t entries = sample_threads * kBilinearCorners;
       const at::Tensor keys = keys_storage.narrow(0, 0, entries);
       const at::Tensor weights = weights_storage.narrow(0, 0, entries);

@@ -4,12 +4,13 @@ Backends: ``reference`` (pure PyTorch, builds the full column tensor); ``cpu`` (
 implicit GEMM: bounded per-thread column tiles, never the full im2col matrix; deterministic
 backward); ``triton`` (:mod:`pem_kernels.triton.deform_conv2d`: implicit GEMM with the bilinear
 gather fused into the ``tl.dot`` operand, deterministic backward; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; not yet validated on a GPU, so ``"auto"`` does not
-pick it); ``cuda`` (C++/CUDA: a tiled implicit-GEMM forward that shares each tile's sample
-positions across channels and reads channels_last input in place with vector loads; a backward
-with the CPU backend's structure, pixel block by pixel block with cuBLAS GEMMs, whose input
-gradient is a gather over a sorted corner list instead of atomics, so it is deterministic;
-compiled, not yet run on a GPU, so ``"auto"`` does not pick it). The registered op is
+under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; slower than torchvision and the reference in the
+H200 run, so ``"auto"`` does not pick it); ``cuda`` (C++/CUDA: a tiled implicit-GEMM forward
+that shares each tile's sample positions across channels and reads channels_last input in place
+with vector loads; a backward with the CPU backend's structure, pixel block by pixel block with
+cuBLAS GEMMs, whose input gradient is scattered with atomics as torchvision's, or, under
+``torch.use_deterministic_algorithms(True)``, gathered over a sorted corner list; not faster than
+the reference at every size of the H200 run, so ``"auto"`` does not pick it). The registered op is
 ``torch.ops.pem_kernels.deform_conv2d``; its backward is the registered op
 ``torch.ops.pem_kernels._deform_conv2d_backward``.
 """
@@ -68,10 +69,10 @@ def deform_conv2d(
     ``offset_groups = offset.shape[1] / (2 * kh * kw)`` are inferred from the shapes. A sample
     reads only the bilinear corners inside the image, so a non-finite value elsewhere never
     leaks into it; a non-finite offset gives a zero sample. Backward gives all five gradients
-    (first order only); every compiled backend's are bit-identical from run to run (no
-    floating-point atomics), the ``cpu`` backend's also for any number of threads. Under
-    ``torch.use_deterministic_algorithms(True)`` the ``cuda`` backend's GEMMs need
-    ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in PyTorch does.
+    (first order only), bit-identical from run to run on the ``cpu`` (for any number of threads)
+    and ``triton`` backends; the ``cuda`` backend's input gradient uses atomics, as
+    torchvision's, and is bit-identical only under ``torch.use_deterministic_algorithms(True)``
+    (where its GEMMs need ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in PyTorch does).
 
     Args:
         input: Tensor[B, C_in, H, W] float64/float32/float16/bfloat16, NCHW or channels_last
