@@ -18,11 +18,11 @@ import torch
 __all__ = [
     "call_triton_op",
     "cdiv",
-    "next_power_of_2",
-    "pem_triton_op",
     "cpu_unavailable_reason",
     "interpreter_requested",
     "launcher",
+    "next_power_of_2",
+    "pem_triton_op",
     "triton_backend_unavailable_reason",
     "triton_unavailable_reason",
 ]
