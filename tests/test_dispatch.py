@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pem_kernels
 from pem_kernels import _backends
 from pem_kernels._backends import plain_eager_call
+
+from conftest import HAS_CUDA
 
 pytestmark = pytest.mark.skipif(
     not pem_kernels.EXTENSION_LOADED, reason="pem_kernels._C is not built"
