@@ -75,15 +75,21 @@ if wants diagnose; then
   step diagnose_cpp_errors 240 $PYTHON -m benchmarks.diagnose_cpp_errors
 fi
 if wants tests; then
-  # pytest-xdist (the GPU image has it) spreads the suite over the CPU cores; the GPU is shared.
+  # pytest-xdist (the GPU image has it) spreads the suite over the CPU cores (up to 16); the GPU
+  # is shared. Most of the time goes to compiling (Triton, torch.compile), so every worker
+  # compiles in its own process instead of each starting a pool of compile workers.
   parallel=""
-  if $PYTHON -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
+  workers=$(nproc 2>/dev/null || echo 8)
+  [ "$workers" -le 16 ] || workers=16
+  if $PYTHON -c "import xdist" 2>/dev/null; then parallel="-n $workers"; fi
+  export TORCHINDUCTOR_COMPILE_THREADS=1
   # pytest-timeout (also on the image): one hung test (a GPU hang, a stuck torchrun) fails alone
   # instead of eating the whole step, and -rfE names every failure at the end of the log;
   # --durations lists the slowest tests (the suite should fit 10 minutes on an H100).
   per_test=""
   if $PYTHON -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout 240"; fi
   step tests 400 $PYTHON -m pytest -q -rsfE --durations=40 $parallel $per_test tests
+  unset TORCHINDUCTOR_COMPILE_THREADS
 fi
 if wants sanitize; then
   # compute-sanitizer from PATH, else from the toolkit next to nvcc.
