@@ -157,9 +157,9 @@ if wants deform; then
         --out-dir "$results/deform_conv_${dtype}_${mode/+/_}"
     done
   done
-  # The cuda backward in deterministic mode (sorted gather instead of atomics), what it costs.
+  # The backward in deterministic mode (sorted gather instead of atomics), what it costs.
   step bench_deform_conv_deterministic 200 $PYTHON -m benchmarks.bench_deform_conv --device cuda \
-    --mode forward+backward --deterministic --backends reference,cuda --profile \
+    --mode forward+backward --deterministic --backends reference,cuda,triton --profile \
     --out-dir "$results/deform_conv_float32_forward_backward_deterministic"
 fi
 if wants model; then

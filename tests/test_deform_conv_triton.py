@@ -314,12 +314,15 @@ def test_bf16_gradients_close_to_fp32_reference():
         )
 
 
-def test_backward_is_deterministic():
-    """Repeated backward passes give bit-identical gradients, also under deterministic mode (no
-    atomics anywhere, so no separate path)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_is_deterministic(dtype):
+    """Under torch's deterministic mode (sorted gather of the input gradient) repeated backward
+    passes give bit-identical gradients; outside it the input gradient is scattered with atomics
+    (the same sums in another order) and every other gradient is the same."""
     conv = Conv(batch=2, in_channels=4, out_channels=4, height=5, width=6, offset_scale=1.0)
-    tensors = make_inputs(conv, seed=4, requires_grad=True)
-    grad_output = torch.randn(2, 4, *conv.output_size(), device=DEVICE)
+    tensors = make_inputs(conv, dtype, seed=4, requires_grad=True)
+    grad_output = torch.randn(2, 4, *conv.output_size(), device=DEVICE).to(dtype)
+    _, default = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -330,6 +333,11 @@ def test_backward_is_deterministic():
     assert set(first) == set(GRAD_NAMES)
     for grad_name in first:
         assert torch.equal(first[grad_name], second[grad_name]), grad_name
+        if grad_name == "input":
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(default[grad_name], first[grad_name], rtol=tol, atol=tol)
+        else:
+            assert torch.equal(default[grad_name], first[grad_name]), grad_name
 
 
 def test_empty_batch():
@@ -434,7 +442,14 @@ for block_n in (64, 128):
     compile_sm90(K._forward_kernel, pointers("fp32"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **fp32),
                  num_warps=K._num_warps(torch.float32))
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-compile_sm90(K._offset_mask_grad_kernel, pointers("bf16"), dict(HAS_MASK=True, **tiles, **bf16))
+# The offset/mask gradient kernel with the fused atomic input-gradient scatter (the default
+# outside deterministic mode) and without it, in both dtypes.
+for scatter in (True, False):
+    compile_sm90(K._offset_mask_grad_kernel, pointers("bf16", ginput_ptr="*fp32"),
+                 dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, **tiles, **bf16))
+    compile_sm90(K._offset_mask_grad_kernel, pointers("fp32", ginput_ptr="*fp32"),
+                 dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, **tiles, **fp32),
+                 num_warps=K._num_warps(torch.float32))
 compile_sm90(K._weight_grad_kernel, pointers("bf16", partial_ptr="*fp32"),
              dict(HAS_MASK=True, **tiles, **bf16))
 compile_sm90(K._corner_kernel, pointers("bf16", key_ptr="*i64", weight_ptr="*fp32", N="i64",

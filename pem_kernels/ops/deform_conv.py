@@ -3,7 +3,8 @@
 Backends: ``reference`` (pure PyTorch, builds the full column tensor); ``cpu`` (C++, blocked
 implicit GEMM: bounded per-thread column tiles, never the full im2col matrix; deterministic
 backward); ``triton`` (:mod:`pem_kernels.triton.deform_conv2d`: implicit GEMM with the bilinear
-gather fused into the ``tl.dot`` operand, deterministic backward; CUDA tensors, or CPU tensors
+gather fused into the ``tl.dot`` operand, the input gradient scattered with atomics as in the
+``cuda`` backend (gathered in deterministic mode); CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``; fp32/fp16/bf16; slower than torchvision and the reference in the
 H200 run, so ``"auto"`` does not pick it); ``cuda`` (C++/CUDA: a tiled implicit-GEMM forward
 that shares each tile's sample positions across channels and reads channels_last input in place
@@ -69,10 +70,11 @@ def deform_conv2d(
     ``offset_groups = offset.shape[1] / (2 * kh * kw)`` are inferred from the shapes. A sample
     reads only the bilinear corners inside the image, so a non-finite value elsewhere never
     leaks into it; a non-finite offset gives a zero sample. Backward gives all five gradients
-    (first order only), bit-identical from run to run on the ``cpu`` (for any number of threads)
-    and ``triton`` backends; the ``cuda`` backend's input gradient uses atomics, as
-    torchvision's, and is bit-identical only under ``torch.use_deterministic_algorithms(True)``
-    (where its GEMMs need ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in PyTorch does).
+    (first order only), bit-identical from run to run on the ``cpu`` backend (for any number of
+    threads); the ``cuda`` and ``triton`` backends' input gradients use atomics, as
+    torchvision's, and are bit-identical only under ``torch.use_deterministic_algorithms(True)``
+    (where the ``cuda`` backend's GEMMs need ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in
+    PyTorch does).
 
     Args:
         input: Tensor[B, C_in, H, W] float64/float32/float16/bfloat16, NCHW or channels_last

@@ -18,8 +18,10 @@ modulation folded in), then loops over the input channels of (weight group ∩ o
 re-laid out once per call as ``[G, T, Cin_g, Cout_g]``, a few KB). The epilogue adds the bias and
 stores the tile in the output's memory format.
 
-Backward, five deterministic pieces (no floating-point atomics anywhere; every output element is
-written by exactly one program, and every reduction has a fixed order):
+Backward, five pieces. Every output element of the weight, offset, mask and bias gradients is
+written by exactly one program with a fixed order of additions; the input gradient is scattered
+with fp32 atomics (as torchvision's CUDA kernel) unless ``torch.use_deterministic_algorithms(True)``
+is on, where it is gathered in a fixed order instead:
 
 * ``grad_offset`` / ``grad_mask`` (``_offset_mask_grad_kernel``), grid ``(cdiv(M, BLOCK_M), OG)``:
   per tap the program recomputes the column gradient ``dcol[m, c] = sum_o grad_out[m, o] *
@@ -27,13 +29,16 @@ written by exactly one program, and every reduction has a fixed order):
   the same four corners and reduces over the channels ``dcol * sample`` (mask gradient) and
   ``dcol * mask * d sample / d(y, x)`` (offset gradient; the derivative of the bilinear weights with
   ``floor`` held constant, i.e. the right-hand derivative at integer positions, as the reference).
+  Outside deterministic mode the same program also adds ``dcol * mask`` times each corner's
+  bilinear weight onto ``grad_input`` with ``tl.atomic_add`` (fp32: into ``grad_input`` itself,
+  or an fp32 buffer for fp16/bf16), so the input gradient costs no extra pass.
 * ``grad_weight`` (``_weight_grad_kernel``), grid ``(G * T * cdiv(Cin_g, BLOCK_K) *
   cdiv(Cout_g, BLOCK_N), splits)``: ``grad_out^T x columns`` with the columns regenerated per
   ``[BLOCK_M, BLOCK_K]`` tile, the pixel axis cut into ``splits`` contiguous ranges; each split
   writes its own fp32 partial ``[splits, G, T, Cin_g, Cout_g]`` and the partials are summed by
   ``torch.sum`` (fixed order). ``splits`` depends only on the shapes.
-* ``grad_input`` (``_corner_kernel`` + ``_input_grad_kernel``): the scatter of the column gradient
-  through the bilinear weights is turned into a gather. ``_corner_kernel`` lists, for every
+* ``grad_input`` in deterministic mode (``_corner_kernel`` + ``_input_grad_kernel``): the scatter
+  of the column gradient through the bilinear weights is turned into a gather. ``_corner_kernel`` lists, for every
   (b, offset group, tap, output pixel, corner), the corner's flat input pixel as a sort key
   ``((b * OG + g) * T + k) * H * W + pixel`` (invalid corners get a sentinel that sorts last) and
   its weight (bilinear * mask). A stable ``torch.sort`` groups the entries by (image, offset group,
@@ -48,13 +53,14 @@ written by exactly one program, and every reduction has a fixed order):
   ``4 * B * OG * T * L`` entries (independent of the channel count).
 * ``grad_bias``: ``grad_output.sum((0, 2, 3))`` in fp32.
 
-So results are bit-identical from run to run, and ``torch.use_deterministic_algorithms(True)``
-needs no special path. Non-finite values: a NaN or inf in ``grad_output`` (or the mask) reaches
-``grad_input`` through the one-hot dot (``0 * inf = NaN``), so every pixel of that program's
-``BLOCK_T``-pixel block becomes NaN, where the reference makes only the pixels the value touches
-non-finite; the other gradients follow the reference. (Under a GradScaler such a step is skipped
-anyway.) The cost of the deterministic ``grad_input`` is a sort of the entry list and
-4x recomputation of the column gradient (one per corner); there is no atomics-based path.
+So in deterministic mode the results are bit-identical from run to run; outside it only
+``grad_input``'s last bits vary (the order of the atomic additions). Non-finite values: in
+deterministic mode a NaN or inf in ``grad_output`` (or the mask) reaches ``grad_input`` through
+the one-hot dot (``0 * inf = NaN``), so every pixel of that program's ``BLOCK_T``-pixel block
+becomes NaN, where the reference makes only the pixels the value touches non-finite; the atomic
+scatter and the other gradients follow the reference. (Under a GradScaler such a step is skipped
+anyway.) The cost of the deterministic ``grad_input`` is a sort of the entry list and 4x
+recomputation of the column gradient (one per corner).
 
 Dtypes: fp32, fp16, bf16 inputs with fp32 accumulation (fp64 is not supported). fp16/bf16 dot
 operands are in the input dtype (the blended sample is rounded to it before the tensor-core dot);
@@ -282,12 +288,12 @@ def _forward_kernel(
 
 @triton.jit
 def _offset_mask_grad_kernel(
-    gout_ptr, x_ptr, offset_ptr, mask_ptr, w_ptr, goffset_ptr, gmask_ptr,
+    gout_ptr, x_ptr, offset_ptr, mask_ptr, w_ptr, goffset_ptr, gmask_ptr, ginput_ptr,
     M, L, OW, H, W, KW, TAPS, CIN_G, COUT_G, COG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
-    sm_b, sm_c, sm_h, sm_w,
-    HAS_MASK: tl.constexpr,
+    sm_b, sm_c, sm_h, sm_w, si_b, si_c, si_h, si_w,
+    HAS_MASK: tl.constexpr, SCATTER_INPUT_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -332,6 +338,23 @@ def _offset_mask_grad_kernel(
             if HAS_MASK:
                 sample = gy0 * (gx0 * v00 + gx1 * v01) + gy1 * (gx0 * v10 + gx1 * v11)
                 grad_m += tl.sum(dcol * sample, axis=1)
+            if SCATTER_INPUT_GRAD:
+                # grad_input += dcol * mod * (each corner's bilinear weight), with fp32 atomics.
+                modulated = dcol * mod[:, None]
+                top_left = (b64 * si_b + row * si_h + col * si_w)[:, None] + (chans * si_c)[None, :]
+                corner = ginput_ptr + top_left
+                c_in = c_ok[None, :]
+                tl.atomic_add(corner, modulated * (gy0 * gx0), mask=(t_ok & l_ok)[:, None] & c_in)
+                tl.atomic_add(
+                    corner + si_w, modulated * (gy0 * gx1), mask=(t_ok & r_ok)[:, None] & c_in
+                )
+                tl.atomic_add(
+                    corner + si_h, modulated * (gy1 * gx0), mask=(b_ok & l_ok)[:, None] & c_in
+                )
+                tl.atomic_add(
+                    corner + si_h + si_w, modulated * (gy1 * gx1),
+                    mask=(b_ok & r_ok)[:, None] & c_in,
+                )
         # grad_offset / grad_mask are contiguous [B, 2*OG*T, L] / [B, OG*T, L].
         channel = og * TAPS + k
         dst = b64 * (2 * OG * TAPS * L) + 2 * channel * L + pix
@@ -707,7 +730,8 @@ def deform_conv2d_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``deform_conv2d_triton``: (grad_input, grad_weight, grad_offset, grad_mask,
     grad_bias), as ``pem_kernels::_deform_conv2d_backward`` (grad_mask is empty(0) without a mask).
-    Deterministic: bit-identical results from run to run."""
+    Bit-identical from run to run except grad_input outside torch's deterministic mode (atomics).
+    """
     conv = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
     name = "_deform_conv2d_backward_triton"
     _check_op_args(name, input, weight, offset, mask, None, groups, offset_groups, conv)
@@ -738,15 +762,30 @@ def deform_conv2d_backward_triton(
     block_n = _pow2(s["COUT_G"], 16, 64)
     block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
 
+    # grad_input: outside deterministic mode scattered with fp32 atomics by the offset/mask
+    # kernel (into grad_input itself for fp32, else into an fp32 buffer of the same layout); in
+    # deterministic mode gathered over a sorted corner list further down.
+    scatter = not torch.are_deterministic_algorithms_enabled()
+    if scatter:
+        grad_input_acc = (
+            grad_input.zero_() if dtype == torch.float32
+            else torch.zeros_like(input, dtype=torch.float32, memory_format=memory_format)
+        )
+    else:
+        grad_input_acc = grad_output.new_empty(1, dtype=torch.float32)  # never touched
+
     # grad_offset, grad_mask: one program per (pixel block, offset group).
     block_m = 128 if INTERPRET else 64
     launcher(_offset_mask_grad_kernel, INTERPRET)[(cdiv(M, block_m), offset_groups)](
-        grad_output, input, offset, mask_arg, w_by_tap, grad_offset, grad_mask,
+        grad_output, input, offset, mask_arg, w_by_tap, grad_offset, grad_mask, grad_input_acc,
         M, s["L"], s["OW"], *geometry, *conv,
         *grad_output.stride(), *input.stride(), *om_strides,
-        HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=_num_warps(dtype), **dots,
+        *(grad_input_acc.stride() if scatter else (0, 0, 0, 0)),
+        HAS_MASK=mask is not None, SCATTER_INPUT_GRAD=scatter, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_num_warps(dtype), **dots,
     )
+    if scatter and grad_input_acc is not grad_input:
+        grad_input.copy_(grad_input_acc)
 
     # grad_weight: split-pixel partial GEMMs, summed in a fixed order.
     block_m_w = 64
@@ -768,8 +807,11 @@ def deform_conv2d_backward_triton(
         num_warps=_num_warps(dtype), **dots,
     )
     grad_weight = partial.sum(0).permute(0, 3, 2, 1).reshape(weight.shape).to(weight.dtype)
+    if scatter:
+        return grad_input, grad_weight, grad_offset, grad_mask, grad_bias
 
-    # grad_input: corner list sorted by input pixel, then a gather per input-pixel block.
+    # grad_input (deterministic mode): corner list sorted by input pixel, then a gather per
+    # input-pixel block.
     entries = s["B"] * offset_groups * s["TAPS"] * s["L"]
     keys = torch.empty(4 * entries, dtype=torch.int64, device=device)
     corner_weights = torch.empty(4 * entries, dtype=torch.float32, device=device)
