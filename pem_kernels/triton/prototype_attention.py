@@ -4,7 +4,7 @@ Forward::
 
     X  = P * q                                  [N, C]  (element-wise)
     A  = X @ W_A^T + b_A                        [N, C]
-    An = A / max(||A||, eps)                    over the query axis (per column) or channels (per row)
+    An = A / max(||A||, eps)                    over queries (per column) or channels (per row)
     M  = alpha * An + P
     Y  = M @ W_out^T + b_out + residual
 
@@ -72,12 +72,16 @@ def _gemm_block(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """acc[i, j] = sum_k lhs[rows[i], k] * rhs(k, cols[j]), rhs(k, j) at rhs_ptr + k*rhs_row_stride + j*rhs_col_stride."""
+    """acc[i, j] = sum_k lhs[rows[i], k] * rhs(k, cols[j]), with rhs(k, j) at
+    rhs_ptr + k * rhs_row_stride + j * rhs_col_stride."""
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        lhs = tl.load(lhs_ptr + rows[:, None] * lhs_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        lhs = tl.load(
+            lhs_ptr + rows[:, None] * lhs_stride + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+        )
         rhs = tl.load(
             rhs_ptr + ks[:, None] * rhs_row_stride + cols[None, :] * rhs_col_stride,
             mask=k_ok[:, None] & col_ok[None, :], other=0.0,
@@ -95,13 +99,9 @@ def _dot(lhs, rhs, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_a_kernel(
-    p_ptr, q_ptr, wa_ptr, ba_ptr, alpha_ptr, x_ptr, a_ptr, an_ptr, m_ptr, div_ptr, partial_ptr,
-    N, C,
-    NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Launch 1 of the forward: A's column block (see the module docstring)."""
+def _program_block(N, C, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """This program's (column block, image): its index, the image's offset, its rows (all N) and
+    columns, their masks and the [BLOCK_N, BLOCK_J] element offsets."""
     pid_j = tl.program_id(0)
     b = tl.program_id(1)
     image = b * N * C
@@ -111,18 +111,39 @@ def _fwd_a_kernel(
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
     offs = image + rows[:, None] * C + cols[None, :]
+    return pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs
+
+
+@triton.jit
+def _k_tile(k0, image, rows, row_ok, C, BLOCK_K: tl.constexpr):
+    """The K step at k0 of a GEMM over channels: its channels, their mask, and the element offsets
+    and mask of the [BLOCK_N, BLOCK_K] tile of the image's rows."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < C
+    tile = image + rows[:, None] * C + ks[None, :]
+    tile_ok = row_ok[:, None] & k_ok[None, :]
+    return ks, k_ok, tile, tile_ok
+
+
+@triton.jit
+def _fwd_a_kernel(
+    p_ptr, q_ptr, wa_ptr, ba_ptr, alpha_ptr, x_ptr, a_ptr, an_ptr, m_ptr, div_ptr, partial_ptr,
+    N, C,
+    NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Launch 1 of the forward: A's column block (see the module docstring)."""
+    pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + offs, p * tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32), mask=ok)
     # A[:, cols] = X W_A[cols, :]^T + b_A, X's K tiles made from P and q as they are loaded.
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < C
-        tile = image + rows[:, None] * C + ks[None, :]
-        tile_ok = row_ok[:, None] & k_ok[None, :]
+        ks, k_ok, tile, tile_ok = _k_tile(k0, image, rows, row_ok, C, BLOCK_K)
         x = tl.load(p_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32) * tl.load(
             q_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        w = tl.load(wa_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & col_ok[None, :]
+        w = tl.load(wa_ptr + cols[None, :] * C + ks[:, None], mask=w_ok, other=0.0)
         acc += _dot(x, w, DOT_DTYPE, IEEE)
     a = acc + tl.load(ba_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     a = tl.where(ok, a, 0.0)  # padding must not enter the norms
@@ -136,7 +157,8 @@ def _fwd_a_kernel(
     else:
         tl.store(a_ptr + offs, a, mask=ok)
         blocks = tl.num_programs(0)
-        tl.store(partial_ptr + (b * blocks + pid_j) * N + rows, tl.sum(a * a, axis=1), mask=row_ok)
+        row_sq = tl.sum(a * a, axis=1)
+        tl.store(partial_ptr + (b * blocks + pid_j) * N + rows, row_sq, mask=row_ok)
 
 
 @triton.jit
@@ -147,15 +169,7 @@ def _fwd_y_kernel(
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Launch 2 of the forward: Y's column block (see the module docstring)."""
-    pid_j = tl.program_id(0)
-    b = tl.program_id(1)
-    image = b * N * C
-    rows = tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = image + rows[:, None] * C + cols[None, :]
+    pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     if NORM_OVER_QUERIES:
         y = _gemm_block(m_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, 1, C,
                         BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
@@ -170,17 +184,15 @@ def _fwd_y_kernel(
             tl.store(div_ptr + b * N + rows, div_rows, mask=row_ok)
         y = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < C
-            tile = image + rows[:, None] * C + ks[None, :]
-            tile_ok = row_ok[:, None] & k_ok[None, :]
+            ks, k_ok, tile, tile_ok = _k_tile(k0, image, rows, row_ok, C, BLOCK_K)
             an = tl.div_rn(tl.load(a_ptr + tile, mask=tile_ok, other=0.0), div_rows[:, None])
             alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             m = alpha[None, :] * an + tl.load(p_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
             if pid_j == 0:  # An and M are saved for the backward
                 tl.store(an_ptr + tile, an, mask=tile_ok)
                 tl.store(m_ptr + tile, m, mask=tile_ok)
-            w = tl.load(wo_ptr + cols[None, :] * C + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(wo_ptr + cols[None, :] * C + ks[:, None], mask=w_ok, other=0.0)
             y += _dot(m, w, DOT_DTYPE, IEEE)
     y += tl.load(bo_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -194,16 +206,9 @@ def _bwd_dm_kernel(
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Launch 1 of the backward: dM, dalpha and dAn (dA with the query-axis norm) of a column block."""
-    pid_j = tl.program_id(0)
-    b = tl.program_id(1)
-    image = b * N * C
-    rows = tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = image + rows[:, None] * C + cols[None, :]
+    """Launch 1 of the backward: dM, dalpha and dAn (dA with the query-axis norm) of a column
+    block."""
+    pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     # dM[:, cols] = dY W_out[:, cols], stored in dP (launch 2 adds q * dX).
     dm = _gemm_block(dy_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
                      BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
@@ -221,7 +226,8 @@ def _bwd_dm_kernel(
     else:
         tl.store(dan_ptr + offs, dan, mask=ok)
         blocks = tl.num_programs(0)
-        tl.store(partial_ptr + (b * blocks + pid_j) * N + rows, tl.sum(an * dan, axis=1), mask=row_ok)
+        row_dot = tl.sum(an * dan, axis=1)
+        tl.store(partial_ptr + (b * blocks + pid_j) * N + rows, row_dot, mask=row_ok)
 
 
 @triton.jit
@@ -232,15 +238,7 @@ def _bwd_dx_kernel(
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Launch 2 of the backward: dX, dP and dq of a column block."""
-    pid_j = tl.program_id(0)
-    b = tl.program_id(1)
-    image = b * N * C
-    rows = tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = image + rows[:, None] * C + cols[None, :]
+    pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     # dX[:, cols] = dA W_A[:, cols]
     if NORM_OVER_QUERIES:
         dx = _gemm_block(da_ptr + image, wa_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
@@ -249,21 +247,20 @@ def _bwd_dx_kernel(
         blocks = tl.num_programs(0)
         row_dot = tl.zeros([BLOCK_N], dtype=tl.float32)
         for block in range(0, blocks):
-            row_dot += tl.load(partial_ptr + (b * blocks + block) * N + rows, mask=row_ok, other=0.0)
+            partial = partial_ptr + (b * blocks + block) * N + rows
+            row_dot += tl.load(partial, mask=row_ok, other=0.0)
         div_rows = tl.load(div_ptr + b * N + rows, mask=row_ok, other=1.0)
         projection = tl.where(div_rows > EPS, row_dot, 0.0)
         dx = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < C
-            tile = image + rows[:, None] * C + ks[None, :]
-            tile_ok = row_ok[:, None] & k_ok[None, :]
+            ks, k_ok, tile, tile_ok = _k_tile(k0, image, rows, row_ok, C, BLOCK_K)
             dan = tl.load(dan_ptr + tile, mask=tile_ok, other=0.0)
             an = tl.load(an_ptr + tile, mask=tile_ok, other=0.0)
             da = tl.div_rn(dan - an * projection[:, None], div_rows[:, None])
             if pid_j == 0:  # dA is returned for the weight gradient
                 tl.store(da_ptr + tile, da, mask=tile_ok)
-            w = tl.load(wa_ptr + ks[:, None] * C + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(wa_ptr + ks[:, None] * C + cols[None, :], mask=w_ok, other=0.0)
             dx += _dot(da, w, DOT_DTYPE, IEEE)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
