@@ -169,6 +169,23 @@ def test_pem_cross_attention_uses_it_for_inference_only(monkeypatch, backend):
     assert calls == [backend]
 
 
+def test_triton_fp32_under_tf32_precision_is_close(fused, monkeypatch):
+    """With TF32 allowed (torch.set_float32_matmul_precision("high")) the Triton kernel's GEMM
+    uses it, as the Linear it replaces does: close to the modules at TF32's precision."""
+    module = _module(64)
+    memory, pos = torch.randn(1, 64, 6, 7, device=DEVICE), torch.randn(1, 64, 6, 7, device=DEVICE)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.no_grad():
+            expected = module(memory + pos)
+            _forbid_modules(monkeypatch, module)
+            out = module.project(memory, pos, "triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batchnorm_changes_reach_the_fused_kernel(backend, monkeypatch):
     """project() reuses the BatchNorm affine between calls; every change must still show."""

@@ -93,6 +93,31 @@ def test_pem_size_forward_and_backward(dtype, normalize, batch):
             assert error < 1e-2, f"{name}: relative error {error:.2e}"
 
 
+@pytest.fixture
+def matmul_precision():
+    """torch.set_float32_matmul_precision, restored after the test."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_fp32_products_follow_torchs_matmul_precision(matmul_precision):
+    import triton.language as tl
+
+    from pem_kernels.triton import dot_operands
+
+    matmul_precision("highest")
+    assert dot_operands(torch.float32, False) == (tl.float32, "ieee")
+    assert dot_operands(torch.bfloat16, False)[0] == tl.bfloat16
+    matmul_precision("high")  # TF32 allowed, as for torch's own fp32 matmuls
+    assert dot_operands(torch.float32, False) == (tl.float32, "tf32")
+    assert dot_operands(torch.float32, True) == (tl.float32, "ieee")  # the interpreter: IEEE
+    args = make_args(2, 10, 64)
+    for normalize in NORMS:
+        expected = prototype_attention_ref(*args, normalize=normalize)
+        torch.testing.assert_close(run_triton(args, normalize), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_too_many_queries_is_a_clear_error():
     args = make_args(1, triton_attention.MAX_QUERIES + 1, 16)
     with pytest.raises(RuntimeError, match="at most 512 queries per image"):

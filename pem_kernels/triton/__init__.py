@@ -19,6 +19,7 @@ __all__ = [
     "call_triton_op",
     "cdiv",
     "cpu_unavailable_reason",
+    "dot_operands",
     "interpreter_requested",
     "launcher",
     "next_power_of_2",
@@ -56,6 +57,23 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1); see :func:`cdiv` for why not Triton's."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
+    """(operand dtype, input_precision) of the ``tl.dot`` products of a kernel on ``dtype`` inputs.
+
+    Half-precision inputs multiply in their own dtype; fp32 ones in IEEE fp32 unless
+    ``torch.get_float32_matmul_precision()`` allows TF32 ("high" or "medium"), as PyTorch's own
+    fp32 matmuls. Under the interpreter every operand is fp32 (its half-precision ``tl.dot`` is
+    unreliable) and the product IEEE.
+    """
+    import triton.language as tl
+
+    if interpreted:
+        return tl.float32, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # unused for halves
 
 
 def interpreter_requested() -> bool:

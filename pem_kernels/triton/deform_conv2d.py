@@ -94,6 +94,7 @@ from pem_kernels.reference.deform_conv import check_deform_conv2d_args
 from pem_kernels.triton import (
     call_triton_op,
     cdiv,
+    dot_operands,
     interpreter_requested,
     launcher,
     next_power_of_2,
@@ -536,13 +537,8 @@ def _pow2(n: int, low: int = 16, high: int = 64) -> int:
 
 
 def _dot_config(dtype: torch.dtype) -> dict:
-    if INTERPRET:  # the interpreter's half-precision tl.dot is unreliable: fp32 operands
-        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
-    if dtype == torch.float32:
-        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION=precision)
-    half = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return dict(DOT_DTYPE=half, DOT_PRECISION="tf32")  # the precision only matters for fp32
+    operand, precision = dot_operands(dtype, INTERPRET)
+    return dict(DOT_DTYPE=operand, DOT_PRECISION=precision)
 
 
 def _num_warps(dtype: torch.dtype) -> int:

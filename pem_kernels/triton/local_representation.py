@@ -12,7 +12,8 @@ channels in blocks of BLOCK_K, builds the [BLOCK_P, BLOCK_K] depthwise-conv tile
 (9 masked, pixel-contiguous loads from NCHW memory; neighbouring taps hit L1/L2) and feeds it
 straight into ``tl.dot`` with the matching [BLOCK_K, BLOCK_N] block of W_out^T. Intermediates stay
 in fp32 (the unfused chain rounds BN and conv outputs to the input dtype: for fp16/bf16 the fused
-result is the more precise one). There is no backward: training, or any input that requires grad,
+result is the more precise one); fp32 products are IEEE unless
+``torch.get_float32_matmul_precision()`` allows TF32, as for the Linear it replaces. There is no backward: training, or any input that requires grad,
 takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
 """
 
@@ -25,6 +26,7 @@ import triton.language as tl
 from pem_kernels.ops.local_representation import no_backward, no_backward_setup
 from pem_kernels.triton import (
     cdiv,
+    dot_operands,
     interpreter_requested,
     launcher,
     next_power_of_2,
@@ -93,10 +95,7 @@ def _local_representation_kernel(
 
 
 def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
-    # The interpreter's bf16/fp16 tl.dot is unreliable: it multiplies fp32 operands instead.
-    dot_dtype = tl.float32 if (dtype == torch.float32 or INTERPRET) else (
-        tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    )
+    dot_dtype, precision = dot_operands(dtype, INTERPRET)
     # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
     # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
     block_n = max(16, min(256, next_power_of_2(int(out_channels))))
@@ -106,7 +105,7 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     # spills 0.4-3.7 KB per thread for C_out <= 128; with 8, at most 64 bytes.
     return dict(
         BLOCK_P=64 if block_n <= 128 else 32, BLOCK_N=block_n, BLOCK_K=32,
-        DOT_DTYPE=dot_dtype, IEEE=dot_dtype == tl.float32, num_warps=8,
+        DOT_DTYPE=dot_dtype, IEEE=precision == "ieee", num_warps=8,
         num_stages=1 if dtype == torch.float32 else 3,
     )
 

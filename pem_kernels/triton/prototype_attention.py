@@ -36,7 +36,8 @@ cuBLAS/ATen in the autograd wrapper, with a fixed reduction order; every partial
 added in a fixed order, so the results are deterministic.
 
 Scratch and saved tensors are fp32; inputs may be fp32, fp16 or bf16 (GEMM operands in the input
-dtype, fp32 accumulation; fp32 operands use IEEE fp32 products, not TF32, to match PyTorch).
+dtype, fp32 accumulation; fp32 operands use IEEE fp32 products unless
+``torch.get_float32_matmul_precision()`` allows TF32, as PyTorch's own matmuls).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import triton.language as tl
 from pem_kernels.triton import (
     call_triton_op,
     cdiv,
+    dot_operands,
     interpreter_requested,
     launcher,
     next_power_of_2,
@@ -272,10 +274,7 @@ def _bwd_dx_kernel(
 def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every block dimension >= 16; all N rows of an image live in every program.
     block_n = max(16, next_power_of_2(int(num_queries)))
-    # The interpreter's bf16/fp16 tl.dot is unreliable: it multiplies fp32 operands instead.
-    dot_dtype = tl.float32 if (dtype == torch.float32 or INTERPRET) else (
-        tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    )
+    dot_dtype, precision = dot_operands(dtype, INTERPRET)
     # 32 output channels per program: PEM's C = 256 gives 8 programs per image. Fewer pipeline
     # stages for more queries: each stage holds a [BLOCK_N, BLOCK_K] operand tile (fp32 at
     # BLOCK_N = 512 with 3 stages: 328 KiB of shared memory, over an H100 block's 227 KiB).
@@ -284,7 +283,7 @@ def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     # 16 warps about half of that.
     return dict(
         BLOCK_N=block_n, BLOCK_J=32, BLOCK_K=32, DOT_DTYPE=dot_dtype,
-        IEEE=dot_dtype == tl.float32, num_warps=8 if block_n <= 128 else 16,
+        IEEE=precision == "ieee", num_warps=8 if block_n <= 128 else 16,
         num_stages=3 if block_n <= 128 else 2 if block_n <= 256 else 1,
     )
 

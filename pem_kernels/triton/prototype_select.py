@@ -31,7 +31,8 @@ gradient of every slot that selected the same pixel, over all C channels, applie
 backward if needed (the normalization mixes every head's channels of the pixel) and writes the row.
 Every other program writes nothing. There are no atomics, so gradients are bit-reproducible.
 
-fp32, fp16 and bf16 are supported (fp32 scores use ``input_precision="ieee"``: no TF32). fp64 is
+fp32, fp16 and bf16 are supported (fp32 scores are IEEE fp32 products unless
+``torch.get_float32_matmul_precision()`` allows TF32, as PyTorch's own matmuls). fp64 is
 not: the packed 32-bit score key cannot order fp64 scores exactly, so the backend reports it
 unavailable and dispatch falls back. Under the interpreter (``TRITON_INTERPRET=1``, CPU tensors)
 the dot operands are cast to fp32 first (the interpreter's bf16 ``tl.dot`` is wrong).
@@ -45,7 +46,14 @@ import triton
 import triton.language as tl
 
 from pem_kernels.ops.prototype_select import autograd_functions
-from pem_kernels.triton import call_triton_op, cdiv, launcher, next_power_of_2, pem_triton_op
+from pem_kernels.triton import (
+    call_triton_op,
+    cdiv,
+    dot_operands,
+    launcher,
+    next_power_of_2,
+    pem_triton_op,
+)
 
 __all__ = ["prototype_select_triton", "prototype_select_backward_triton", "SUPPORTED_DTYPES"]
 
@@ -474,7 +482,7 @@ def prototype_select_triton(
             *keys.stride(), *queries.stride(), *mask_strides,
             HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
             OFFICIAL=official_empty, INTERPRETED=INTERPRET,
-            DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dot_operands(keys.dtype, INTERPRET)[1],
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
             num_warps=num_warps,
         )
