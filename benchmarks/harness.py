@@ -459,6 +459,8 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # "highest" = IEEE fp32 matmuls; "high"/"medium" let torch and the Triton kernels use TF32.
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
