@@ -30,6 +30,10 @@ Per size and backend the table and the files report:
                   + B*heads*N*8   (indices, int64, written once)
 
   with ``s`` the element size of ``--dtype``. The similarity tensor is not part of the floor.
+* ``graph_ms`` / ``graph_gbps`` (CUDA only): the device time of one call replayed from a CUDA
+  graph (``benchmarks.harness.measure_graph_time``: the kernels alone, no host work) and the
+  bandwidth against the floor it achieves; the latency above includes the host's launch work
+  whenever the GPU waits for it.
 * ``indices_ok`` / ``mismatches``: checked once per size before timing, the backend's indices
   against the reference's (a mismatch prints a warning, it does not abort).
 
@@ -69,6 +73,8 @@ TABLE_COLUMNS = [
     ("peak_mib", "peak MiB", ".1f"),
     ("mem_ratio", "mem ratio", ".3f"),
     ("gbps", "GB/s", ".2f"),
+    ("graph_ms", "graph ms", ".4f"),
+    ("graph_gbps", "graph GB/s", ".1f"),
     ("repeats", "reps"),
     ("indices_ok", "idx ok"),
 ]
@@ -252,6 +258,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                     row.update(timing)
                     row["warmup"] = warmup
                     row["gbps"] = floor / (timing["median_ms"] * 1e-3) / 1e9
+                    if device.type == "cuda":
+                        try:
+                            row["graph_ms"] = harness.measure_graph_time(
+                                op, device=device, inputs=inputs[0]
+                            )
+                            row["graph_gbps"] = floor / (row["graph_ms"] * 1e-3) / 1e9
+                        except Exception as error:  # noqa: BLE001 - a column, not the row
+                            row["graph_error"] = f"{type(error).__name__}: {error}"
+                            harness.note(
+                                f"WARNING: HW={hw} backend={backend}: no graph time ({error})"
+                            )
                 except Exception as error:  # noqa: BLE001 - report, keep sweeping
                     failures += 1
                     row["error"] = f"{type(error).__name__}: {error}"
@@ -287,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items()},
         "bandwidth_floor": "B*HW*C*s + B*N*HW + 2*B*N*C*s + B*heads*N*8 bytes (s = dtype size)",
         "units": {"*_ms": "milliseconds", "peak_mib": "MiB", "peak_bytes": "bytes",
-                  "gbps": "1e9 bytes/s vs floor_bytes", "speedup": "reference median / median",
+                  "gbps": "1e9 bytes/s vs floor_bytes", "graph_gbps": "the same, of graph_ms",
+                  "speedup": "reference median / median",
                   "mem_ratio": "peak_bytes / reference peak_bytes"},
     }
     env = meta["environment"]

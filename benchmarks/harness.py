@@ -184,7 +184,8 @@ def profile_call(
                 continue
             duration_us = event.device_time
         else:
-            if event.device_type != torch.autograd.DeviceType.CPU or not event.name.startswith("aten::"):
+            is_aten_op = event.name.startswith("aten::")
+            if event.device_type != torch.autograd.DeviceType.CPU or not is_aten_op:
                 continue
             duration_us = event.self_cpu_time_total
         entry = totals.setdefault(event.name, [0.0, 0.0])
@@ -209,6 +210,42 @@ def profile_call(
     if on_cuda:
         result["device_ms"] = sum(k["ms"] for k in kernels)
     return result
+
+
+def measure_graph_time(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    inputs: Sequence[Any] = (),
+    repeats: int = 20,
+) -> float:
+    """Median device time in ms of ``fn(*inputs)`` replayed from a CUDA graph: the kernels' own
+    time, without the host's Python, dispatch and launch work (which :func:`measure_time`
+    includes when the GPU waits for it). CUDA only; raises what the capture raises for code a
+    graph cannot hold. The same input set every replay (a graph is bound to its tensors)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: CUDA graphs need a CUDA device, got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*inputs)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    graph.replay()
+    for start, end in zip(starts, ends):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    times = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    del graph
+    return float(np.median(times))
 
 
 def adaptive_repeats(

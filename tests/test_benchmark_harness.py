@@ -97,6 +97,21 @@ def test_peak_memory_of_known_allocation_cuda():
     assert 0 < result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
 
 
+def test_graph_time_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        harness.measure_graph_time(lambda: None, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_time_of_known_kernels_cuda():
+    x = torch.randn(1 << 24, device="cuda")  # 64 MiB: a scale is ~128 MiB of traffic
+    one = harness.measure_graph_time(lambda t: t.mul_(1.0), device="cuda", inputs=(x,))
+    four = harness.measure_graph_time(
+        lambda t: [t.mul_(1.0) for _ in range(4)], device="cuda", inputs=(x,)
+    )
+    assert 0 < one < four < 50  # ms; four passes take longer than one
+
+
 def test_results_round_trip_through_json_and_csv(tmp_path):
     rows = [
         {"hw": 2048, "backend": "reference", "median_ms": 1.5, "ok": True, "speedup": None},
