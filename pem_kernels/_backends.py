@@ -14,10 +14,11 @@ import os
 from typing import Callable, Iterable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "available_backends", "call_op",
-           "plain_eager_call"]
+           "has_forward_ad_tangent", "plain_eager_call", "refuse_forward_ad"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _logger = logging.getLogger("pem_kernels")
@@ -202,3 +203,23 @@ def call_op(op: torch._ops.OpOverload, *args):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             return op(*args)
     return op(*args)
+
+
+def has_forward_ad_tangent(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether any of ``tensors`` is a forward-mode AD dual tensor with a tangent."""
+    if forward_ad._current_level < 0:  # no dual level is open: nothing can carry a tangent
+        return False
+    return any(
+        isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )
+
+
+def refuse_forward_ad(op_name: str, tensors: Iterable[torch.Tensor | None]) -> None:
+    """The compiled kernels have no forward-mode AD formula, and a custom op would drop a dual
+    tensor's tangent without a word: refuse dual tensors with a clear error instead."""
+    if has_forward_ad_tangent(tensors):
+        raise NotImplementedError(
+            f"{op_name}: forward-mode AD (dual tensors) is not supported by the fused kernels; "
+            "use reverse mode (backward) or backend='reference'"
+        )

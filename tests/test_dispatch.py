@@ -95,3 +95,41 @@ def test_fake_tensors_go_through_the_fake_kernels():
         out = pem_kernels.deform_conv2d(*_deform_args("cpu"), padding=1, backend="cpu")
     assert prototypes.shape == (2, 3, 16) and indices.shape == (2, 4, 3)
     assert out.shape == (1, 3, 6, 5)
+
+
+# torch's make_dual loads its jvp decompositions through the deprecated torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_forward_ad_is_refused_by_the_kernels_and_works_on_the_reference():
+    """The kernels have no forward-mode formula and a custom op would drop the tangent silently:
+    a dual tensor is a clear error on a kernel backend; the reference propagates it."""
+    import torch.autograd.forward_ad as fwAD
+
+    keys, queries, mask = _select_args("cpu")
+    deform = _deform_args("cpu")
+    with fwAD.dual_level():
+        dual_keys = fwAD.make_dual(keys, torch.randn_like(keys))
+        with pytest.raises(NotImplementedError, match="prototype_select: forward-mode AD"):
+            pem_kernels.prototype_select(dual_keys, queries, mask, 4, backend="cpu")
+        prototypes, _ = pem_kernels.prototype_select(dual_keys, queries, mask, 4, backend="reference")
+        assert fwAD.unpack_dual(prototypes).tangent is not None
+        dual_input = fwAD.make_dual(deform[0], torch.randn_like(deform[0]))
+        with pytest.raises(NotImplementedError, match="deform_conv2d: forward-mode AD"):
+            pem_kernels.deform_conv2d(dual_input, *deform[1:], padding=1, backend="cpu")
+        out = pem_kernels.deform_conv2d(dual_input, *deform[1:], padding=1, backend="reference")
+        assert fwAD.unpack_dual(out).tangent is not None
+        # plain tensors inside a dual level still take the kernels
+        pem_kernels.prototype_select(keys, queries, mask, 4, backend="cpu")
+
+
+# torch's make_dual loads its jvp decompositions through the deprecated torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_local_representation_leaves_dual_tensors_to_the_modules():
+    import torch.autograd.forward_ad as fwAD
+
+    from pem_kernels.nn.pem_cross_attention import LocalRepresentation
+
+    module = LocalRepresentation(8).eval()
+    memory = torch.randn(1, 8, 3, 4)
+    with torch.no_grad(), fwAD.dual_level():
+        keys = module.project(fwAD.make_dual(memory, torch.ones_like(memory)), None, "cpu")
+        assert fwAD.unpack_dual(keys).tangent is not None

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pem_kernels._backends import has_forward_ad_tangent
 from pem_kernels.ops.local_representation import (
     FUSED_LOCAL_REPRESENTATION_BACKENDS,
     fused_local_representation,
@@ -104,6 +105,8 @@ class LocalRepresentation(nn.Module):
         tensors = [memory, pos, conv.weight, conv.bias, out.weight, out.bias, bn.weight, bn.bias]
         tensors = [t for t in tensors if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if has_forward_ad_tangent(tensors):  # the modules carry tangents, the kernel does not
             return None
         if torch.is_autocast_enabled(memory.device.type) or memory.dim() != 4:
             return None

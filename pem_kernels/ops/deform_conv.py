@@ -26,6 +26,7 @@ from pem_kernels._backends import (
     call_op,
     compiled_kernel,
     reference_context,
+    refuse_forward_ad,
     register_op_backends,
     triton_kernel,
 )
@@ -113,6 +114,7 @@ def deform_conv2d(
     if chosen == "reference":
         with reference_context(input.device):
             return deform_conv2d_ref(input, offset, weight, bias, stride, padding, dilation, mask)
+    refuse_forward_ad("deform_conv2d", (input, offset, weight, bias, mask))
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     groups = input.shape[1] // weight.shape[1]
     offset_groups = offset.shape[1] // (2 * kernel_h * kernel_w)

@@ -22,6 +22,7 @@ from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
     reference_context,
+    refuse_forward_ad,
     register_op_backends,
     triton_kernel,
 )
@@ -114,6 +115,9 @@ def prototype_attention(
         )
     _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize)
     if _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype) == "triton":
+        tensors = (prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight,
+                   out_bias)
+        refuse_forward_ad("prototype_attention", tensors)
         from pem_kernels.triton import call_triton_op
         from pem_kernels.triton.prototype_attention import prototype_attention_triton
 

@@ -21,6 +21,7 @@ from pem_kernels._backends import (
     call_op,
     compiled_kernel,
     reference_context,
+    refuse_forward_ad,
     register_op_backends,
     triton_kernel,
 )
@@ -137,6 +138,7 @@ def prototype_select(
             return prototype_select_ref(
                 keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys
             )
+    refuse_forward_ad("prototype_select", (keys, queries))
     if chosen == "triton":
         # Imported here so that `import pem_kernels` never imports triton.
         from pem_kernels.triton import call_triton_op
