@@ -110,20 +110,24 @@ def main() -> int:
     for label, call in OP_CASES.items():
         child(label, OPS_PRELUDE + raising(call))
 
-    section("a minimal extension compiled here with the same toolchain")
     from torch.utils.cpp_extension import load_inline
 
-    build_dir = tempfile.mkdtemp(prefix="pem_diag_")
-    try:
-        load_inline("pem_diag", cpp_sources=MINIMAL_SOURCE, functions=MINIMAL_FUNCTIONS,
-                    extra_cflags=["-O3"], build_directory=build_dir, verbose=False)
-    except Exception as error:  # noqa: BLE001 - report and go on to the backtrace
-        print(f"building the minimal extension failed: {error}", flush=True)
-    else:
-        prelude = (f"import sys, torch\nsys.path.insert(0, {build_dir!r})\n"
-                   "import pem_diag\n")
+    build_dirs = []
+    # Plain, then with the extension's own OpenMP flags (setup.py compiles and links -fopenmp).
+    for name, flags in (("pem_diag", []), ("pem_diag_openmp", ["-fopenmp"])):
+        section(f"a minimal extension compiled here with the same toolchain, -O3 {' '.join(flags)}")
+        build_dir = tempfile.mkdtemp(prefix=f"{name}_")
+        build_dirs.append(build_dir)
+        try:
+            load_inline(name, cpp_sources=MINIMAL_SOURCE, functions=MINIMAL_FUNCTIONS,
+                        extra_cflags=["-O3", *flags], extra_ldflags=flags,
+                        build_directory=build_dir, verbose=False)
+        except Exception as error:  # noqa: BLE001 - report and go on
+            print(f"building {name} failed: {error}", flush=True)
+            continue
+        prelude = f"import sys, torch\nsys.path.insert(0, {build_dir!r})\nimport {name}\n"
         for function in MINIMAL_FUNCTIONS:
-            child(function, prelude + raising(f"print(repr(pem_diag.{function}()))"))
+            child(f"{name}.{function}", prelude + raising(f"print(repr({name}.{function}()))"))
 
     section("native backtrace of the first case")
     debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
@@ -141,7 +145,8 @@ def main() -> int:
             print("\n".join(lines[-40:]) or (done.stdout + done.stderr)[-3000:], flush=True)
         except subprocess.TimeoutExpired:
             print(f"{debugger} timed out after {CHILD_TIMEOUT_S} s", flush=True)
-    shutil.rmtree(build_dir, ignore_errors=True)
+    for build_dir in build_dirs:
+        shutil.rmtree(build_dir, ignore_errors=True)
     return 0
 
 
