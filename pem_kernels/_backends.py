@@ -176,14 +176,14 @@ def plain_eager_call(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether an op call on ``tensors`` may skip torch's Python dispatch of custom ops.
 
     True for an eager call that records no gradient (grad mode off, or no tensor requires grad)
-    on plain tensors, with no torch.compile / export tracing, functorch transform or dispatch
-    mode (FakeTensorMode, ...) active. Such a call needs nothing from the dispatcher's layers
+    on plain tensors, with no torch.compile / export / jit tracing, functorch transform or
+    dispatch mode (FakeTensorMode, ...) active. Such a call needs nothing from the dispatcher's layers
     above the kernel, whose Python custom-op machinery costs tens of microseconds per call: most
     of the host time of an op on a GPU-sized problem of PEM's size.
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None:
         return False
     grad_mode = torch.is_grad_enabled()
     for tensor in tensors:

@@ -3,6 +3,8 @@ records no gradient skips torch's Python dispatch of custom ops; everything else
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -36,7 +38,13 @@ def test_plain_eager_call_conditions():
         assert not plain_eager_call([torch.empty(3)])
     seen = []
     torch.vmap(lambda x: seen.append(plain_eager_call([x])) or x)(torch.randn(2, 3))
-    assert seen == [False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still traces
+        torch.jit.trace(
+            lambda x: seen.append(plain_eager_call([x])) or x * 2, (torch.randn(2),),
+            check_trace=False,
+        )
+    assert seen == [False, False]
 
 
 def _select_args(device):
