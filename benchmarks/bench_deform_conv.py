@@ -425,15 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.sizes_given:
         print(f"note: the default CPU sweep skips {ALL_SIZES[-1]}; pass --sizes to include it")
     rows, failures = run(args)
-    meta["elapsed_s"] = time.perf_counter() - started
-    harness.print_table(rows, TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []))
-    out_dir = args.out_dir or harness.default_out_dir(device)
-    name = "deform_conv" if args.mode == "forward" else "deform_conv_forward_backward"
-    json_path, csv_path = harness.write_results(rows, out_dir, name, meta)
-    print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)")
-    if failures:
-        print(f"{failures} backend run(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+    return harness.report(
+        rows, failures, meta=meta, started=started,
+        columns=TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []),
+        out_dir=args.out_dir or harness.default_out_dir(device),
+        name="deform_conv" if args.mode == "forward" else "deform_conv_forward_backward",
+        what="backend run",
+    )
 
 
 if __name__ == "__main__":

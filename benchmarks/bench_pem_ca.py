@@ -240,12 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows, failures = run(args)
-    meta["elapsed_s"] = time.perf_counter() - started
-    harness.print_table(rows, TABLE_COLUMNS)
-    out_dir = args.out_dir or harness.default_out_dir(device)
-    json_path, csv_path = harness.write_results(rows, out_dir, "pem_ca", meta)
-    print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)")
-    return 1 if failures else 0
+    return harness.report(
+        rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
+        out_dir=args.out_dir or harness.default_out_dir(device), name="pem_ca",
+        what="provider run",
+    )
 
 
 if __name__ == "__main__":

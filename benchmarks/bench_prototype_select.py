@@ -316,14 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows, failures = run(args)
-    meta["elapsed_s"] = time.perf_counter() - started
-    harness.print_table(rows, TABLE_COLUMNS)
-    out_dir = args.out_dir or harness.default_out_dir(device)
-    json_path, csv_path = harness.write_results(rows, out_dir, "prototype_select", meta)
-    print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)")
-    if failures:
-        print(f"{failures} backend run(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+    return harness.report(
+        rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
+        out_dir=args.out_dir or harness.default_out_dir(device), name="prototype_select",
+        what="backend run",
+    )
 
 
 if __name__ == "__main__":

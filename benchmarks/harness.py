@@ -582,6 +582,29 @@ def write_results(
 Column = str | tuple[str, str] | tuple[str, str, str | Callable[[Any], str]]
 
 
+def report(
+    rows: list[dict[str, Any]],
+    failures: int,
+    *,
+    meta: dict[str, Any],
+    started: float,
+    columns: Sequence[Column],
+    out_dir: str | os.PathLike,
+    name: str,
+    what: str = "run",
+) -> int:
+    """The end of every benchmark command: the elapsed time into ``meta``, the table, the JSON and
+    CSV files (:func:`write_results`), where they went, and the exit status (1 when any of the
+    ``failures`` (``what``-s, e.g. backend runs) failed)."""
+    meta["elapsed_s"] = time.perf_counter() - started
+    print_table(rows, columns)
+    json_path, csv_path = write_results(rows, out_dir, name, meta)
+    print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)", flush=True)
+    if failures:
+        print(f"{failures} {what}(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def _format_cell(value: Any, fmt: str | Callable[[Any], str] | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
