@@ -288,6 +288,23 @@ def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     )
 
 
+def _plan(prototypes: torch.Tensor, normalize_over_queries: bool) -> tuple:
+    """(launch config, column blocks, full, partial) of a forward or backward call. ``full``
+    [B, N, C] and ``partial`` [B, blocks, N] are the channel norm's fp32 scratch (raw A and the
+    row sums of squares forward, dAn and the row dots backward); the query-axis norm never touches
+    them and gets one-element stand-ins, so that no argument aliases a written one."""
+    batch, num_queries, channels = prototypes.shape
+    config = _launch_config(num_queries, prototypes.dtype)
+    blocks = cdiv(channels, config["BLOCK_J"])
+    f32 = dict(device=prototypes.device, dtype=torch.float32)
+    if normalize_over_queries:
+        full = partial = torch.empty(1, **f32)
+    else:
+        full = torch.empty(batch, num_queries, channels, **f32)
+        partial = torch.empty(batch, blocks, num_queries, **f32)
+    return config, blocks, full, partial
+
+
 @pem_triton_op("pem_kernels::prototype_attention_triton")
 def prototype_attention_triton(
     prototypes: torch.Tensor,
@@ -314,15 +331,7 @@ def prototype_attention_triton(
     x, an, m = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
     div = torch.empty(batch, channels if normalize_over_queries else num_queries, **f32)
     if out.numel():
-        config = _launch_config(num_queries, p.dtype)
-        blocks = cdiv(channels, config["BLOCK_J"])
-        # The channel norm's scratch: raw A and per-block row sums (the query-axis norm never
-        # touches them: a one-element stand-in, so that no argument aliases a written one).
-        if normalize_over_queries:
-            a = partial = torch.empty(1, **f32)
-        else:
-            a = torch.empty(batch, num_queries, channels, **f32)
-            partial = torch.empty(batch, blocks, num_queries, **f32)
+        config, blocks, a, partial = _plan(prototypes, normalize_over_queries)  # a: raw A
         wa, wo = proj_weight.contiguous(), out_weight.contiguous()
         alpha_flat = alpha.reshape(-1).contiguous()
         launcher(_fwd_a_kernel, INTERPRET)[(blocks, batch)](
@@ -354,14 +363,7 @@ def prototype_attention_backward_triton(
     dp, dq, da = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
     dalpha = torch.empty(batch, channels, **f32)
     if dp.numel():
-        config = _launch_config(num_queries, prototypes.dtype)
-        blocks = cdiv(channels, config["BLOCK_J"])
-        # The channel norm's scratch: dAn and per-block row dots (a stand-in, as in the forward).
-        if normalize_over_queries:
-            dan = partial = torch.empty(1, **f32)
-        else:
-            dan = torch.empty(batch, num_queries, channels, **f32)
-            partial = torch.empty(batch, blocks, num_queries, **f32)
+        config, blocks, dan, partial = _plan(prototypes, normalize_over_queries)
         p, q = prototypes.contiguous(), queries.contiguous()
         alpha_flat = alpha.reshape(-1).contiguous()
         launcher(_bwd_dm_kernel, INTERPRET)[(blocks, batch)](

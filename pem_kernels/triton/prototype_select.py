@@ -462,9 +462,9 @@ def prototype_select_triton(
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
 
-    block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps = _select_config(
-        keys.device, batch * num_heads, pixels, num_queries, head_dim
-    )
+    config = _select_config(keys.device, batch * num_heads, pixels, num_queries, head_dim)
+    block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps = config
+    precision = dot_operands(keys.dtype, INTERPRET)[1]
     # The bool mask goes to the kernel as it is (a reinterpreting view would not lower under
     # torch.compile); without one, a dummy stands in (HAS_MASK=False never reads it).
     if mask is not None:
@@ -482,7 +482,7 @@ def prototype_select_triton(
             *keys.stride(), *queries.stride(), *mask_strides,
             HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
             OFFICIAL=official_empty, INTERPRETED=INTERPRET,
-            DOT_PRECISION=dot_operands(keys.dtype, INTERPRET)[1],
+            DOT_PRECISION=precision,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
             num_warps=num_warps,
         )
