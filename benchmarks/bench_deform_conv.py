@@ -298,8 +298,9 @@ def make_step(backend: str, mode: str) -> Callable[[dict[str, torch.Tensor]], An
     return step
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
-    """Runs the sweep; returns (rows, number of backend runs that failed)."""
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+    """Runs the sweep; returns (rows, number of backend runs that failed, number skipped at the
+    deadline)."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -310,13 +311,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     c = args.channels
     problems = [(b, label, h, w) for b in args.batch for label, h, w in args.sizes]
     rows: list[dict[str, Any]] = []
-    failures = 0
+    failures = skipped = 0
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
     bar = harness.progress(total=len(problems) * len(backends), desc="deform_conv2d")
     with bar:
         for b, label, h, w in problems:
+            if harness.out_of_time():
+                skipped += len(backends)
+                bar.update(len(backends))
+                continue
             bar.set_postfix_str(f"{label}: inputs")
             per_set = (b * c * h * w * (2 if with_grad else 1) + b * 27 * h * w) * itemsize
             sets = args.input_sets or max(
@@ -337,6 +342,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                 expected = expected.float()
             size_rows: list[dict[str, Any]] = []
             for backend in backends:
+                if harness.out_of_time():
+                    skipped += 1
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(f"{label}: {backend}")
                 row: dict[str, Any] = {
                     "op": "deform_conv2d", "device": str(device), "dtype": args.dtype,
@@ -385,7 +394,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             del inputs, expected
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows, failures
+    return rows, failures, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,13 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the default CPU sweep runs batch 1 only; pass --batch 1,8 for more")
     if device.type == "cpu" and not args.sizes_given:
         print(f"note: the default CPU sweep skips {ALL_SIZES[-1]}; pass --sizes to include it")
-    rows, failures = run(args)
+    rows, failures, skipped = run(args)
     return harness.report(
         rows, failures, meta=meta, started=started,
         columns=TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []),
         out_dir=args.out_dir or harness.default_out_dir(device),
         name="deform_conv" if args.mode == "forward" else "deform_conv_forward_backward",
-        what="backend run",
+        what="backend run", skipped=skipped,
     )
 
 

@@ -272,8 +272,9 @@ def run(
     args: argparse.Namespace,
     meta: dict[str, Any],
     on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Runs the sweep; returns (rows, failed provider runs). Adds ``parameters`` and
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Runs the sweep; returns (rows, failed provider runs, provider runs skipped at the deadline
+    (:func:`harness.out_of_time`)). Adds ``parameters`` and
     ``flops_by_op`` (size -> provider -> op -> FLOPs) to ``meta``; ``on_progress(rows so far)``
     runs after every provider."""
     from pem_kernels.flops import count_flops
@@ -291,9 +292,13 @@ def run(
     )
     rows: list[dict[str, Any]] = []
     flops_by_op: dict[str, Any] = meta.setdefault("flops_by_op", {})
-    failures = 0
+    failures = skipped = 0
     with harness.progress(total=len(args.sizes) * len(args.providers), desc="model") as bar:
         for height, width in args.sizes:
+            if harness.out_of_time():
+                skipped += len(args.providers)
+                bar.update(len(args.providers))
+                continue
             size = f"{height}x{width}"
             bar.set_postfix_str(f"{size}: inputs")
             inputs = [
@@ -308,6 +313,10 @@ def run(
             logits: dict[str, torch.Tensor] = {}
             group: list[dict[str, Any]] = []
             for provider in args.providers:
+                if harness.out_of_time():
+                    skipped += 1
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(f"{size}: {provider}")
                 eager = "reference" if provider == "compiled" else provider
                 row: dict[str, Any] = {
@@ -398,7 +407,7 @@ def run(
             models.pop("compiled", None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows, failures
+    return rows, failures, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,13 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         meta["elapsed_s"] = time.perf_counter() - started
         return harness.write_results(rows, out_dir, "model", meta)
 
-    rows, failures = run(args, meta, on_progress=save)
-    harness.print_table(rows, TABLE_COLUMNS)
-    json_path, csv_path = save(rows)
-    print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)")
-    if failures:
-        print(f"{failures} provider run(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+    rows, failures, skipped = run(args, meta, on_progress=save)
+    return harness.report(
+        rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS, out_dir=out_dir,
+        name="model", what="provider run", skipped=skipped,
+    )
 
 
 if __name__ == "__main__":

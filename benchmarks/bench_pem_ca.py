@@ -159,17 +159,23 @@ def make_step(layer: torch.nn.Module, mode: str) -> Callable[..., Any]:
     return forward_backward
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+    """Runs the sweep; returns (rows, failed provider runs, provider runs skipped at the
+    deadline)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     _, _, budget_s, min_repeats, max_repeats = DEFAULTS[device.type]
     layers = make_layers(device, dtype, args.fused_backend)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
-    failures = 0
+    failures = skipped = 0
     total = len(args.sizes) * len(args.modes) * len(args.providers)
     with harness.progress(total=total, desc="pem_ca") as bar:
         for hw in args.sizes:
+            if harness.out_of_time():
+                skipped += len(args.modes) * len(args.providers)
+                bar.update(len(args.modes) * len(args.providers))
+                continue
             inputs = [make_inputs(args.batch, hw, device, dtype, generator) for _ in range(2)]
             if "compiled" in args.providers or "fused_compiled" in args.providers:
                 # A fresh compile per size keeps dynamic-shape guards out of the measurement.
@@ -179,6 +185,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             for mode in args.modes:
                 group: list[dict[str, Any]] = []
                 for provider in args.providers:
+                    if harness.out_of_time():
+                        skipped += 1
+                        bar.update(1)
+                        continue
                     bar.set_postfix_str(f"HW={hw} {mode} {provider}")
                     row: dict[str, Any] = {
                         "op": "pem_ca", "device": str(device), "dtype": args.dtype,
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                     )
                 rows += group
             del inputs
-    return rows, failures
+    return rows, failures, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.fused_backend!r}; available backends {meta['backends']}",
         flush=True,
     )
-    rows, failures = run(args)
+    rows, failures, skipped = run(args)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="pem_ca",
-        what="provider run",
+        what="provider run", skipped=skipped,
     )
 
 

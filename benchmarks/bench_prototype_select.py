@@ -186,8 +186,9 @@ def make_op(backend: str, heads: int, empty: str, normalize_keys: bool) -> Calla
     return op
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
-    """Runs the sweep; returns (rows, number of backend runs that failed)."""
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+    """Runs the sweep; returns (rows, number of backend runs that failed, number skipped at the
+    deadline)."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -196,13 +197,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
         raise SystemExit("no backend to run")
     b, n, c, heads = args.batch, args.queries, args.channels, args.heads
     rows: list[dict[str, Any]] = []
-    failures = 0
+    failures = skipped = 0
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
     bar = harness.progress(total=len(args.sizes) * len(backends), desc="prototype_select")
     with torch.no_grad(), bar:
         for hw in args.sizes:
+            if harness.out_of_time():
+                skipped += len(backends)
+                bar.update(len(backends))
+                continue
             bar.set_postfix_str(f"HW={hw}: inputs")
             floor = floor_bytes(b, hw, n, c, heads, itemsize)
             per_set = b * hw * c * itemsize + b * n * c * itemsize + b * n * hw
@@ -218,6 +223,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             ref_indices = ref_op(*inputs[0])[1]
             size_rows: list[dict[str, Any]] = []
             for backend in backends:
+                if harness.out_of_time():
+                    skipped += 1
+                    bar.update(1)
+                    continue
                 bar.set_postfix_str(f"HW={hw}: {backend}")
                 row: dict[str, Any] = {
                     "op": "prototype_select", "device": str(device), "dtype": args.dtype,
@@ -287,7 +296,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
             del inputs, ref_indices
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows, failures
+    return rows, failures, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         f"N={args.queries} C={args.channels} heads={args.heads} density={args.density}",
         flush=True,
     )
-    rows, failures = run(args)
+    rows, failures, skipped = run(args)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="prototype_select",
-        what="backend run",
+        what="backend run", skipped=skipped,
     )
 
 

@@ -10,6 +10,10 @@ scripts convert to MiB for display), bandwidth in GB/s (1e9 bytes per second).
 * :func:`write_results` / :func:`print_table` -- JSON + CSV files and an aligned text table.
 * :func:`progress` / :func:`note` -- a tqdm bar on stderr for sweeps, and messages that do not
   break it.
+* :func:`time_scale` / :func:`out_of_time` -- the two knobs a time-boxed run (the GPU suite) sets
+  through the environment: ``PEM_BENCH_TIME_SCALE`` scales every adaptive timing budget, and
+  ``PEM_BENCH_DEADLINE`` (seconds since the epoch) makes sweeps start no new row after it, so a
+  benchmark ends with partial results written instead of being killed with none.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ __all__ = [
     "measure_peak_memory",
     "measure_time",
     "note",
+    "out_of_time",
     "print_table",
     "progress",
     "synchronize",
+    "time_scale",
     "write_results",
 ]
 
@@ -248,6 +254,36 @@ def measure_graph_time(
     return float(np.median(times))
 
 
+def _positive_float_from_env(name: str) -> float | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"environment variable {name}={text!r}: expected a positive number")
+    return value
+
+
+def time_scale() -> float:
+    """Factor on every adaptive timing budget (:func:`adaptive_repeats`), from the environment
+    variable ``PEM_BENCH_TIME_SCALE`` (default 1). The GPU suite sets it below 1 to fit its time
+    box; the repeat counts stay clamped to each benchmark's minimum, and every row records the
+    repeats it got."""
+    scale = _positive_float_from_env("PEM_BENCH_TIME_SCALE")
+    return 1.0 if scale is None else scale
+
+
+def out_of_time() -> bool:
+    """True once the wall-clock deadline ``PEM_BENCH_DEADLINE`` (seconds since the epoch, as
+    ``date +%s`` prints) has passed; never without it. Sweeps check it before each row and skip
+    the rest (counted, reported by :func:`report`), so a time-boxed run keeps what it measured."""
+    deadline = _positive_float_from_env("PEM_BENCH_DEADLINE")
+    return deadline is not None and time.time() >= deadline
+
+
 def adaptive_repeats(
     fn: Callable[..., Any],
     *,
@@ -258,10 +294,11 @@ def adaptive_repeats(
     warmup: int = 1,
     inputs: Sequence[Sequence[Any]] | None = None,
 ) -> int:
-    """Repeats that fit ``budget_s`` seconds of timing, from one timed probe call after ``warmup``
-    untimed ones, clamped to [min_repeats, max_repeats]. The probe also warms ``fn`` up."""
+    """Repeats that fit ``budget_s`` x :func:`time_scale` seconds of timing, from one timed probe
+    call after ``warmup`` untimed ones, clamped to [min_repeats, max_repeats]. The probe also
+    warms ``fn`` up."""
     probe = measure_time(fn, device=device, warmup=warmup, repeats=1, inputs=inputs)
-    repeats = int(budget_s * 1e3 / max(probe["median_ms"], 1e-3))
+    repeats = int(budget_s * time_scale() * 1e3 / max(probe["median_ms"], 1e-3))
     return max(min_repeats, min(max_repeats, repeats))
 
 
@@ -592,17 +629,24 @@ def report(
     out_dir: str | os.PathLike,
     name: str,
     what: str = "run",
+    skipped: int = 0,
 ) -> int:
     """The end of every benchmark command: the elapsed time into ``meta``, the table, the JSON and
-    CSV files (:func:`write_results`), where they went, and the exit status (1 when any of the
-    ``failures`` (``what``-s, e.g. backend runs) failed)."""
+    CSV files (:func:`write_results`), where they went, and the exit status: 1 when any of the
+    ``failures`` (``what``-s, e.g. backend runs) failed, else 3 when ``skipped`` of them were
+    left out at the deadline (:func:`out_of_time`; recorded as ``meta["skipped_at_deadline"]``),
+    else 0."""
     meta["elapsed_s"] = time.perf_counter() - started
+    if skipped:
+        meta["skipped_at_deadline"] = skipped
     print_table(rows, columns)
     json_path, csv_path = write_results(rows, out_dir, name, meta)
     print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)", flush=True)
     if failures:
         print(f"{failures} {what}(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+    if skipped:
+        print(f"{skipped} {what}(s) not run: PEM_BENCH_DEADLINE passed", file=sys.stderr)
+    return 1 if failures else 3 if skipped else 0
 
 
 def _format_cell(value: Any, fmt: str | Callable[[Any], str] | None) -> str:

@@ -84,12 +84,14 @@ def make_variant(name: str, device: torch.device, dtype: torch.dtype) -> torch.n
     return torch.compile(layer) if name == "compiled" else layer
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+    """Profiles every (size, variant, mode); returns (rows, failed runs, runs skipped at the
+    deadline)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
-    failures = 0
+    failures = skipped = 0
     total = len(args.sizes) * len(args.modes) * len(args.variants)
     with harness.progress(total=total, desc="profile pem_ca") as bar:
         for hw in args.sizes:
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                     torch._dynamo.reset()
                 layer = None
                 for mode in args.modes:
+                    if harness.out_of_time():
+                        skipped += 1
+                        bar.update(1)
+                        continue
                     bar.set_postfix_str(f"HW={hw} {mode} {variant}")
                     row: dict[str, Any] = {
                         "op": "pem_ca_profile", "device": str(device), "dtype": args.dtype,
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                     rows.append(row)
                     bar.update(1)
             del inputs
-    return rows, failures
+    return rows, failures, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         f"B={args.batch}: host vs device time per call",
         flush=True,
     )
-    rows, failures = run(args)
+    rows, failures, skipped = run(args)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="pem_ca_profile",
-        what="variant run",
+        what="variant run", skipped=skipped,
     )
 
 

@@ -259,6 +259,73 @@ def test_profile_pem_ca_splits_host_and_kernel_time(tmp_path):
     assert plot_folder(tmp_path) == []  # a table, not a plot
 
 
+def test_time_scale_scales_adaptive_budgets(monkeypatch):
+    monkeypatch.delenv("PEM_BENCH_TIME_SCALE", raising=False)
+    assert harness.time_scale() == 1.0
+    # A 10 ms call and a 1 s budget: 100 repeats, 25 at scale 0.25 (clamped to [1, 1000]).
+    def sleepy():
+        time.sleep(0.01)
+
+    full = harness.adaptive_repeats(sleepy, device="cpu", budget_s=1.0, min_repeats=1, max_repeats=1000)
+    monkeypatch.setenv("PEM_BENCH_TIME_SCALE", "0.25")
+    assert harness.time_scale() == 0.25
+    scaled = harness.adaptive_repeats(sleepy, device="cpu", budget_s=1.0, min_repeats=1, max_repeats=1000)
+    assert 0 < scaled < full <= 100
+    assert abs(scaled - full / 4) <= 0.5 * full / 4 + 1  # the probe call's jitter aside
+    for bad in ("0", "-1", "abc", "inf", "nan"):
+        monkeypatch.setenv("PEM_BENCH_TIME_SCALE", bad)
+        with pytest.raises(ValueError, match="PEM_BENCH_TIME_SCALE"):
+            harness.time_scale()
+
+
+def test_out_of_time_follows_the_deadline(monkeypatch):
+    monkeypatch.delenv("PEM_BENCH_DEADLINE", raising=False)
+    assert not harness.out_of_time()
+    monkeypatch.setenv("PEM_BENCH_DEADLINE", str(time.time() + 3600))
+    assert not harness.out_of_time()
+    monkeypatch.setenv("PEM_BENCH_DEADLINE", str(time.time() - 1))
+    assert harness.out_of_time()
+    monkeypatch.setenv("PEM_BENCH_DEADLINE", "tomorrow")
+    with pytest.raises(ValueError, match="PEM_BENCH_DEADLINE='tomorrow'"):
+        harness.out_of_time()
+
+
+def test_report_exit_status_counts_failures_then_skips(tmp_path, capsys):
+    def status(failures, skipped):
+        meta: dict = {}
+        rc = harness.report([{"x": 1}], failures, meta=meta, started=time.perf_counter(),
+                            columns=["x"], out_dir=tmp_path, name="r", what="case", skipped=skipped)
+        return rc, meta.get("skipped_at_deadline")
+
+    assert status(0, 0) == (0, None)
+    assert status(0, 3) == (3, 3)
+    assert status(1, 3) == (1, 3)
+    assert "3 case(s) not run: PEM_BENCH_DEADLINE passed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["meta"]["skipped_at_deadline"] == 3
+
+
+@pytest.mark.parametrize(
+    "command, name",
+    [
+        (["prototype-select", "--sizes", "256,512", "--backends", "reference"], "prototype_select"),
+        (["pem-ca", "--sizes", "512", "--providers", "reference"], "pem_ca"),
+        (["deform-conv", "--sizes", "512x512/32", "--backends", "reference"], "deform_conv"),
+        (["profile-pem-ca", "--sizes", "512", "--variants", "reference"], "pem_ca_profile"),
+        (["model", "--sizes", "64x64", "--providers", "reference", "--no-flops"], "model"),
+    ],
+)
+def test_benchmarks_past_the_deadline_write_what_they_have_and_exit_3(tmp_path, command, name):
+    env = dict(os.environ, PEM_BENCH_PROGRESS="0", PEM_BENCH_DEADLINE=str(time.time() - 1))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *command, "--device", "cpu", "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["rows"] == [] and data["meta"]["skipped_at_deadline"] >= 1
+    assert "PEM_BENCH_DEADLINE passed" in done.stderr
+
+
 def test_front_end_rejects_unknown_comparisons():
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "no-such-thing"], cwd=REPO_ROOT, capture_output=True,

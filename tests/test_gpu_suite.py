@@ -1,0 +1,121 @@
+"""The GPU suite's scheduling (benchmarks/gpu_suite.sh), run with a stand-in Python.
+
+The stand-in answers the suite's probes (a fake GPU, sm_90) and, for every ``python -m MODULE``
+step, logs its arguments and environment, sleeps and exits as told, so the order of the steps,
+the time box (deadlines, skips, timeouts, partial benchmarks), the exit status and the published
+tarball are checked without a GPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUITE = REPO_ROOT / "benchmarks" / "gpu_suite.sh"
+
+STAND_IN = """#!{python}
+import json, os, sys, time
+args = sys.argv[1:]
+if args[:1] == ["-c"]:
+    if "get_device_name" in args[1]:
+        print("Fake GPU 9000")
+    elif "get_device_capability" in args[1]:
+        print("9.0")
+    sys.exit(0)  # import xdist / import pytest_timeout: both "installed"
+assert args[0] == "-m", args
+module = args[1]
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({{
+        "module": module, "argv": args[2:], "time_scale": os.environ.get("PEM_BENCH_TIME_SCALE"),
+        "deadline": os.environ.get("PEM_BENCH_DEADLINE"), "now": time.time(),
+    }}) + "\\n")
+time.sleep(json.loads(os.environ.get("STUB_SLEEP", "{{}}")).get(module, 0))
+sys.exit(json.loads(os.environ.get("STUB_RC", "{{}}")).get(module, 0))
+"""
+
+TIER_1 = [
+    "bench_prototype_select_float32", "bench_pem_ca_float32", "bench_pem_ca_cuda_backend",
+    "profile_pem_ca_float32", "bench_deform_conv_float32_forward",
+    "bench_deform_conv_float32_forward_backward", "bench_model_float32_auto",
+]
+TIER_2 = [
+    "bench_prototype_select_bfloat16", "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
+    "profile_pem_ca_bfloat16", "bench_deform_conv_bfloat16_forward",
+    "bench_deform_conv_bfloat16_forward_backward", "bench_deform_conv_deterministic",
+    "bench_model_bfloat16_auto", "bench_model_float32_triton", "bench_model_compiled",
+]
+
+
+def run_suite(tmp_path: Path, *groups: str, **env: str) -> tuple[subprocess.CompletedProcess, list[dict], list[list[str]]]:
+    python = tmp_path / "python"
+    python.write_text(STAND_IN.format(python=sys.executable))
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "out").mkdir()
+    full_env = dict(
+        os.environ, PYTHON=str(python), STUB_LOG=str(tmp_path / "calls.jsonl"),
+        SUITE_RESULTS=str(tmp_path / "results"), OUT=str(tmp_path / "out"),
+        CUDA_HOME=str(tmp_path / "no-cuda"), PATH=os.environ.get("PATH", ""), **env,
+    )
+    full_env.pop("PEM_BENCH_TIME_SCALE", None)
+    done = subprocess.run(
+        ["bash", str(SUITE), *groups], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env=full_env,
+    )
+    log = tmp_path / "calls.jsonl"
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    summary = (tmp_path / "results" / "summary.txt").read_text().splitlines()
+    steps = [line.split()[:2] for line in summary if not line.startswith(("#", "failed"))]
+    return done, calls, steps
+
+
+def test_suite_runs_every_step_in_priority_order(tmp_path):
+    done, calls, steps = run_suite(
+        tmp_path, SUITE_DEADLINE_S="0", STUB_RC=json.dumps({"benchmarks.bench_model": 3}),
+    )
+    names = [name for name, _ in steps]
+    # build, then the checks (at the same time: any order), the two benchmark tiers, the plots.
+    assert names[0] == "build"
+    assert set(names[1:4]) == {"tests", "sanitize", "diagnose_cpp_errors"}
+    assert names[4:] == TIER_1 + TIER_2 + ["plots"], names
+    status = dict(steps)
+    # No compute-sanitizer here: a counted skip. A benchmark that stopped at its deadline
+    # (exit 3) is "partial"; everything else passed.
+    assert status["sanitize"] == "SKIPPED"
+    assert all(status[name] == "partial" for name in names if name.startswith("bench_model"))
+    assert all(
+        status[name] == "rc=0" for name in names if name != "sanitize" and not name.startswith("bench_model")
+    )
+    model_steps = sum(name.startswith("bench_model") for name in names)
+    assert done.returncode == 1 + model_steps, done.stdout + done.stderr
+    # Every benchmark gets the suite's time scale and a deadline of its own.
+    benchmarks = [c for c in calls if c["module"].startswith("benchmarks.") and c["module"] != "benchmarks"]
+    assert benchmarks and all(c["time_scale"] == "0.4" and c["deadline"] for c in benchmarks)
+    assert all(float(c["deadline"]) > c["now"] for c in benchmarks)
+    tests = next(c for c in calls if c["module"] == "pytest")
+    assert "--durations=40" in tests["argv"] and tests["argv"][-1] == "tests"
+    with tarfile.open(tmp_path / "out" / "gpu-suite-results.tgz") as tar:
+        assert any(name.endswith("summary.txt") for name in tar.getnames())
+
+
+def test_suite_keeps_its_deadline(tmp_path):
+    # 8 s in all, 4 s for the checks: the tests and the diagnosis hang and are stopped at the
+    # phase's end, no benchmark fits before the 20 s kept for the plots, and the plots still run.
+    done, calls, steps = run_suite(
+        tmp_path, "build", "check", "bench", "plots", SUITE_DEADLINE_S="8", SUITE_CHECK_S="4",
+        SUITE_MIN_STEP_S="1",
+        STUB_SLEEP=json.dumps({"pytest": 60, "benchmarks.diagnose_cpp_errors": 60}),
+    )
+    status = dict(steps)
+    assert status["build"] == "rc=0" and status["plots"] == "rc=0"
+    assert status["tests"] == "timeout" and status["diagnose_cpp_errors"] == "timeout"
+    assert all(status[name] == "SKIPPED" for name in TIER_1 + TIER_2)
+    assert not any(c["module"].startswith("benchmarks.bench") for c in calls)
+    # tests, diagnosis, sanitizer and every benchmark count; build and plots do not.
+    assert done.returncode == 3 + len(TIER_1 + TIER_2), done.stdout + done.stderr
+    assert "failed, partial or skipped steps" in done.stdout
