@@ -16,13 +16,13 @@ import threading
 import torch
 
 __all__ = [
+    "block_size",
     "call_triton_op",
     "cdiv",
     "cpu_unavailable_reason",
     "dot_operands",
     "interpreter_requested",
     "launcher",
-    "next_power_of_2",
     "pem_triton_op",
     "triton_backend_unavailable_reason",
     "triton_unavailable_reason",
@@ -54,9 +54,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_power_of_2(n: int) -> int:
-    """The smallest power of 2 >= n (1 for n <= 1); see :func:`cdiv` for why not Triton's."""
-    return 1 << max(int(n) - 1, 0).bit_length()
+def block_size(n: int, low: int = 1, high: int | None = None) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), clamped to [low, high]: a ``tl.arange``
+    extent for ``n`` elements. Plain Python for the reason given at :func:`cdiv`."""
+    size = max(low, 1 << max(int(n) - 1, 0).bit_length())
+    return size if high is None else min(size, high)
 
 
 def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:

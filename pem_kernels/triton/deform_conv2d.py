@@ -92,12 +92,12 @@ import triton.language as tl
 from pem_kernels.ops.deform_conv import autograd_functions
 from pem_kernels.reference.deform_conv import check_deform_conv2d_args
 from pem_kernels.triton import (
+    block_size,
     call_triton_op,
     cdiv,
     dot_operands,
     interpreter_requested,
     launcher,
-    next_power_of_2,
     pem_triton_op,
 )
 
@@ -532,10 +532,6 @@ def _input_grad_kernel(
 # host side
 
 
-def _pow2(n: int, low: int = 16, high: int = 64) -> int:
-    return max(low, min(high, next_power_of_2(max(int(n), 1))))
-
-
 def _dot_config(dtype: torch.dtype) -> dict:
     operand, precision = dot_operands(dtype, INTERPRET)
     return dict(DOT_DTYPE=operand, DOT_PRECISION=precision)
@@ -685,8 +681,8 @@ def deform_conv2d_triton(
     if M == 0:
         return out
     block_m = 128 if INTERPRET else 64
-    block_n = _pow2(s["COUT_G"], 16, 64 if INTERPRET else 128)
-    block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
+    block_n = block_size(s["COUT_G"], 16, 64 if INTERPRET else 128)
+    block_k = block_size(min(s["CIN_G"], s["COG"]), 16, 32)
     mask_arg, om_strides = _offset_mask_args(offset, mask)
     grid = (cdiv(M, block_m), groups * cdiv(s["COUT_G"], block_n))
     launcher(_forward_kernel, INTERPRET)[grid](
@@ -755,8 +751,8 @@ def deform_conv2d_backward_triton(
     w_by_tap = _weight_by_tap(weight, groups)
     mask_arg, om_strides = _offset_mask_args(offset, mask)
     geometry = (s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"])
-    block_n = _pow2(s["COUT_G"], 16, 64)
-    block_k = _pow2(min(s["CIN_G"], s["COG"]), 16, 32)
+    block_n = block_size(s["COUT_G"], 16, 64)
+    block_k = block_size(min(s["CIN_G"], s["COG"]), 16, 32)
 
     # grad_input: outside deterministic mode scattered with fp32 atomics by the offset/mask
     # kernel (into grad_input itself for fp32, else into an fp32 buffer of the same layout); in
@@ -828,7 +824,7 @@ def deform_conv2d_backward_triton(
         + starts[None, :]
     )
     bounds = torch.searchsorted(sorted_keys, queries.reshape(-1))
-    block_k_in = _pow2(s["COG"], 16, 32)
+    block_k_in = block_size(s["COG"], 16, 32)
     grid = (n_tb, offset_groups * cdiv(s["COG"], block_k_in), s["B"])
     launcher(_input_grad_kernel, INTERPRET)[grid](
         grad_output, w_by_tap, sorted_keys, perm, corner_weights, bounds, grad_input,

@@ -25,11 +25,11 @@ import triton.language as tl
 
 from pem_kernels.ops.local_representation import no_backward, no_backward_setup
 from pem_kernels.triton import (
+    block_size,
     cdiv,
     dot_operands,
     interpreter_requested,
     launcher,
-    next_power_of_2,
     pem_triton_op,
 )
 
@@ -98,7 +98,7 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     dot_dtype, precision = dot_operands(dtype, INTERPRET)
     # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
     # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
-    block_n = max(16, min(256, next_power_of_2(int(out_channels))))
+    block_n = block_size(out_channels, 16, 256)
     # fp32 without software pipelining: three stages of the nine (eighteen with pos) tap tiles
     # need up to 330 KB of shared memory, more than an H100 block has (227 KiB); the taps are
     # mostly L1/L2 hits, so staging them buys little. 8 warps: with 4, ptxas (sm_90, triton 3.6)

@@ -47,12 +47,12 @@ import triton
 import triton.language as tl
 
 from pem_kernels.triton import (
+    block_size,
     call_triton_op,
     cdiv,
     dot_operands,
     interpreter_requested,
     launcher,
-    next_power_of_2,
     pem_triton_op,
 )
 
@@ -273,7 +273,7 @@ def _bwd_dx_kernel(
 
 def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     # tl.dot needs every block dimension >= 16; all N rows of an image live in every program.
-    block_n = max(16, next_power_of_2(int(num_queries)))
+    block_n = block_size(num_queries, 16)
     dot_dtype, precision = dot_operands(dtype, INTERPRET)
     # 32 output channels per program: PEM's C = 256 gives 8 programs per image. Fewer pipeline
     # stages for more queries: each stage holds a [BLOCK_N, BLOCK_K] operand tile (fp32 at

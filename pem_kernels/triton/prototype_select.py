@@ -47,11 +47,11 @@ import triton.language as tl
 
 from pem_kernels.ops.prototype_select import autograd_functions
 from pem_kernels.triton import (
+    block_size,
     call_triton_op,
     cdiv,
     dot_operands,
     launcher,
-    next_power_of_2,
     pem_triton_op,
 )
 
@@ -349,18 +349,13 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _pow2(value: int, low: int = 1, high: int | None = None) -> int:
-    result = max(low, next_power_of_2(max(int(value), 1)))
-    return min(result, high) if high is not None else result
-
-
 def _select_config(
     device: torch.device, batch_heads: int, pixels: int, queries: int, head_dim: int
 ):
     """(BLOCK_P, BLOCK_N, BLOCK_D, BLOCK_DC, tiles_per_split, splits, query_blocks, num_warps) of
     the select kernel. Not tuned on a GPU yet."""
-    block_n = _pow2(queries, 16, 128)  # tl.dot needs every dimension >= 16
-    block_d = _pow2(head_dim, 16)
+    block_n = block_size(queries, 16, 128)  # tl.dot needs every dimension >= 16
+    block_d = block_size(head_dim, 16)
     # Heads up to 128 channels in one chunk; wider ones in chunks of 64 (an fp32 [256, 128]
     # query block alone would take 128 KiB of shared memory, and the pipeline stages more).
     block_dc = block_d if block_d <= 128 else 64
@@ -455,7 +450,7 @@ def prototype_select_triton(
     fallback_best = torch.full_like(masked_best, _INT64_MIN)
     divisors = keys.new_empty(batch * pixels if normalize_keys else 1, dtype=torch.float32)
     if normalize_keys:
-        block_c = _pow2(channels, 16, 128)
+        block_c = block_size(channels, 16, 128)
         block_r = max(1, 2048 // block_c)
         launcher(_key_norm_kernel, INTERPRET)[(cdiv(batch * pixels, block_r),)](
             keys, divisors, batch * pixels, pixels, channels, *keys.stride(),
@@ -490,7 +485,8 @@ def prototype_select_triton(
         keys, divisors, masked_best, fallback_best, indices, prototypes,
         pixels, num_queries, head_dim, num_heads, *keys.stride(),
         HAS_MASK=mask is not None, OFFICIAL=official_empty, NORMALIZE=normalize_keys,
-        BLOCK_H=_pow2(num_heads), BLOCK_D=_pow2(head_dim), BLOCK_N=_pow2(num_queries, 1, 1024),
+        BLOCK_H=block_size(num_heads), BLOCK_D=block_size(head_dim),
+        BLOCK_N=block_size(num_queries, 1, 1024),
     )
     return prototypes, indices
 
@@ -522,13 +518,13 @@ def prototype_select_backward_triton(
     grad_keys = torch.zeros(batch, pixels, channels, dtype=keys.dtype, device=keys.device)
     if batch == 0 or num_queries == 0 or pixels == 0:
         return grad_keys
-    block_c = _pow2(channels)
-    block_nb = _pow2(num_queries, 1, max(1, 4096 // block_c))
+    block_c = block_size(channels)
+    block_nb = block_size(num_queries, 1, max(1, 4096 // block_c))
     launcher(_backward_kernel, INTERPRET)[(num_heads * num_queries, batch)](
         grad_prototypes, keys, indices, grad_keys,
         pixels, num_queries, channels, channels // num_heads, num_heads,
         *grad_prototypes.stride(), *keys.stride(), *indices.stride(),
-        NORMALIZE=normalize_keys, BLOCK_S=_pow2(num_heads * num_queries, 1, 1024),
+        NORMALIZE=normalize_keys, BLOCK_S=block_size(num_heads * num_queries, 1, 1024),
         BLOCK_NB=block_nb, BLOCK_C=block_c,
     )
     return grad_keys
