@@ -35,10 +35,13 @@ TORCH_LIBRARY(pem_kernels, m) {
   // PEM-CA's feature projection for inference: keys [B, H*W, C_out] = out_weight @
   // dwconv3x3(bn_scale * (memory + pos) + bn_shift, zero padding 1) + out_bias, per pixel.
   // memory and pos [B, C, H, W]; bn_scale, bn_shift [C] (eval BatchNorm, fp32 or fp64); dw_weight
-  // [C, 1, 3, 3], dw_bias [C]; out_weight [C_out, C], out_bias [C_out]. No autograd.
+  // [C, 1, 3, 3], dw_bias [C]; out_weight [C_out, C], out_bias [C_out]. With normalize, every
+  // pixel's row is divided by max(||row||_2, 1e-12) (F.normalize), the norm taken before
+  // rounding to the output dtype. No autograd.
   m.def(
       "local_representation(Tensor memory, Tensor? pos, Tensor bn_scale, Tensor bn_shift, "
-      "Tensor dw_weight, Tensor dw_bias, Tensor out_weight, Tensor out_bias) -> Tensor");
+      "Tensor dw_weight, Tensor dw_bias, Tensor out_weight, Tensor out_bias, "
+      "bool normalize=False) -> Tensor");
   // Modulated deformable convolution with torchvision.ops.deform_conv2d's semantics.
   m.def(
       "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "

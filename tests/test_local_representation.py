@@ -112,12 +112,67 @@ def test_cpu_op_checks_its_arguments():
             op(*args)
 
 
-def test_cpu_op_opcheck():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cpu_op_opcheck(normalize):
     c = 8
     args = (torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
-            torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6))
+            torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6), normalize)
     torch.library.opcheck(torch.ops.pem_kernels.local_representation, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 32, 5, 7), (1, 16, 3, 150), (1, 272, 2, 3)], ids=str)
+def test_normalized_keys_match_the_normalized_modules(backend, shape, monkeypatch):
+    """project_for_selection: the fused kernel's keys divided by their L2 norm, as F.normalize
+    (C_out = 272 > 256 takes the Triton kernel's normalize-after path)."""
+    device = _device(backend)
+    module = _module(shape[1], device=device)
+    memory, pos = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(module(memory + pos), dim=-1)
+        _forbid_modules(monkeypatch, module)
+        keys, normalized = module.project_for_selection(memory, pos, backend)
+    assert normalized
+    torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[:2], device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalized_keys_keep_nan_and_zero_rows(backend, monkeypatch):
+    """A NaN anywhere in a pixel's row makes the whole normalized row NaN and an all-zero row stays
+    zero (division by eps), as F.normalize does."""
+    device = _device(backend)
+    module = _module(16, device=device)
+    with torch.no_grad():
+        module.out.weight[:, 8:] = 0.0  # pixel rows depend on channels 0-7 only
+        module.out.bias.zero_()
+    memory = torch.randn(1, 16, 4, 5, device=device)
+    memory[0, 8:] = torch.randn(8, 4, 5, device=device)
+    memory[0, :8, 1:4, 1:4] = 0.0  # pixel (2, 2) sees zeros in its 3x3 window
+    module.bn.running_mean.zero_()
+    module.bn.bias.data.zero_()
+    module.to_query_3x3.bias.data.zero_()
+    memory[0, 3, 0, 0] = float("nan")  # reaches pixels (0, 0), (0, 1), (1, 0), (1, 1)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(module(memory), dim=-1)
+        _forbid_modules(monkeypatch, module)
+        keys, normalized = module.project_for_selection(memory, None, backend)
+    assert normalized
+    nan_rows = [0, 1, 5, 6]
+    assert keys[0, nan_rows].isnan().all() and expected[0, nan_rows].isnan().all()
+    assert (keys[0, 12] == 0).all() and (expected[0, 12] == 0).all()
+    torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_modules_path_leaves_normalization_to_the_selection():
+    module = _module(16, device="cpu").train()  # BN in training mode: the modules run
+    memory = torch.randn(1, 16, 3, 4)
+    with torch.no_grad():
+        keys, normalized = module.project_for_selection(memory, None, "cpu")
+        expected = module(memory)
+    assert not normalized
+    torch.testing.assert_close(keys, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,7 +200,7 @@ def test_pem_cross_attention_uses_it_for_inference_only(monkeypatch, backend):
     args = (torch.randn(6, 2, 32, device=device), torch.randn(2, 32, 5, 7, device=device),
             torch.randn(2, 6, 5, 7, device=device), torch.randn(2, 32, 5, 7, device=device),
             torch.randn(6, 2, 32, device=device))
-    calls = []
+    calls, normalize_keys = [], []
     from pem_kernels.nn import pem_cross_attention
 
     original = pem_cross_attention.fused_local_representation
@@ -154,16 +209,24 @@ def test_pem_cross_attention_uses_it_for_inference_only(monkeypatch, backend):
         calls.append(a[0] if keys is not None else None)  # None: no fused kernel ran
         return keys
 
+    original_select = pem_cross_attention.prototype_select
+    def recording_select(*a, **kw):
+        normalize_keys.append(kw["normalize_keys"])
+        return original_select(*a, **kw)
+
     monkeypatch.setattr(pem_cross_attention, "fused_local_representation", recording)
+    monkeypatch.setattr(pem_cross_attention, "prototype_select", recording_select)
     with torch.no_grad():
         out = layer(*args)
         expected = reference(*args)
-    assert calls == [backend]
+    # The fused projection hands the selection normalized keys; the reference normalizes there.
+    assert calls == [backend] and normalize_keys == [False, True]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     # With gradients (or BN in training mode) the modules run, so autograd sees every op.
     out = layer(*args)
     out.sum().backward()
     assert calls == [backend] and layer.feature_proj.out.weight.grad is not None
+    assert normalize_keys == [False, True, True]
     with torch.no_grad():
         layer.train()(*args)
     assert calls == [backend]
@@ -229,15 +292,17 @@ from pem_kernels.triton import local_representation as K
 
 assert not K.INTERPRET
 fn = K._local_representation_kernel
-# Every launch configuration the op can choose (C_out -> BLOCK_N 16 / 128 / 256), with pos.
+# Every launch configuration the op can choose (C_out -> BLOCK_N 16 / 128 / 256, normalized rows
+# at 256), with pos.
 for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
     pointers = {n: "*" + name for n in ("x_ptr", "pos_ptr", "dw_weight_ptr", "dw_bias_ptr",
                                          "weight_ptr", "bias_ptr", "out_ptr")}
     pointers.update(scale_ptr="*fp32", shift_ptr="*fp32")
-    for out_channels in (16, 128, 256):
+    for out_channels, normalize in ((16, False), (128, False), (256, False), (256, True)):
         constants = K._launch_config(out_channels, dtype)
         options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
-        compile_sm90(fn, lambda n: pointers.get(n, "i32"), dict(HAS_POS=True, **constants), **options)
+        constants.update(HAS_POS=True, NORMALIZE=normalize)
+        compile_sm90(fn, lambda n: pointers.get(n, "i32"), constants, **options)
 print("compiled for sm_90")
 """
 

@@ -9,7 +9,8 @@
 // of image rows: it builds the depthwise-conv tile [C, rows * W] in acc_t from the NCHW input (the
 // three source rows of a channel are read once, BN'd into a padded line buffer) and multiplies it
 // by out_weight^T with one BLAS call straight into the output rows. Intermediates stay in acc_t, so
-// fp16/bf16 results are rounded once.
+// fp16/bf16 results are rounded once. With normalize, each output row is L2-normalized in acc_t
+// while it is still in cache (what prototype_select's normalize_keys would otherwise do per score).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -28,6 +30,19 @@ namespace {
 // At least this many pixels per BLAS call: narrow maps (W = 8 at 1/32 of a 256-pixel-wide image)
 // group several rows so the GEMM is not starved.
 constexpr int64_t kMinTilePixels = 256;
+// F.normalize's eps: rows are divided by max(||row||, eps).
+constexpr double kNormalizeEps = 1e-12;
+
+// row[0:n] /= max(||row||_2, eps), in acc_t.
+template <typename acc_t>
+void normalize_row(acc_t* row, int64_t n) {
+  acc_t sum_sq = 0;
+  for (int64_t i = 0; i < n; ++i) sum_sq += row[i] * row[i];
+  const acc_t norm = std::sqrt(sum_sq);
+  // Not std::max(eps, norm): a NaN norm must stay NaN, as in F.normalize.
+  const acc_t divisor = norm < static_cast<acc_t>(kNormalizeEps) ? static_cast<acc_t>(kNormalizeEps) : norm;
+  for (int64_t i = 0; i < n; ++i) row[i] /= divisor;
+}
 
 void check_local_representation_inputs(
     const at::Tensor& memory, const std::optional<at::Tensor>& pos, const at::Tensor& bn_scale,
@@ -76,7 +91,7 @@ template <typename scalar_t>
 void local_representation_cpu_impl(
     const at::Tensor& memory, const at::Tensor& pos, const at::Tensor& bn_scale,
     const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-    const at::Tensor& out_weight, const at::Tensor& out_bias, at::Tensor& keys) {
+    const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize, at::Tensor& keys) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const auto acc_options = memory.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -153,13 +168,13 @@ void local_representation_cpu_impl(
       const at::Tensor lhs = tile.narrow(1, 0, count).t();  // [count, C + 1]
       at::Tensor out_rows = keys[b].narrow(0, row0 * width, count);
       // BLAS runs single-threaded here: we are inside at::parallel_for.
-      if constexpr (kSameType) {
-        at::mm_out(out_rows, lhs, weight_t);
-      } else {
-        at::Tensor acc_rows = result.narrow(0, 0, count);
-        at::mm_out(acc_rows, lhs, weight_t);
-        out_rows.copy_(acc_rows);
+      at::Tensor acc_rows = kSameType ? out_rows : result.narrow(0, 0, count);
+      at::mm_out(acc_rows, lhs, weight_t);
+      if (normalize) {
+        acc_t* data = acc_rows.data_ptr<acc_t>();  // contiguous [count, C_out]
+        for (int64_t i = 0; i < count; ++i) normalize_row(data + i * out_channels, out_channels);
       }
+      if constexpr (!kSameType) out_rows.copy_(acc_rows);
     }
   });
 }
@@ -167,7 +182,7 @@ void local_representation_cpu_impl(
 at::Tensor local_representation_cpu(
     const at::Tensor& memory_in, const std::optional<at::Tensor>& pos_in, const at::Tensor& bn_scale,
     const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-    const at::Tensor& out_weight, const at::Tensor& out_bias) {
+    const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize) {
   check_local_representation_inputs(
       memory_in, pos_in, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias);
   // ATen ops run on these internally (views, addmm_out); detached inputs keep them out of autograd.
@@ -180,7 +195,7 @@ at::Tensor local_representation_cpu(
       at::kHalf, at::kBFloat16, memory.scalar_type(), "local_representation_cpu", [&] {
         local_representation_cpu_impl<scalar_t>(
             memory, pos, bn_scale.contiguous(), bn_shift.contiguous(), dw_weight.detach(),
-            dw_bias.detach(), out_weight.detach(), out_bias.detach(), keys);
+            dw_bias.detach(), out_weight.detach(), out_bias.detach(), normalize, keys);
       });
   return keys;
 }

@@ -52,6 +52,21 @@ class LocalRepresentation(nn.Module):
         The fused kernel runs when BN is in eval mode, no gradient is needed, autocast is off and
         all tensors share one dtype; otherwise the modules run (same result up to rounding).
         """
+        return self._project(memory, pos, backend, normalize=False)[0]
+
+    def project_for_selection(
+        self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str
+    ) -> tuple[torch.Tensor, bool]:
+        """(keys, normalized): :meth:`project`, but where the fused kernel runs it also
+        L2-normalizes every pixel's keys (``normalized`` True), which PEM-CA's prototype selection
+        would otherwise do itself (``normalize_keys``). The modules' path leaves that to the
+        selection (``normalized`` False), whose fused normalization needs no [B, HW, C] copy of
+        the normalized keys and differentiates through them."""
+        return self._project(memory, pos, backend, normalize=True)
+
+    def _project(
+        self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str, normalize: bool
+    ) -> tuple[torch.Tensor, bool]:
         chosen = self._fusable_backend(memory, pos, backend)
         if chosen is not None:
             # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
@@ -59,11 +74,11 @@ class LocalRepresentation(nn.Module):
             scale, shift = self._bn_affine(acc)
             keys = fused_local_representation(
                 chosen, memory, pos, scale, shift, self.to_query_3x3.weight,
-                self.to_query_3x3.bias, self.out.weight, self.out.bias,
+                self.to_query_3x3.bias, self.out.weight, self.out.bias, normalize,
             )
             if keys is not None:
-                return keys
-        return self(memory + pos if pos is not None else memory)
+                return keys, normalize
+        return self(memory + pos if pos is not None else memory), False
 
     def _bn_affine(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode BatchNorm as (scale, shift) [C] in ``acc``.
@@ -186,7 +201,7 @@ class PEMCrossAttention(nn.Module):
         residual = tgt.transpose(0, 1)
         if query_pos is not None:
             tgt = tgt + query_pos
-        keys = self.feature_proj.project(memory, pos, self.backend)
+        keys, normalized = self.feature_proj.project_for_selection(memory, pos, self.backend)
         queries = F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)
         allowed = None
         if memory_mask is not None:
@@ -198,7 +213,7 @@ class PEMCrossAttention(nn.Module):
             # The official code blocks `logit < 0`; a NaN logit is therefore allowed, as there.
             allowed = ~(memory_mask.detach().flatten(2) < 0)
         prototypes, _ = prototype_select(
-            keys, queries, allowed, self.num_heads, empty=self.empty, normalize_keys=True,
+            keys, queries, allowed, self.num_heads, empty=self.empty, normalize_keys=not normalized,
             backend=self.backend,
         )
         autocast = torch.is_autocast_enabled(tgt.device.type)

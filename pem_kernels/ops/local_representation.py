@@ -1,6 +1,7 @@
 """PEM-CA's feature projection fused for inference: the dispatch between its two kernels.
 
-``keys [B, H*W, C_out] = Linear(dwconv3x3(BN_eval(memory + pos)))`` in one pass over memory, on
+``keys [B, H*W, C_out] = Linear(dwconv3x3(BN_eval(memory + pos)))`` in one pass over memory
+(optionally L2-normalized per pixel, as PEM-CA's prototype selection wants them), on
 the ``cpu`` backend (C++, ``csrc/cpu/local_representation.cpp``) or the ``triton`` backend
 (:mod:`pem_kernels.triton.local_representation`). There is no backward: the caller
 (:meth:`pem_kernels.nn.LocalRepresentation.project`) uses it only when no gradient is needed.
@@ -29,6 +30,7 @@ def fused_local_representation(
     dw_bias: torch.Tensor,
     out_weight: torch.Tensor,
     out_bias: torch.Tensor,
+    normalize: bool = False,
 ) -> torch.Tensor | None:
     """keys [B, H*W, C_out] on ``backend``, or ``None`` when that backend has no fused kernel
     (the caller then runs the modules).
@@ -38,8 +40,11 @@ def fused_local_representation(
         bn_scale, bn_shift: [C], eval-mode BatchNorm as ``scale * x + shift``, in the
             accumulation dtype (fp64 for fp64 memory, fp32 otherwise).
         dw_weight: [C, 1, 3, 3], dw_bias: [C]; out_weight: [C_out, C], out_bias: [C_out].
+        normalize: divide every pixel's row by ``max(||row||_2, 1e-12)`` (``F.normalize`` over
+            C_out), with the norm of the unrounded accumulator; saves prototype_select its key
+            norm pass and a division per score (``normalize_keys=False`` there).
     """
-    args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias)
+    args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias, normalize)
     if backend == "cpu" and has_kernel("local_representation", "CPU"):
         return call_op(torch.ops.pem_kernels.local_representation.default, *args)
     if backend == "triton":
@@ -70,7 +75,7 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("pem_kernels::local_representation")
     def _local_representation_fake(
-        memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias
+        memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias, normalize=False
     ):
         torch._check(memory.dim() == 4, lambda: "memory must be [B, C, H, W]")
         batch, _, height, width = memory.shape

@@ -7,14 +7,16 @@ BN-normalized input. Unfused, this chain reads and writes the [B, C, H, W] featu
 (add, BN, depthwise conv, the Linear over a transposed view) and is the largest memory cost of a
 PEM-CA layer; fused, it reads memory and pos once and writes keys [B, HW, C_out] once.
 
-One program computes a tile of BLOCK_P pixels of one image row x BLOCK_N output channels: it loops over the input
-channels in blocks of BLOCK_K, builds the [BLOCK_P, BLOCK_K] depthwise-conv tile in fp32 registers
+One program computes a tile of BLOCK_P pixels of one image row x BLOCK_N output channels: it loops
+over the input channels in blocks of BLOCK_K, builds the [BLOCK_P, BLOCK_K] depthwise-conv tile in fp32 registers
 (9 masked, pixel-contiguous loads from NCHW memory; neighbouring taps hit L1/L2) and feeds it
 straight into ``tl.dot`` with the matching [BLOCK_K, BLOCK_N] block of W_out^T. Intermediates stay
 in fp32 (the unfused chain rounds BN and conv outputs to the input dtype: for fp16/bf16 the fused
 result is the more precise one); fp32 products are IEEE unless
-``torch.get_float32_matmul_precision()`` allows TF32, as for the Linear it replaces. There is no backward: training, or any input that requires grad,
-takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
+``torch.get_float32_matmul_precision()`` allows TF32, as for the Linear it replaces. With
+``normalize`` the program, which holds every output channel of its pixels (C_out <= 256), divides
+each row by its L2 norm before the store. There is no backward: training, or any input that
+requires grad, takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from pem_kernels.triton import (
 __all__ = ["local_representation_triton"]
 
 INTERPRET = interpreter_requested()
+NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
 
 @triton.jit
 def _local_representation_kernel(
     x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, weight_ptr, bias_ptr,
     out_ptr, C, H, W, C_OUT,
-    HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_POS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # A tile is BLOCK_P consecutive pixels of one image row, so every tap's load is contiguous
@@ -89,6 +92,11 @@ def _local_representation_kernel(
         else:
             acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
     acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if NORMALIZE:
+        # This program holds every output channel (one column block); the padding columns are 0.
+        norm = tl.sqrt_rn(tl.sum(acc * acc, axis=1))
+        # where, not tl.maximum: a NaN norm must stay NaN (F.normalize), fmax would drop it
+        acc = tl.div_rn(acc, tl.where(norm < NORMALIZE_EPS, NORMALIZE_EPS, norm)[:, None])
     out_offsets = (b * hw + p)[:, None] * C_OUT + n[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
              mask=p_ok[:, None] & n_ok[None, :])
@@ -120,6 +128,7 @@ def local_representation_triton(
     dw_bias: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """keys [B, H*W, C_out] from memory [B, C, H, W] (+ pos, same shape, optional).
 
@@ -128,6 +137,8 @@ def local_representation_triton(
             as ``scale * x + shift``.
         dw_weight: [C, 1, 3, 3] depthwise weights; dw_bias: [C].
         weight: [C_out, C] and bias: [C_out], the Linear.
+        normalize: L2-normalize every pixel's row (``F.normalize``, eps 1e-12): in the kernel
+            when one program holds all C_out channels (C_out <= 256), else after it.
     """
     batch, channels, height, width = memory.shape
     out_channels = weight.shape[0]
@@ -136,6 +147,7 @@ def local_representation_triton(
     if out.numel() == 0:
         return out
     config = _launch_config(out_channels, x.dtype)
+    in_kernel = normalize and config["BLOCK_N"] >= out_channels
     grid = (
         height * cdiv(width, config["BLOCK_P"]),
         cdiv(out_channels, config["BLOCK_N"]),
@@ -145,8 +157,10 @@ def local_representation_triton(
         x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
         bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
         weight.contiguous(), bias.contiguous(), out, channels, height, width, out_channels,
-        HAS_POS=pos is not None, **config,
+        HAS_POS=pos is not None, NORMALIZE=in_kernel, **config,
     )
+    if normalize and not in_kernel:
+        out = torch.nn.functional.normalize(out, dim=-1)
     return out
 
 
