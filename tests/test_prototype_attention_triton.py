@@ -38,6 +38,18 @@ def test_forward_matches_reference_fp32(normalize, shape):
     torch.testing.assert_close(run_triton(args, normalize), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", NORMS)
+def test_a_nan_prototype_spreads_as_in_the_reference(normalize):
+    """A NaN entering a normalized vector makes its norm NaN and the whole vector NaN, as
+    F.normalize does (the divisor clamp must keep a NaN norm: the GPU's fmax would not)."""
+    args = make_args(2, 6, 32)
+    args[0][1, 2, 5] = float("nan")
+    expected = prototype_attention_ref(*args, normalize=normalize)
+    got = run_triton(args, normalize)
+    assert expected[1].isnan().any() and not expected[0].isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("normalize", NORMS)
 def test_forward_low_precision_within_torchs_own_error(dtype, normalize):

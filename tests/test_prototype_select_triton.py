@@ -184,6 +184,18 @@ def test_nan_inf_and_signed_zero_follow_torch_argmax(splits):
     assert (indices[0, :, 5] == 80).all()
 
 
+def test_nan_key_with_normalize_keys_is_nan_in_every_head(splits):
+    """With normalize_keys a NaN in one head's channels makes the pixel's norm NaN, so the pixel
+    scores NaN in every head (as after F.normalize) and wins wherever it is allowed: the key norm
+    must keep a NaN norm (GPU max instructions would return eps instead)."""
+    splits(2)
+    keys, query, mask = make_inputs(1, 300, 16, 3, DEVICE)
+    mask[:] = True
+    keys[0, 170, :4] = float("nan")  # head 0's channels only; head 1 has finite keys there
+    _, indices = check(keys, query, mask, 2, normalize_keys=True)
+    assert (indices[0] == 170).all()
+
+
 def test_non_contiguous_inputs():
     keys = torch.randn(2, 32, 150, device=DEVICE).transpose(1, 2)  # [B, HW, C], strided
     query = torch.randn(2, 9, 64, device=DEVICE)[:, ::2, ::2]  # [B, 5, 32], strided

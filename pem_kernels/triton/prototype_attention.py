@@ -68,6 +68,13 @@ EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
+def _norm_divisor(norm):
+    """F.normalize's divisor max(norm, eps), keeping a NaN norm NaN (tl.maximum, an fmax on the
+    GPU, would return eps and leave the other entries of a NaN vector finite)."""
+    return tl.where(norm < EPS, EPS, norm)
+
+
+@triton.jit
 def _gemm_block(
     lhs_ptr, rhs_ptr, rows, cols, row_ok, col_ok, K,
     lhs_stride, rhs_row_stride, rhs_col_stride,
@@ -150,7 +157,7 @@ def _fwd_a_kernel(
     a = acc + tl.load(ba_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     a = tl.where(ok, a, 0.0)  # padding must not enter the norms
     if NORM_OVER_QUERIES:
-        div = tl.maximum(tl.sqrt_rn(tl.sum(a * a, axis=0)), EPS)
+        div = _norm_divisor(tl.sqrt_rn(tl.sum(a * a, axis=0)))
         tl.store(div_ptr + b * C + cols, div, mask=col_ok)
         an = tl.div_rn(a, div[None, :])
         tl.store(an_ptr + offs, an, mask=ok)
@@ -181,7 +188,7 @@ def _fwd_y_kernel(
         row_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for block in range(0, blocks):
             row_sq += tl.load(partial_ptr + (b * blocks + block) * N + rows, mask=row_ok, other=0.0)
-        div_rows = tl.maximum(tl.sqrt_rn(row_sq), EPS)
+        div_rows = _norm_divisor(tl.sqrt_rn(row_sq))
         if pid_j == 0:
             tl.store(div_ptr + b * N + rows, div_rows, mask=row_ok)
         y = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)

@@ -113,7 +113,9 @@ def _key_norm_kernel(
         v = tl.load(keys_ptr + base[:, None] + offs_c[None, :] * stride_kc, mask=ok, other=0.0)
         v = v.to(tl.float32)
         sum_sq += tl.sum(v * v, axis=1)
-    tl.store(divisor_ptr + row, tl.maximum(tl.sqrt_rn(sum_sq), KEY_NORM_EPS), mask=row_ok)
+    norm = tl.sqrt_rn(sum_sq)
+    # where, not tl.maximum: a NaN norm must stay NaN (F.normalize), fmax would return eps
+    tl.store(divisor_ptr + row, tl.where(norm < KEY_NORM_EPS, KEY_NORM_EPS, norm), mask=row_ok)
 
 
 @triton.jit
@@ -324,12 +326,13 @@ def _backward_kernel(
             key_row = keys_ptr + b * stride_kb + pixel * stride_kp
             key = tl.load(key_row + offs_c * stride_kc, mask=c_ok, other=0.0).to(tl.float32)
             norm = tl.sqrt_rn(tl.sum(key * key, axis=0))
-            safe_norm = tl.maximum(norm, KEY_NORM_EPS)
+            # (where, not tl.maximum, so that a NaN norm gives a NaN gradient, as autograd does)
+            safe_norm = tl.where(norm < KEY_NORM_EPS, KEY_NORM_EPS, norm)
             projection = tl.div_rn(tl.sum(key * grad, axis=0), safe_norm * safe_norm)
             grad = tl.where(
-                norm > KEY_NORM_EPS,
-                tl.div_rn(grad - key * projection, safe_norm),
+                norm <= KEY_NORM_EPS,
                 tl.div_rn(grad, tl.zeros_like(grad) + KEY_NORM_EPS),
+                tl.div_rn(grad - key * projection, safe_norm),
             )
         out = grad_keys_ptr + (b * pixels + pixel) * channels + offs_c
         tl.store(out, grad.to(grad_keys_ptr.dtype.element_ty), mask=c_ok)
