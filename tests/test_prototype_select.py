@@ -308,6 +308,35 @@ def test_backward_matches_reference(device, dtype, normalize_keys):
     assert torch.equal(grad, grad2)
 
 
+def check_normalized_gradient_of_nan_and_zero_keys(device, backend):
+    """With normalize_keys, the gradient at a selected NaN key row is NaN and at a selected zero
+    row g / eps (F.normalize's clamp: no gradient through the norm), as autograd gives."""
+    keys, query, mask = make_inputs(1, 40, 8, 3, device, torch.float32)
+    keys[0, 3] = float("nan")
+    keys[0, 5] = 0.0
+    mask[:] = False
+    mask[0, 0, 3] = True  # query 0 may only take the NaN row, query 1 only the zero row
+    mask[0, 1, 5] = True
+    mask[0, 2, 10:20] = True
+    keys.requires_grad_(True)
+    prototypes, indices = pem_kernels.prototype_select(
+        keys, query, mask, 2, normalize_keys=True, backend=backend
+    )
+    assert (indices[0, :, 0] == 3).all() and (indices[0, :, 1] == 5).all()
+    grad_out = torch.randn_like(prototypes)
+    (grad,) = torch.autograd.grad(prototypes, keys, grad_out)
+    keys64 = keys.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(gather_at(keys64, indices, 2, True)[0], keys64, grad_out.double())
+    assert grad[0, 3].isnan().all() and expected[0, 3].isnan().all()
+    assert grad[0, 5].abs().max() > 1e6  # g / 1e-12
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalized_gradient_of_nan_and_zero_keys(device):
+    check_normalized_gradient_of_nan_and_zero_keys(device, backend_for(device))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_several_queries_selecting_one_pixel_accumulate(device):
     keys = torch.randn(1, 40, 8, device=device, dtype=torch.float64)

@@ -24,6 +24,7 @@ from test_prototype_select import (
     assert_matches_reference,
     assert_same_up_to_ties,
     blob_masks,
+    check_normalized_gradient_of_nan_and_zero_keys,
     gather_at,
     head_scores,
     make_inputs,
@@ -194,6 +195,10 @@ def test_nan_key_with_normalize_keys_is_nan_in_every_head(splits):
     keys[0, 170, :4] = float("nan")  # head 0's channels only; head 1 has finite keys there
     _, indices = check(keys, query, mask, 2, normalize_keys=True)
     assert (indices[0] == 170).all()
+
+
+def test_normalized_gradient_of_nan_and_zero_keys():
+    check_normalized_gradient_of_nan_and_zero_keys(DEVICE, BACKEND)
 
 
 def test_non_contiguous_inputs():

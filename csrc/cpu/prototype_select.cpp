@@ -394,7 +394,7 @@ void prototype_select_backward_cpu_impl(
           key_dot_grad += k * g[c];
         }
         const acc_t norm = std::sqrt(sum_sq);
-        if (norm > static_cast<acc_t>(kKeyNormEps)) {
+        if (!key_norm_is_clamped(norm)) {
           // d(k / ||k||) = (g - k (k . g) / ||k||^2) / ||k||
           const acc_t projection = key_dot_grad / (norm * norm);
           for (int64_t c = 0; c < pr.channels; ++c)

@@ -353,9 +353,9 @@ __global__ void normalized_scatter_kernel(
   scalar_t* out_row = grad_keys + (b * pr.pixels + pixel) * pr.channels;
   for (int64_t c = threadIdx.x; c < pr.channels; c += blockDim.x) {
     const acc_t grad_c = summed_grad(c);
-    const acc_t out = norm > static_cast<acc_t>(kKeyNormEps)
-        ? (grad_c - static_cast<acc_t>(key[c]) * projection) / norm
-        : grad_c / static_cast<acc_t>(kKeyNormEps);
+    const acc_t out = key_norm_is_clamped(norm)
+        ? grad_c / static_cast<acc_t>(kKeyNormEps)
+        : (grad_c - static_cast<acc_t>(key[c]) * projection) / norm;
     out_row[c] = static_cast<scalar_t>(out);
   }
 }

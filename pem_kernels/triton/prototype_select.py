@@ -326,7 +326,8 @@ def _backward_kernel(
             key_row = keys_ptr + b * stride_kb + pixel * stride_kp
             key = tl.load(key_row + offs_c * stride_kc, mask=c_ok, other=0.0).to(tl.float32)
             norm = tl.sqrt_rn(tl.sum(key * key, axis=0))
-            # (where, not tl.maximum, so that a NaN norm gives a NaN gradient, as autograd does)
+            # clamp_min passes no gradient to the norm at norm <= eps; a NaN norm takes the full
+            # formula (NaN, as autograd), hence where and <=, not tl.maximum and >
             safe_norm = tl.where(norm < KEY_NORM_EPS, KEY_NORM_EPS, norm)
             projection = tl.div_rn(tl.sum(key * grad, axis=0), safe_norm * safe_norm)
             grad = tl.where(

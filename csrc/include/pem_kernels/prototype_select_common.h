@@ -16,6 +16,14 @@ namespace pem_kernels {
 // F.normalize's default eps: keys are divided by max(||k||, eps).
 constexpr double kKeyNormEps = 1e-12;
 
+// Whether the backward of k / max(||k||, eps) sees the divisor as the constant eps: torch's
+// clamp_min passes no gradient to the norm at norm <= eps. A NaN norm is not clamped: the full
+// formula gives NaN, as autograd does (a plain `norm > eps` test would give a finite g / eps).
+template <typename acc_t>
+PEM_HOST_DEVICE bool key_norm_is_clamped(acc_t norm) {
+  return norm <= static_cast<acc_t>(kKeyNormEps);
+}
+
 // True when `candidate`, found at a higher pixel index than `best`, must replace it. NaN counts as
 // larger than every number (as torch.argmax treats it), so the first NaN wins and is never replaced;
 // equal scores keep the lower index.
