@@ -141,3 +141,21 @@ def test_local_representation_leaves_dual_tensors_to_the_modules():
     with torch.no_grad(), fwAD.dual_level():
         keys = module.project(fwAD.make_dual(memory, torch.ones_like(memory)), None, "cpu")
         assert fwAD.unpack_dual(keys).tangent is not None
+
+
+def test_triton_check_skips_torch_check_only_for_a_plain_true(monkeypatch):
+    """pem_kernels.triton.check returns at once for True (eager calls) and hands anything else
+    (False, symbolic conditions under tracing) to torch._check."""
+    from pem_kernels.triton import check
+
+    seen = []
+    monkeypatch.setattr(torch, "_check", lambda condition, message: seen.append(condition))
+    check(True, lambda: "never built")
+    assert seen == []
+    check(False, lambda: "bad")
+    marker = object()  # stands for a SymBool
+    check(marker, lambda: "symbolic")
+    assert seen == [False, marker]
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="num_heads must divide"):
+        check(8 % 3 == 0, lambda: "num_heads must divide C = 8, got 3")

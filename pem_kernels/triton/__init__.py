@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from typing import Callable
 
 import torch
 
 __all__ = [
     "block_size",
     "call_triton_op",
+    "check",
     "cdiv",
     "cpu_unavailable_reason",
     "dot_operands",
@@ -46,6 +48,19 @@ def triton_unavailable_reason() -> str | None:
         except Exception as error:  # ImportError, or a broken install raising anything else
             _IMPORT_ERROR[0] = f"triton cannot be imported ({type(error).__name__}: {error})"
     return _IMPORT_ERROR[0] or None
+
+
+def check(condition, message: Callable[[], str]) -> None:
+    """``torch._check`` for the Triton ops' bodies, minus its cost where it has nothing to do.
+
+    An eager call's conditions are plain ``True``: that returns at once (``torch._check`` takes
+    about 5 us, and an op body checks up to ten conditions per call). Anything else, ``False`` or
+    a symbolic condition while torch.compile traces, goes to ``torch._check``, which raises
+    ``RuntimeError(message())`` or records the condition without guarding on it.
+    """
+    if condition is True:
+        return
+    torch._check(condition, message)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -94,6 +94,7 @@ from pem_kernels.reference.deform_conv import check_deform_conv2d_args
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
+    check,
     cdiv,
     dot_operands,
     interpreter_requested,
@@ -562,22 +563,22 @@ def _sizes(input, weight, offset, groups, offset_groups):
 
 def _check_op_args(name, input, weight, offset, mask, bias, groups, offset_groups, conv):
     """Cheap consistency checks of the op's own arguments (the public path validates fully)."""
-    torch._check(
+    check(
         input.dim() == 4 and weight.dim() == 4 and offset.dim() == 4,
         lambda: f"{name}: input, weight and offset must be 4-D",
     )
-    torch._check(
+    check(
         input.dtype in (torch.float32, torch.float16, torch.bfloat16),
         lambda: f"{name}: supports float32, float16 and bfloat16, not {input.dtype}",
     )
     for other in (weight, offset, mask, bias):
         if other is not None:
-            torch._check(
+            check(
                 other.dtype == input.dtype and other.device == input.device,
                 lambda: f"{name}: every tensor must have input's dtype {input.dtype} and device "
                 f"{input.device}",
             )
-    torch._check(
+    check(
         groups >= 1 and offset_groups >= 1
         and input.shape[1] == weight.shape[1] * groups
         and weight.shape[0] % groups == 0 and input.shape[1] % offset_groups == 0
@@ -587,7 +588,7 @@ def _check_op_args(name, input, weight, offset, mask, bias, groups, offset_group
         f"offset_groups={offset_groups}",
     )
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = conv
-    torch._check(
+    check(
         min(stride_h, stride_w, dil_h, dil_w) >= 1 and min(pad_h, pad_w) >= 0,
         lambda: f"{name}: stride and dilation must be >= 1 and padding >= 0",
     )
@@ -598,26 +599,26 @@ def _check_op_args(name, input, weight, offset, mask, bias, groups, offset_group
         (in_h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1,
         (in_w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1,
     ]
-    torch._check(
+    check(
         [offset.shape[0], offset.shape[2], offset.shape[3]] == out_shape,
         lambda: f"{name}: offset must be [B, 2*offset_groups*kh*kw, out_h, out_w] with "
         f"[B, out_h, out_w] = {out_shape}, got {list(offset.shape)}",
     )
     if mask is not None:
-        torch._check(
+        check(
             list(mask.shape) == [batch, offset_groups * kh * kw, out_shape[1], out_shape[2]],
             lambda: f"{name}: mask must be [B, offset_groups*kh*kw, out_h, out_w], got "
             f"{list(mask.shape)}",
         )
     if bias is not None:
-        torch._check(
+        check(
             list(bias.shape) == [weight.shape[0]],
             lambda: f"{name}: bias must be [Cout], got {list(bias.shape)}",
         )
     # The kernels index within one image (and across B * out_h * out_w output pixels) in int32;
     # strides count, so a view into a larger tensor is judged by the span it addresses.
     per_image = [input, offset] + ([mask] if mask is not None else [])
-    torch._check(
+    check(
         all(_image_span(t) <= _INT32_MAX for t in per_image)
         and weight.shape[0] * offset.shape[2] * offset.shape[3] <= _INT32_MAX
         and batch * offset.shape[2] * offset.shape[3] <= _INT32_MAX,
@@ -728,7 +729,7 @@ def deform_conv2d_backward_triton(
     name = "_deform_conv2d_backward_triton"
     _check_op_args(name, input, weight, offset, mask, None, groups, offset_groups, conv)
     s = _sizes(input, weight, offset, groups, offset_groups)
-    torch._check(
+    check(
         list(grad_output.shape) == [s["B"], s["Cout"], s["OH"], s["OW"]],
         lambda: f"{name}: grad_output must have shape {[s['B'], s['Cout'], s['OH'], s['OW']]}, "
         f"got {list(grad_output.shape)}",

@@ -49,6 +49,7 @@ import triton.language as tl
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
+    check,
     cdiv,
     dot_operands,
     interpreter_requested,
@@ -327,7 +328,7 @@ def prototype_attention_triton(
     """Returns (out [B, N, C], X, An, M [B, N, C] fp32, divisors [B, C] or [B, N] fp32); the last
     four are saved for the backward."""
     batch, num_queries, channels = prototypes.shape
-    torch._check(
+    check(
         num_queries <= MAX_QUERIES,
         lambda: f"prototype_attention_triton: at most {MAX_QUERIES} queries per image (all N rows "
         f"of an image live in one program), got N = {num_queries}",

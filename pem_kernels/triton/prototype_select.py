@@ -49,6 +49,7 @@ from pem_kernels.ops.prototype_select import autograd_functions
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
+    check,
     cdiv,
     dot_operands,
     launcher,
@@ -389,39 +390,39 @@ def _select_config(
 
 def _check_inputs(keys, queries, mask, num_heads):
     name = "prototype_select_triton"
-    torch._check(keys.dim() == 3, lambda: f"{name}: keys must be [B, HW, C], got {keys.shape}")
+    check(keys.dim() == 3, lambda: f"{name}: keys must be [B, HW, C], got {keys.shape}")
     batch, pixels, channels = keys.shape
-    torch._check(
+    check(
         queries.dim() == 3 and queries.shape[0] == batch and queries.shape[2] == channels,
         lambda: f"{name}: queries must be [B, N, C] matching keys {tuple(keys.shape)}, "
         f"got {tuple(queries.shape)}",
     )
-    torch._check(
+    check(
         keys.dtype in SUPPORTED_DTYPES and queries.dtype == keys.dtype,
         lambda: f"{name}: keys and queries must share a dtype among {SUPPORTED_DTYPES}, "
         f"got {keys.dtype} and {queries.dtype}",
     )
-    torch._check(
+    check(
         num_heads >= 1 and channels % num_heads == 0,
         lambda: f"{name}: num_heads must divide C = {channels}, got {num_heads}",
     )
-    torch._check(
+    check(
         1 <= pixels <= _MAX_PIXELS,
         lambda: f"{name}: HW must be in [1, {_MAX_PIXELS}], got {pixels}",
     )
-    torch._check(
+    check(
         batch * num_heads <= 65535,
         lambda: f"{name}: B * num_heads must be <= 65535, got {batch * num_heads}",
     )
     if mask is not None:
-        torch._check(
+        check(
             mask.dtype == torch.bool
             and tuple(mask.shape) == (batch, queries.shape[1], pixels)
             and mask.device == keys.device,
             lambda: f"{name}: mask must be bool [B, N, HW] on {keys.device}, got {mask.dtype} "
             f"{tuple(mask.shape)} on {mask.device}",
         )
-    torch._check(
+    check(
         queries.device == keys.device,
         lambda: f"{name}: queries is on {queries.device} but keys on {keys.device}",
     )
@@ -503,18 +504,18 @@ def prototype_select_backward_triton(
     normalize_keys: bool,
 ) -> torch.Tensor:
     """grad_keys[B, HW, C]: the gradient of ``prototype_select_triton``'s prototypes w.r.t. keys."""
-    torch._check(
+    check(
         indices.dim() == 3 and indices.dtype == torch.int64 and indices.shape[0] == keys.shape[0],
         lambda: f"_prototype_select_backward_triton: indices must be int64 [B, heads, N], got "
         f"{indices.dtype} {tuple(indices.shape)}",
     )
     batch, pixels, channels = keys.shape
     num_heads, num_queries = indices.shape[1], indices.shape[2]
-    torch._check(
+    check(
         num_heads >= 1 and channels % num_heads == 0,
         lambda: f"_prototype_select_backward_triton: heads {num_heads} must divide C = {channels}",
     )
-    torch._check(
+    check(
         tuple(grad_prototypes.shape) == (batch, num_queries, channels),
         lambda: f"_prototype_select_backward_triton: grad_prototypes must be [B, N, C] = "
         f"{[batch, num_queries, channels]}, got {list(grad_prototypes.shape)}",
