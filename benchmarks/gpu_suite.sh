@@ -144,7 +144,8 @@ run_sanitizer() {
   # ids; the Triton test files run on the GPU whole.
   local small="not pem_size and not pem_decoder and not out_of_range and not compile and not opcheck"
   local cuda_tests="tests/test_prototype_select.py tests/test_deform_conv.py"
-  local triton_tests="tests/test_prototype_select_triton.py tests/test_prototype_attention_triton.py tests/test_deform_conv_triton.py tests/test_local_representation.py"
+  local triton_tests="tests/test_prototype_select_triton.py tests/test_prototype_attention_triton.py
+    tests/test_deform_conv_triton.py tests/test_local_representation.py"
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   RESERVE_S=$((deadline - check_end)) step memcheck_cuda 120 "$sanitizer" --tool memcheck \
     --error-exitcode 1 $PYTHON -m pytest -q -k "cuda and $small" $cuda_tests

@@ -52,7 +52,9 @@ TIER_2 = [
 ]
 
 
-def run_suite(tmp_path: Path, *groups: str, **env: str) -> tuple[subprocess.CompletedProcess, list[dict], list[list[str]]]:
+def run_suite(
+    tmp_path: Path, *groups: str, **env: str
+) -> tuple[subprocess.CompletedProcess, list[dict], list[list[str]]]:
     python = tmp_path / "python"
     python.write_text(STAND_IN.format(python=sys.executable))
     python.chmod(python.stat().st_mode | stat.S_IEXEC)

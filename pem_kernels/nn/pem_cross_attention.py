@@ -143,9 +143,10 @@ class PEMCrossAttention(nn.Module):
     1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C] (for inference on
        the ``cpu`` and ``triton`` backends, one fused kernel: :meth:`LocalRepresentation.project`);
        ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C];
-    2. per head, the pixel with the largest similarity to the query among those whose mask logit
-       is not negative (:func:`pem_kernels.prototype_select` with ``normalize_keys=True``: keys are
-       L2-normalized over C inside the op, the similarity is never materialized);
+    2. per head, the pixel with the largest similarity to the L2-normalized keys among those whose
+       mask logit is not negative (:func:`pem_kernels.prototype_select`; the similarity is never
+       materialized, and the keys are normalized by the fused projection's kernel where it ran,
+       else inside the op with ``normalize_keys=True``);
     3. ``tgt + final(alpha * l2norm(proj(P * q)) + P)`` (:func:`pem_kernels.prototype_attention`).
 
     Args:
