@@ -435,12 +435,19 @@ def pointers(dtype, **extra):
 
 bf16 = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
 fp32 = dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
-# The GPU's forward tiles (BLOCK_M=64, BLOCK_N=128 for PEM's 128 channels) and a narrower one.
+# The GPU's forward tiles (BLOCK_N=128 for PEM's 128 channels, and a narrower one): along
+# channels (channels_last input) and, transposed, along pixels (NCHW), as the op chooses them.
 for block_n in (64, 128):
+    flags = dict(HAS_MASK=True, HAS_BIAS=True, PIXEL_MAJOR=False)
     tiles = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32)
-    compile_sm90(K._forward_kernel, pointers("bf16"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **bf16))
-    compile_sm90(K._forward_kernel, pointers("fp32"), dict(HAS_MASK=True, HAS_BIAS=True, **tiles, **fp32),
+    compile_sm90(K._forward_kernel, pointers("bf16"), dict(**flags, **tiles, **bf16))
+    compile_sm90(K._forward_kernel, pointers("fp32"), dict(**flags, **tiles, **fp32),
                  num_warps=K._num_warps(torch.float32))
+    flags["PIXEL_MAJOR"] = True
+    compile_sm90(K._forward_kernel, pointers("bf16"),
+                 dict(**flags, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16, **bf16), num_warps=8)
+    compile_sm90(K._forward_kernel, pointers("fp32"),
+                 dict(**flags, BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=16, **fp32), num_warps=8)
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 # The offset/mask gradient kernel with the fused atomic input-gradient scatter (the default
 # outside deterministic mode) and without it, in both dtypes.

@@ -16,7 +16,11 @@ modulation folded in), then loops over the input channels of (weight group ∩ o
 ``BLOCK_K`` blocks: gathers the four corners ``[BLOCK_M, BLOCK_K]``, blends them straight into the
 ``tl.dot`` A operand and multiplies by the weight tile ``[BLOCK_K, BLOCK_N]`` (the weight is
 re-laid out once per call as ``[G, T, Cin_g, Cout_g]``, a few KB). The epilogue adds the bias and
-stores the tile in the output's memory format.
+stores the tile in the output's memory format. For an NCHW input (and output) the program computes
+the transposed tile ``[BLOCK_N, BLOCK_M] = W^T col^T`` instead (``PIXEL_MAJOR``): Triton spreads
+a tile's last axis over a warp's lanes, and along pixels the lanes of a gather or of the store
+stay within one channel plane (coalesced), where along channels each lane would touch a
+different plane.
 
 Backward, five pieces. Every output element of the weight, offset, mask and bias gradients is
 written by exactly one program with a fixed order of additions; the input gradient is scattered
@@ -180,6 +184,26 @@ def _gather_corners(
 
 
 @triton.jit
+def _gather_corners_pixel_major(
+    x_ptr, image_base, channel_offset, channel_ok, row, col,
+    top_ok, bottom_ok, left_ok, right_ok, sx_h, sx_w,
+):
+    """:func:`_gather_corners` transposed: [BLOCK_K, BLOCK_M], pixels along the last axis, which
+    Triton spreads over a warp's lanes. In an NCHW input a channel is a plane, so neighbouring
+    output pixels (which sample neighbouring positions) make coalesced accesses, where lanes
+    along channels would each touch their own plane."""
+    ptr = x_ptr + (image_base + row * sx_h + col * sx_w)[None, :] + channel_offset[:, None]
+    c_ok = channel_ok[:, None]
+    v00 = tl.load(ptr, mask=(top_ok & left_ok)[None, :] & c_ok, other=0.0).to(tl.float32)
+    v01 = tl.load(ptr + sx_w, mask=(top_ok & right_ok)[None, :] & c_ok, other=0.0).to(tl.float32)
+    v10 = tl.load(ptr + sx_h, mask=(bottom_ok & left_ok)[None, :] & c_ok, other=0.0).to(tl.float32)
+    v11 = tl.load(
+        ptr + sx_h + sx_w, mask=(bottom_ok & right_ok)[None, :] & c_ok, other=0.0
+    ).to(tl.float32)
+    return v00, v01, v10, v11
+
+
+@triton.jit
 def _pixels(ms, L, OW):
     b = ms // L
     pix = ms - b * L
@@ -231,10 +255,13 @@ def _forward_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
     sm_b, sm_c, sm_h, sm_w, sy_b, sy_c, sy_h, sy_w,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PIXEL_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """out[m, n] = bias[n] + sum over (tap, channel) of col[m, (tap, c)] * W[n, c, tap], or its
+    transpose out^T = W^T col^T with PIXEL_MAJOR (NCHW input and output: the gathers and the
+    store then run along pixels, see :func:`_gather_corners_pixel_major`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_blocks = tl.cdiv(COUT_G, BLOCK_N)
@@ -247,7 +274,10 @@ def _forward_kernel(
     image_base = b64 * sx_b
     c_first = grp * CIN_G
     c_end = c_first + CIN_G
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PIXEL_MAJOR:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, TAPS):
         for og in range(c_first // COG, (c_end - 1) // COG + 1):
             row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
@@ -255,33 +285,62 @@ def _forward_kernel(
                 so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
                 H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
             )
-            w00 = ((1.0 - fy) * (1.0 - fx) * mod)[:, None]
-            w01 = ((1.0 - fy) * fx * mod)[:, None]
-            w10 = (fy * (1.0 - fx) * mod)[:, None]
-            w11 = (fy * fx * mod)[:, None]
+            w00 = (1.0 - fy) * (1.0 - fx) * mod
+            w01 = (1.0 - fy) * fx * mod
+            w10 = fy * (1.0 - fx) * mod
+            w11 = fy * fx * mod
             lo = tl.maximum(c_first, og * COG)
             hi = tl.minimum(c_end, og * COG + COG)
             for c0 in range(lo, hi, BLOCK_K):
                 chans = c0 + tl.arange(0, BLOCK_K)
                 c_ok = chans < hi
-                v00, v01, v10, v11 = _gather_corners(
-                    x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
-                    sx_h, sx_w,
-                )
-                a = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
-                wt = tl.load(
-                    w_ptr + (((grp * TAPS + k) * CIN_G + chans - c_first) * COUT_G)[:, None]
-                    + outs[None, :],
-                    mask=c_ok[:, None] & o_ok[None, :], other=0.0,
-                )
-                acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + grp * COUT_G + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+                w_rows = ((grp * TAPS + k) * CIN_G + chans - c_first) * COUT_G
+                if PIXEL_MAJOR:
+                    v00, v01, v10, v11 = _gather_corners_pixel_major(
+                        x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
+                        sx_h, sx_w,
+                    )
+                    a = (w00[None, :] * v00 + w01[None, :] * v01 + w10[None, :] * v10
+                         + w11[None, :] * v11)  # [BLOCK_K, BLOCK_M]
+                    wt = tl.load(
+                        w_ptr + w_rows[None, :] + outs[:, None],
+                        mask=o_ok[:, None] & c_ok[None, :], other=0.0,
+                    )  # [BLOCK_N, BLOCK_K]
+                    acc += tl.dot(
+                        wt.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision=DOT_PRECISION
+                    )
+                else:
+                    v00, v01, v10, v11 = _gather_corners(
+                        x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
+                        sx_h, sx_w,
+                    )
+                    a = (w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10
+                         + w11[:, None] * v11)  # [BLOCK_M, BLOCK_K]
+                    wt = tl.load(
+                        w_ptr + w_rows[:, None] + outs[None, :],
+                        mask=c_ok[:, None] & o_ok[None, :], other=0.0,
+                    )  # [BLOCK_K, BLOCK_N]
+                    acc += tl.dot(
+                        a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION
+                    )
     out_rows = b64 * sy_b + oy * sy_h + ox * sy_w
-    tl.store(
-        out_ptr + out_rows[:, None] + ((grp * COUT_G + outs) * sy_c)[None, :],
-        acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :],
-    )
+    out_channels = (grp * COUT_G + outs) * sy_c
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + grp * COUT_G + outs, mask=o_ok, other=0.0).to(tl.float32)
+    if PIXEL_MAJOR:
+        if HAS_BIAS:
+            acc += bias[:, None]
+        tl.store(
+            out_ptr + out_rows[None, :] + out_channels[:, None],
+            acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & m_ok[None, :],
+        )
+    else:
+        if HAS_BIAS:
+            acc += bias[None, :]
+        tl.store(
+            out_ptr + out_rows[:, None] + out_channels[None, :],
+            acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :],
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,6 +604,12 @@ def _num_warps(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+def _pixel_major(input: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the forward's tiles run along pixels: when neither the input's nor the output's
+    channels are contiguous (NCHW), so that a warp's lanes read and write along the planes."""
+    return input.stride(1) != 1 and out.stride(1) != 1
+
+
 def _channels_last_wanted(input: torch.Tensor) -> bool:
     """channels_last input (and not also plain contiguous) -> channels_last output / grad_input."""
     return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
@@ -681,9 +746,16 @@ def deform_conv2d_triton(
     M = s["B"] * s["L"]
     if M == 0:
         return out
-    block_m = 128 if INTERPRET else 64
+    pixel_major = _pixel_major(input, out)
     block_n = block_size(s["COUT_G"], 16, 64 if INTERPRET else 128)
     block_k = block_size(min(s["CIN_G"], s["COG"]), 16, 32)
+    block_m, num_warps = (128 if INTERPRET else 64), _num_warps(input.dtype)
+    if pixel_major and not INTERPRET:
+        # The transposed tiles need more registers: with the channel-major sizes (64 x 128 x 32)
+        # ptxas (sm_90, triton 3.6) spills up to 7 KB per thread in fp32; with these, none (3.6
+        # and 3.8, fp32 and bf16).
+        block_m = 32 if input.dtype == torch.float32 else 64
+        block_k, num_warps = 16, 8
     mask_arg, om_strides = _offset_mask_args(offset, mask)
     grid = (cdiv(M, block_m), groups * cdiv(s["COUT_G"], block_n))
     launcher(_forward_kernel, INTERPRET)[grid](
@@ -692,7 +764,8 @@ def deform_conv2d_triton(
         M, s["L"], s["OW"], s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"],
         *conv, *input.stride(), *om_strides, *out.stride(),
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_num_warps(input.dtype),
+        PIXEL_MAJOR=pixel_major,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         **_dot_config(input.dtype),
     )
     return out
