@@ -450,15 +450,23 @@ for block_n in (64, 128):
                  dict(**flags, BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=16, **fp32), num_warps=8)
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 # The offset/mask gradient kernel with the fused atomic input-gradient scatter (the default
-# outside deterministic mode) and without it, in both dtypes.
+# outside deterministic mode) and without it, in both dtypes; channel-major tiles
+# (channels_last) and, with the op's sizes for them, pixel-major ones (NCHW).
 for scatter in (True, False):
     compile_sm90(K._offset_mask_grad_kernel, pointers("bf16", ginput_ptr="*fp32"),
-                 dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, **tiles, **bf16))
+                 dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, PIXEL_MAJOR=False, **tiles,
+                      **bf16))
     compile_sm90(K._offset_mask_grad_kernel, pointers("fp32", ginput_ptr="*fp32"),
-                 dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, **tiles, **fp32),
-                 num_warps=K._num_warps(torch.float32))
-compile_sm90(K._weight_grad_kernel, pointers("bf16", partial_ptr="*fp32"),
-             dict(HAS_MASK=True, **tiles, **bf16))
+                 dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, PIXEL_MAJOR=False, **tiles,
+                      **fp32), num_warps=K._num_warps(torch.float32))
+    for dtype, dots in (("bf16", bf16), ("fp32", fp32)):
+        compile_sm90(K._offset_mask_grad_kernel, pointers(dtype, ginput_ptr="*fp32"),
+                     dict(HAS_MASK=True, SCATTER_INPUT_GRAD=scatter, PIXEL_MAJOR=True,
+                          BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, **dots), num_warps=8)
+for pixel_major in (False, True):
+    compile_sm90(K._weight_grad_kernel, pointers("bf16", partial_ptr="*fp32"),
+                 dict(HAS_MASK=True, PIXEL_MAJOR=pixel_major, **tiles, **bf16),
+                 num_warps=8 if pixel_major else 4)
 compile_sm90(K._corner_kernel, pointers("bf16", key_ptr="*i64", weight_ptr="*fp32", N="i64",
                                         SENTINEL="i64"), dict(HAS_MASK=True, BLOCK=256))
 compile_sm90(K._input_grad_kernel, pointers("bf16", key_ptr="*i64", perm_ptr="*i64",

@@ -20,7 +20,8 @@ stores the tile in the output's memory format. For an NCHW input (and output) th
 the transposed tile ``[BLOCK_N, BLOCK_M] = W^T col^T`` instead (``PIXEL_MAJOR``): Triton spreads
 a tile's last axis over a warp's lanes, and along pixels the lanes of a gather or of the store
 stay within one channel plane (coalesced), where along channels each lane would touch a
-different plane.
+different plane. The offset/mask-gradient and weight-gradient kernels below take the same two
+orientations (the deterministic input-gradient gather keeps the channel-major one).
 
 Backward, five pieces. Every output element of the weight, offset, mask and bias gradients is
 written by exactly one program with a fixed order of additions; the input gradient is scattered
@@ -167,39 +168,54 @@ def _sample_point(
 
 
 @triton.jit
-def _gather_corners(
-    x_ptr, image_base, channel_offset, channel_ok, row, col,
-    top_ok, bottom_ok, left_ok, right_ok, sx_h, sx_w,
-):
-    """The four corners [BLOCK_M, BLOCK_K] (fp32, zero outside the image or for masked lanes)."""
-    ptr = x_ptr + (image_base + row * sx_h + col * sx_w)[:, None] + channel_offset[None, :]
-    c_ok = channel_ok[None, :]
-    v00 = tl.load(ptr, mask=(top_ok & left_ok)[:, None] & c_ok, other=0.0).to(tl.float32)
-    v01 = tl.load(ptr + sx_w, mask=(top_ok & right_ok)[:, None] & c_ok, other=0.0).to(tl.float32)
-    v10 = tl.load(ptr + sx_h, mask=(bottom_ok & left_ok)[:, None] & c_ok, other=0.0).to(tl.float32)
-    v11 = tl.load(
-        ptr + sx_h + sx_w, mask=(bottom_ok & right_ok)[:, None] & c_ok, other=0.0
-    ).to(tl.float32)
-    return v00, v01, v10, v11
+def _per_pixel(v, PIXEL_MAJOR: tl.constexpr):
+    """A per-pixel vector [BLOCK_M] broadcast over a tile of pixels x channels in the kernel's
+    orientation: [1, BLOCK_M] when pixels run along the tile's last axis (PIXEL_MAJOR, the axis
+    Triton spreads over a warp's lanes), else [BLOCK_M, 1]."""
+    if PIXEL_MAJOR:
+        return v[None, :]
+    else:
+        return v[:, None]
 
 
 @triton.jit
-def _gather_corners_pixel_major(
+def _per_channel(v, PIXEL_MAJOR: tl.constexpr):
+    """A per-channel vector broadcast the other way round from :func:`_per_pixel`."""
+    if PIXEL_MAJOR:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _sum_over_channels(x, PIXEL_MAJOR: tl.constexpr):
+    if PIXEL_MAJOR:
+        return tl.sum(x, axis=0)
+    else:
+        return tl.sum(x, axis=1)
+
+
+@triton.jit
+def _gather_corners(
     x_ptr, image_base, channel_offset, channel_ok, row, col,
-    top_ok, bottom_ok, left_ok, right_ok, sx_h, sx_w,
+    top_ok, bottom_ok, left_ok, right_ok, sx_h, sx_w, PIXEL_MAJOR: tl.constexpr,
 ):
-    """:func:`_gather_corners` transposed: [BLOCK_K, BLOCK_M], pixels along the last axis, which
-    Triton spreads over a warp's lanes. In an NCHW input a channel is a plane, so neighbouring
-    output pixels (which sample neighbouring positions) make coalesced accesses, where lanes
-    along channels would each touch their own plane."""
-    ptr = x_ptr + (image_base + row * sx_h + col * sx_w)[None, :] + channel_offset[:, None]
-    c_ok = channel_ok[:, None]
-    v00 = tl.load(ptr, mask=(top_ok & left_ok)[None, :] & c_ok, other=0.0).to(tl.float32)
-    v01 = tl.load(ptr + sx_w, mask=(top_ok & right_ok)[None, :] & c_ok, other=0.0).to(tl.float32)
-    v10 = tl.load(ptr + sx_h, mask=(bottom_ok & left_ok)[None, :] & c_ok, other=0.0).to(tl.float32)
-    v11 = tl.load(
-        ptr + sx_h + sx_w, mask=(bottom_ok & right_ok)[None, :] & c_ok, other=0.0
-    ).to(tl.float32)
+    """The four corners of a pixels x channels tile (fp32, zero outside the image or for masked
+    lanes): [BLOCK_M, BLOCK_K], or [BLOCK_K, BLOCK_M] with PIXEL_MAJOR. In an NCHW input a
+    channel is a plane, so with pixels along the lanes neighbouring output pixels (which sample
+    neighbouring positions) make coalesced accesses, where lanes along channels would each touch
+    their own plane; in a channels_last input it is the other way round."""
+    pixel = _per_pixel(image_base + row * sx_h + col * sx_w, PIXEL_MAJOR)
+    ptr = x_ptr + pixel + _per_channel(channel_offset, PIXEL_MAJOR)
+    c_ok = _per_channel(channel_ok, PIXEL_MAJOR)
+    m00 = _per_pixel(top_ok & left_ok, PIXEL_MAJOR) & c_ok
+    m01 = _per_pixel(top_ok & right_ok, PIXEL_MAJOR) & c_ok
+    m10 = _per_pixel(bottom_ok & left_ok, PIXEL_MAJOR) & c_ok
+    m11 = _per_pixel(bottom_ok & right_ok, PIXEL_MAJOR) & c_ok
+    v00 = tl.load(ptr, mask=m00, other=0.0).to(tl.float32)
+    v01 = tl.load(ptr + sx_w, mask=m01, other=0.0).to(tl.float32)
+    v10 = tl.load(ptr + sx_h, mask=m10, other=0.0).to(tl.float32)
+    v11 = tl.load(ptr + sx_h + sx_w, mask=m11, other=0.0).to(tl.float32)
     return v00, v01, v10, v11
 
 
@@ -216,15 +232,20 @@ def _pixels(ms, L, OW):
 def _column_grad(
     gout_ptr, w_ptr, gout_rows, row_ok, chans, chan_ok, c_lo, c_last, k, TAPS, CIN_G, COUT_G, sg_c,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PIXEL_MAJOR: tl.constexpr,
 ):
-    """dcol[r, c] = sum_o grad_out[row r, o] * W[o, c, k] over the weight group of each channel.
+    """dcol[r, c] = sum_o grad_out[row r, o] * W[o, c, k] over the weight group of each channel,
+    as [BLOCK_R, BLOCK_K], or transposed [BLOCK_K, BLOCK_R] with PIXEL_MAJOR (grad_output then
+    read along its rows: coalesced for NCHW).
 
     ``gout_rows`` [BLOCK_R] are the rows' grad_output addresses (without the channel term),
     ``chans`` [BLOCK_K] absolute input channels, the valid ones within [c_lo, c_last]; a block may
     straddle weight groups.
     """
-    dcol = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    if PIXEL_MAJOR:
+        dcol = tl.zeros([BLOCK_K, BLOCK_R], dtype=tl.float32)
+    else:
+        dcol = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     for grp in range(c_lo // CIN_G, c_last // CIN_G + 1):
         local = chans - grp * CIN_G
         in_grp = chan_ok & (local >= 0) & (local < CIN_G)
@@ -232,15 +253,27 @@ def _column_grad(
         for o0 in range(0, COUT_G, BLOCK_N):
             outs = o0 + tl.arange(0, BLOCK_N)
             o_ok = outs < COUT_G
-            g = tl.load(
-                gout_ptr + gout_rows[:, None] + ((grp * COUT_G + outs) * sg_c)[None, :],
-                mask=row_ok[:, None] & o_ok[None, :], other=0.0,
-            )
-            wt = tl.load(
-                w_ptr + w_rows[None, :] + outs[:, None],
-                mask=o_ok[:, None] & in_grp[None, :], other=0.0,
-            )
-            dcol += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            out_channels = (grp * COUT_G + outs) * sg_c
+            if PIXEL_MAJOR:
+                g = tl.load(
+                    gout_ptr + gout_rows[None, :] + out_channels[:, None],
+                    mask=o_ok[:, None] & row_ok[None, :], other=0.0,
+                )  # [BLOCK_N, BLOCK_R]
+                wt = tl.load(
+                    w_ptr + w_rows[:, None] + outs[None, :],
+                    mask=in_grp[:, None] & o_ok[None, :], other=0.0,
+                )  # [BLOCK_K, BLOCK_N]
+                dcol += tl.dot(wt.to(DOT_DTYPE), g.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            else:
+                g = tl.load(
+                    gout_ptr + gout_rows[:, None] + out_channels[None, :],
+                    mask=row_ok[:, None] & o_ok[None, :], other=0.0,
+                )  # [BLOCK_R, BLOCK_N]
+                wt = tl.load(
+                    w_ptr + w_rows[None, :] + outs[:, None],
+                    mask=o_ok[:, None] & in_grp[None, :], other=0.0,
+                )  # [BLOCK_N, BLOCK_K]
+                dcol += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     return dcol
 
 
@@ -261,7 +294,7 @@ def _forward_kernel(
 ):
     """out[m, n] = bias[n] + sum over (tap, channel) of col[m, (tap, c)] * W[n, c, tap], or its
     transpose out^T = W^T col^T with PIXEL_MAJOR (NCHW input and output: the gathers and the
-    store then run along pixels, see :func:`_gather_corners_pixel_major`)."""
+    store then run along pixels, see :func:`_gather_corners`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_blocks = tl.cdiv(COUT_G, BLOCK_N)
@@ -285,62 +318,42 @@ def _forward_kernel(
                 so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
                 H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
             )
-            w00 = (1.0 - fy) * (1.0 - fx) * mod
-            w01 = (1.0 - fy) * fx * mod
-            w10 = fy * (1.0 - fx) * mod
-            w11 = fy * fx * mod
+            w00 = _per_pixel((1.0 - fy) * (1.0 - fx) * mod, PIXEL_MAJOR)
+            w01 = _per_pixel((1.0 - fy) * fx * mod, PIXEL_MAJOR)
+            w10 = _per_pixel(fy * (1.0 - fx) * mod, PIXEL_MAJOR)
+            w11 = _per_pixel(fy * fx * mod, PIXEL_MAJOR)
             lo = tl.maximum(c_first, og * COG)
             hi = tl.minimum(c_end, og * COG + COG)
             for c0 in range(lo, hi, BLOCK_K):
                 chans = c0 + tl.arange(0, BLOCK_K)
                 c_ok = chans < hi
+                v00, v01, v10, v11 = _gather_corners(
+                    x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
+                    sx_h, sx_w, PIXEL_MAJOR,
+                )
+                a = (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11).to(DOT_DTYPE)
                 w_rows = ((grp * TAPS + k) * CIN_G + chans - c_first) * COUT_G
-                if PIXEL_MAJOR:
-                    v00, v01, v10, v11 = _gather_corners_pixel_major(
-                        x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
-                        sx_h, sx_w,
-                    )
-                    a = (w00[None, :] * v00 + w01[None, :] * v01 + w10[None, :] * v10
-                         + w11[None, :] * v11)  # [BLOCK_K, BLOCK_M]
+                if PIXEL_MAJOR:  # acc [BLOCK_N, BLOCK_M] += W^T [BLOCK_N, BLOCK_K] @ a
                     wt = tl.load(
                         w_ptr + w_rows[None, :] + outs[:, None],
                         mask=o_ok[:, None] & c_ok[None, :], other=0.0,
-                    )  # [BLOCK_N, BLOCK_K]
-                    acc += tl.dot(
-                        wt.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision=DOT_PRECISION
                     )
-                else:
-                    v00, v01, v10, v11 = _gather_corners(
-                        x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
-                        sx_h, sx_w,
-                    )
-                    a = (w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10
-                         + w11[:, None] * v11)  # [BLOCK_M, BLOCK_K]
+                    acc += tl.dot(wt.to(DOT_DTYPE), a, input_precision=DOT_PRECISION)
+                else:  # acc [BLOCK_M, BLOCK_N] += a @ W [BLOCK_K, BLOCK_N]
                     wt = tl.load(
                         w_ptr + w_rows[:, None] + outs[None, :],
                         mask=c_ok[:, None] & o_ok[None, :], other=0.0,
-                    )  # [BLOCK_K, BLOCK_N]
-                    acc += tl.dot(
-                        a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION
                     )
-    out_rows = b64 * sy_b + oy * sy_h + ox * sy_w
-    out_channels = (grp * COUT_G + outs) * sy_c
+                    acc += tl.dot(a, wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + grp * COUT_G + outs, mask=o_ok, other=0.0).to(tl.float32)
-    if PIXEL_MAJOR:
-        if HAS_BIAS:
-            acc += bias[:, None]
-        tl.store(
-            out_ptr + out_rows[None, :] + out_channels[:, None],
-            acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & m_ok[None, :],
-        )
-    else:
-        if HAS_BIAS:
-            acc += bias[None, :]
-        tl.store(
-            out_ptr + out_rows[:, None] + out_channels[None, :],
-            acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :],
-        )
+        acc += _per_channel(bias, PIXEL_MAJOR)
+    out_rows = _per_pixel(b64 * sy_b + oy * sy_h + ox * sy_w, PIXEL_MAJOR)
+    out_channels = _per_channel((grp * COUT_G + outs) * sy_c, PIXEL_MAJOR)
+    tl.store(
+        out_ptr + out_rows + out_channels, acc.to(out_ptr.dtype.element_ty),
+        mask=_per_pixel(m_ok, PIXEL_MAJOR) & _per_channel(o_ok, PIXEL_MAJOR),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +367,7 @@ def _offset_mask_grad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
     sm_b, sm_c, sm_h, sm_w, si_b, si_c, si_h, si_w,
-    HAS_MASK: tl.constexpr, SCATTER_INPUT_GRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, SCATTER_INPUT_GRAD: tl.constexpr, PIXEL_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -374,10 +387,10 @@ def _offset_mask_grad_kernel(
             so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
             H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
         )
-        gy0 = (1.0 - fy)[:, None]
-        gy1 = fy[:, None]
-        gx0 = (1.0 - fx)[:, None]
-        gx1 = fx[:, None]
+        gy0 = _per_pixel(1.0 - fy, PIXEL_MAJOR)
+        gy1 = _per_pixel(fy, PIXEL_MAJOR)
+        gx0 = _per_pixel(1.0 - fx, PIXEL_MAJOR)
+        gx1 = _per_pixel(fx, PIXEL_MAJOR)
         grad_y = tl.zeros([BLOCK_M], dtype=tl.float32)
         grad_x = tl.zeros([BLOCK_M], dtype=tl.float32)
         grad_m = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -388,33 +401,42 @@ def _offset_mask_grad_kernel(
             dcol = _column_grad(
                 gout_ptr, w_ptr, gout_rows, m_ok, chans, c_ok, c0, c_last, k, TAPS, CIN_G,
                 COUT_G, sg_c,
-                BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, DOT_PRECISION, PIXEL_MAJOR,
             )
             v00, v01, v10, v11 = _gather_corners(
                 x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
-                sx_h, sx_w,
+                sx_h, sx_w, PIXEL_MAJOR,
             )
-            grad_y += tl.sum(dcol * (gx0 * (v10 - v00) + gx1 * (v11 - v01)), axis=1)
-            grad_x += tl.sum(dcol * (gy0 * (v01 - v00) + gy1 * (v11 - v10)), axis=1)
+            grad_y += _sum_over_channels(
+                dcol * (gx0 * (v10 - v00) + gx1 * (v11 - v01)), PIXEL_MAJOR
+            )
+            grad_x += _sum_over_channels(
+                dcol * (gy0 * (v01 - v00) + gy1 * (v11 - v10)), PIXEL_MAJOR
+            )
             if HAS_MASK:
                 sample = gy0 * (gx0 * v00 + gx1 * v01) + gy1 * (gx0 * v10 + gx1 * v11)
-                grad_m += tl.sum(dcol * sample, axis=1)
+                grad_m += _sum_over_channels(dcol * sample, PIXEL_MAJOR)
             if SCATTER_INPUT_GRAD:
                 # grad_input += dcol * mod * (each corner's bilinear weight), with fp32 atomics.
-                modulated = dcol * mod[:, None]
-                top_left = (b64 * si_b + row * si_h + col * si_w)[:, None] + (chans * si_c)[None, :]
-                corner = ginput_ptr + top_left
-                c_in = c_ok[None, :]
-                tl.atomic_add(corner, modulated * (gy0 * gx0), mask=(t_ok & l_ok)[:, None] & c_in)
+                modulated = dcol * _per_pixel(mod, PIXEL_MAJOR)
+                corner = ginput_ptr + _per_pixel(b64 * si_b + row * si_h + col * si_w, PIXEL_MAJOR)
+                corner += _per_channel(chans * si_c, PIXEL_MAJOR)
+                c_in = _per_channel(c_ok, PIXEL_MAJOR)
                 tl.atomic_add(
-                    corner + si_w, modulated * (gy0 * gx1), mask=(t_ok & r_ok)[:, None] & c_in
+                    corner, modulated * (gy0 * gx0),
+                    mask=_per_pixel(t_ok & l_ok, PIXEL_MAJOR) & c_in,
                 )
                 tl.atomic_add(
-                    corner + si_h, modulated * (gy1 * gx0), mask=(b_ok & l_ok)[:, None] & c_in
+                    corner + si_w, modulated * (gy0 * gx1),
+                    mask=_per_pixel(t_ok & r_ok, PIXEL_MAJOR) & c_in,
+                )
+                tl.atomic_add(
+                    corner + si_h, modulated * (gy1 * gx0),
+                    mask=_per_pixel(b_ok & l_ok, PIXEL_MAJOR) & c_in,
                 )
                 tl.atomic_add(
                     corner + si_h + si_w, modulated * (gy1 * gx1),
-                    mask=(b_ok & r_ok)[:, None] & c_in,
+                    mask=_per_pixel(b_ok & r_ok, PIXEL_MAJOR) & c_in,
                 )
         # grad_offset / grad_mask are contiguous [B, 2*OG*T, L] / [B, OG*T, L].
         channel = og * TAPS + k
@@ -435,7 +457,7 @@ def _weight_grad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
     sm_b, sm_c, sm_h, sm_w,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, PIXEL_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -465,7 +487,10 @@ def _weight_grad_kernel(
         m_ok = ms < M
         b64, oy, ox = _pixels(ms, L, OW)
         image_base = b64 * sx_b
-        a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        if PIXEL_MAJOR:
+            a = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+        else:
+            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for og in range(c_lo // COG, (c_hi - 1) // COG + 1):
             row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
                 offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
@@ -475,22 +500,26 @@ def _weight_grad_kernel(
             in_og = c_ok & (chans >= og * COG) & (chans < og * COG + COG)
             v00, v01, v10, v11 = _gather_corners(
                 x_ptr, image_base, chans * sx_c, in_og, row, col, t_ok, b_ok, l_ok, r_ok,
-                sx_h, sx_w,
+                sx_h, sx_w, PIXEL_MAJOR,
             )
             a += (
-                ((1.0 - fy) * (1.0 - fx) * mod)[:, None] * v00
-                + ((1.0 - fy) * fx * mod)[:, None] * v01
-                + (fy * (1.0 - fx) * mod)[:, None] * v10
-                + (fy * fx * mod)[:, None] * v11
+                _per_pixel((1.0 - fy) * (1.0 - fx) * mod, PIXEL_MAJOR) * v00
+                + _per_pixel((1.0 - fy) * fx * mod, PIXEL_MAJOR) * v01
+                + _per_pixel(fy * (1.0 - fx) * mod, PIXEL_MAJOR) * v10
+                + _per_pixel(fy * fx * mod, PIXEL_MAJOR) * v11
             )
+        # grad_output [pixels, outs] read in the same orientation as the input (along its
+        # planes for NCHW), then acc [BLOCK_K, BLOCK_N] += col^T @ grad_output.
         g = tl.load(
-            gout_ptr + (b64 * sg_b + oy * sg_h + ox * sg_w)[:, None]
-            + ((grp * COUT_G + outs) * sg_c)[None, :],
-            mask=m_ok[:, None] & o_ok[None, :], other=0.0,
-        )
-        acc += tl.dot(
-            tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=DOT_PRECISION
-        )
+            gout_ptr + _per_pixel(b64 * sg_b + oy * sg_h + ox * sg_w, PIXEL_MAJOR)
+            + _per_channel((grp * COUT_G + outs) * sg_c, PIXEL_MAJOR),
+            mask=_per_pixel(m_ok, PIXEL_MAJOR) & _per_channel(o_ok, PIXEL_MAJOR), other=0.0,
+        ).to(DOT_DTYPE)
+        a = a.to(DOT_DTYPE)
+        if PIXEL_MAJOR:
+            acc += tl.dot(a, tl.trans(g), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.dot(tl.trans(a), g, input_precision=DOT_PRECISION)
     # partial is contiguous [splits, G, T, Cin_g, Cout_g].
     base = ((split * G + grp) * TAPS + k).to(tl.int64) * (CIN_G * COUT_G)
     tl.store(
@@ -575,6 +604,7 @@ def _input_grad_kernel(
                 gout_ptr, w_ptr, b64 * sg_b + oy * sg_h + ox * sg_w, e_ok, chans, c_ok, c_lo,
                 c_last, k,
                 TAPS, CIN_G, COUT_G, sg_c, BLOCK_E, BLOCK_N, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+                False,
             )
             one_hot = tl.where(
                 (local_target[None, :] == targets[:, None]) & e_ok[None, :], 1.0, 0.0
@@ -605,8 +635,9 @@ def _num_warps(dtype: torch.dtype) -> int:
 
 
 def _pixel_major(input: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether the forward's tiles run along pixels: when neither the input's nor the output's
-    channels are contiguous (NCHW), so that a warp's lanes read and write along the planes."""
+    """Whether the kernels' tiles run along pixels: when neither the input's channels nor those
+    of the output (forward) or grad_output (backward) are contiguous (NCHW), so that a warp's
+    lanes read and write along the channel planes."""
     return input.stride(1) != 1 and out.stride(1) != 1
 
 
@@ -827,6 +858,13 @@ def deform_conv2d_backward_triton(
     geometry = (s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"])
     block_n = block_size(s["COUT_G"], 16, 64)
     block_k = block_size(min(s["CIN_G"], s["COG"]), 16, 32)
+    # Tiles along pixels for NCHW input and grad_output, as in the forward (see _gather_corners).
+    pixel_major = _pixel_major(input, grad_output)
+    om_block_k, om_warps, w_warps = block_k, _num_warps(dtype), _num_warps(dtype)
+    if pixel_major and not INTERPRET:
+        # ptxas (sm_90): with the channel-major sizes and warps the transposed tiles spill up to
+        # 2.3 KB per thread (bf16, triton 3.6); with these at most 80 bytes (3.6 and 3.8).
+        om_block_k, om_warps, w_warps = 16, 8, 8
 
     # grad_input: outside deterministic mode scattered with fp32 atomics by the offset/mask
     # kernel (into grad_input itself for fp32, else into an fp32 buffer of the same layout); in
@@ -847,8 +885,8 @@ def deform_conv2d_backward_triton(
         M, s["L"], s["OW"], *geometry, *conv,
         *grad_output.stride(), *input.stride(), *om_strides,
         *(grad_input_acc.stride() if scatter else (0, 0, 0, 0)),
-        HAS_MASK=mask is not None, SCATTER_INPUT_GRAD=scatter, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_num_warps(dtype), **dots,
+        HAS_MASK=mask is not None, SCATTER_INPUT_GRAD=scatter, PIXEL_MAJOR=pixel_major,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=om_block_k, num_warps=om_warps, **dots,
     )
     if scatter and grad_input_acc is not grad_input:
         grad_input.copy_(grad_input_acc)
@@ -869,8 +907,8 @@ def deform_conv2d_backward_triton(
         grad_output, input, offset, mask_arg, partial,
         M, s["L"], s["OW"], *geometry, per_split, *conv,
         *grad_output.stride(), *input.stride(), *om_strides,
-        HAS_MASK=mask is not None, BLOCK_M=block_m_w, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=_num_warps(dtype), **dots,
+        HAS_MASK=mask is not None, PIXEL_MAJOR=pixel_major, BLOCK_M=block_m_w, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=w_warps, **dots,
     )
     grad_weight = partial.sum(0).permute(0, 3, 2, 1).reshape(weight.shape).to(weight.dtype)
     if scatter:
