@@ -62,6 +62,7 @@ TABLE_COLUMNS = [
     ("median_ms", "median ms", ".3f"),
     ("p20_ms", "p20 ms", ".3f"),
     ("p80_ms", "p80 ms", ".3f"),
+    ("graph_ms", "graph ms", ".3f"),
     ("peak_mib", "peak MiB", ".1f"),
     ("speedup_vs_mask2former", "x vs M2F", ".2f"),
     ("speedup_vs_reference", "x vs ref", ".2f"),
@@ -159,6 +160,17 @@ def make_step(layer: torch.nn.Module, mode: str) -> Callable[..., Any]:
     return forward_backward
 
 
+def graph_time(step, device, inputs, hw: int, provider: str) -> dict[str, Any]:
+    """``graph_ms``: the device time of one forward replayed from a CUDA graph (no host work),
+    beside the eager latency, which includes whatever the host adds; or ``graph_error`` when the
+    provider cannot be captured (a column, not a failed row)."""
+    try:
+        return {"graph_ms": harness.measure_graph_time(step, device=device, inputs=inputs)}
+    except Exception as error:  # noqa: BLE001
+        harness.note(f"WARNING: HW={hw} {provider}: no graph time ({type(error).__name__}: {error})")
+        return {"graph_error": f"{type(error).__name__}: {error}"}
+
+
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
     """Runs the sweep; returns (rows, failed provider runs, provider runs skipped at the
     deadline)."""
@@ -208,6 +220,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                         row.update(
                             harness.measure_time(step, device=device, warmup=1, repeats=repeats, inputs=inputs)
                         )
+                        if device.type == "cuda" and mode == "forward":
+                            row.update(graph_time(step, device, inputs[0], hw, provider))
                     except Exception as error:  # noqa: BLE001 - report it, keep sweeping
                         failures += 1
                         row["error"] = f"{type(error).__name__}: {error}"
@@ -239,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             op: pem_kernels.available_backends(op, device, DTYPES[args.dtype])
             for op in ("prototype_select", "prototype_attention")
         },
-        "units": {"*_ms": "milliseconds", "peak_mib": "MiB", "speedup_vs_*": "baseline median / median",
+        "units": {"*_ms": "milliseconds", "graph_ms": "median device time of a forward replayed "
+                  "from a CUDA graph (CUDA, forward rows)", "peak_mib": "MiB",
+                  "speedup_vs_*": "baseline median / median",
                   "memory_vs_*": "peak_bytes / baseline peak_bytes"},
     }
     env = meta["environment"]
