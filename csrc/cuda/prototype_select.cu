@@ -12,7 +12,8 @@
 //    increasing order, so argmax_visit's rule holds; at the end the 16 threads that share a query
 //    are merged with argmax_merge (warp shuffles) and the block writes one partial per
 //    (split, image, head, query). Splitting the pixel axis keeps the GPU busy at batch 1
-//    (B * heads * query blocks = 16 blocks for PEM).
+//    (B * heads * query blocks = 16 blocks for PEM). With normalize_keys the keys are divided by
+//    their norms as they are staged, so the scores are those of the normalized keys.
 // 3. merge_splits_kernel, one block per image: merges the partials of every (head, query) in
 //    split order (argmax_merge is associative and commutative: the result is deterministic and
 //    independent of block timing), applies the empty-mask rule (which needs every query of the
@@ -87,16 +88,22 @@ __device__ ArgmaxState<acc_t> merge_pixel_lanes(ArgmaxState<acc_t> state) {
   return state;
 }
 
-// tile[d][r] = matrix[row0 + r][dim0 + d] (row-major, `row_stride` elements per row) in acc_t, zero
-// outside [0, rows) x [0, dims). Consecutive threads load consecutive channels of a row: coalesced.
+// tile[d][r] = matrix[row0 + r][dim0 + d] (row-major, `row_stride` elements per row) in acc_t,
+// divided by row_divisors[row0 + r] when given, zero outside [0, rows) x [0, dims). Consecutive
+// threads load consecutive channels of a row: coalesced.
 template <int kRows, typename scalar_t, typename acc_t>
 __device__ void stage_transposed(
     acc_t (*tile)[kRows + 4], const scalar_t* matrix, int64_t row0, int64_t rows, int64_t dim0,
-    int64_t dims, int64_t row_stride) {
+    int64_t dims, int64_t row_stride, const acc_t* row_divisors) {
   for (int e = threadIdx.x; e < kTileDim * kRows; e += kTileThreads) {
     const int r = e / kTileDim, d = e % kTileDim;
     const int64_t row = row0 + r, dim = dim0 + d;
-    tile[d][r] = row < rows && dim < dims ? static_cast<acc_t>(matrix[row * row_stride + dim]) : acc_t(0);
+    acc_t value = 0;
+    if (row < rows && dim < dims) {
+      value = static_cast<acc_t>(matrix[row * row_stride + dim]);
+      if (row_divisors != nullptr) value /= row_divisors[row];
+    }
+    tile[d][r] = value;
   }
 }
 
@@ -120,6 +127,7 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   __shared__ acc_t query_tile[kTileDim][kTileQueries + 4];
 
   const scalar_t* key_base = keys + b * pr.pixels * pr.channels + h * pr.head_dim;
+  const acc_t* image_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels;
   const scalar_t* query_base = queries + b * pr.queries * pr.channels + h * pr.head_dim;
   ArgmaxState<acc_t> masked[kMicro], unmasked[kMicro];
   for (int j = 0; j < kMicro; ++j) masked[j] = unmasked[j] = ArgmaxState<acc_t>{0, -1};
@@ -129,8 +137,13 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     const int64_t pixel0 = tile * kTilePixels;
     acc_t scores[kMicro][kMicro] = {};
     for (int64_t dim0 = 0; dim0 < pr.head_dim; dim0 += kTileDim) {
-      stage_transposed<kTilePixels>(key_tile, key_base, pixel0, pr.pixels, dim0, pr.head_dim, pr.channels);
-      stage_transposed<kTileQueries>(query_tile, query_base, query0, pr.queries, dim0, pr.head_dim, pr.channels);
+      // normalize_keys: the keys are divided as they are staged (what F.normalize does before the
+      // reference's product; 8 divisions per thread and tile instead of one per score).
+      stage_transposed<kTilePixels>(
+          key_tile, key_base, pixel0, pr.pixels, dim0, pr.head_dim, pr.channels, image_divisors);
+      stage_transposed<kTileQueries>(
+          query_tile, query_base, query0, pr.queries, dim0, pr.head_dim, pr.channels,
+          static_cast<const acc_t*>(nullptr));
       __syncthreads();
 #pragma unroll
       for (int d = 0; d < kTileDim; ++d) {
@@ -150,12 +163,11 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     for (int i = 0; i < kMicro; ++i) {
       const int64_t pixel = pixel0 + pixel_lane * kMicro + i;
       if (pixel >= pr.pixels) break;
-      const acc_t divisor = divisors == nullptr ? acc_t(1) : divisors[b * pr.pixels + pixel];
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) {
         const int64_t query = query0 + query_lane * kMicro + j;
         if (query >= pr.queries) break;
-        const acc_t score = divisors == nullptr ? scores[i][j] : scores[i][j] / divisor;
+        const acc_t score = scores[i][j];
         if (mask == nullptr) {
           argmax_visit(masked[j], score, pixel);  // the unmasked argmax is never needed
         } else {
