@@ -26,7 +26,8 @@
 #     told its own deadline (PEM_BENCH_DEADLINE): it starts no row after it and writes the rows it
 #     has (exit status 3, "partial"), instead of being killed with none. plots always runs last.
 #   * SUITE_CHECK_S (default 300) boxes the correctness phase, SUITE_MIN_STEP_S (default 30) is
-#     the least time a step starts with, SUITE_RESULTS overrides the results folder.
+#     the least time a step starts with; SUITE_RESULTS overrides the results folder and
+#     SUITE_SANITIZER the compute-sanitizer binary.
 #   * Estimated from the H200 run of 2026-11-25 (estimates, not yet a measured whole run): build
 #     45 s, the checks about 250 s (pytest; 358 s there on 8 workers), tier 1 about 170 s, tier 2
 #     whatever is left. The summary lists each step's time; the tests log lists the slowest tests.
@@ -89,7 +90,9 @@ step() {
   # Benchmarks stop starting rows 25 s (or a quarter of a short limit) before they would be
   # killed, and write what they have.
   local margin=$((limit / 4 < 25 ? limit / 4 : 25))
-  PEM_BENCH_DEADLINE=$(($(date +%s) + limit - margin)) timeout -k 15 "$limit" "$@" \
+  # SIGINT first: pytest then still prints the summary of the tests it ran, Python programs
+  # unwind; whatever is left 15 s later is killed.
+  PEM_BENCH_DEADLINE=$(($(date +%s) + limit - margin)) timeout -s INT -k 15 "$limit" "$@" \
     > "$results/$name.log" 2>&1
   local rc=$?
   tail -n 3 "$results/$name.log"
@@ -121,16 +124,18 @@ run_tests() {
   [ "$workers" -ge 2 ] || workers=2
   if $PYTHON -c "import xdist" 2>/dev/null; then parallel="-n $workers"; fi
   # pytest-timeout (also on the image): one hung test fails alone instead of eating the step.
+  # -v: every test's outcome is in the log as it finishes, even if the step is stopped.
   if $PYTHON -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout 180"; fi
   TORCHINDUCTOR_COMPILE_THREADS=1 RESERVE_S=$((deadline - check_end)) \
-    step tests "$CHECK_S" $PYTHON -m pytest -q -rsfE --durations=40 $parallel $per_test tests
+    step tests "$CHECK_S" $PYTHON -m pytest -v -rsfE --durations=40 $parallel $per_test tests
 }
 
 run_sanitizer() {
-  # compute-sanitizer from PATH, else from the toolkit next to nvcc; gVisor machines (the H200)
-  # cannot run it at all, which is recorded as a skip.
-  local sanitizer
-  sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  # $SUITE_SANITIZER, else compute-sanitizer from PATH, else from the toolkit next to nvcc;
+  # gVisor machines (the H200) cannot run it at all, which is recorded as a skip.
+  local sanitizer=${SUITE_SANITIZER:-}
+  [ -n "$sanitizer" ] || sanitizer=$(command -v compute-sanitizer ||
+    echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   if ! "$sanitizer" --version > "$results/sanitizer_version.log" 2>&1; then
     record sanitize SKIPPED 0 "$sanitizer cannot run here (see sanitizer_version.log)"
     echo skipped >> "$statuses"
