@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: adaptive)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/<date>-<device>")
+    harness.add_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
     device_type = torch.device(args.device).type
     if device_type not in DEFAULTS:
@@ -241,6 +242,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    harness.apply_matmul_precision(args)
     device = torch.device(args.device)
     started = time.perf_counter()
     import pem_kernels

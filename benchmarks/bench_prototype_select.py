@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated; default: reference plus every available backend of the device",
     )
+    harness.add_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.backends is not None:
@@ -301,6 +302,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    harness.apply_matmul_precision(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")

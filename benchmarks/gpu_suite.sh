@@ -18,7 +18,8 @@
 #   * The benchmarks run in two tiers: first the rows the issues set goals for (fp32, batch 1:
 #     prototype selection, PEM-CA forward and forward+backward, the deformable conv, the model on
 #     the ops "auto" picks, one profile), then the rest (bf16, batch 2 and 8 where not in tier 1,
-#     the deterministic deform backward, the compiled model, more profiles).
+#     the deterministic deform backward, the compiled model, more profiles, and last the fp32
+#     goal rows with TF32 allowed).
 #   * PEM_BENCH_TIME_SCALE (default here 0.4) scales every benchmark's timing budget per row;
 #     each row still gets its minimum repeats and records how many it got.
 #   * SUITE_DEADLINE_S (default 570; 0 = none): no step runs past it. A step's limit is cut to
@@ -242,11 +243,22 @@ bench_model() {  # the whole PEM (R50, 512x512 and 1024x2048, batch 1)
   fi
 }
 
+bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" matmul precision),
+  # for PyTorch's matmuls and the Triton kernels alike: what tensor cores give fp32 inputs
+  step bench_prototype_select_float32_tf32 90 $PYTHON -m benchmarks.bench_prototype_select \
+    --device cuda --dtype float32 --matmul-precision high \
+    --out-dir "$results/prototype_select_float32_tf32"
+  step bench_pem_ca_float32_tf32 120 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
+    --dtype float32 --matmul-precision high --providers fused,reference,compiled,mask2former \
+    --out-dir "$results/pem_ca_float32_b1_tf32"
+}
+
 for tier in 1 2; do
   for group in select pemca profile deform model; do
     if wants "$group"; then "bench_$group" "$tier"; fi
   done
 done
+if wants select && wants pemca; then bench_tf32; fi
 
 if wants plots; then
   RESERVE_S=0 step plots 60 $PYTHON -m benchmarks plots "$results"

@@ -44,7 +44,9 @@ __all__ = [
     "MIB",
     "REPO_ROOT",
     "adaptive_repeats",
+    "add_matmul_precision_argument",
     "add_ratios",
+    "apply_matmul_precision",
     "choose_repeats",
     "default_out_dir",
     "device_slug",
@@ -252,6 +254,24 @@ def measure_graph_time(
     times = [start.elapsed_time(end) for start, end in zip(starts, ends)]
     del graph
     return float(np.median(times))
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def add_matmul_precision_argument(parser: Any) -> None:
+    """``--matmul-precision``: ``torch.set_float32_matmul_precision`` for the whole run. fp32
+    products of PyTorch's matmuls and of the Triton kernels follow it ("high"/"medium": TF32 on
+    tensor cores); every result records the setting (``environment.float32_matmul_precision``)."""
+    parser.add_argument(
+        "--matmul-precision", choices=MATMUL_PRECISIONS, default=None,
+        help="torch.set_float32_matmul_precision for the run (default: leave torch's setting)",
+    )
+
+
+def apply_matmul_precision(args: Any) -> None:
+    if args.matmul_precision is not None:
+        torch.set_float32_matmul_precision(args.matmul_precision)
 
 
 def _positive_float_from_env(name: str) -> float | None:

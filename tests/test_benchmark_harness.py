@@ -189,6 +189,20 @@ def test_bench_prototype_select_script_runs_and_writes(tmp_path):
     assert "reference" in done.stdout and "median ms" in done.stdout
 
 
+def test_matmul_precision_option_is_applied_and_recorded(tmp_path):
+    env = dict(os.environ, PEM_BENCH_PROGRESS="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "prototype-select", "--device", "cpu", "--sizes", "256",
+         "--repeats", "1", "--backends", "reference", "--matmul-precision", "high",
+         "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    meta = json.loads((tmp_path / "prototype_select.json").read_text())["meta"]
+    assert meta["environment"]["float32_matmul_precision"] == "high"
+    assert meta["config"]["matmul_precision"] == "high"
+
+
 def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     providers = ["fused", "reference", "mask2former", "sdpa"]
