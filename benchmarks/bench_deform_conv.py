@@ -45,6 +45,7 @@ widen it. Results go to ``benchmarks/results/<YYYY-MM-DD>-<device-slug>/deform_c
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -363,7 +364,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                         row["max_err"] = (out.float() - expected).abs().max().item()
                         del out
                     row["peak_bytes"] = harness.measure_peak_memory(
-                        lambda: step(inputs[0][0]), device=device
+                        functools.partial(step, inputs[0][0]), device=device
                     )
                     row["peak_mib"] = row["peak_bytes"] / harness.MIB
                     warmup, repeats = harness.choose_repeats(

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 import time
 from typing import Any, Callable
@@ -356,7 +357,7 @@ def run(
                         row["gflop_per_image"] = counted[eager][0] / args.batch / 1e9
                         flops_by_op.setdefault(size, {})[provider] = counted[eager][1]
                     row["peak_bytes"] = harness.measure_peak_memory(
-                        lambda: step(*inputs[0]), device=device
+                        functools.partial(step, *inputs[0]), device=device
                     )
                     row["peak_mib"] = row["peak_bytes"] / harness.MIB
                     warmup, repeats = harness.choose_repeats(

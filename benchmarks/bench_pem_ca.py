@@ -34,6 +34,7 @@ and the speedup of every provider against ``mask2former`` and ``reference`` of t
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                     try:
                         step = make_step(layers[provider], mode)
                         row["peak_bytes"] = harness.measure_peak_memory(
-                            lambda: step(*inputs[0]), device=device
+                            functools.partial(step, *inputs[0]), device=device
                         )
                         row["peak_mib"] = row["peak_bytes"] / harness.MIB
                         repeats = args.repeats or harness.adaptive_repeats(

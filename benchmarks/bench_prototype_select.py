@@ -47,6 +47,7 @@ default CPU sweep (four sizes, reference + cpu) takes about 2-3 minutes on 2 cor
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                         )
                     del indices
                     row["peak_bytes"] = harness.measure_peak_memory(
-                        lambda: op(*inputs[0]), device=device
+                        functools.partial(op, *inputs[0]), device=device
                     )
                     row["peak_mib"] = row["peak_bytes"] / harness.MIB
                     warmup, repeats = harness.choose_repeats(
