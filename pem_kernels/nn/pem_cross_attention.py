@@ -67,58 +67,63 @@ class LocalRepresentation(nn.Module):
     def _project(
         self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str, normalize: bool
     ) -> tuple[torch.Tensor, bool]:
-        chosen = self._fusable_backend(memory, pos, backend)
+        # Every parameter and buffer read once per call: each nn.Module attribute lookup costs
+        # about a microsecond of host time, and a GPU-sized layer call is host-bound.
+        bn, conv, out = self.bn, self.to_query_3x3, self.out
+        weights = (conv.weight, conv.bias, out.weight, out.bias)
+        bn_sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        chosen = self._fusable_backend(memory, pos, backend, bn.training, weights, bn_sources)
         if chosen is not None:
             # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
             acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
-            scale, shift = self._bn_affine(acc)
+            scale, shift = self._bn_affine(acc, bn_sources, bn.eps)
             keys = fused_local_representation(
-                chosen, memory, pos, scale, shift, self.to_query_3x3.weight,
-                self.to_query_3x3.bias, self.out.weight, self.out.bias, normalize,
+                chosen, memory, pos, scale, shift, *weights, normalize
             )
             if keys is not None:
                 return keys, normalize
         return self(memory + pos if pos is not None else memory), False
 
-    def _bn_affine(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode BatchNorm as (scale, shift) [C] in ``acc``.
+    def _bn_affine(
+        self, acc: torch.dtype, sources: tuple, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode BatchNorm as (scale, shift) [C] in ``acc``, from ``sources`` = (running_mean,
+        running_var, weight, bias) (the affine ones may be None).
 
-        Eager calls reuse the last result while the statistics and affine parameters are the same
-        tensors at the same versions (every in-place change, ``load_state_dict`` included, bumps
-        a version; ``.to()`` makes new tensors): in inference they never change, and recomputing
-        takes six small kernel launches per layer call.
+        Eager calls reuse the last result while those are the same tensors at the same versions
+        (every in-place change, ``load_state_dict`` included, bumps a version; ``.to()`` makes new
+        tensors) and eps is unchanged: in inference they never change, and recomputing takes six
+        small kernel launches per layer call.
         """
-        bn = self.bn
+        mean, var, weight, bias = sources
         eager = not torch.compiler.is_compiling()  # compiled, inductor fuses these ops anyway
         if eager:
-            sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-            key = (acc, bn.eps) + tuple(t._version if t is not None else None for t in sources)
+            key = (acc, eps) + tuple(t._version if t is not None else None for t in sources)
             cached = self._bn_affine_cache
             if cached is not None and cached[1] == key and all(
                 a is b for a, b in zip(cached[0], sources)
             ):
                 return cached[2]
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
+        scale = torch.rsqrt(var.to(acc) + eps)
+        if weight is not None:
+            scale = scale * weight.to(acc)
+        shift = -mean.to(acc) * scale
+        if bias is not None:
+            shift = shift + bias.to(acc)
         if eager:
             # Holding the source tensors keeps their ids from being reused by new tensors.
             self._bn_affine_cache = (sources, key, (scale, shift))
         return scale, shift
 
+    @staticmethod
     def _fusable_backend(
-        self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str
+        memory: torch.Tensor, pos: torch.Tensor | None, backend: str, bn_training: bool,
+        weights: tuple, bn_sources: tuple,
     ) -> str | None:
-        bn = self.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None:
+        running_mean, running_var, bn_weight, bn_bias = bn_sources
+        if bn_training or running_mean is None or running_var is None:
             return None
-        # The parameters named one by one: self.parameters() walks the module tree on every call.
-        conv, out = self.to_query_3x3, self.out
-        tensors = [memory, pos, conv.weight, conv.bias, out.weight, out.bias, bn.weight, bn.bias]
-        tensors = [t for t in tensors if t is not None]
+        tensors = [t for t in (memory, pos, *weights, bn_weight, bn_bias) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return None
         if has_forward_ad_tangent(tensors):  # the modules carry tangents, the kernel does not
