@@ -467,6 +467,8 @@ for pixel_major in (False, True):
     compile_sm90(K._weight_grad_kernel, pointers("bf16", partial_ptr="*fp32"),
                  dict(HAS_MASK=True, PIXEL_MAJOR=pixel_major, **tiles, **bf16),
                  num_warps=8 if pixel_major else 4)
+    compile_sm90(K._weight_grad_kernel, pointers("fp32", partial_ptr="*fp32"),
+                 dict(HAS_MASK=True, PIXEL_MAJOR=pixel_major, **tiles, **fp32), num_warps=8)
 compile_sm90(K._corner_kernel, pointers("bf16", key_ptr="*i64", weight_ptr="*fp32", N="i64",
                                         SENTINEL="i64"), dict(HAS_MASK=True, BLOCK=256))
 compile_sm90(K._input_grad_kernel, pointers("bf16", key_ptr="*i64", perm_ptr="*i64",
