@@ -6,7 +6,7 @@ repository root::
     python -m benchmarks.bench_pem_ca [--device cpu|cuda] [--dtype float32|bfloat16]
         [--sizes 2048,8192,32768,131072] [--batch 1] [--modes forward,forward+backward]
         [--providers fused,reference,compiled,fused_compiled,mask2former,sdpa] [--repeats N]
-        [--out-dir DIR]
+        [--out-dir DIR] [--matmul-precision highest|high|medium]
 
 One decoder cross-attention layer (C=256, 8 heads, Q=100 queries) over a feature map of HW pixels
 with aspect 1:2 (2048 = 32x64, 8192 = 64x128, 32768 = 128x256, 131072 = 256x512, the 1/32 ... 1/4
@@ -26,7 +26,9 @@ allowed per query). Providers (same inputs, same layer interface):
 * ``sdpa``: the same with ``F.scaled_dot_product_attention`` and a boolean mask.
 
 Each row: median / p20 / p80 ms over repeats (inputs rotate over two sets), peak extra memory,
-and the speedup of every provider against ``mask2former`` and ``reference`` of the same run.
+and the speedup of every provider against ``mask2former`` and ``reference`` of the same run; on
+CUDA the forward rows also give ``graph_ms``, the device time of the forward replayed from a CUDA
+graph (the host's Python, dispatch and launch work removed).
 ``forward`` runs under ``torch.no_grad()``; ``forward+backward`` also back-propagates
 ``out.sum()`` into the parameters and into tgt and memory. Layers are in eval mode.
 """

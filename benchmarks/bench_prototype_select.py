@@ -5,7 +5,7 @@ Run from the repository root::
     python -m benchmarks.bench_prototype_select [--device cpu|cuda]
         [--dtype float32|bfloat16|float16] [--sizes 2048,8192,32768,131072] [--batch 1]
         [--queries 100] [--channels 256] [--heads 8] [--density 0.3] [--repeats N]
-        [--out-dir DIR] [--backends reference,cpu]
+        [--out-dir DIR] [--backends reference,cpu] [--matmul-precision highest|high|medium]
 
 Inputs per pixel count HW: keys [B, HW, C] and queries [B, N, C] standard normal (in ``--dtype``),
 mask [B, N, HW] bool with each entry True with probability ``--density``. Backend ``reference``
