@@ -8,6 +8,7 @@ tarball are checked without a GPU in seconds.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import stat
@@ -17,6 +18,8 @@ import tarfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
 SUITE = REPO_ROOT / "benchmarks" / "gpu_suite.sh"
 
 STAND_IN = """#!{python}
@@ -100,6 +103,15 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     benchmarks = [c for c in calls if c["module"].startswith("benchmarks.") and c["module"] != "benchmarks"]
     assert benchmarks and all(c["time_scale"] == "0.4" and c["deadline"] for c in benchmarks)
     assert all(float(c["deadline"]) > c["now"] for c in benchmarks)
+    # Every benchmark command line is one its parser accepts (with the CPU for the GPU): a typo
+    # here would cost a GPU run.
+    for call in benchmarks:
+        if call["module"] in ("benchmarks.diagnose_cpp_errors",):
+            continue
+        module = importlib.import_module(call["module"])
+        argv = list(call["argv"])
+        argv[argv.index("--device") + 1] = "cpu"
+        module.parse_args(argv)
     tests = next(c for c in calls if c["module"] == "pytest")
     assert "--durations=40" in tests["argv"] and tests["argv"][-1] == "tests"
     with tarfile.open(tmp_path / "out" / "gpu-suite-results.tgz") as tar:
