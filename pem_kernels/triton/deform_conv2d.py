@@ -99,8 +99,8 @@ from pem_kernels.reference.deform_conv import check_deform_conv2d_args
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
-    check,
     cdiv,
+    check,
     dot_operands,
     interpreter_requested,
     launcher,

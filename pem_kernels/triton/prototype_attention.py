@@ -49,8 +49,8 @@ import triton.language as tl
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
-    check,
     cdiv,
+    check,
     dot_operands,
     interpreter_requested,
     launcher,

@@ -49,8 +49,8 @@ from pem_kernels.ops.prototype_select import autograd_functions
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
-    check,
     cdiv,
+    check,
     dot_operands,
     launcher,
     pem_triton_op,
