@@ -20,6 +20,8 @@ on the fused ops counts the same FLOPs as the same model run on the reference op
 * ``local_representation`` (C++ op and ``local_representation_triton``, PEM-CA's fused feature
   projection): ``2 * B * H * W * C * (9 + C_out)``, the depthwise conv and the Linear as torch
   counts them unfused (the BN and the pos add are elementwise).
+* ``query_projection_triton`` (PEM-CA's fused query projection): its Linear,
+  ``2 * Q * B * C * C_out`` (the LayerNorm, the pos add and the normalization are elementwise).
 * ``prototype_attention`` (C++ schema and ``prototype_attention_triton``): its two [C, C]
   linear layers, ``2 * 2 * B * N * C * C``; ``_prototype_attention_backward_triton``: the two
   input-side GEMMs, ``2 * 2 * B * N * C * C`` (the weight-gradient GEMMs run as ATen matmuls
@@ -96,6 +98,12 @@ def _local_representation(memory_shape, pos_shape, bn_scale_shape, bn_shift_shap
     return local_representation_flops(memory_shape, out_weight_shape)
 
 
+def _query_projection(tgt_shape, pos_shape, ln_weight_shape, ln_bias_shape, ln_eps,
+                      weight_shape, *args, out_shape=None, **kwargs) -> int:
+    queries, batch, channels = tgt_shape
+    return 2 * queries * batch * channels * weight_shape[0]
+
+
 def _prototype_select(keys_shape, queries_shape, *args, out_shape=None, **kwargs) -> int:
     return prototype_select_flops(keys_shape, queries_shape)
 
@@ -118,6 +126,7 @@ FORMULAS: dict[str, Callable[..., int]] = {
     "prototype_attention": _prototype_attention,
     "local_representation": _local_representation,
     "local_representation_triton": _local_representation,
+    "query_projection_triton": _query_projection,
     "deform_conv2d_triton": _deform_conv2d,
     "_deform_conv2d_backward_triton": _deform_conv2d_backward,
     "prototype_select_triton": _prototype_select,
@@ -129,6 +138,7 @@ _TRITON_MODULES = (
     "pem_kernels.triton.prototype_select",
     "pem_kernels.triton.prototype_attention",
     "pem_kernels.triton.local_representation",
+    "pem_kernels.triton.query_projection",
 )
 
 

@@ -12,6 +12,10 @@ from pem_kernels.ops.local_representation import (
     fused_local_representation,
 )
 from pem_kernels.ops.prototype_attention import prototype_attention
+from pem_kernels.ops.query_projection import (
+    FUSED_QUERY_PROJECTION_BACKENDS,
+    fused_query_projection,
+)
 from pem_kernels.ops.prototype_select import _BACKENDS as SELECT_BACKENDS, prototype_select
 from pem_kernels.reference.prototype_attention import AttentionNormAxis
 from pem_kernels.reference.prototype_select import EmptyMaskRule
@@ -147,7 +151,8 @@ class PEMCrossAttention(nn.Module):
 
     1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C] (for inference on
        the ``cpu`` and ``triton`` backends, one fused kernel: :meth:`LocalRepresentation.project`);
-       ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C];
+       ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C] (for
+       inference on the ``triton`` backend, one fused kernel);
     2. per head, the pixel with the largest similarity to the L2-normalized keys among those whose
        mask logit is not negative (:func:`pem_kernels.prototype_select`; the similarity is never
        materialized, and the keys are normalized by the fused projection's kernel where it ran,
@@ -205,10 +210,8 @@ class PEMCrossAttention(nn.Module):
                 f"{list(tgt.shape)} and memory {list(memory.shape)}"
             )
         residual = tgt.transpose(0, 1)
-        if query_pos is not None:
-            tgt = tgt + query_pos
         keys, normalized = self.feature_proj.project_for_selection(memory, pos, self.backend)
-        queries = F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)
+        queries = self._project_queries(tgt, query_pos)
         allowed = None
         if memory_mask is not None:
             expected = [memory.shape[0], tgt.shape[0], memory.shape[2], memory.shape[3]]
@@ -233,3 +236,32 @@ class PEMCrossAttention(nn.Module):
             # to the residual stream in the stream's dtype (fp32 + fp16 -> fp32), so do the same.
             out = residual + out
         return out.transpose(0, 1)
+
+    def _project_queries(self, tgt: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
+        """``F.normalize(query_proj(tgt + query_pos))`` [B, Q, C] from tgt [Q, B, C]. For
+        inference on the ``triton`` backend one fused kernel computes it
+        (:mod:`pem_kernels.ops.query_projection`): no gradient needed, autocast off, one dtype,
+        query_pos of tgt's shape; otherwise the modules run (same result up to rounding)."""
+        norm, linear = self.query_proj[0], self.query_proj[1]
+        tensors = [tgt, query_pos, norm.weight, norm.bias, linear.weight, linear.bias]
+        fusable = (
+            norm.weight is not None and norm.bias is not None and linear.bias is not None
+            and (query_pos is None or query_pos.shape == tgt.shape)
+            and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in tensors))
+            and not has_forward_ad_tangent(tensors)
+            and not torch.is_autocast_enabled(tgt.device.type)
+            and all(t is None or t.dtype == tgt.dtype for t in tensors)
+        )
+        if fusable:
+            chosen = SELECT_BACKENDS.resolve(self.backend, tgt.device, tgt.dtype)
+            if chosen in FUSED_QUERY_PROJECTION_BACKENDS:
+                queries = fused_query_projection(
+                    chosen, tgt, query_pos, norm.weight, norm.bias, norm.eps, linear.weight,
+                    linear.bias,
+                )
+                if queries is not None:
+                    return queries
+        if query_pos is not None:
+            tgt = tgt + query_pos
+        return F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)

@@ -201,7 +201,10 @@ def cpu_unavailable_reason() -> str | None:
 # Checked by name on every call: scanning all of sys.modules cost milliseconds per op call.
 _KERNEL_MODULES = tuple(
     f"pem_kernels.triton.{name}"
-    for name in ("prototype_select", "prototype_attention", "local_representation", "deform_conv2d")
+    for name in (
+        "prototype_select", "prototype_attention", "local_representation", "query_projection",
+        "deform_conv2d",
+    )
 )
 
 
