@@ -96,7 +96,12 @@ def _sync_bn_worker(rank: int, world: int, port: int, x: torch.Tensor, queue) ->
     grads = [p.grad.clone() for p in bn.parameters()]
     for g in grads:
         dist.all_reduce(g)
-    queue.put((rank, out.detach(), local.grad, grads, bn.running_mean, bn.running_var))
+    # As numpy arrays, pickled by value: a torch tensor would travel as a handle to this process's
+    # shared memory, which fails (FileNotFoundError) when the process has exited before the
+    # parent reads the queue.
+    tensors = (out, local.grad, *grads, bn.running_mean, bn.running_var)
+    arrays = [t.detach().numpy().copy() for t in tensors]
+    queue.put((rank, arrays))
     dist.destroy_process_group()
 
 
@@ -112,7 +117,11 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch() -> None:
     procs = [ctx.Process(target=_sync_bn_worker, args=(r, world, port, x, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    received = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    results = []
+    for rank, arrays in received:
+        out, grad, weight_grad, bias_grad, running_mean, running_var = map(torch.from_numpy, arrays)
+        results.append((rank, out, grad, [weight_grad, bias_grad], running_mean, running_var))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
