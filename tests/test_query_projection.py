@@ -123,6 +123,15 @@ def test_pem_cross_attention_uses_it_for_inference_only(kernel, monkeypatch):
     assert calls == ["triton"] and layer.query_proj[1].weight.grad is not None
 
 
+def test_a_replaced_query_proj_runs_as_it_is(kernel):
+    layer = PEMCrossAttention(16, 2, backend="triton").to(DEVICE).eval()
+    layer.query_proj = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+    tgt, query_pos = torch.randn(3, 1, 16, device=DEVICE), torch.randn(3, 1, 16, device=DEVICE)
+    with torch.no_grad():
+        expected = F.normalize(layer.query_proj((tgt + query_pos).transpose(0, 1)), dim=-1)
+        torch.testing.assert_close(layer._project_queries(tgt, query_pos), expected)
+
+
 def test_opcheck(kernel):
     norm, linear = make_modules(16, 24)
     args = (torch.randn(5, 2, 16, device=DEVICE), torch.randn(5, 2, 16, device=DEVICE),

@@ -242,10 +242,16 @@ class PEMCrossAttention(nn.Module):
         inference on the ``triton`` backend one fused kernel computes it
         (:mod:`pem_kernels.ops.query_projection`): no gradient needed, autocast off, one dtype,
         query_pos of tgt's shape; otherwise the modules run (same result up to rounding)."""
-        norm, linear = self.query_proj[0], self.query_proj[1]
+        modules = list(self.query_proj)
+        if len(modules) != 2 or not isinstance(modules[0], nn.LayerNorm) or not isinstance(
+            modules[1], nn.Linear
+        ):  # a query_proj replaced by something else: run it as it is
+            return self._query_proj_modules(tgt, query_pos)
+        norm, linear = modules
         tensors = [tgt, query_pos, norm.weight, norm.bias, linear.weight, linear.bias]
         fusable = (
             norm.weight is not None and norm.bias is not None and linear.bias is not None
+            and norm.normalized_shape == (tgt.shape[-1],)
             and (query_pos is None or query_pos.shape == tgt.shape)
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in tensors))
@@ -262,6 +268,9 @@ class PEMCrossAttention(nn.Module):
                 )
                 if queries is not None:
                     return queries
+        return self._query_proj_modules(tgt, query_pos)
+
+    def _query_proj_modules(self, tgt: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
         if query_pos is not None:
             tgt = tgt + query_pos
         return F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)
