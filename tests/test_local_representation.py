@@ -175,6 +175,30 @@ def test_modules_path_leaves_normalization_to_the_selection():
     torch.testing.assert_close(keys, expected)
 
 
+def test_triton_op_checks_its_arguments(fused):
+    c = 8
+    good = [torch.randn(1, c, 4, 4, device=DEVICE), None, torch.ones(c, device=DEVICE),
+            torch.zeros(c, device=DEVICE), torch.randn(c, 1, 3, 3, device=DEVICE),
+            torch.randn(c, device=DEVICE), torch.randn(5, c, device=DEVICE),
+            torch.randn(5, device=DEVICE)]
+    assert fused.local_representation_triton(*good).shape == (1, 16, 5)
+    cases = [
+        (0, torch.randn(c, 4, 4, device=DEVICE), r"memory must be \[B, C, H, W\]"),
+        (1, torch.randn(1, c, 4, 5, device=DEVICE), r"pos must have shape \[1, 8, 4, 4\]"),
+        (2, torch.ones(c + 1, device=DEVICE), r"bn_scale must have shape \[8\]"),
+        (3, torch.zeros(c, device=DEVICE, dtype=torch.float16), "bn_shift must be torch.float32"),
+        (4, torch.randn(c, 1, 5, 5, device=DEVICE), r"dw_weight must have shape \[8, 1, 3, 3\]"),
+        (6, torch.randn(5, c + 1, device=DEVICE), r"weight must have shape \[5, 8\]"),
+        (7, torch.randn(4, device=DEVICE), r"bias must have shape \[5\]"),
+        (5, torch.randn(c, device=DEVICE, dtype=torch.float64), "dw_bias must be torch.float32"),
+    ]
+    for index, value, match in cases:
+        args = list(good)
+        args[index] = value
+        with pytest.raises(RuntimeError, match=match):
+            fused.local_representation_triton(*args)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_differentiating_through_the_kernel_is_a_clear_error(backend):
     from pem_kernels.ops.local_representation import fused_local_representation

@@ -132,6 +132,38 @@ def test_a_replaced_query_proj_runs_as_it_is(kernel):
         torch.testing.assert_close(layer._project_queries(tgt, query_pos), expected)
 
 
+def test_batch_zero_no_queries_and_strided_inputs(kernel):
+    norm, linear = make_modules(16, 24)
+    for queries, batch in [(0, 2), (3, 0)]:
+        tgt = torch.randn(queries, batch, 16, device=DEVICE)
+        assert fused(norm, linear, tgt, None).shape == (batch, queries, 24)
+    # [Q, B, C] views that are not contiguous (as a [B, Q, C] tensor transposed)
+    tgt = torch.randn(2, 5, 16, device=DEVICE).transpose(0, 1)
+    query_pos = torch.randn(2, 5, 16, device=DEVICE).transpose(0, 1)
+    assert not tgt.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(norm, linear, tgt, query_pos),
+                                   modules_result(norm, linear, tgt, query_pos), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_clear_errors(kernel):
+    norm, linear = make_modules(16, 24)
+    good = dict(tgt=torch.randn(3, 2, 16, device=DEVICE), query_pos=None,
+                ln_weight=norm.weight.detach(), ln_bias=norm.bias.detach(), ln_eps=norm.eps,
+                weight=linear.weight.detach(), bias=linear.bias.detach())
+    cases = [
+        ("tgt", torch.randn(3, 16, device=DEVICE), r"tgt must be \[Q, B, C\]"),
+        ("query_pos", torch.randn(3, 1, 16, device=DEVICE), r"query_pos must have shape \[3, 2, 16\]"),
+        ("ln_weight", torch.randn(15, device=DEVICE), r"ln_weight must have shape \[16\]"),
+        ("weight", torch.randn(24, 8, device=DEVICE), r"weight must have shape \[24, 16\]"),
+        ("bias", torch.randn(24, device=DEVICE, dtype=torch.float16), "bias must be torch.float32"),
+        ("tgt", torch.randn(3, 2, 16, device=DEVICE, dtype=torch.float64), "dtype torch.float64"),
+    ]
+    for name, value, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            kernel.query_projection_triton(**{**good, name: value})
+
+
 def test_opcheck(kernel):
     norm, linear = make_modules(16, 24)
     args = (torch.randn(5, 2, 16, device=DEVICE), torch.randn(5, 2, 16, device=DEVICE),

@@ -20,6 +20,7 @@ __all__ = [
     "block_size",
     "call_triton_op",
     "check",
+    "check_operands",
     "cdiv",
     "cpu_unavailable_reason",
     "dot_operands",
@@ -61,6 +62,35 @@ def check(condition, message: Callable[[], str]) -> None:
     if condition is True:
         return
     torch._check(condition, message)
+
+
+def check_operands(op: str, reference: torch.Tensor, operands: dict) -> None:
+    """Clear errors for the tensor arguments of a Triton op body, whose kernels index them by
+    the shapes they assume (a wrong shape would be an out-of-bounds access, not an error).
+
+    ``operands`` maps a name to ``(tensor or None, shape, dtype or None)``: the tensor must have
+    that shape (``None`` entries match any size), that dtype (``None``: ``reference``'s) and
+    ``reference``'s device. ``reference`` itself must have a dtype the Triton kernels take.
+    """
+    check(
+        reference.dtype in TRITON_DTYPES,
+        lambda: f"{op}: dtype {reference.dtype} is not supported; expected one of {TRITON_DTYPES}",
+    )
+    for name, (tensor, shape, dtype) in operands.items():
+        if tensor is None:
+            continue
+        check(
+            tensor.dim() == len(shape)
+            and all(want is None or size == want for size, want in zip(tensor.shape, shape)),
+            lambda: f"{op}: {name} must have shape "
+            f"{[('*' if want is None else want) for want in shape]}, got {list(tensor.shape)}",
+        )
+        expected = reference.dtype if dtype is None else dtype
+        check(
+            tensor.dtype == expected and tensor.device == reference.device,
+            lambda: f"{op}: {name} must be {expected} on {reference.device}, got {tensor.dtype} "
+            f"on {tensor.device}",
+        )
 
 
 def cdiv(a: int, b: int) -> int:

@@ -29,6 +29,8 @@ from pem_kernels.ops.local_representation import no_backward, no_backward_setup
 from pem_kernels.triton import (
     block_size,
     cdiv,
+    check,
+    check_operands,
     dot_operands,
     interpreter_requested,
     launcher,
@@ -140,8 +142,21 @@ def local_representation_triton(
         normalize: L2-normalize every pixel's row (``F.normalize``, eps 1e-12): in the kernel
             when one program holds all C_out channels (C_out <= 256), else after it.
     """
+    name = "local_representation_triton"
+    check(memory.dim() == 4, lambda: f"{name}: memory must be [B, C, H, W], got shape "
+          f"{list(memory.shape)}")
     batch, channels, height, width = memory.shape
+    check(weight.dim() == 2, lambda: f"{name}: weight must be [C_out, C], got {list(weight.shape)}")
     out_channels = weight.shape[0]
+    check_operands(name, memory, {
+        "pos": (pos, tuple(memory.shape), None),
+        "bn_scale": (bn_scale, (channels,), torch.float32),
+        "bn_shift": (bn_shift, (channels,), torch.float32),
+        "dw_weight": (dw_weight, (channels, 1, 3, 3), None),
+        "dw_bias": (dw_bias, (channels,), None),
+        "weight": (weight, (out_channels, channels), None),
+        "bias": (bias, (out_channels,), None),
+    })
     x = memory.contiguous()
     out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
     if out.numel() == 0:

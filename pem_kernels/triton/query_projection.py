@@ -25,6 +25,7 @@ from pem_kernels.triton import (
     block_size,
     cdiv,
     check,
+    check_operands,
     dot_operands,
     interpreter_requested,
     launcher,
@@ -130,8 +131,18 @@ def query_projection_triton(
         ln_weight, ln_bias: [C], the LayerNorm's affine; ln_eps its eps.
         weight: [C_out, C] and bias: [C_out], the Linear; C_out <= 256.
     """
+    name = "query_projection_triton"
+    check(tgt.dim() == 3, lambda: f"{name}: tgt must be [Q, B, C], got shape {list(tgt.shape)}")
     queries, batch, channels = tgt.shape
+    check(weight.dim() == 2, lambda: f"{name}: weight must be [C_out, C], got {list(weight.shape)}")
     out_channels = weight.shape[0]
+    check_operands(name, tgt, {
+        "query_pos": (query_pos, (queries, batch, channels), None),
+        "ln_weight": (ln_weight, (channels,), None),
+        "ln_bias": (ln_bias, (channels,), None),
+        "weight": (weight, (out_channels, channels), None),
+        "bias": (bias, (out_channels,), None),
+    })
     check(
         out_channels <= MAX_OUT_CHANNELS,
         lambda: f"query_projection_triton: at most {MAX_OUT_CHANNELS} output channels (a row's "
