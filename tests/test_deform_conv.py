@@ -395,6 +395,41 @@ def test_non_finite_and_huge_offsets_give_zero_samples(device):
     torch.testing.assert_close(expected, call_torchvision({**tensors, "offset": far}, conv))
 
 
+def with_non_finite_mask(tensors: dict) -> dict:
+    """A NaN mask at a sample outside the image and at one inside, an inf mask at a sample on
+    integer coordinates (corner weights exactly 0 and 1), each in its own offset group."""
+    offset, mask = tensors["offset"].clone(), tensors["mask"].clone()
+    offset[0, 0:2, 0, 0] = -50.0  # offset group 0, tap 0: every corner outside
+    mask[0, 0, 0, 0] = float("nan")
+    mask[0, 5, 3, 2] = float("nan")
+    offset[1, 2 * (9 + 4):2 * (9 + 4) + 2, 2, 3] = 1.0  # offset group 1, tap 4: integer position
+    mask[1, 9 + 4, 2, 3] = float("inf")
+    # Positive weights (the inputs are positive), so that the inf sample makes +inf, not inf - inf.
+    return {**tensors, "offset": offset, "mask": mask, "weight": tensors["weight"].abs()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_non_finite_mask_values_reach_the_output_as_in_torchvision(device, dtype):
+    """The mask multiplies the blended sample (torchvision's rule): NaN * (a zero sample outside the
+    image) is NaN, inf * (an integer-position sample) is inf, never 0 or NaN from a zero corner
+    weight. 32 channels in two offset groups of 16: the CUDA kernel's shared sample tables."""
+    conv = Conv(in_channels=32, out_channels=8, offset_groups=2, with_bias=False)
+    tensors = with_non_finite_mask(make_inputs(conv, dtype, device))
+    backend = backend_for(device)
+    out = call(backend, tensors, conv)
+    expected = call_torchvision(tensors, conv)
+    assert expected[0, :, 0, 0].isnan().all() and expected[0, :, 3, 2].isnan().all()
+    assert (expected[1, :, 2, 3] == float("inf")).all()
+    torch.testing.assert_close(out, expected, equal_nan=True, **TOLERANCES[dtype])
+    # The weight gradient: a NaN mask reaches only its own offset group's input channels.
+    grad_output = torch.randn_like(out)
+    actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output)["weight"]
+    reference = gradients(lambda t: call_torchvision(t, conv), tensors, grad_output)["weight"]
+    assert reference[:, 16:].isfinite().any()
+    torch.testing.assert_close(actual, reference, equal_nan=True, **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "name",

@@ -272,6 +272,31 @@ def test_non_finite_offsets_sample_zero():
         assert torch.all(grads["offset"][0, :, y, x] == 0) and grads["mask"][0, 0, y, x] == 0
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy 0 * inf
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_non_finite_mask_values_reach_the_output_as_in_the_reference(channels_last):
+    """The mask multiplies the blended sample: a NaN mask at a sample outside the image gives NaN,
+    an inf mask at an integer position gives inf (not 0 * inf from a zero corner weight), and in
+    the weight gradient a NaN mask reaches only its own offset group's channels."""
+    conv = Conv(batch=2, in_channels=4, out_channels=3, offset_groups=2, with_bias=False,
+                channels_last=channels_last)
+    tensors = make_inputs(conv)
+    with torch.no_grad():
+        tensors["offset"][0, 0:2, 0, 0] = -50.0  # offset group 0, tap 0: every corner outside
+        tensors["mask"][0, 0, 0, 0] = float("nan")
+        tensors["offset"][1, 26:28, 2, 3] = 1.0  # offset group 1, tap 4: an integer position
+        tensors["mask"][1, 13, 2, 3] = float("inf")
+        tensors["weight"].abs_()  # positive, so that the inf sample gives +inf, not inf - inf
+    tensors = {name: t.requires_grad_(True) if t is not None else None for name, t in tensors.items()}
+    grad_output = torch.randn(2, 3, *conv.output_size(), device=DEVICE)
+    out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
+    expected, expected_grads = forward_and_grads(deform_conv2d_ref, conv, tensors, grad_output)
+    assert expected[0, :, 0, 0].isnan().all() and (expected[1, :, 2, 3] == float("inf")).all()
+    torch.testing.assert_close(out, expected, equal_nan=True, **FP32)
+    assert expected_grads["weight"][:, 2:].isfinite().any()
+    torch.testing.assert_close(grads["weight"], expected_grads["weight"], equal_nan=True, **FP32)
+
+
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 

@@ -147,9 +147,13 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   __shared__ __align__(16) acc_t weight_tile[kTileK][kTileN];
   // The samples of the tile's pixels for one (offset group, tap) row (kSharedSamples and
   // kVectorizedChannels): corner element offsets from the input's start (image included),
-  // bilinear weights times the modulation, and inside flags (0 past the last pixel).
+  // bilinear weights, the modulation and inside flags (0 past the last pixel). The modulation
+  // multiplies the blended sample, not each corner weight, as in torchvision: a NaN mask then
+  // gives NaN for a sample outside the image too, and an inf mask times a zero corner weight
+  // gives no NaN.
   __shared__ int64_t corner_offset[kTileM][kBilinearCorners];
   __shared__ acc_t corner_weight[kTileM][kBilinearCorners];
+  __shared__ acc_t sample_modulation[kTileM];
   __shared__ uint8_t corner_inside[kTileM];
   const int64_t group = blockIdx.z;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
@@ -183,17 +187,19 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
         if (threadIdx.x < kTileM) {
           const int64_t m = m0 + threadIdx.x;
           uint8_t inside = 0;
+          acc_t modulation = 0;
           if (m < pixels_total) {
             const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
             const BilinearSample<acc_t> sample =
                 sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
-            const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+            modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
             for (int corner = 0; corner < kBilinearCorners; ++corner) {
               corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
-              corner_weight[threadIdx.x][corner] = sample.weight[corner] * modulation;
+              corner_weight[threadIdx.x][corner] = sample.weight[corner];
             }
             inside = sample.inside;
           }
+          sample_modulation[threadIdx.x] = modulation;
           corner_inside[threadIdx.x] = inside;
         }
         tables_row = row;
@@ -210,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
                   static_cast<acc_t>(channel[corner_offset[mm][corner]]);
             }
           }
-          column_tile[kk][mm] = value;
+          column_tile[kk][mm] = value * sample_modulation[mm];
         }
       } else {
         // Consecutive threads take consecutive channel vectors of one pixel: adjacent memory.
@@ -230,7 +236,9 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
             }
           }
 #pragma unroll
-          for (int e = 0; e < kVectorChannels; ++e) column_tile[first + e][mm] = value[e];
+          for (int e = 0; e < kVectorChannels; ++e) {
+            column_tile[first + e][mm] = value[e] * sample_modulation[mm];
+          }
         }
       }
     }

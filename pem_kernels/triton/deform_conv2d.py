@@ -11,13 +11,13 @@ Forward (``_forward_kernel``), grid ``(cdiv(M, BLOCK_M), G * cdiv(Cout_g, BLOCK_
 owns ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels of one weight group and accumulates
 ``[BLOCK_M, BLOCK_N]`` in fp32 registers. It loops over the taps, and for each tap over the offset
 groups that overlap its weight group (one, in the usual case): it loads the (dy, dx) offsets and the
-mask of its pixels once, computes the four corner positions, validity and bilinear weights (the
-modulation folded in), then loops over the input channels of (weight group ∩ offset group) in
-``BLOCK_K`` blocks: gathers the four corners ``[BLOCK_M, BLOCK_K]``, blends them straight into the
-``tl.dot`` A operand and multiplies by the weight tile ``[BLOCK_K, BLOCK_N]`` (the weight is
-re-laid out once per call as ``[G, T, Cin_g, Cout_g]``, a few KB). The epilogue adds the bias and
-stores the tile in the output's memory format. For an NCHW input (and output) the program computes
-the transposed tile ``[BLOCK_N, BLOCK_M] = W^T col^T`` instead (``PIXEL_MAJOR``): Triton spreads
+mask of its pixels once, computes the four corner positions, validity and bilinear weights, then
+loops over the input channels of (weight group ∩ offset group) in ``BLOCK_K`` blocks: gathers the
+four corners ``[BLOCK_M, BLOCK_K]``, blends and modulates them straight into the ``tl.dot`` A
+operand and multiplies by the weight tile ``[BLOCK_K, BLOCK_N]`` (the weight is re-laid out once
+per call as ``[G, T, Cin_g, Cout_g]``, a few KB). The epilogue adds the bias and stores the tile
+in the output's memory format. For an NCHW input (and output) the program computes the transposed
+tile ``[BLOCK_N, BLOCK_M] = W^T col^T`` instead (``PIXEL_MAJOR``): Triton spreads
 a tile's last axis over a warp's lanes, and along pixels the lanes of a gather or of the store
 stay within one channel plane (coalesced), where along channels each lane would touch a
 different plane. The offset/mask-gradient and weight-gradient kernels below take the same two
@@ -318,10 +318,13 @@ def _forward_kernel(
                 so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
                 H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
             )
-            w00 = _per_pixel((1.0 - fy) * (1.0 - fx) * mod, PIXEL_MAJOR)
-            w01 = _per_pixel((1.0 - fy) * fx * mod, PIXEL_MAJOR)
-            w10 = _per_pixel(fy * (1.0 - fx) * mod, PIXEL_MAJOR)
-            w11 = _per_pixel(fy * fx * mod, PIXEL_MAJOR)
+            w00 = _per_pixel((1.0 - fy) * (1.0 - fx), PIXEL_MAJOR)
+            w01 = _per_pixel((1.0 - fy) * fx, PIXEL_MAJOR)
+            w10 = _per_pixel(fy * (1.0 - fx), PIXEL_MAJOR)
+            w11 = _per_pixel(fy * fx, PIXEL_MAJOR)
+            # The modulation multiplies the blended sample (as torchvision): folded into the
+            # corner weights, an inf mask times a zero weight would make a NaN.
+            modulation = _per_pixel(mod, PIXEL_MAJOR)
             lo = tl.maximum(c_first, og * COG)
             hi = tl.minimum(c_end, og * COG + COG)
             for c0 in range(lo, hi, BLOCK_K):
@@ -331,7 +334,10 @@ def _forward_kernel(
                     x_ptr, image_base, chans * sx_c, c_ok, row, col, t_ok, b_ok, l_ok, r_ok,
                     sx_h, sx_w, PIXEL_MAJOR,
                 )
-                a = (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11).to(DOT_DTYPE)
+                blend = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                # Zero, not 0 * inf, in the block's lanes past the last channel.
+                a = tl.where(_per_channel(c_ok, PIXEL_MAJOR), blend * modulation, 0.0)
+                a = a.to(DOT_DTYPE)
                 w_rows = ((grp * TAPS + k) * CIN_G + chans - c_first) * COUT_G
                 if PIXEL_MAJOR:  # acc [BLOCK_N, BLOCK_M] += W^T [BLOCK_N, BLOCK_K] @ a
                     wt = tl.load(
@@ -502,11 +508,16 @@ def _weight_grad_kernel(
                 x_ptr, image_base, chans * sx_c, in_og, row, col, t_ok, b_ok, l_ok, r_ok,
                 sx_h, sx_w, PIXEL_MAJOR,
             )
-            a += (
-                _per_pixel((1.0 - fy) * (1.0 - fx) * mod, PIXEL_MAJOR) * v00
-                + _per_pixel((1.0 - fy) * fx * mod, PIXEL_MAJOR) * v01
-                + _per_pixel(fy * (1.0 - fx) * mod, PIXEL_MAJOR) * v10
-                + _per_pixel(fy * fx * mod, PIXEL_MAJOR) * v11
+            blend = (
+                _per_pixel((1.0 - fy) * (1.0 - fx), PIXEL_MAJOR) * v00
+                + _per_pixel((1.0 - fy) * fx, PIXEL_MAJOR) * v01
+                + _per_pixel(fy * (1.0 - fx), PIXEL_MAJOR) * v10
+                + _per_pixel(fy * fx, PIXEL_MAJOR) * v11
+            )
+            # Only this offset group's channels take its modulation: a NaN mask must not reach
+            # the columns of the other groups' channels (as 0 * NaN).
+            a += tl.where(
+                _per_channel(in_og, PIXEL_MAJOR), blend * _per_pixel(mod, PIXEL_MAJOR), 0.0
             )
         # grad_output [pixels, outs] read in the same orientation as the input (along its
         # planes for NCHW), then acc [BLOCK_K, BLOCK_N] += col^T @ grad_output.
