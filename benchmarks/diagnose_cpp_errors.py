@@ -39,6 +39,20 @@ OP_CASES = {
     ),
 }
 
+# The crashes came in pytest workers that had run GPU and Triton tests before; a machine like
+# that one without a GPU (same OS, compiler, torch, Python) raised as it should. So the integer
+# case runs again after each thing such a worker had done first.
+PROCESS_STATES = {
+    "CUDA initialized": "torch.zeros(1, device='cuda')\n",
+    "triton imported": "import triton\n",
+    "a Triton kernel launched": (
+        "pem_kernels.prototype_select(torch.randn(1, 64, 16, device='cuda'), "
+        "torch.randn(1, 3, 16, device='cuda'), None, 4, backend='triton')\n"
+        "torch.cuda.synchronize()\n"
+    ),
+    "scipy and PIL imported": "import scipy.optimize, PIL.Image\n",
+}
+
 MINIMAL_SOURCE = textwrap.dedent(
     """
     #include <sstream>
@@ -109,6 +123,11 @@ def main() -> int:
     section("the extension's own ops (each in a child process)")
     for label, call in OP_CASES.items():
         child(label, OPS_PRELUDE + raising(call))
+
+    section("the integer case after what a pytest worker had done first")
+    integer_case = next(iter(OP_CASES.values()))
+    for state, setup in PROCESS_STATES.items():
+        child(f"after: {state}", OPS_PRELUDE + setup + raising(integer_case))
 
     from torch.utils.cpp_extension import load_inline
 
