@@ -74,7 +74,7 @@ def section(title: str) -> None:
 
 
 def shell(command: str) -> None:
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=False)
     print(f"$ {command}\n{(done.stdout + done.stderr).rstrip()}", flush=True)
 
 
@@ -84,7 +84,7 @@ def child(label: str, code: str, env: dict[str, str] | None = None) -> None:
     try:
         done = subprocess.run(
             [sys.executable, "-X", "faulthandler", "-c", wrapped], capture_output=True, text=True,
-            timeout=CHILD_TIMEOUT_S, env=env,
+            timeout=CHILD_TIMEOUT_S, env=env, check=False,
         )
     except subprocess.TimeoutExpired:
         print(f"[{label}] TIMED OUT after {CHILD_TIMEOUT_S} s", flush=True)
@@ -159,7 +159,7 @@ def main() -> int:
         command = [debugger, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, script.name]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                                  env=dict(os.environ, PYTHONFAULTHANDLER="0"))
+                                  env=dict(os.environ, PYTHONFAULTHANDLER="0"), check=False)
             lines = [l for l in (done.stdout + done.stderr).splitlines() if l.startswith(("#", "Thread", "Program"))]
             print("\n".join(lines[-40:]) or (done.stdout + done.stderr)[-3000:], flush=True)
         except subprocess.TimeoutExpired:
