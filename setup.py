@@ -7,7 +7,8 @@ found; no GPU is needed to compile them.
 Environment switches:
   PEM_KERNELS_CUDA=1|0      force the CUDA sources in (fails loudly if impossible) or out.
   PEM_KERNELS_SKIP_EXT=1    install the pure-Python package only (reference backend).
-  TORCH_CUDA_ARCH_LIST      CUDA archs to build; defaults to the visible GPU's, or "8.0;9.0" without one.
+  TORCH_CUDA_ARCH_LIST      CUDA archs to build; defaults to the visible GPU's, or "8.0;9.0"
+                            without one.
   DEBUG=1                   -O0 -g (and -lineinfo for nvcc).
   MAX_JOBS                  parallel compile jobs (ninja).
 """
@@ -53,7 +54,8 @@ def _find_cuda_home() -> str | None:
 
 
 def _pip_cuda_include_dirs() -> list[str]:
-    """Headers (cuBLAS, cuSPARSE, ...) that ATen's CUDA headers include, from pip's nvidia-* wheels."""
+    """Headers (cuBLAS, cuSPARSE, ...) that ATen's CUDA headers include, from pip's nvidia-*
+    wheels."""
     dirs = []
     for path in sys.path:
         dirs += glob.glob(os.path.join(path, "nvidia", "cu*", "include"))

@@ -368,7 +368,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                     )
                     row["peak_mib"] = row["peak_bytes"] / harness.MIB
                     warmup, repeats = harness.choose_repeats(
-                        step, device=device, inputs=inputs, repeats=args.repeats, warmup=args.warmup,
+                        step, device=device, inputs=inputs, repeats=args.repeats,
+                        warmup=args.warmup,
                         policy=REPEAT_POLICY.get(device.type, REPEAT_POLICY["cpu"]),
                     )
                     timing = harness.measure_time(

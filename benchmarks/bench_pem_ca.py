@@ -89,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: adaptive)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/<date>-<device>")
+    parser.add_argument(
+        "--out-dir", default=None, help="default: benchmarks/results/<date>-<device>"
+    )
     harness.add_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
     device_type = torch.device(args.device).type
@@ -106,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.fused_backend = args.fused_backend or ("triton" if device_type == "cuda" else "cpu")
     args.providers = [p.strip() for p in (args.providers or providers).split(",") if p.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for name, values, allowed in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES)):
+    for name, values, allowed in (
+        ("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES)
+    ):
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             parser.error(f"{name}: unknown {unknown}, expected from {allowed}")
@@ -171,7 +175,9 @@ def graph_time(step, device, inputs, hw: int, provider: str) -> dict[str, Any]:
     try:
         return {"graph_ms": harness.measure_graph_time(step, device=device, inputs=inputs)}
     except Exception as error:  # noqa: BLE001
-        harness.note(f"WARNING: HW={hw} {provider}: no graph time ({type(error).__name__}: {error})")
+        harness.note(
+            f"WARNING: HW={hw} {provider}: no graph time ({type(error).__name__}: {error})"
+        )
         return {"graph_error": f"{type(error).__name__}: {error}"}
 
 
@@ -222,7 +228,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                             max_repeats=max_repeats, inputs=inputs,
                         )
                         row.update(
-                            harness.measure_time(step, device=device, warmup=1, repeats=repeats, inputs=inputs)
+                            harness.measure_time(
+                                step, device=device, warmup=1, repeats=repeats, inputs=inputs
+                            )
                         )
                         if device.type == "cuda" and mode == "forward":
                             row.update(graph_time(step, device, inputs[0], hw, provider))
@@ -233,7 +241,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                     group.append(row)
                     bar.update(1)
                 for baseline in ("mask2former", "reference"):
-                    base = next((r for r in group if r["provider"] == baseline and "median_ms" in r), None)
+                    base = next(
+                        (r for r in group if r["provider"] == baseline and "median_ms" in r), None
+                    )
                     harness.add_ratios(
                         group, baseline=base, time_key=f"speedup_vs_{baseline}",
                         memory_key=f"memory_vs_{baseline}",

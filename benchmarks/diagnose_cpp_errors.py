@@ -66,7 +66,9 @@ MINIMAL_SOURCE = textwrap.dedent(
     void check_preformatted_int() { TORCH_CHECK(false, "n = " + std::to_string(int64_t(5))); }
     """
 )
-MINIMAL_FUNCTIONS = ["format_int", "ostream_int", "check_text", "check_int", "check_preformatted_int"]
+MINIMAL_FUNCTIONS = [
+    "format_int", "ostream_int", "check_text", "check_int", "check_preformatted_int"
+]
 
 
 def section(title: str) -> None:
@@ -74,7 +76,9 @@ def section(title: str) -> None:
 
 
 def shell(command: str) -> None:
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        command, shell=True, capture_output=True, text=True, timeout=60, check=False
+    )
     print(f"$ {command}\n{(done.stdout + done.stderr).rstrip()}", flush=True)
 
 
@@ -156,11 +160,16 @@ def main() -> int:
         code = OPS_PRELUDE + raising(next(iter(OP_CASES.values())))
         with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
             script.write(code)
-        command = [debugger, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, script.name]
+        command = [
+            debugger, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, script.name
+        ]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
                                   env=dict(os.environ, PYTHONFAULTHANDLER="0"), check=False)
-            lines = [l for l in (done.stdout + done.stderr).splitlines() if l.startswith(("#", "Thread", "Program"))]
+            lines = [
+                l for l in (done.stdout + done.stderr).splitlines()
+                if l.startswith(("#", "Thread", "Program"))
+            ]
             print("\n".join(lines[-40:]) or (done.stdout + done.stderr)[-3000:], flush=True)
         except subprocess.TimeoutExpired:
             print(f"{debugger} timed out after {CHILD_TIMEOUT_S} s", flush=True)

@@ -26,7 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _title(meta: dict, what: str) -> str:
     env = meta.get("environment", {})
     config = meta.get("config", {})
-    return f"{what} on {env.get('device_name', '?')} ({config.get('dtype', '?')}, B={config.get('batch', '?')})"
+    return (
+        f"{what} on {env.get('device_name', '?')} "
+        f"({config.get('dtype', '?')}, B={config.get('batch', '?')})"
+    )
 
 
 def plot_latency_vs_pixels(json_path: Path, series_key: str, what: str) -> Path:
@@ -72,14 +75,19 @@ def plot_speedup_bars(json_path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sizes)), 4.5))
     width = 0.8 / max(1, len(backends))
     for i, backend in enumerate(backends):
-        values = {size_of(r): base_ms[size_of(r)] / r["median_ms"] for r in rows if r["backend"] == backend}
+        values = {
+            size_of(r): base_ms[size_of(r)] / r["median_ms"]
+            for r in rows if r["backend"] == backend
+        }
         xs = [j + i * width for j in range(len(sizes))]
         ax.bar(xs, [values.get(s, 0.0) for s in sizes], width, label=backend)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(sizes))])
     ax.set_xticklabels(sizes, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"speedup over {baseline} (x)")
-    ax.set_title(_title(data["meta"], f"deform_conv2d {data['meta'].get('config', {}).get('mode', '')}"))
+    ax.set_title(
+        _title(data["meta"], f"deform_conv2d {data['meta'].get('config', {}).get('mode', '')}")
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = json_path.with_suffix(".png")
@@ -143,7 +151,9 @@ def plot_folder(folder: Path) -> list[Path]:
         if name.startswith("pem_ca_profile"):
             continue  # a table of host / device time, printed by its command
         if name.startswith("pem_ca"):
-            written.append(plot_latency_vs_pixels(path, "provider", "PEM-CA vs masked cross-attention"))
+            written.append(
+                plot_latency_vs_pixels(path, "provider", "PEM-CA vs masked cross-attention")
+            )
         elif name.startswith("prototype_select"):
             written.append(plot_latency_vs_pixels(path, "backend", "prototype selection"))
         elif name.startswith("deform_conv"):
@@ -154,7 +164,9 @@ def plot_folder(folder: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks plots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks plots", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("folder", type=Path, help="a results folder (searched recursively)")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():

@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.variants is None:
-        args.variants = "triton,cuda,reference,compiled" if device.type == "cuda" else "cpu,reference"
+        args.variants = (
+            "triton,cuda,reference,compiled" if device.type == "cuda" else "cpu,reference"
+        )
     try:
         args.sizes = [int(size) for size in args.sizes.split(",")]
     except ValueError:
@@ -69,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(size < 2 for size in args.sizes):
         parser.error(f"--sizes: every size must be >= 2, got {args.sizes}")
     args.modes, args.variants = args.modes.split(","), args.variants.split(",")
-    for name, values, allowed in (("--modes", args.modes, MODES), ("--variants", args.variants, VARIANTS)):
+    for name, values, allowed in (
+        ("--modes", args.modes, MODES), ("--variants", args.variants, VARIANTS)
+    ):
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             parser.error(f"{name}: unknown {unknown}, expected from {allowed}")
@@ -113,9 +117,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                     try:
                         layer = layer or make_variant(variant, device, dtype)
                         step = make_step(layer, mode)
-                        timing = harness.measure_time(step, device=device, warmup=3, repeats=20, inputs=inputs)
+                        timing = harness.measure_time(
+                            step, device=device, warmup=3, repeats=20, inputs=inputs
+                        )
                         row["wall_ms"] = timing["median_ms"]
-                        row.update(harness.profile_call(step, device=device, inputs=inputs, top=args.top))
+                        row.update(
+                            harness.profile_call(step, device=device, inputs=inputs, top=args.top)
+                        )
                     except Exception as error:  # noqa: BLE001 - report it, keep going
                         failures += 1
                         row["error"] = f"{type(error).__name__}: {error}"
@@ -134,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pem_ca_profile",
         "environment": harness.environment_info(device),
         "config": dict(vars(args)),
-        "units": {"*_ms": "milliseconds per layer call", "launches": "kernels (CPU: ATen ops) per call"},
+        "units": {
+            "*_ms": "milliseconds per layer call", "launches": "kernels (CPU: ATen ops) per call"
+        },
     }
     print(
         f"PEM-CA profile on {meta['environment']['device_name']} ({device}), dtype={args.dtype} "

@@ -26,7 +26,14 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["BACKBONES", "CatBottleneck", "ConvX", "ResNet50Backbone", "STDCBackbone", "build_backbone"]
+__all__ = [
+    "BACKBONES",
+    "CatBottleneck",
+    "ConvX",
+    "ResNet50Backbone",
+    "STDCBackbone",
+    "build_backbone",
+]
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -68,7 +75,9 @@ class ResNet50Backbone(nn.Module):
         # Keep the modules (and thus torchvision's state_dict key names) but drop avgpool / fc,
         # which PEM never uses and which would add 2.05M parameters to the count.
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1, net.layer2, net.layer3, net.layer4
+        )
         self.out_channels = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
@@ -87,7 +96,9 @@ class ConvX(nn.Sequential):
     Shapes: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1
+    ) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -107,7 +118,9 @@ class CatBottleneck(nn.Module):
     Shapes: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int = 4, stride: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, num_blocks: int = 4, stride: int = 1
+    ) -> None:
         super().__init__()
         if num_blocks < 2:
             raise ValueError(f"num_blocks: expected >= 2, got {num_blocks}")

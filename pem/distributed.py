@@ -108,7 +108,8 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         count = stats[-1]
         if float(count) <= 1:
             raise ValueError(
-                f"input: expected more than 1 value per channel over all processes, got {int(count)}"
+                "input: expected more than 1 value per channel over all processes, "
+                f"got {int(count)}"
             )
         mean = stats[:c] / count
         var = (stats[c : 2 * c] / count - mean.square()).clamp_min(0)

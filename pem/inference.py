@@ -221,7 +221,9 @@ def postprocess(
 
 def _check_pair(mask_cls: Tensor, mask_pred: Tensor) -> None:
     if not isinstance(mask_cls, Tensor) or mask_cls.dim() != 2 or mask_cls.shape[1] < 2:
-        raise ValueError(f"mask_cls: expected a Tensor [Q, K + 1] with K >= 1, got {_describe(mask_cls)}")
+        raise ValueError(
+            f"mask_cls: expected a Tensor [Q, K + 1] with K >= 1, got {_describe(mask_cls)}"
+        )
     if not isinstance(mask_pred, Tensor) or mask_pred.dim() != 3:
         raise ValueError(f"mask_pred: expected a Tensor [Q, H, W], got {_describe(mask_pred)}")
     if mask_pred.shape[0] != mask_cls.shape[0]:

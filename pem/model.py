@@ -63,8 +63,12 @@ class PEM(nn.Module):
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.backend = backend
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False
+        )
 
     def set_backend(self, backend: str) -> PEM:
         """Runs every PEM-CA and deformable conv on ``backend`` from now on; returns ``self``."""

@@ -1,8 +1,8 @@
 """PEM's pixel decoder (official ``PEM_Pixel_Decoder``): CSM + deformable-conv top-down FPN.
 
 Structure (facts section 3; every norm is ``nn.BatchNorm2d``, which has the same parameters and
-buffers as the official ``nn.SyncBatchNorm``: convert with ``nn.SyncBatchNorm.convert_sync_batchnorm``
-for multi-GPU training)::
+buffers as the official ``nn.SyncBatchNorm``: convert with
+``nn.SyncBatchNorm.convert_sync_batchnorm`` for multi-GPU training)::
 
     p2..p5 = ConvBNReLU 1x1 (C_i -> 128)(res2..res5)
     g      = ConvBNReLU 1x1 (C_res5 -> 128)(GAP(res5))      # raw backbone res5, not p5
@@ -34,7 +34,9 @@ class ConvBNReLU(nn.Sequential):
     Shapes: [B, in_channels, H, W] -> [B, out_channels, H', W'].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, padding: int = 0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 1, padding: int = 0
+    ) -> None:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
         nn.init.kaiming_normal_(conv.weight, a=1)
         super().__init__(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
@@ -103,7 +105,9 @@ class DeformLayer(nn.Module):
 
     def __init__(self, channels: int = 128, *, backend: str = "auto") -> None:
         super().__init__()
-        self.dcn = ModulatedDeformConv2d(channels, channels, 3, padding=1, bias=False, backend=backend)
+        self.dcn = ModulatedDeformConv2d(
+            channels, channels, 3, padding=1, bias=False, backend=backend
+        )
         # detectron2's c2_msra_fill on the DCN weight.
         nn.init.kaiming_normal_(self.dcn.weight, mode="fan_out", nonlinearity="relu")
         self.dcn_bn = nn.BatchNorm2d(channels)
@@ -169,15 +173,17 @@ class PEMPixelDecoder(nn.Module):
                 raise ValueError(f"features: missing {name!r}")
             f = features[name]
             if f.dim() != 4 or f.shape[1] != c:
-                raise ValueError(f"features[{name!r}]: expected [B, {c}, H, W], got {list(f.shape)}")
+                raise ValueError(
+                    f"features[{name!r}]: expected [B, {c}, H, W], got {list(f.shape)}"
+                )
             feats.append(f)
         h4, w4 = feats[0].shape[-2:]
         for i, f in enumerate(feats):
             # The x2 deconvs double sizes exactly, so every level must be exactly 2^i smaller.
             if f.shape[-2:] != (h4 >> i, w4 >> i) or (h4 % 8 or w4 % 8):
                 raise ValueError(
-                    "features: expected res2..res5 at strides 4/8/16/32 of an input divisible by 32, "
-                    f"got sizes {[tuple(x.shape[-2:]) for x in feats]}"
+                    "features: expected res2..res5 at strides 4/8/16/32 of an input divisible "
+                    f"by 32, got sizes {[tuple(x.shape[-2:]) for x in feats]}"
                 )
         p2, p3, p4, p5 = (proj(f) for proj, f in zip(self.in_projections, feats))
         context = self.conv_avg(feats[3].mean((2, 3), keepdim=True))

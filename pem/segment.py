@@ -1,4 +1,5 @@
-"""Segmenting one image: ``python -m pem.segment --checkpoint OUT/last.pt --image IN --out OUT.png``.
+"""Segmenting one image: \
+``python -m pem.segment --checkpoint OUT/last.pt --image IN --out OUT.png``.
 
 Runs a trained PEM on an RGB image file and saves the image with its segmentation blended on top
 (``--alpha``): the class colors of the dataset, every thing instance in its own shade of its
@@ -43,7 +44,9 @@ def colorize(
     for info in segments_info:
         cat = int(info["category_id"])  # type: ignore[arg-type]
         if not 0 <= cat < len(colors):
-            raise ValueError(f"segments_info: category_id {cat} has no color ({len(colors)} classes)")
+            raise ValueError(
+                f"segments_info: category_id {cat} has no color ({len(colors)} classes)"
+            )
         shade = 0
         if info.get("isthing"):
             shade = instances.get(cat, 0)
@@ -52,7 +55,9 @@ def colorize(
     return out
 
 
-def overlay(image: Tensor, colored: np.ndarray, segment_ids: Tensor, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: Tensor, colored: np.ndarray, segment_ids: Tensor, alpha: float = 0.5
+) -> np.ndarray:
     """Blends ``colored`` ``[H, W, 3]`` onto ``image`` ``[3, H, W]`` uint8 where a segment exists,
     and draws white boundaries between different segment ids. Returns ``[H, W, 3]`` uint8."""
     if not 0.0 <= alpha <= 1.0:
@@ -115,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for seg in segments_info:
         area = int((segment_ids == seg["id"]).sum())
         kind = "thing" if seg.get("isthing") else "stuff"
-        print(f"  {seg['id']:>3}  {names[seg['category_id']]:<16} {kind:<6} {100 * area / total:5.1f}%")
+        print(
+            f"  {seg['id']:>3}  {names[seg['category_id']]:<16} {kind:<6} "
+            f"{100 * area / total:5.1f}%"
+        )
     return 0
 
 

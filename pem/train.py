@@ -1,4 +1,5 @@
-"""Training PEM: ``python -m pem.train`` on one CPU, or ``torchrun --nproc_per_node N -m pem.train``.
+"""Training PEM: ``python -m pem.train`` on one CPU, or \
+``torchrun --nproc_per_node N -m pem.train``.
 
 The recipe is the official one (facts section 7): AdamW (weight decay 0.05, none on norm layers
 and embeddings, ``alpha`` decayed), backbone learning rate x0.1, cosine schedule without warm-up
@@ -271,9 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("iters", "batch", "num_queries", "num_points", "checkpoint_period", "log_period"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
+            p.error(
+                f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}"
+            )
     if args.lr <= 0 or args.lr_end < 0 or args.lr_end > args.lr:
-        p.error(f"--lr / --lr-end: expected 0 <= lr_end <= lr, lr > 0; got {args.lr}, {args.lr_end}")
+        p.error(
+            f"--lr / --lr-end: expected 0 <= lr_end <= lr, lr > 0; got {args.lr}, {args.lr_end}"
+        )
     try:
         args.crop = _parse_size("--crop", args.crop) if args.crop else None
     except ValueError as e:
@@ -388,13 +393,15 @@ def train(args: argparse.Namespace) -> dict:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _log(log_path, {"event": "start", "iteration": start_iter, "world_size": ctx.world_size,
-                        "device": str(ctx.device), "args": {k: str(v) for k, v in vars(args).items()}})
+                        "device": str(ctx.device),
+                        "args": {k: str(v) for k, v in vars(args).items()}})
     bar = tqdm(total=args.iters, initial=start_iter, disable=not ctx.is_main, desc="train",
                dynamic_ncols=True)
     last: dict = {}
     if val_dataset is not None and start_iter == 0:
         # The untrained model's scores: the chance level the training run is measured against.
-        _log(log_path, {"iteration": 0, "eval": _evaluate(model, val_dataset, args.task, ctx.device)})
+        _log(log_path, {"iteration": 0,
+                        "eval": _evaluate(model, val_dataset, args.task, ctx.device)})
     if ctx.distributed and args.eval_period > 0 and start_iter == 0:
         dist.barrier()
     ddp.train()

@@ -35,7 +35,8 @@ class PositionEmbeddingSine(nn.Module):
     is divided by ``temperature ** (2 * (i // 2) / num_pos_feats)`` for i < num_pos_feats, and
     sin / cos are interleaved over even / odd i. Output channels: [y features, x features].
 
-    Shapes: x [B, C, H, W] (only its shape, device and dtype are used) -> [B, 2 * num_pos_feats, H, W].
+    Shapes: x [B, C, H, W] (only its shape, device and dtype are used) ->
+    [B, 2 * num_pos_feats, H, W].
     """
 
     def __init__(
@@ -64,7 +65,9 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = y_embed / (h + eps) * self.scale
             x_embed = x_embed / (w + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=dtype)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
         pos_x = x_embed[..., None] / dim_t
         pos_y = y_embed[..., None] / dim_t
         pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=3).flatten(2)
@@ -185,7 +188,9 @@ class PEMTransformerDecoder(nn.Module):
         self.self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers)
         )
-        self.ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers))
+        self.ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers)
+        )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
@@ -217,24 +222,29 @@ class PEMTransformerDecoder(nn.Module):
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        attn_mask = F.interpolate(outputs_mask, size=attn_size, mode="bilinear", align_corners=False)
+        attn_mask = F.interpolate(
+            outputs_mask, size=attn_size, mode="bilinear", align_corners=False
+        )
         return outputs_class, outputs_mask, attn_mask
 
     def forward(self, features: list[Tensor], mask_features: Tensor) -> dict[str, object]:
         if len(features) != self.num_feature_levels:
             raise ValueError(
-                f"features: expected {self.num_feature_levels} levels [x32, x16, x8], got {len(features)}"
+                f"features: expected {self.num_feature_levels} levels [x32, x16, x8], "
+                f"got {len(features)}"
             )
         if mask_features.dim() != 4 or mask_features.shape[1] != self.mask_dim:
             raise ValueError(
-                f"mask_features: expected [B, {self.mask_dim}, H, W], got {list(mask_features.shape)}"
+                f"mask_features: expected [B, {self.mask_dim}, H, W], "
+                f"got {list(mask_features.shape)}"
             )
         batch = mask_features.shape[0]
         srcs, pos, sizes = [], [], []
         for i, f in enumerate(features):
             if f.dim() != 4 or f.shape[0] != batch or f.shape[1] != self.in_channels:
                 raise ValueError(
-                    f"features[{i}]: expected [{batch}, {self.in_channels}, H, W], got {list(f.shape)}"
+                    f"features[{i}]: expected [{batch}, {self.in_channels}, H, W], "
+                    f"got {list(f.shape)}"
                 )
             sizes.append((f.shape[2], f.shape[3]))
             pos.append(self.pe_layer(f))
@@ -251,7 +261,9 @@ class PEMTransformerDecoder(nn.Module):
         num_layers = len(self.cross_attention_layers)
         for i in range(num_layers):
             level = i % self.num_feature_levels
-            output = self.cross_attention_layers[i](output, srcs[level], attn_mask, pos[level], query_embed)
+            output = self.cross_attention_layers[i](
+                output, srcs[level], attn_mask, pos[level], query_embed
+            )
             output = self.self_attention_layers[i](output, query_embed)
             output = self.ffn_layers[i](output)
             next_size = sizes[(i + 1) % self.num_feature_levels]

@@ -50,7 +50,9 @@ class OpBackends:
         self.availability = {"reference": lambda device, dtype: None, **availability}
         self.auto_order = auto_order
 
-    def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    def unavailable_reason(
+        self, backend: str, device: torch.device, dtype: torch.dtype
+    ) -> str | None:
         check = self.availability.get(backend)
         if check is None:
             return f"{self.op_name} has no {backend!r} backend yet"
@@ -135,7 +137,9 @@ def available_backends(
         raise ValueError(f"op_name: expected one of {sorted(_REGISTRY)}, got {op_name!r}")
     ops = _REGISTRY[op_name]
     device = torch.device(device)
-    return [name for name in ops.availability if ops.unavailable_reason(name, device, dtype) is None]
+    return [
+        name for name in ops.availability if ops.unavailable_reason(name, device, dtype) is None
+    ]
 
 
 def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
@@ -177,9 +181,9 @@ def plain_eager_call(tensors: Iterable[torch.Tensor | None]) -> bool:
 
     True for an eager call that records no gradient (grad mode off, or no tensor requires grad)
     on plain tensors, with no torch.compile / export / jit tracing, functorch transform or
-    dispatch mode (FakeTensorMode, ...) active. Such a call needs nothing from the dispatcher's layers
-    above the kernel, whose Python custom-op machinery costs tens of microseconds per call: most
-    of the host time of an op on a GPU-sized problem of PEM's size.
+    dispatch mode (FakeTensorMode, ...) active. Such a call needs nothing from the dispatcher's
+    layers above the kernel, whose Python custom-op machinery costs tens of microseconds per call:
+    most of the host time of an op on a GPU-sized problem of PEM's size.
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False

@@ -49,5 +49,6 @@ _COMPILED_KERNELS = frozenset(
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """Whether ``pem_kernels::<op_name>`` has a compiled kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    """Whether ``pem_kernels::<op_name>`` has a compiled kernel for ``dispatch_key``
+    ("CPU", "CUDA")."""
     return (op_name, dispatch_key) in _COMPILED_KERNELS

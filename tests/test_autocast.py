@@ -31,7 +31,8 @@ def test_deform_conv2d_casts_every_argument_to_the_autocast_dtype(device):
     with torch.autocast(device, dtype=AUTOCAST_DTYPE):
         out = deform_conv2d(x, offset, weight, bias, padding=1, mask=mask, backend=_backend(device))
     low = [t.to(AUTOCAST_DTYPE) for t in (offset, weight, bias, mask)]
-    expected = deform_conv2d(x, low[0], low[1], low[2], padding=1, mask=low[3], backend=_backend(device))
+    expected = deform_conv2d(x, low[0], low[1], low[2], padding=1, mask=low[3],
+                             backend=_backend(device))
     assert out.dtype == AUTOCAST_DTYPE
     assert torch.equal(out, expected)
 
@@ -44,7 +45,8 @@ def test_prototype_ops_cast_to_the_autocast_dtype(device):
     mask = torch.rand(1, 5, 40, device=device) > 0.5
     with torch.autocast(device, dtype=AUTOCAST_DTYPE):
         prototypes, indices = prototype_select(keys, queries, mask, 4, backend=_backend(device))
-    ref_p, ref_i = prototype_select(keys, queries.to(AUTOCAST_DTYPE), mask, 4, backend=_backend(device))
+    ref_p, ref_i = prototype_select(keys, queries.to(AUTOCAST_DTYPE), mask, 4,
+                                    backend=_backend(device))
     assert prototypes.dtype == AUTOCAST_DTYPE
     assert torch.equal(indices, ref_i) and torch.equal(prototypes, ref_p)
 
@@ -56,7 +58,8 @@ def test_prototype_ops_cast_to_the_autocast_dtype(device):
         out = prototype_attention(prototypes, queries, residual, *weights[:2], weights[2],
                                   *weights[3:])
     low = [t.to(AUTOCAST_DTYPE) for t in [queries, residual, *weights]]
-    expected = prototype_attention(prototypes, low[0], low[1], low[2], low[3], low[4], low[5], low[6])
+    expected = prototype_attention(prototypes, low[0], low[1], low[2], low[3], low[4], low[5],
+                                   low[6])
     assert out.dtype == AUTOCAST_DTYPE and torch.equal(out, expected)
 
 
@@ -86,10 +89,12 @@ def test_references_run_with_autocast_off_on_the_cast_inputs(device, monkeypatch
     keys, queries = torch.randn(1, 40, 16, device=device), torch.randn(1, 5, 16, device=device)
     weight, vector = torch.randn(16, 16, device=device), torch.randn(16, device=device)
     with torch.autocast(device, dtype=AUTOCAST_DTYPE):
-        prototypes, _ = prototype_select(keys, queries, None, 4, normalize_keys=True, backend="reference")
-        out = prototype_attention(prototypes, queries, queries, weight, vector, vector, weight, vector,
-                                  backend="reference")
-        conv = deform_conv2d(torch.randn(1, 4, 6, 6, device=device), torch.randn(1, 18, 6, 6, device=device),
+        prototypes, _ = prototype_select(keys, queries, None, 4, normalize_keys=True,
+                                         backend="reference")
+        out = prototype_attention(prototypes, queries, queries, weight, vector, vector, weight,
+                                  vector, backend="reference")
+        conv = deform_conv2d(torch.randn(1, 4, 6, 6, device=device),
+                             torch.randn(1, 18, 6, 6, device=device),
                              torch.randn(2, 4, 3, 3, device=device), padding=1, backend="reference")
     assert seen == {name: (False, AUTOCAST_DTYPE) for name in
                     ("prototype_select_ref", "prototype_attention_ref", "deform_conv2d_ref")}

@@ -173,8 +173,8 @@ def test_progress_bar_counts_and_never_breaks():
 def test_bench_prototype_select_script_runs_and_writes(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_prototype_select", "--device", "cpu", "--sizes", "256",
-         "--repeats", "2", "--backends", "reference", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.bench_prototype_select", "--device", "cpu",
+         "--sizes", "256", "--repeats", "2", "--backends", "reference", "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -192,9 +192,9 @@ def test_bench_prototype_select_script_runs_and_writes(tmp_path):
 def test_matmul_precision_option_is_applied_and_recorded(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "prototype-select", "--device", "cpu", "--sizes", "256",
-         "--repeats", "1", "--backends", "reference", "--matmul-precision", "high",
-         "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "prototype-select", "--device", "cpu",
+         "--sizes", "256", "--repeats", "1", "--backends", "reference",
+         "--matmul-precision", "high", "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -207,9 +207,9 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     providers = ["fused", "reference", "mask2former", "sdpa"]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "pem-ca", "--device", "cpu", "--sizes", "2048", "--repeats", "1",
-         "--modes", "forward,forward+backward", "--providers", ",".join(providers),
-         "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "pem-ca", "--device", "cpu", "--sizes", "2048",
+         "--repeats", "1", "--modes", "forward,forward+backward",
+         "--providers", ",".join(providers), "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -230,9 +230,9 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
 def test_bench_deform_conv_script_runs_and_profiles(tmp_path, mode):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "deform-conv", "--device", "cpu", "--sizes", "512x512/32",
-         "--repeats", "1", "--mode", mode, "--backends", "reference,cpu", "--profile",
-         "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "deform-conv", "--device", "cpu",
+         "--sizes", "512x512/32", "--repeats", "1", "--mode", mode, "--backends", "reference,cpu",
+         "--profile", "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -264,7 +264,9 @@ def test_profile_pem_ca_splits_host_and_kernel_time(tmp_path):
         assert "error" not in row and row["wall_ms"] > 0 and row["host_ms"] > 0
         assert row["launches"] > 0 and "device_ms" not in row  # no device kernels on a CPU
         times = [k["ms"] for k in row["kernels"]]
-        assert times == sorted(times, reverse=True) and all(k["name"].startswith("aten::") for k in row["kernels"])
+        assert times == sorted(times, reverse=True) and all(
+            k["name"].startswith("aten::") for k in row["kernels"]
+        )
     # The reference materializes the similarity and takes its argmax; the fused CPU layer does not.
     assert any(k["name"] == "aten::argmax" for k in rows[1]["kernels"])
     assert not any(k["name"] == "aten::argmax" for k in rows[0]["kernels"])
@@ -280,10 +282,12 @@ def test_time_scale_scales_adaptive_budgets(monkeypatch):
     def sleepy():
         time.sleep(0.01)
 
-    full = harness.adaptive_repeats(sleepy, device="cpu", budget_s=1.0, min_repeats=1, max_repeats=1000)
+    full = harness.adaptive_repeats(sleepy, device="cpu", budget_s=1.0, min_repeats=1,
+                                    max_repeats=1000)
     monkeypatch.setenv("PEM_BENCH_TIME_SCALE", "0.25")
     assert harness.time_scale() == 0.25
-    scaled = harness.adaptive_repeats(sleepy, device="cpu", budget_s=1.0, min_repeats=1, max_repeats=1000)
+    scaled = harness.adaptive_repeats(sleepy, device="cpu", budget_s=1.0, min_repeats=1,
+                                      max_repeats=1000)
     assert 0 < scaled < full <= 100
     assert abs(scaled - full / 4) <= 0.5 * full / 4 + 1  # the probe call's jitter aside
     for bad in ("0", "-1", "abc", "inf", "nan"):
@@ -331,7 +335,8 @@ def test_report_exit_status_counts_failures_then_skips(tmp_path, capsys):
 def test_benchmarks_past_the_deadline_write_what_they_have_and_exit_3(tmp_path, command, name):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0", PEM_BENCH_DEADLINE=str(time.time() - 1))
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", *command, "--device", "cpu", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", *command, "--device", "cpu",
+         "--out-dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 3, done.stdout + done.stderr

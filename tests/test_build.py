@@ -1,4 +1,5 @@
-"""The build itself: the extension is there, and the CUDA sources were compiled where they can be."""
+"""The build itself: the extension is there, and the CUDA sources were compiled where they can
+be."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pem_kernels._extension import has_kernel
 def test_extension_is_loaded():
     assert pem_kernels.EXTENSION_LOADED, pem_kernels.EXTENSION_ERROR
     for op in (
-        "prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward",
-        "local_representation",
+        "prototype_select", "_prototype_select_backward", "deform_conv2d",
+        "_deform_conv2d_backward", "local_representation",
     ):
         assert has_kernel(op, "CPU"), op
 
@@ -36,5 +37,7 @@ def test_every_op_schema_is_registered():
 )
 def test_cuda_kernels_were_compiled():
     """With a CUDA torch and nvcc, setup.py must compile csrc/cuda/*.cu, GPU or not."""
-    for op in ("prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward"):
+    for op in (
+        "prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward"
+    ):
         assert has_kernel(op, "CUDA"), op

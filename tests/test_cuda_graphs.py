@@ -102,6 +102,7 @@ def test_deform_conv2d_forward_replays(backend, channels_last):
         x = torch.randn(2, 16, 9, 11, device="cuda")
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, torch.randn(2, 18, 9, 11, device="cuda") * 2, torch.rand(2, 9, 9, 11, device="cuda")
+        return (x, torch.randn(2, 18, 9, 11, device="cuda") * 2,
+                torch.rand(2, 9, 9, 11, device="cuda"))
 
     replay_matches_eager(run, make_inputs, atol=1e-4)

@@ -307,7 +307,8 @@ def test_forward_gather_paths(device, dtype, layout, channels, groups, offset_gr
     if layout != "nchw":
         assert tensors["input"].stride() == strides
     expected = call_torchvision(tensors, conv)
-    torch.testing.assert_close(call(backend_for(device), tensors, conv), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(call(backend_for(device), tensors, conv), expected,
+                               **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -734,7 +735,8 @@ def test_python_api_rejects_bad_arguments_by_name():
 
 def test_benchmark_script_runs_and_compares_with_torchvision(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "deform-conv", "--device", "cpu", "--sizes", "64x64/8,32x48/8",
+        [sys.executable, "-m", "benchmarks", "deform-conv", "--device", "cpu",
+         "--sizes", "64x64/8,32x48/8",
          "--channels", "8", "--batch", "2", "--repeats", "2", "--mode", "forward+backward",
          "--backends", "reference,torchvision,cpu",
          "--out-dir", str(tmp_path)],

@@ -287,7 +287,8 @@ def test_non_finite_mask_values_reach_the_output_as_in_the_reference(channels_la
         tensors["offset"][1, 26:28, 2, 3] = 1.0  # offset group 1, tap 4: an integer position
         tensors["mask"][1, 13, 2, 3] = float("inf")
         tensors["weight"].abs_()  # positive, so that the inf sample gives +inf, not inf - inf
-    tensors = {name: t.requires_grad_(True) if t is not None else None for name, t in tensors.items()}
+    tensors = {name: t.requires_grad_(True) if t is not None else None
+               for name, t in tensors.items()}
     grad_output = torch.randn(2, 3, *conv.output_size(), device=DEVICE)
     out, grads = forward_and_grads(triton_dcn.deform_conv2d, conv, tensors, grad_output)
     expected, expected_grads = forward_and_grads(deform_conv2d_ref, conv, tensors, grad_output)

@@ -59,7 +59,8 @@ def _deform_args(device):
 
 
 def _backends_of(op_name: str) -> list[str]:
-    names = [b for b in ("cpu", "cuda", "triton") if b in pem_kernels.available_backends(op_name, DEVICE)]
+    names = [b for b in ("cpu", "cuda", "triton")
+             if b in pem_kernels.available_backends(op_name, DEVICE)]
     return names + (["cpu"] if DEVICE == "cuda" and "cpu" not in names else [])
 
 
@@ -68,7 +69,9 @@ def test_fast_path_equals_the_dispatcher_path(backend, monkeypatch):
     device = "cpu" if backend == "cpu" else DEVICE
     keys, queries, mask = _select_args(device)
     deform = _deform_args(device)
-    deform_backend = backend if backend in pem_kernels.available_backends("deform_conv2d", device) else "cpu"
+    deform_backend = (
+        backend if backend in pem_kernels.available_backends("deform_conv2d", device) else "cpu"
+    )
     if deform_backend == "cpu":
         deform = tuple(t.cpu() for t in deform)
 
@@ -118,7 +121,8 @@ def test_forward_ad_is_refused_by_the_kernels_and_works_on_the_reference():
         dual_keys = fwAD.make_dual(keys, torch.randn_like(keys))
         with pytest.raises(NotImplementedError, match="prototype_select: forward-mode AD"):
             pem_kernels.prototype_select(dual_keys, queries, mask, 4, backend="cpu")
-        prototypes, _ = pem_kernels.prototype_select(dual_keys, queries, mask, 4, backend="reference")
+        prototypes, _ = pem_kernels.prototype_select(dual_keys, queries, mask, 4,
+                                                     backend="reference")
         assert fwAD.unpack_dual(prototypes).tangent is not None
         dual_input = fwAD.make_dual(deform[0], torch.randn_like(deform[0]))
         with pytest.raises(NotImplementedError, match="deform_conv2d: forward-mode AD"):

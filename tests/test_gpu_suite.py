@@ -95,12 +95,15 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     assert status["sanitize"] == "SKIPPED"
     assert all(status[name] == "partial" for name in names if name.startswith("bench_model"))
     assert all(
-        status[name] == "rc=0" for name in names if name != "sanitize" and not name.startswith("bench_model")
+        status[name] == "rc=0"
+        for name in names
+        if name != "sanitize" and not name.startswith("bench_model")
     )
     model_steps = sum(name.startswith("bench_model") for name in names)
     assert done.returncode == 1 + model_steps, done.stdout + done.stderr
     # Every benchmark gets the suite's time scale and a deadline of its own.
-    benchmarks = [c for c in calls if c["module"].startswith("benchmarks.") and c["module"] != "benchmarks"]
+    benchmarks = [c for c in calls
+                  if c["module"].startswith("benchmarks.") and c["module"] != "benchmarks"]
     assert benchmarks and all(c["time_scale"] == "0.4" and c["deadline"] for c in benchmarks)
     assert all(float(c["deadline"]) > c["now"] for c in benchmarks)
     # Every benchmark command line is one its parser accepts (with the CPU for the GPU): a typo

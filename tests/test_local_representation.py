@@ -26,7 +26,9 @@ def fused():
     return pytest.importorskip("pem_kernels.triton.local_representation")
 
 
-def _module(channels: int, dtype: torch.dtype = torch.float32, device: str = DEVICE) -> LocalRepresentation:
+def _module(
+    channels: int, dtype: torch.dtype = torch.float32, device: str = DEVICE
+) -> LocalRepresentation:
     torch.manual_seed(0)
     module = LocalRepresentation(channels)
     with torch.no_grad():  # non-trivial BN statistics and affine
@@ -118,7 +120,8 @@ def test_cpu_op_opcheck(normalize):
     args = (torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
             torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6), normalize)
     torch.library.opcheck(torch.ops.pem_kernels.local_representation, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

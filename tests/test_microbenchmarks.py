@@ -33,7 +33,8 @@ def test_prototype_select_forward(benchmark, pixels, backend):
 def test_prototype_select_backward(benchmark):
     keys = torch.randn(1, 8192, 256, requires_grad=True)
     queries, mask = torch.randn(1, 100, 256), torch.rand(1, 100, 8192) < 0.3
-    prototypes, _ = pem_kernels.prototype_select(keys, queries, mask, 8, normalize_keys=True, backend="cpu")
+    prototypes, _ = pem_kernels.prototype_select(keys, queries, mask, 8, normalize_keys=True,
+                                                 backend="cpu")
     grad = torch.randn_like(prototypes)
     (grad_keys,) = benchmark(torch.autograd.grad, prototypes, keys, grad, retain_graph=True)
     assert grad_keys.abs().sum() > 0
@@ -44,5 +45,7 @@ def test_deform_conv2d_forward(benchmark, backend):
     x = torch.randn(1, 128, 32, 64)
     offset, mask = torch.randn(1, 18, 32, 64), torch.rand(1, 9, 32, 64)
     weight = torch.randn(128, 128, 3, 3) / 34.0
-    out = benchmark(pem_kernels.deform_conv2d, x, offset, weight, None, 1, 1, 1, mask, backend=backend)
-    torch.testing.assert_close(out, deform_conv2d_ref(x, offset, weight, None, 1, 1, 1, mask), rtol=1e-4, atol=1e-4)
+    out = benchmark(pem_kernels.deform_conv2d, x, offset, weight, None, 1, 1, 1, mask,
+                    backend=backend)
+    torch.testing.assert_close(out, deform_conv2d_ref(x, offset, weight, None, 1, 1, 1, mask),
+                               rtol=1e-4, atol=1e-4)

@@ -13,7 +13,9 @@ from pem_kernels.nn import DeformConv2d, ModulatedDeformConv2d
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_deform_conv2d_matches_torchvision_module(bias, with_mask):
     ours = DeformConv2d(4, 6, (3, 2), stride=2, padding=1, dilation=1, groups=2, bias=bias).double()
-    theirs = torchvision.ops.DeformConv2d(4, 6, (3, 2), stride=2, padding=1, groups=2, bias=bias).double()
+    theirs = torchvision.ops.DeformConv2d(
+        4, 6, (3, 2), stride=2, padding=1, groups=2, bias=bias
+    ).double()
     theirs.load_state_dict(ours.state_dict())  # same parameter names and shapes
     x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
     out_h, out_w = 4, 5

@@ -57,7 +57,8 @@ class OfficialPEMCA(nn.Module):
         return self.final(out).permute(1, 0, 2) + res
 
 
-def layer_inputs(batch=2, queries=10, channels=32, height=9, width=11, device="cpu", dtype=torch.float64):
+def layer_inputs(batch=2, queries=10, channels=32, height=9, width=11, device="cpu",
+                 dtype=torch.float64):
     def rand(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -102,9 +103,12 @@ def test_state_dict_loads_both_ways():
 @requires_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("options", [{}, {"attention_norm": "channels", "empty": "per_query"}], ids=str)
+@pytest.mark.parametrize("options", [{}, {"attention_norm": "channels", "empty": "per_query"}],
+                         ids=str)
 def test_fused_equals_reference_outputs_and_gradients(device, training, options):
-    reference = randomize(PEMCrossAttention(32, 4, backend="reference", **options)).double().to(device)
+    reference = randomize(
+        PEMCrossAttention(32, 4, backend="reference", **options)
+    ).double().to(device)
     fused = PEMCrossAttention(32, 4, backend="cpu" if device == "cpu" else "cuda", **options)
     fused = fused.double().to(device)
     fused.load_state_dict(reference.state_dict())
@@ -160,7 +164,8 @@ def test_sdpa_baseline_equals_mha_baseline(with_mask):
     sdpa.load_state_dict(mha.state_dict())
     tgt, memory, mask, pos, query_pos = layer_inputs()
     mask = mask if with_mask else None
-    torch.testing.assert_close(sdpa(tgt, memory, mask, pos, query_pos), mha(tgt, memory, mask, pos, query_pos))
+    torch.testing.assert_close(sdpa(tgt, memory, mask, pos, query_pos),
+                               mha(tgt, memory, mask, pos, query_pos))
 
 
 @pytest.mark.parametrize("training", [False, True])

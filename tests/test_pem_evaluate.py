@@ -1,4 +1,5 @@
-"""End-to-end tests of evaluation (post-processing + metrics) and of the evaluate / segment commands."""
+"""End-to-end tests of evaluation (post-processing + metrics) and of the evaluate / segment
+commands."""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def test_output_shapes(backbone: str, train: bool) -> None:
 def test_backbone_feature_shapes_stdc2() -> None:
     feats = build_backbone("stdc2")(torch.randn(1, 3, 64, 96))
     assert {k: tuple(v.shape) for k, v in feats.items()} == {
-        "res2": (1, 64, 16, 24), "res3": (1, 256, 8, 12), "res4": (1, 512, 4, 6), "res5": (1, 1024, 2, 3),
+        "res2": (1, 64, 16, 24), "res3": (1, 256, 8, 12), "res4": (1, 512, 4, 6),
+        "res5": (1, 1024, 2, 3),
     }
 
 
@@ -48,7 +49,8 @@ def test_pixel_decoder_shapes() -> None:
     feats = build_backbone("stdc1").eval()(torch.randn(2, 3, 64, 96))
     mask_features, (x32, x16, x8) = dec(feats)
     assert mask_features.shape == (2, 256, 16, 24) and (mask_features >= 0).all()
-    assert x32.shape == (2, 128, 2, 3) and x16.shape == (2, 128, 4, 6) and x8.shape == (2, 128, 8, 12)
+    assert (x32.shape == (2, 128, 2, 3) and x16.shape == (2, 128, 4, 6)
+            and x8.shape == (2, 128, 8, 12))
 
 
 def test_parameter_counts_r50() -> None:
@@ -94,7 +96,8 @@ def test_csm_double_sigmoid_range() -> None:
 def test_official_inits() -> None:
     dec = PEMPixelDecoder([256, 512, 1024, 2048])
     layer = dec.deform_layers[0]
-    assert layer.dcn.offset_conv.weight.abs().sum() == 0 and layer.dcn.offset_conv.bias.abs().sum() == 0
+    assert (layer.dcn.offset_conv.weight.abs().sum() == 0
+            and layer.dcn.offset_conv.bias.abs().sum() == 0)
     w = layer.up_sample.weight
     bilinear = torch.tensor([0.25, 0.75, 0.75, 0.25])
     torch.testing.assert_close(w[:, 0], (bilinear[:, None] * bilinear[None, :]).expand(128, 4, 4))
@@ -138,7 +141,9 @@ def _loss(out: dict) -> torch.Tensor:
 def test_fused_matches_reference_outputs_and_gradients() -> None:
     ops = ("deform_conv2d", "prototype_select", "prototype_attention")
     if not all("cpu" in available_backends(op, "cpu", torch.float64) for op in ops):
-        pytest.skip("the fused CPU kernels (pem_kernels._C) are not built: auto would be the reference")
+        pytest.skip(
+            "the fused CPU kernels (pem_kernels._C) are not built: auto would be the reference"
+        )
     model = PEM("r50", 19, backend="auto").double().train()
     with torch.no_grad():
         # Non-zero offsets so the deformable conv samples between pixels (its bilinear-weight
@@ -162,7 +167,8 @@ def test_fused_matches_reference_outputs_and_gradients() -> None:
     checked = 0
     for (name, p_a), g_r in zip(model.named_parameters(), grads_r):
         assert p_a.grad is not None and g_r is not None, name
-        torch.testing.assert_close(p_a.grad, g_r, rtol=1e-7, atol=1e-10 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p_a.grad, g_r, rtol=1e-7, atol=1e-10 * scale,
+                                   msg=lambda m: f"{name}: {m}")
         checked += 1
     assert checked == len(list(model.parameters()))
     # The gradients reach the fused ops' parameters.

@@ -32,7 +32,8 @@ from pem.train import (
 REPO = Path(__file__).resolve().parents[1]
 # A tiny, fast configuration of the real training command.
 TINY = ["--data", "synthetic", "--synthetic-size", "64", "--synthetic-images", "16",
-        "--num-queries", "8", "--num-points", "256", "--batch", "2", "--log-period", "1", "--lr", "1e-4"]
+        "--num-queries", "8", "--num-points", "256", "--batch", "2", "--log-period", "1",
+        "--lr", "1e-4"]
 
 
 def test_optimizer_groups_follow_detectron2_rules() -> None:
@@ -114,7 +115,8 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_sync_bn_worker, args=(r, world, port, x, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_sync_bn_worker, args=(r, world, port, x, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     received = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
@@ -134,7 +136,8 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch() -> None:
     out = ref(xr)
     (torch.cat([(o * torch.arange(o.numel()).view_as(o).sin()) for o in out.chunk(world)]).sum()
      ).backward()
-    torch.testing.assert_close(torch.cat([r[1] for r in results]), out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[1] for r in results]), out.detach(),
+                               rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([r[2] for r in results]), xr.grad, rtol=1e-4, atol=1e-5)
     # Parameter gradients: each process holds its local share; their sum is the global gradient.
     for got, want in zip(results[0][3], [ref.weight.grad, ref.bias.grad]):
@@ -149,7 +152,8 @@ def test_convert_sync_batchnorm_keeps_parameters_and_state() -> None:
     weight = model[1].weight
     state = {k: v.clone() for k, v in model.state_dict().items()}
     converted = convert_sync_batchnorm(model, torch.device("cpu"))
-    assert isinstance(converted[1], CPUSyncBatchNorm) and isinstance(converted[2][0], CPUSyncBatchNorm)
+    assert (isinstance(converted[1], CPUSyncBatchNorm)
+            and isinstance(converted[2][0], CPUSyncBatchNorm))
     assert converted[1].weight is weight
     assert converted.state_dict().keys() == state.keys()
     x = torch.randn(2, 3, 4, 4)
@@ -170,7 +174,8 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     train_main(TINY + ["--iters", "4", "--out", str(resumed), "--checkpoint-period", "2",
                        "--stop-after", "2"])
     assert load_checkpoint(resumed / "last.pt")["iteration"] == 2
-    train_main(TINY + ["--iters", "4", "--out", str(resumed), "--checkpoint-period", "2", "--resume"])
+    train_main(TINY + ["--iters", "4", "--out", str(resumed), "--checkpoint-period", "2",
+                       "--resume"])
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
     assert b["iteration"] == 4
     for key, value in a["model"].items():
@@ -219,7 +224,8 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     model = PEM(**state["model_config"], backend="reference")
     model.load_state_dict(state["model"])
     fresh = PEM(**state["model_config"], backend="reference").state_dict()
-    assert any(not torch.equal(fresh[k], v) for k, v in state["model"].items() if v.is_floating_point())
+    assert any(not torch.equal(fresh[k], v)
+               for k, v in state["model"].items() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -19,7 +19,8 @@ def make_args(batch, queries, channels, dtype=torch.float32, device=DEVICE):
         return (torch.randn(*shape, device=device) * scale).to(dtype)
 
     return [
-        rand(batch, queries, channels), rand(batch, queries, channels), rand(batch, queries, channels),
+        rand(batch, queries, channels), rand(batch, queries, channels),
+        rand(batch, queries, channels),
         rand(channels, channels, scale=channels**-0.5), rand(channels),
         rand(1, 1, channels) + 1.0,
         rand(channels, channels, scale=channels**-0.5), rand(channels),
@@ -66,9 +67,11 @@ def test_forward_low_precision_within_torchs_own_error(dtype, normalize):
 def test_backward_matches_reference_fp32(normalize, shape):
     args = [a.requires_grad_(True) for a in make_args(*shape)]
     grad_out = torch.randn(shape, device=DEVICE)
-    expected = torch.autograd.grad(prototype_attention_ref(*args, normalize=normalize), args, grad_out)
+    expected = torch.autograd.grad(prototype_attention_ref(*args, normalize=normalize), args,
+                                   grad_out)
     got = torch.autograd.grad(run_triton(args, normalize), args, grad_out)
-    names = ["prototypes", "queries", "residual", "proj_weight", "proj_bias", "alpha", "out_weight", "out_bias"]
+    names = ["prototypes", "queries", "residual", "proj_weight", "proj_bias", "alpha", "out_weight",
+             "out_bias"]
     for name, g, e in zip(names, got, expected):
         assert g.shape == e.shape and g.dtype == e.dtype, name
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
@@ -137,13 +140,15 @@ def test_too_many_queries_is_a_clear_error():
 
 
 def test_clamped_norm_uses_the_constant_divisor():
-    """A column of A that is all zero has norm 0 < eps: its gradient is dAn / eps, as F.normalize."""
+    """A column of A that is all zero has norm 0 < eps: its gradient is dAn / eps, as
+    F.normalize."""
     args = [a.requires_grad_(True) for a in make_args(1, 4, 16)]
     with torch.no_grad():
         args[3][5].zero_()  # proj_weight row 5 and proj_bias[5] = 0 -> A[:, 5] == 0
         args[4][5] = 0.0
     grad_out = torch.randn(1, 4, 16, device=DEVICE)
-    expected = torch.autograd.grad(prototype_attention_ref(*args, normalize="queries"), args, grad_out)
+    expected = torch.autograd.grad(prototype_attention_ref(*args, normalize="queries"), args,
+                                   grad_out)
     got = torch.autograd.grad(run_triton(args, "queries"), args, grad_out)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
@@ -154,7 +159,8 @@ def test_public_op_dispatches_to_triton():
 
     args = make_args(2, 5, 16)
     out = pem_kernels.prototype_attention(*args, normalize="channels", backend="triton")
-    torch.testing.assert_close(out, prototype_attention_ref(*args, normalize="channels"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, prototype_attention_ref(*args, normalize="channels"),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="torch.compile over a triton_op needs a GPU")
@@ -213,12 +219,14 @@ SCRATCH = ("x_ptr", "a_ptr", "an_ptr", "m_ptr", "div_ptr", "partial_ptr", "da_pt
 # largest tiles), and one in between.
 cases = [(torch.bfloat16, "bf16", 100, True), (torch.float32, "fp32", 100, False),
          (torch.float32, "fp32", 200, True),
-         (torch.float32, "fp32", K.MAX_QUERIES, True), (torch.float32, "fp32", K.MAX_QUERIES, False)]
+         (torch.float32, "fp32", K.MAX_QUERIES, True),
+         (torch.float32, "fp32", K.MAX_QUERIES, False)]
 for kernel in (K._fwd_a_kernel, K._fwd_y_kernel, K._bwd_dm_kernel, K._bwd_dx_kernel):
     for dtype, name, queries, over_queries in cases:
         constants = K._launch_config(queries, dtype)
         options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
-        signature_of = lambda n: "i32" if n in ("N", "C") else "*fp32" if n in SCRATCH else "*" + name
+        signature_of = lambda n: ("i32" if n in ("N", "C") else "*fp32" if n in SCRATCH
+                                  else "*" + name)
         compile_sm90(kernel, signature_of, dict(NORM_OVER_QUERIES=over_queries, **constants),
                      **options)
 print("compiled for sm_90")

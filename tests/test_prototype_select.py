@@ -50,7 +50,8 @@ def assert_matches_reference(keys, queries, mask, num_heads, *, empty, normalize
     prototypes, indices = pem_kernels.prototype_select(
         keys, queries, mask, num_heads, empty=empty, normalize_keys=normalize_keys, backend=backend
     )
-    # Fused backends accumulate low precision in fp32, so they are judged against the fp32 reference.
+    # Fused backends accumulate low precision in fp32, so they are judged against the fp32
+    # reference.
     reference_dtype = torch.float32 if keys.dtype in LOW_PRECISION else keys.dtype
     ref_prototypes, ref_indices = prototype_select_ref(
         keys.to(reference_dtype), queries.to(reference_dtype), mask, num_heads,
@@ -262,7 +263,8 @@ def test_nan_and_inf_follow_torch_argmax(device):
 def test_batch_zero_and_no_queries(device):
     for batch, queries in [(0, 4), (2, 0)]:
         keys, query, mask = make_inputs(batch, 50, 16, queries, device)
-        prototypes, indices = pem_kernels.prototype_select(keys, query, mask, 4, backend=backend_for(device))
+        prototypes, indices = pem_kernels.prototype_select(keys, query, mask, 4,
+                                                           backend=backend_for(device))
         assert prototypes.shape == (batch, queries, 16) and indices.shape == (batch, 4, queries)
 
 
@@ -270,7 +272,8 @@ def test_batch_zero_and_no_queries(device):
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("empty", ["per_query", "official"])
 def test_zero_channels(device, with_mask, empty):
-    """C = 0: every score is 0, so each query takes its first allowed pixel (or the empty rule's)."""
+    """C = 0: every score is 0, so each query takes its first allowed pixel (or the empty
+    rule's)."""
     keys, query, mask = make_inputs(2, 9, 0, 3, device)
     mask[0, 1] = False
     for normalize_keys in (False, True):
@@ -326,7 +329,8 @@ def check_normalized_gradient_of_nan_and_zero_keys(device, backend):
     grad_out = torch.randn_like(prototypes)
     (grad,) = torch.autograd.grad(prototypes, keys, grad_out)
     keys64 = keys.detach().double().requires_grad_(True)
-    (expected,) = torch.autograd.grad(gather_at(keys64, indices, 2, True)[0], keys64, grad_out.double())
+    (expected,) = torch.autograd.grad(gather_at(keys64, indices, 2, True)[0], keys64,
+                                      grad_out.double())
     assert grad[0, 3].isnan().all() and expected[0, 3].isnan().all()
     assert grad[0, 5].abs().max() > 1e6  # g / 1e-12
     torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
@@ -343,7 +347,8 @@ def test_several_queries_selecting_one_pixel_accumulate(device):
     keys[0, 7] = 10.0  # pixel 7 wins for every positive query
     query = torch.rand(1, 6, 8, device=device, dtype=torch.float64) + 0.1
     keys.requires_grad_(True)
-    prototypes, indices = pem_kernels.prototype_select(keys, query, None, 2, backend=backend_for(device))
+    prototypes, indices = pem_kernels.prototype_select(keys, query, None, 2,
+                                                       backend=backend_for(device))
     assert (indices == 7).all()
     grad_out = torch.randn_like(prototypes)
     (grad,) = torch.autograd.grad(prototypes, keys, grad_out)
@@ -361,7 +366,8 @@ def test_gradcheck(device, normalize_keys, empty):
 
     def select(k):
         return pem_kernels.prototype_select(
-            k, query, mask, 2, empty=empty, normalize_keys=normalize_keys, backend=backend_for(device)
+            k, query, mask, 2, empty=empty, normalize_keys=normalize_keys,
+            backend=backend_for(device),
         )[0]
 
     assert torch.autograd.gradcheck(select, (keys,), eps=1e-6, atol=1e-6)
@@ -416,12 +422,14 @@ def test_backward_op_stops_on_out_of_range_indices_on_cuda(normalize_keys):
         "keys, grad = torch.randn(1, 10, 8, device='cuda'), torch.randn(1, 2, 8, device='cuda')\n"
         "indices = torch.tensor([[[3, 10]]], device='cuda')\n"
         "try:\n"
-        f"    torch.ops.pem_kernels._prototype_select_backward(grad, keys, indices, {normalize_keys})\n"
+        "    torch.ops.pem_kernels._prototype_select_backward("
+        f"grad, keys, indices, {normalize_keys})\n"
         "    torch.cuda.synchronize()\n"
         "except RuntimeError as error:\n"
         "    print('raised:', error)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
     assert "device-side assert" in result.stdout + result.stderr, result.stdout + result.stderr
 
 
@@ -436,7 +444,8 @@ def test_torch_compile_fullgraph(device):
         )
         return (prototypes * 2).sum(), indices
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(step, fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")
     loss, indices = compiled(keys, query, mask)
     expected_loss, expected_indices = step(keys, query, mask)
     assert torch.equal(indices, expected_indices)
@@ -487,7 +496,8 @@ def test_bad_empty_rule_and_backend():
     [
         ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), None, 5, False, False), "num_heads"),
         ((torch.randn(2, 30, 16), torch.randn(1, 3, 16), None, 4, False, False), "queries"),
-        ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), torch.ones(2, 3, 30), 4, False, False), "mask"),
+        ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), torch.ones(2, 3, 30), 4, False, False),
+         "mask"),
     ],
 )
 def test_registered_op_checks_its_arguments(args, match):
@@ -525,7 +535,8 @@ def test_import_without_extension_falls_back_to_reference():
         "    warnings.simplefilter('always')\n"
         "    import pem_kernels, torch\n"
         "assert not pem_kernels.EXTENSION_LOADED\n"
-        "assert sum('reference' in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]\n"
+        "assert sum('reference' in str(w.message) for w in caught) == 1, "
+        "[str(w.message) for w in caught]\n"
         "k, q = torch.randn(1, 10, 8), torch.randn(1, 2, 8)\n"
         "p, i = pem_kernels.prototype_select(k, q, None, 2)\n"
         "assert pem_kernels.available_backends('prototype_select') == ['reference']\n"
@@ -533,7 +544,8 @@ def test_import_without_extension_falls_back_to_reference():
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONWARNINGS": "default"},
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        | {"PYTHONWARNINGS": "default"},
     )
     assert result.returncode == 0, result.stderr
     assert "fallback-ok (1, 2, 8)" in result.stdout
@@ -548,4 +560,6 @@ def test_backend_choice_is_logged_once_at_debug_level(caplog, monkeypatch):
         pem_kernels.prototype_select(keys, query, mask, 4, backend="reference")
         pem_kernels.prototype_select(keys, query, mask, 4, backend="reference")
     messages = [r.getMessage() for r in caplog.records if r.name == "pem_kernels"]
-    assert messages == ["pem_kernels: prototype_select runs on the 'reference' backend for cpu tensors"]
+    assert messages == [
+        "pem_kernels: prototype_select runs on the 'reference' backend for cpu tensors"
+    ]

@@ -396,7 +396,8 @@ compile_sm90(K._finalize_kernel, lambda n: finalize.get(n, "i32"),
              dict(HAS_MASK=True, OFFICIAL=True, NORMALIZE=True, BLOCK_H=8, BLOCK_D=32, BLOCK_N=128))
 key_norm = {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "rows": "i64"}
 compile_sm90(K._key_norm_kernel, lambda n: key_norm.get(n, "i32"), dict(BLOCK_R=16, BLOCK_C=128))
-backward = {"grad_ptr": "*bf16", "keys_ptr": "*bf16", "indices_ptr": "*i64", "grad_keys_ptr": "*bf16"}
+backward = {"grad_ptr": "*bf16", "keys_ptr": "*bf16", "indices_ptr": "*i64",
+            "grad_keys_ptr": "*bf16"}
 compile_sm90(K._backward_kernel, lambda n: backward.get(n, "i32"),
              dict(NORMALIZE=True, BLOCK_S=1024, BLOCK_NB=16, BLOCK_C=256))
 print("compiled for sm_90")

@@ -43,7 +43,8 @@ def fused(norm, linear, tgt, query_pos):
     )
 
 
-@pytest.mark.parametrize("shape", [(37, 2, 80, 64), (100, 1, 256, 256), (1, 1, 16, 16), (5, 3, 40, 48)],
+@pytest.mark.parametrize("shape",
+                         [(37, 2, 80, 64), (100, 1, 256, 256), (1, 1, 16, 16), (5, 3, 40, 48)],
                          ids=str)
 @pytest.mark.parametrize("with_pos", [True, False])
 def test_matches_the_modules_fp32(kernel, shape, with_pos):
@@ -143,7 +144,8 @@ def test_batch_zero_no_queries_and_strided_inputs(kernel):
     assert not tgt.is_contiguous()
     with torch.no_grad():
         torch.testing.assert_close(fused(norm, linear, tgt, query_pos),
-                                   modules_result(norm, linear, tgt, query_pos), rtol=1e-5, atol=1e-5)
+                                   modules_result(norm, linear, tgt, query_pos),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_clear_errors(kernel):
@@ -153,7 +155,8 @@ def test_bad_arguments_are_clear_errors(kernel):
                 weight=linear.weight.detach(), bias=linear.bias.detach())
     cases = [
         ("tgt", torch.randn(3, 16, device=DEVICE), r"tgt must be \[Q, B, C\]"),
-        ("query_pos", torch.randn(3, 1, 16, device=DEVICE), r"query_pos must have shape \[3, 2, 16\]"),
+        ("query_pos", torch.randn(3, 1, 16, device=DEVICE),
+         r"query_pos must have shape \[3, 2, 16\]"),
         ("ln_weight", torch.randn(15, device=DEVICE), r"ln_weight must have shape \[16\]"),
         ("weight", torch.randn(24, 8, device=DEVICE), r"weight must have shape \[24, 16\]"),
         ("bias", torch.randn(24, device=DEVICE, dtype=torch.float16), "bias must be torch.float32"),

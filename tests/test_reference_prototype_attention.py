@@ -79,7 +79,8 @@ def test_gradcheck(normalize):
 def test_bad_input_names_the_argument(mutate, match):
     proj, final, alpha = make_layer(8, torch.float32)
     args = dict(
-        prototypes=torch.randn(2, 3, 8), queries=torch.randn(2, 3, 8), residual=torch.randn(2, 3, 8),
+        prototypes=torch.randn(2, 3, 8), queries=torch.randn(2, 3, 8),
+        residual=torch.randn(2, 3, 8),
         proj_weight=proj.weight, proj_bias=proj.bias, alpha=alpha, out_weight=final.weight,
         out_bias=final.bias, normalize="queries",
     )

@@ -1,6 +1,7 @@
 """Drop-in modules built on the pem_kernels ops.
 
-- :class:`PEMCrossAttention`: PEM's prototype-based masked cross-attention (the official ``PEM_CA``).
+- :class:`PEMCrossAttention`: PEM's prototype-based masked cross-attention (the official
+  ``PEM_CA``).
 - :class:`MaskedCrossAttention`, :class:`SDPAMaskedCrossAttention`: Mask2Former's masked
   cross-attention with the same interface, the baselines PEM-CA is compared against.
 - :class:`DeformConv2d`: a drop-in for ``torchvision.ops.DeformConv2d``;

@@ -1,4 +1,5 @@
-"""PEM's prototype-based masked cross-attention (PEM-CA), as a drop-in for the official ``PEM_CA``."""
+"""PEM's prototype-based masked cross-attention (PEM-CA), as a drop-in for the official
+``PEM_CA``."""
 
 from __future__ import annotations
 
@@ -217,7 +218,8 @@ class PEMCrossAttention(nn.Module):
             expected = [memory.shape[0], tgt.shape[0], memory.shape[2], memory.shape[3]]
             if list(memory_mask.shape) != expected:
                 raise ValueError(
-                    f"memory_mask: expected shape [B, Q, H, W] = {expected}, got {list(memory_mask.shape)}"
+                    f"memory_mask: expected shape [B, Q, H, W] = {expected}, "
+                    f"got {list(memory_mask.shape)}"
                 )
             # The official code blocks `logit < 0`; a NaN logit is therefore allowed, as there.
             allowed = ~(memory_mask.detach().flatten(2) < 0)
@@ -270,7 +272,9 @@ class PEMCrossAttention(nn.Module):
                     return queries
         return self._query_proj_modules(tgt, query_pos)
 
-    def _query_proj_modules(self, tgt: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
+    def _query_proj_modules(
+        self, tgt: torch.Tensor, query_pos: torch.Tensor | None
+    ) -> torch.Tensor:
         if query_pos is not None:
             tgt = tgt + query_pos
         return F.normalize(self.query_proj(tgt.transpose(0, 1)), dim=-1)

@@ -52,9 +52,14 @@ _BACKENDS = register_op_backends(
 _NORM_AXES = ("queries", "channels")
 
 
-def _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize):
+def _check_args(
+    prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize
+):
     if not isinstance(prototypes, torch.Tensor) or prototypes.dim() != 3:
-        raise ValueError(f"prototypes: expected a Tensor[B, N, C], got {getattr(prototypes, 'shape', prototypes)!r}")
+        raise ValueError(
+            "prototypes: expected a Tensor[B, N, C], "
+            f"got {getattr(prototypes, 'shape', prototypes)!r}"
+        )
     channels = prototypes.shape[2]
     expected = {
         "queries": (queries, list(prototypes.shape)),
@@ -70,12 +75,17 @@ def _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, ou
             raise ValueError(f"{name}: expected shape {shape}, got {got}")
     if not isinstance(alpha, torch.Tensor) or alpha.numel() != channels:
         got = list(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
-        raise ValueError(f"alpha: expected {channels} elements (e.g. shape [1, 1, {channels}]), got {got}")
+        raise ValueError(
+            f"alpha: expected {channels} elements (e.g. shape [1, 1, {channels}]), got {got}"
+        )
     for name, tensor in [("queries", queries), ("residual", residual), ("alpha", alpha)] + [
-        (name, tensor) for name, (tensor, _) in expected.items() if "weight" in name or "bias" in name
+        (name, tensor) for name, (tensor, _) in expected.items()
+        if "weight" in name or "bias" in name
     ]:
         if tensor.device != prototypes.device:
-            raise ValueError(f"{name}: on {tensor.device}, expected prototypes' device {prototypes.device}")
+            raise ValueError(
+                f"{name}: on {tensor.device}, expected prototypes' device {prototypes.device}"
+            )
     if not prototypes.dtype.is_floating_point:
         raise TypeError(f"prototypes: expected a floating dtype, got {prototypes.dtype}")
     if normalize not in _NORM_AXES:
@@ -95,7 +105,8 @@ def prototype_attention(
     normalize: AttentionNormAxis = "queries",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Prototype attention of PEM-CA; semantics of :func:`pem_kernels.reference.prototype_attention_ref`.
+    """Prototype attention of PEM-CA; semantics of
+    :func:`pem_kernels.reference.prototype_attention_ref`.
 
     Args:
         prototypes, queries, residual: Tensor[B, N, C].
@@ -113,7 +124,8 @@ def prototype_attention(
             prototypes.device, prototypes, queries, residual, proj_weight, proj_bias, alpha,
             out_weight, out_bias,
         )
-    _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias, normalize)
+    _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
+                normalize)
     if _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype) == "triton":
         tensors = (prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight,
                    out_bias)

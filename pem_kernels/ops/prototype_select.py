@@ -6,9 +6,10 @@ tensors: it passed the GPU tests and beat the reference at every size of the H20
 bf16), ``triton`` (``pem_kernels.triton.prototype_select``: CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``; fp32/fp16/bf16; faster than ``cuda`` from 32768 pixels on, slower below
 (launch overhead) in that run, and its torch.compile fix has not run on a GPU yet, so ``"auto"``
-does not pick it). The registered op is ``torch.ops.pem_kernels.prototype_select``; its backward is the
-registered op ``torch.ops.pem_kernels._prototype_select_backward``. The Triton backend registers its
-own pair, ``pem_kernels::prototype_select_triton`` and ``_prototype_select_backward_triton``.
+does not pick it). The registered op is ``torch.ops.pem_kernels.prototype_select``; its backward
+is the registered op ``torch.ops.pem_kernels._prototype_select_backward``. The Triton backend
+registers its own pair, ``pem_kernels::prototype_select_triton`` and
+``_prototype_select_backward_triton``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _check_args(
         shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
         raise ValueError(f"keys: expected a Tensor[B, HW, C], got {shape}")
     if not isinstance(queries, torch.Tensor) or queries.dim() != 3:
-        shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+        shape = (
+            tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+        )
         raise ValueError(f"queries: expected a Tensor[B, N, C], got {shape}")
     if not keys.dtype.is_floating_point:
         raise TypeError(f"keys: expected a floating dtype, got {keys.dtype}")
@@ -72,9 +75,18 @@ def _check_args(
             f"got {list(queries.shape)}"
         )
     if pixels < 1:
-        raise ValueError(f"keys: expected at least one pixel (HW >= 1), got shape {list(keys.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or channels % num_heads:
-        raise ValueError(f"num_heads: expected a positive divisor of C = {channels}, got {num_heads!r}")
+        raise ValueError(
+            f"keys: expected at least one pixel (HW >= 1), got shape {list(keys.shape)}"
+        )
+    if (
+        isinstance(num_heads, bool)
+        or not isinstance(num_heads, int)
+        or num_heads < 1
+        or channels % num_heads
+    ):
+        raise ValueError(
+            f"num_heads: expected a positive divisor of C = {channels}, got {num_heads!r}"
+        )
     if empty not in _EMPTY_RULES:
         raise ValueError(f"empty: expected one of {_EMPTY_RULES}, got {empty!r}")
     if mask is not None:
@@ -83,7 +95,9 @@ def _check_args(
             raise TypeError(f"mask: expected a bool Tensor[B, N, HW] or None, got {kind}")
         expected = [batch, queries.shape[1], pixels]
         if list(mask.shape) != expected:
-            raise ValueError(f"mask: expected shape [B, N, HW] = {expected}, got {list(mask.shape)}")
+            raise ValueError(
+                f"mask: expected shape [B, N, HW] = {expected}, got {list(mask.shape)}"
+            )
         if mask.device != keys.device:
             raise ValueError(f"mask: on {mask.device}, expected keys' device {keys.device}")
 

@@ -28,15 +28,16 @@ def prototype_select_ref(
     ``k = F.normalize(keys, dim=-1)`` when ``normalize_keys`` else ``keys``. The index is the argmax
     of the score over the pixels the mask allows, computed in the input dtype:
 
-    - ties go to the lowest pixel index and NaN counts as larger than every number (``torch.argmax``);
+    - ties go to the lowest pixel index and NaN counts as larger than every number
+      (``torch.argmax``);
     - if every allowed pixel scores -inf, the first allowed pixel is taken;
     - a query with no allowed pixel: ``empty="per_query"`` (Mask2Former's convention) selects over
       all pixels; ``empty="official"`` (the official PEM code) unmasks the image only when all its
       queries are empty and otherwise gives the empty query pixel 0.
 
     The prototype's chunk ``h`` is ``k[b, index, hD:(h+1)D]``. This reference materializes the
-    [B, heads, HW, N] similarity; the fused backends never do. Gradients reach ``keys`` only (through
-    the gather), never ``queries`` or ``mask``.
+    [B, heads, HW, N] similarity; the fused backends never do. Gradients reach ``keys`` only
+    (through the gather), never ``queries`` or ``mask``.
 
     Args:
         keys: Tensor[B, HW, C], the pixel features.
