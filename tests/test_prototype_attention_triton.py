@@ -133,6 +133,29 @@ def test_fp32_products_follow_torchs_matmul_precision(matmul_precision):
         torch.testing.assert_close(run_triton(args, normalize), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without the new API"
+)
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_fp32_products_follow_torchs_per_backend_precision_setting(setting):
+    """The per-backend API of newer torch, also mixed with the legacy one (after which
+    torch.get_float32_matmul_precision() raises)."""
+    import triton.language as tl
+
+    from pem_kernels.triton import dot_operands
+
+    matmul = torch.backends.cuda.matmul
+    try:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = setting
+        expected = "tf32" if setting == "tf32" else "ieee"
+        assert dot_operands(torch.float32, False) == (tl.float32, expected)
+    finally:
+        matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
+    assert torch.get_float32_matmul_precision() == "highest"  # the legacy API answers again
+
+
 def test_too_many_queries_is_a_clear_error():
     args = make_args(1, triton_attention.MAX_QUERIES + 1, 16)
     with pytest.raises(RuntimeError, match="at most 512 queries per image"):

@@ -106,12 +106,26 @@ def block_size(n: int, low: int = 1, high: int | None = None) -> int:
     return size if high is None else min(size, high)
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether PyTorch's own fp32 matmuls may use TF32 now.
+
+    The legacy ``torch.get_float32_matmul_precision()`` answers as long as only the legacy API
+    (or nothing) set the precision, and raises RuntimeError once the per-backend API of newer
+    torch (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or ``torch.backends.
+    fp32_precision``) was used too: then that setting decides.
+    """
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
     """(operand dtype, input_precision) of the ``tl.dot`` products of a kernel on ``dtype`` inputs.
 
-    Half-precision inputs multiply in their own dtype; fp32 ones in IEEE fp32 unless
-    ``torch.get_float32_matmul_precision()`` allows TF32 ("high" or "medium"), as PyTorch's own
-    fp32 matmuls. Under the interpreter every operand is fp32 (its half-precision ``tl.dot`` is
+    Half-precision inputs multiply in their own dtype; fp32 ones in IEEE fp32 unless PyTorch's
+    fp32 matmuls may use TF32 (:func:`fp32_matmul_allows_tf32`: precision "high" or "medium", or
+    the per-backend setting "tf32"). Under the interpreter every operand is fp32 (its half-precision ``tl.dot`` is
     unreliable) and the product IEEE.
     """
     import triton.language as tl
@@ -119,7 +133,7 @@ def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
     if interpreted:
         return tl.float32, "ieee"
     if dtype == torch.float32:
-        return tl.float32, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return tl.float32, "tf32" if fp32_matmul_allows_tf32() else "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # unused for halves
 
 

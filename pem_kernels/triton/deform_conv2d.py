@@ -423,26 +423,28 @@ def _offset_mask_grad_kernel(
                 sample = gy0 * (gx0 * v00 + gx1 * v01) + gy1 * (gx0 * v10 + gx1 * v11)
                 grad_m += _sum_over_channels(dcol * sample, PIXEL_MAJOR)
             if SCATTER_INPUT_GRAD:
-                # grad_input += dcol * mod * (each corner's bilinear weight), with fp32 atomics.
+                # grad_input += dcol * mod * (each corner's bilinear weight), with fp32 atomics;
+                # relaxed: nothing in this launch reads grad_input (the default acq_rel orders
+                # memory for nothing).
                 modulated = dcol * _per_pixel(mod, PIXEL_MAJOR)
                 corner = ginput_ptr + _per_pixel(b64 * si_b + row * si_h + col * si_w, PIXEL_MAJOR)
                 corner += _per_channel(chans * si_c, PIXEL_MAJOR)
                 c_in = _per_channel(c_ok, PIXEL_MAJOR)
                 tl.atomic_add(
                     corner, modulated * (gy0 * gx0),
-                    mask=_per_pixel(t_ok & l_ok, PIXEL_MAJOR) & c_in,
+                    mask=_per_pixel(t_ok & l_ok, PIXEL_MAJOR) & c_in, sem="relaxed",
                 )
                 tl.atomic_add(
                     corner + si_w, modulated * (gy0 * gx1),
-                    mask=_per_pixel(t_ok & r_ok, PIXEL_MAJOR) & c_in,
+                    mask=_per_pixel(t_ok & r_ok, PIXEL_MAJOR) & c_in, sem="relaxed",
                 )
                 tl.atomic_add(
                     corner + si_h, modulated * (gy1 * gx0),
-                    mask=_per_pixel(b_ok & l_ok, PIXEL_MAJOR) & c_in,
+                    mask=_per_pixel(b_ok & l_ok, PIXEL_MAJOR) & c_in, sem="relaxed",
                 )
                 tl.atomic_add(
                     corner + si_h + si_w, modulated * (gy1 * gx1),
-                    mask=_per_pixel(b_ok & r_ok, PIXEL_MAJOR) & c_in,
+                    mask=_per_pixel(b_ok & r_ok, PIXEL_MAJOR) & c_in, sem="relaxed",
                 )
         # grad_offset / grad_mask are contiguous [B, 2*OG*T, L] / [B, OG*T, L].
         channel = og * TAPS + k
@@ -689,8 +691,9 @@ def _check_op_args(name, input, weight, offset, mask, bias, groups, offset_group
         groups >= 1 and offset_groups >= 1
         and input.shape[1] == weight.shape[1] * groups
         and weight.shape[0] % groups == 0 and input.shape[1] % offset_groups == 0
-        and offset.shape[1] == 2 * offset_groups * weight.shape[2] * weight.shape[3],
-        lambda: f"{name}: inconsistent shapes input {list(input.shape)}, weight "
+        and offset.shape[1] == 2 * offset_groups * weight.shape[2] * weight.shape[3]
+        and input.shape[1] >= 1 and weight.shape[0] >= 1,
+        lambda: f"{name}: inconsistent shapes (or no channels) input {list(input.shape)}, weight "
         f"{list(weight.shape)}, offset {list(offset.shape)} for groups={groups}, "
         f"offset_groups={offset_groups}",
     )
