@@ -125,8 +125,8 @@ def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
 
     Half-precision inputs multiply in their own dtype; fp32 ones in IEEE fp32 unless PyTorch's
     fp32 matmuls may use TF32 (:func:`fp32_matmul_allows_tf32`: precision "high" or "medium", or
-    the per-backend setting "tf32"). Under the interpreter every operand is fp32 (its half-precision ``tl.dot`` is
-    unreliable) and the product IEEE.
+    the per-backend setting "tf32"). Under the interpreter every operand is fp32 (its
+    half-precision ``tl.dot`` is unreliable) and the product IEEE.
     """
     import triton.language as tl
 
@@ -143,7 +143,8 @@ def interpreter_requested() -> bool:
 
 
 def launcher(kernel, interpreted: bool) -> "_OnTensorDevice":
-    """What a kernel module's ``triton_op`` launches ``kernel`` through: ``launcher(k, I)[grid](...)``.
+    """What a kernel module's ``triton_op`` launches ``kernel`` through:
+    ``launcher(k, I)[grid](...)``.
 
     Compiled, the launch goes through ``wrap_triton(kernel)``, so that torch.compile and fake
     tensors see it; under the interpreter (``interpreted``, the module's ``INTERPRET``) through the

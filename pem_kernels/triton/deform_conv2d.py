@@ -42,20 +42,20 @@ is on, where it is gathered in a fixed order instead:
   ``[BLOCK_M, BLOCK_K]`` tile, the pixel axis cut into ``splits`` contiguous ranges; each split
   writes its own fp32 partial ``[splits, G, T, Cin_g, Cout_g]`` and the partials are summed by
   ``torch.sum`` (fixed order). ``splits`` depends only on the shapes.
-* ``grad_input`` in deterministic mode (``_corner_kernel`` + ``_input_grad_kernel``): the scatter
-  of the column gradient through the bilinear weights is turned into a gather. ``_corner_kernel`` lists, for every
-  (b, offset group, tap, output pixel, corner), the corner's flat input pixel as a sort key
-  ``((b * OG + g) * T + k) * H * W + pixel`` (invalid corners get a sentinel that sorts last) and
-  its weight (bilinear * mask). A stable ``torch.sort`` groups the entries by (image, offset group,
-  tap, input pixel); ``torch.searchsorted`` gives the entry range of every block of ``BLOCK_T``
-  input pixels. ``_input_grad_kernel``, grid ``(cdiv(H * W, BLOCK_T), OG * cdiv(Cog, BLOCK_K), B)``,
-  owns ``BLOCK_T`` input pixels x ``BLOCK_K`` channels: per tap it walks its entry range in chunks
-  of ``BLOCK_E`` entries, recomputes their column gradient ``[BLOCK_E, BLOCK_K]`` with ``tl.dot``
-  (grad_out rows of the entries' output pixels x the tap's weight), scales it by the entries' corner
-  weights and adds it to its pixels with a one-hot ``[BLOCK_T, BLOCK_E]`` fp32 ``tl.dot`` (exact
-  0/1 products, IEEE fp32, fixed order). The list costs about 30 bytes per entry (keys, sorted
-  keys, permutation, weights; plus the sort's scratch) and
-  ``4 * B * OG * T * L`` entries (independent of the channel count).
+* ``grad_input`` in deterministic mode (``_corner_kernel`` + ``_input_grad_kernel``): the scatter of
+  the column gradient through the bilinear weights is turned into a gather. ``_corner_kernel``
+  lists, for every (b, offset group, tap, output pixel, corner), the corner's flat input pixel as a
+  sort key ``((b * OG + g) * T + k) * H * W + pixel`` (invalid corners get a sentinel that sorts
+  last) and its weight (bilinear * mask). A stable ``torch.sort`` groups the entries by (image,
+  offset group, tap, input pixel); ``torch.searchsorted`` gives the entry range of every block of
+  ``BLOCK_T`` input pixels. ``_input_grad_kernel``, grid ``(cdiv(H * W, BLOCK_T), OG * cdiv(Cog,
+  BLOCK_K), B)``, owns ``BLOCK_T`` input pixels x ``BLOCK_K`` channels: per tap it walks its entry
+  range in chunks of ``BLOCK_E`` entries, recomputes their column gradient ``[BLOCK_E, BLOCK_K]``
+  with ``tl.dot`` (grad_out rows of the entries' output pixels x the tap's weight), scales it by the
+  entries' corner weights and adds it to its pixels with a one-hot ``[BLOCK_T, BLOCK_E]`` fp32
+  ``tl.dot`` (exact 0/1 products, IEEE fp32, fixed order). The list costs about 30 bytes per entry
+  (keys, sorted keys, permutation, weights; plus the sort's scratch) and ``4 * B * OG * T * L``
+  entries (independent of the channel count).
 * ``grad_bias``: ``grad_output.sum((0, 2, 3))`` in fp32.
 
 So in deterministic mode the results are bit-identical from run to run; outside it only

@@ -8,15 +8,15 @@ BN-normalized input. Unfused, this chain reads and writes the [B, C, H, W] featu
 PEM-CA layer; fused, it reads memory and pos once and writes keys [B, HW, C_out] once.
 
 One program computes a tile of BLOCK_P pixels of one image row x BLOCK_N output channels: it loops
-over the input channels in blocks of BLOCK_K, builds the [BLOCK_P, BLOCK_K] depthwise-conv tile in fp32 registers
-(9 masked, pixel-contiguous loads from NCHW memory; neighbouring taps hit L1/L2) and feeds it
-straight into ``tl.dot`` with the matching [BLOCK_K, BLOCK_N] block of W_out^T. Intermediates stay
-in fp32 (the unfused chain rounds BN and conv outputs to the input dtype: for fp16/bf16 the fused
-result is the more precise one); fp32 products are IEEE unless
+over the input channels in blocks of BLOCK_K, builds the [BLOCK_P, BLOCK_K] depthwise-conv tile in
+fp32 registers (9 masked, pixel-contiguous loads from NCHW memory; neighbouring taps hit L1/L2) and
+feeds it straight into ``tl.dot`` with the matching [BLOCK_K, BLOCK_N] block of W_out^T.
+Intermediates stay in fp32 (the unfused chain rounds BN and conv outputs to the input dtype: for
+fp16/bf16 the fused result is the more precise one); fp32 products are IEEE unless
 ``torch.get_float32_matmul_precision()`` allows TF32, as for the Linear it replaces. With
 ``normalize`` the program, which holds every output channel of its pixels (C_out <= 256), divides
-each row by its L2 norm before the store. There is no backward: training, or any input that
-requires grad, takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
+each row by its L2 norm before the store. There is no backward: training, or any input that requires
+grad, takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
 """
 
 from __future__ import annotations

@@ -180,7 +180,8 @@ def _select_kernel(
     query_base = queries_ptr + b * stride_qb + offs_n[None, :] * stride_qn
     if BLOCK_DC == BLOCK_D:
         q = tl.load(
-            query_base + channel[:, None] * stride_qc, mask=d_ok[:, None] & n_ok[None, :], other=0.0,
+            query_base + channel[:, None] * stride_qc, mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
         )  # [BLOCK_D, BLOCK_N]
         if INTERPRETED:
             q = q.to(tl.float32)
@@ -192,7 +193,8 @@ def _select_kernel(
         key_rows = keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
         if BLOCK_DC == BLOCK_D:
             k = tl.load(
-                key_rows + channel[None, :] * stride_kc, mask=p_ok[:, None] & d_ok[None, :], other=0.0,
+                key_rows + channel[None, :] * stride_kc, mask=p_ok[:, None] & d_ok[None, :],
+                other=0.0,
             )  # [BLOCK_P, BLOCK_D]
             if INTERPRETED:
                 k = k.to(tl.float32)
@@ -208,8 +210,8 @@ def _select_kernel(
                     other=0.0,
                 )  # [BLOCK_P, BLOCK_DC]
                 q = tl.load(
-                    query_base + channel_c[:, None] * stride_qc, mask=dc_ok[:, None] & n_ok[None, :],
-                    other=0.0,
+                    query_base + channel_c[:, None] * stride_qc,
+                    mask=dc_ok[:, None] & n_ok[None, :], other=0.0,
                 )  # [BLOCK_DC, BLOCK_N]
                 if INTERPRETED:
                     k = k.to(tl.float32)
