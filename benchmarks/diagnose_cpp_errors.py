@@ -1,12 +1,17 @@
 """Diagnoses C++ argument errors that crash the process instead of raising (GPU suite, "diagnose").
 
 On the first GPU machine (torch 2.11, g++ 13.3, Python 3.12) every TORCH_CHECK of pem_kernels._C
-whose message formats an integer (a size, a stride, num_heads) killed the process with a
-segmentation fault, while checks whose message holds only text and dtypes raised RuntimeError as
-they should; on the development machines (g++ 12) all of them raise. This prints the facts that
-tell the causes apart: the toolchain and the C++ runtime the process maps, then each case in a
-child process of its own (a crash ends only that child), from the extension's own ops to a
-minimal extension compiled on the spot, and a native backtrace of the crash when cuda-gdb exists.
+whose message streamed an integer (a size, a stride, num_heads) into c10::str killed the process
+with a segmentation fault, even in a fresh pytest worker that had launched no Triton kernel,
+while checks whose message held only text and dtypes raised RuntimeError as they should; on the
+development machines and in an Ubuntu 24.04 chroot with that machine's toolchain all of them
+raise. The extension's checks now go through PEM_CHECK (csrc/include/pem_kernels/check.h), which
+formats integers with std::to_string. This prints the facts that tell the causes apart: the
+toolchain and the C++ runtime the process maps, then each case in a child process of its own (a
+crash ends only that child): the extension's own ops (which must raise), and a minimal extension
+compiled on the spot whose TORCH_CHECK streams an integer (`check_int`, the old way) next to the
+same message preformatted (`check_preformatted_int`, PEM_CHECK's way), also after CUDA was
+initialized and a Triton kernel ran, and a native backtrace of `check_int` when a debugger exists.
 
     python -m benchmarks.diagnose_cpp_errors
 """
@@ -24,7 +29,7 @@ CHILD_TIMEOUT_S = 120
 
 OPS_PRELUDE = "import torch, pem_kernels\n"
 OP_CASES = {
-    "op, integer in the message": (
+    "op, integer in the message (PEM_CHECK)": (
         "torch.ops.pem_kernels.prototype_select(torch.randn(2, 30, 16), torch.randn(2, 3, 16), "
         "None, 5, False, False)"
     ),
@@ -32,16 +37,16 @@ OP_CASES = {
         "torch.ops.pem_kernels.prototype_select(torch.randn(2, 30, 16), torch.randn(2, 3, 16), "
         "torch.ones(2, 3, 30), 4, False, False)"
     ),
-    "op below autograd (no Python autograd layer), integer in the message": (
+    "op below autograd (no Python autograd layer), integer in the message (PEM_CHECK)": (
         "torch.ops.pem_kernels.prototype_select.default.redispatch("
         "torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), torch.randn(2, 30, 16), "
         "torch.randn(2, 3, 16), None, 5, False, False)"
     ),
 }
 
-# The crashes came in pytest workers that had run GPU and Triton tests before; a machine like
-# that one without a GPU (same OS, compiler, torch, Python) raised as it should. So the integer
-# case runs again after each thing such a worker had done first.
+# Most crashes came in pytest workers that had run GPU and Triton tests before; a machine like
+# that one without a GPU (same OS, compiler, torch, Python) raised as it should. So the minimal
+# integer case runs again after each thing such a worker had done first.
 PROCESS_STATES = {
     "CUDA initialized": "torch.zeros(1, device='cuda')\n",
     "triton imported": "import triton\n",
@@ -102,6 +107,31 @@ def raising(call: str) -> str:
     return f"try:\n    {call}\nexcept RuntimeError as error:\n    print('RuntimeError:', error)\n"
 
 
+def backtrace(code: str) -> None:
+    """Runs ``code`` under cuda-gdb or gdb and prints the native stack where it stops."""
+    debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if debugger is None:
+        print("no cuda-gdb or gdb on PATH", flush=True)
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(code)
+    command = [debugger, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable,
+               script.name]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                              env=dict(os.environ, PYTHONFAULTHANDLER="0"), check=False)
+    except subprocess.TimeoutExpired:
+        print(f"{debugger} timed out after {CHILD_TIMEOUT_S} s", flush=True)
+        return
+    finally:
+        os.unlink(script.name)
+    lines = [
+        line for line in (done.stdout + done.stderr).splitlines()
+        if line.startswith(("#", "Thread", "Program"))
+    ]
+    print("\n".join(lines[-40:]) or (done.stdout + done.stderr)[-3000:], flush=True)
+
+
 def main() -> int:
     import torch
 
@@ -124,18 +154,14 @@ def main() -> int:
         "print(sorted({l.split()[-1] for l in maps if 'stdc++' in l or 'gcc_s' in l}))",
     )
 
-    section("the extension's own ops (each in a child process)")
+    section("the extension's own ops (each in a child process; every one must raise)")
     for label, call in OP_CASES.items():
         child(label, OPS_PRELUDE + raising(call))
-
-    section("the integer case after what a pytest worker had done first")
-    integer_case = next(iter(OP_CASES.values()))
-    for state, setup in PROCESS_STATES.items():
-        child(f"after: {state}", OPS_PRELUDE + setup + raising(integer_case))
 
     from torch.utils.cpp_extension import load_inline
 
     build_dirs = []
+    integer_case = None  # (prelude, call) of the plain minimal extension's check_int
     # Plain, then with the extension's own OpenMP flags (setup.py compiles and links -fopenmp).
     for name, flags in (("pem_diag", []), ("pem_diag_openmp", ["-fopenmp"])):
         section(f"a minimal extension compiled here with the same toolchain, -O3 {' '.join(flags)}")
@@ -151,28 +177,17 @@ def main() -> int:
         prelude = f"import sys, torch\nsys.path.insert(0, {build_dir!r})\nimport {name}\n"
         for function in MINIMAL_FUNCTIONS:
             child(f"{name}.{function}", prelude + raising(f"print(repr({name}.{function}()))"))
+        if integer_case is None:
+            integer_case = (prelude, f"{name}.check_int()")
 
-    section("native backtrace of the first case")
-    debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
-    if debugger is None:
-        print("no cuda-gdb or gdb on PATH", flush=True)
-    else:
-        code = OPS_PRELUDE + raising(next(iter(OP_CASES.values())))
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-            script.write(code)
-        command = [
-            debugger, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, script.name
-        ]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                                  env=dict(os.environ, PYTHONFAULTHANDLER="0"), check=False)
-            lines = [
-                l for l in (done.stdout + done.stderr).splitlines()
-                if l.startswith(("#", "Thread", "Program"))
-            ]
-            print("\n".join(lines[-40:]) or (done.stdout + done.stderr)[-3000:], flush=True)
-        except subprocess.TimeoutExpired:
-            print(f"{debugger} timed out after {CHILD_TIMEOUT_S} s", flush=True)
+    if integer_case is not None:
+        section("the minimal check_int after what a pytest worker had done first")
+        prelude, call = integer_case
+        for state, setup in PROCESS_STATES.items():
+            child(f"after: {state}", prelude + "import pem_kernels\n" + setup + raising(call))
+
+        section("native backtrace of the minimal check_int")
+        backtrace(prelude + raising(call))
     for build_dir in build_dirs:
         shutil.rmtree(build_dir, ignore_errors=True)
     return 0

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pem_kernels/check.h"
 #include "pem_kernels/prototype_select_checks.h"
 #include "pem_kernels/prototype_select_common.h"
 
@@ -368,7 +369,7 @@ void prototype_select_backward_cpu_impl(
       for (int64_t h = 0; h < pr.heads; ++h) {
         for (int64_t n = 0; n < pr.queries; ++n) {
           const int64_t pixel = image_indices[h * pr.queries + n];
-          TORCH_CHECK(
+          PEM_CHECK(
               pixel >= 0 && pixel < pr.pixels, "_prototype_select_backward: index ", pixel,
               " out of range [0, ", pr.pixels, ")");
           const int64_t slot = std::lower_bound(pixels.begin(), pixels.end(), pixel) - pixels.begin();

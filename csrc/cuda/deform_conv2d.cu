@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "pem_kernels/check.h"
 #include "pem_kernels/deform_conv_checks.h"
 #include "pem_kernels/deform_conv_common.h"
 
@@ -301,7 +302,7 @@ at::Tensor deform_conv2d_cuda(
   if (output.numel() == 0) return output;
   const int64_t pixel_blocks = blocks_for(s.batch * s.out_pixels(), kTileM);
   const int64_t channel_blocks = blocks_for(s.group_out_channels(), kTileN);
-  TORCH_CHECK(
+  PEM_CHECK(
       pixel_blocks < (int64_t{1} << 31) && channel_blocks <= 65535 && s.groups <= 65535,
       "deform_conv2d (cuda): the problem is too large for one launch: ", s.batch, " images of ",
       s.out_pixels(), " pixels, ", s.out_channels, " output channels, ", s.groups, " groups");

@@ -35,6 +35,7 @@
 
 #include <algorithm>
 
+#include "pem_kernels/check.h"
 #include "pem_kernels/prototype_select_checks.h"
 #include "pem_kernels/prototype_select_common.h"
 
@@ -244,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
   const Problem pr{keys.size(0), keys.size(1), keys.size(2), queries.size(1), num_heads,
                    keys.size(2) / num_heads};
   const int64_t query_blocks = (pr.queries + kTileQueries - 1) / kTileQueries;
-  TORCH_CHECK(
+  PEM_CHECK(
       pr.batch * pr.heads <= 65535 && query_blocks <= 65535,
       "prototype_select (cuda): B * num_heads must be <= 65535 and N <= ", 65535 * kTileQueries,
       ", got B = ", pr.batch, ", num_heads = ", pr.heads, ", N = ", pr.queries);
@@ -383,7 +384,7 @@ at::Tensor prototype_select_backward_cuda(
   const int64_t heads = indices.size(1);
   const Problem pr{keys.size(0), keys.size(1), keys.size(2), indices.size(2), heads,
                    keys.size(2) / heads};
-  TORCH_CHECK(
+  PEM_CHECK(
       pr.batch <= 65535, "_prototype_select_backward (cuda): B must be <= 65535, got ", pr.batch);
   at::Tensor grad_keys = at::zeros_like(keys);
   if (grad.numel() == 0) return grad_keys;

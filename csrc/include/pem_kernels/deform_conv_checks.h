@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "pem_kernels/check.h"
 #include "pem_kernels/deform_conv_common.h"
 
 namespace pem_kernels {
@@ -29,10 +30,10 @@ struct ConvShape {
 
 inline void check_like_input(
     const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& input) {
-  TORCH_CHECK(
+  PEM_CHECK(
       tensor.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ",
       tensor.scalar_type(), ", expected input's dtype ", input.scalar_type());
-  TORCH_CHECK(
+  PEM_CHECK(
       tensor.device() == input.device(), op, ": ", name, " is on ", tensor.device(),
       ", expected input's device ", input.device());
 }
@@ -44,30 +45,30 @@ inline ConvShape check_inputs(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h,
     int64_t dilation_w, int64_t groups, int64_t offset_groups) {
-  TORCH_CHECK(
+  PEM_CHECK(
       input.dim() == 4, op, ": input must be a 4-D tensor [B, C_in, H, W], got shape ",
       input.sizes());
-  TORCH_CHECK(
+  PEM_CHECK(
       weight.dim() == 4, op,
       ": weight must be a 4-D tensor [C_out, C_in / groups, kh, kw], got shape ", weight.sizes());
-  TORCH_CHECK(
+  PEM_CHECK(
       offset.dim() == 4, op,
       ": offset must be a 4-D tensor [B, 2 * offset_groups * kh * kw, out_h, out_w], got shape ",
       offset.sizes());
-  TORCH_CHECK(
+  PEM_CHECK(
       at::isFloatingType(input.scalar_type()), op,
       ": input must be a floating tensor, got dtype ", input.scalar_type());
   check_like_input(op, "weight", weight, input);
   check_like_input(op, "offset", offset, input);
   if (mask.has_value()) check_like_input(op, "mask", *mask, input);
   if (bias.has_value()) check_like_input(op, "bias", *bias, input);
-  TORCH_CHECK(
+  PEM_CHECK(
       stride_h >= 1 && stride_w >= 1, op, ": stride_h and stride_w must be >= 1, got (",
       stride_h, ", ", stride_w, ")");
-  TORCH_CHECK(
+  PEM_CHECK(
       pad_h >= 0 && pad_w >= 0, op, ": pad_h and pad_w must be >= 0, got (", pad_h, ", ", pad_w,
       ")");
-  TORCH_CHECK(
+  PEM_CHECK(
       dilation_h >= 1 && dilation_w >= 1, op, ": dilation_h and dilation_w must be >= 1, got (",
       dilation_h, ", ", dilation_w, ")");
 
@@ -87,44 +88,44 @@ inline ConvShape check_inputs(
   s.dilation_w = dilation_w;
   s.groups = groups;
   s.offset_groups = offset_groups;
-  TORCH_CHECK(
+  PEM_CHECK(
       s.in_channels >= 1 && s.height >= 1 && s.width >= 1, op,
       ": input must have C_in, H, W >= 1, got shape ", input.sizes());
-  TORCH_CHECK(
+  PEM_CHECK(
       s.out_channels >= 1 && weight.size(1) >= 1 && s.kernel_h >= 1 && s.kernel_w >= 1, op,
       ": weight must have every dimension >= 1, got shape ", weight.sizes());
-  TORCH_CHECK(
+  PEM_CHECK(
       groups >= 1 && s.in_channels == groups * weight.size(1), op, ": groups = ", groups,
       " must be >= 1 with weight.size(1) * groups == C_in, got weight shape ", weight.sizes(),
       " and C_in = ", s.in_channels);
-  TORCH_CHECK(
+  PEM_CHECK(
       s.out_channels % groups == 0, op, ": weight.size(0) = ", s.out_channels,
       " (C_out) must be divisible by groups = ", groups);
-  TORCH_CHECK(
+  PEM_CHECK(
       offset_groups >= 1 && s.in_channels % offset_groups == 0, op, ": offset_groups = ",
       offset_groups, " must be a positive divisor of C_in = ", s.in_channels);
   const int64_t span_h = s.height + 2 * pad_h - dilation_h * (s.kernel_h - 1) - 1;
   const int64_t span_w = s.width + 2 * pad_w - dilation_w * (s.kernel_w - 1) - 1;
-  TORCH_CHECK(
+  PEM_CHECK(
       span_h >= 0 && span_w >= 0, op, ": input of spatial size ", s.height, " x ", s.width,
       " is too small for kernel ", s.kernel_h, " x ", s.kernel_w, " with padding (", pad_h, ", ",
       pad_w, ") and dilation (", dilation_h, ", ", dilation_w, ")");
   s.out_h = span_h / stride_h + 1;
   s.out_w = span_w / stride_w + 1;
   const std::vector<int64_t> offset_shape{s.batch, 2 * s.sample_rows(), s.out_h, s.out_w};
-  TORCH_CHECK(
+  PEM_CHECK(
       offset.sizes() == at::IntArrayRef(offset_shape), op,
       ": offset must have shape [B, 2 * offset_groups * kh * kw, out_h, out_w] = ",
       at::IntArrayRef(offset_shape), ", got ", offset.sizes());
   if (mask.has_value()) {
     const std::vector<int64_t> mask_shape{s.batch, s.sample_rows(), s.out_h, s.out_w};
-    TORCH_CHECK(
+    PEM_CHECK(
         mask->sizes() == at::IntArrayRef(mask_shape), op,
         ": mask must have shape [B, offset_groups * kh * kw, out_h, out_w] = ",
         at::IntArrayRef(mask_shape), ", got ", mask->sizes());
   }
   if (bias.has_value()) {
-    TORCH_CHECK(
+    PEM_CHECK(
         bias->dim() == 1 && bias->size(0) == s.out_channels, op,
         ": bias must have shape [C_out] = [", s.out_channels, "], got ", bias->sizes());
   }
@@ -142,7 +143,7 @@ inline ConvShape check_backward_inputs(
       kOp, input, weight, offset, mask, std::nullopt, stride_h, stride_w, pad_h, pad_w,
       dilation_h, dilation_w, groups, offset_groups);
   const std::vector<int64_t> output_shape{s.batch, s.out_channels, s.out_h, s.out_w};
-  TORCH_CHECK(
+  PEM_CHECK(
       grad_output.sizes() == at::IntArrayRef(output_shape), kOp,
       ": grad_output must have the output's shape [B, C_out, out_h, out_w] = ",
       at::IntArrayRef(output_shape), ", got ", grad_output.sizes());
