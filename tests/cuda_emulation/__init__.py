@@ -1,0 +1,101 @@
+"""The extension's CUDA sources, compiled as C++ and run on the CPU (see cuda_emulation.h).
+
+``build("deform_conv2d")`` rewrites ``csrc/cuda/deform_conv2d.cu`` (CUDA headers out, the
+emulation header in, ``kernel<<<...>>>(args)`` launches into ``pem_emulation::launch``, the
+CUDA dispatch registration into an unused function), compiles it with torch's C++ extension
+loader and returns a module whose functions call the file's host entry points on CPU tensors:
+the same argument checks, launch geometry, kernels and ATen calls as on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import tempfile
+from types import ModuleType
+
+from torch.utils.cpp_extension import load_inline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# kernel<template args> <<<grid, block, shared bytes, stream>>> (
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+CUDA_INCLUDE = re.compile(r"^#include <(?:ATen/cuda|c10/cuda)/.*>$", re.MULTILINE)
+REGISTRATION = "TORCH_LIBRARY_IMPL(pem_kernels, CUDA, m)"
+
+# Per source file: the host entry points (name in the file -> C++ signature of its parameters
+# and return type) that the emulated module exposes under the same name.
+ENTRY_POINTS = {
+    "deform_conv2d": {
+        "deform_conv2d_cuda": (
+            "at::Tensor",
+            ("const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset, "
+             "const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, "
+             "int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, "
+             "int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups"),
+        ),
+        "deform_conv2d_backward_cuda": (
+            "std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>",
+            ("const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, "
+             "const at::Tensor& offset, const std::optional<at::Tensor>& mask, "
+             "int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, "
+             "int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups"),
+        ),
+    },
+    "prototype_select": {
+        "prototype_select_cuda": (
+            "std::tuple<at::Tensor, at::Tensor>",
+            ("const at::Tensor& keys, const at::Tensor& queries, "
+             "const std::optional<at::Tensor>& mask, int64_t num_heads, bool official_empty, "
+             "bool normalize_keys"),
+        ),
+        "prototype_select_backward_cuda": (
+            "at::Tensor",
+            ("const at::Tensor& grad, const at::Tensor& keys, const at::Tensor& indices, "
+             "bool normalize_keys"),
+        ),
+    },
+}
+
+
+def emulated_source(name: str) -> str:
+    """The C++ translation unit that emulates ``csrc/cuda/<name>.cu``."""
+    with open(os.path.join(ROOT, "csrc", "cuda", f"{name}.cu")) as f:
+        source = f.read()
+    launches = len(LAUNCH.findall(source))
+    if launches == 0 or source.count("<<<") != launches:
+        raise RuntimeError(f"{name}.cu: could not rewrite every kernel launch")
+    if REGISTRATION not in source:
+        raise RuntimeError(f"{name}.cu: no {REGISTRATION} block")
+    source = CUDA_INCLUDE.sub("", source)
+    source = LAUNCH.sub(r"::pem_emulation::launch(\1, \2)(", source)
+    source = source.replace(
+        REGISTRATION, "[[maybe_unused]] static void unused_cuda_registration(torch::Library& m)"
+    )
+    wrappers = []
+    for function, (returns, parameters) in ENTRY_POINTS[name].items():
+        arguments = ", ".join(p.split()[-1].lstrip("&") for p in parameters.split(", "))
+        wrappers.append(
+            f"{returns} {function}({parameters}) {{\n"
+            f"  return pem_kernels::{function}({arguments});\n}}\n"
+        )
+    return '#include "cuda_emulation.h"\n' + source + "\n" + "\n".join(wrappers)
+
+
+@functools.cache
+def build(name: str) -> ModuleType:
+    """Compiles the emulation of ``csrc/cuda/<name>.cu`` (about a minute on 2 cores) and imports it."""
+    build_dir = os.path.join(tempfile.gettempdir(), f"pem_cuda_emulation_{os.getuid()}", name)
+    os.makedirs(build_dir, exist_ok=True)
+    return load_inline(
+        name=f"pem_emulated_{name}",
+        cpp_sources=[emulated_source(name)],
+        functions=list(ENTRY_POINTS[name]),
+        extra_include_paths=[HERE, os.path.join(ROOT, "csrc", "include")],
+        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"],
+        build_directory=build_dir,
+        verbose=False,
+    )
+

@@ -1,0 +1,275 @@
+"""The CUDA sources run on the CPU through tests/cuda_emulation: without a GPU, these are the only
+tests that execute csrc/cuda/*.cu (host code, launch geometry and kernels, with the threads of
+each block running concurrently), against torchvision and the CPU kernels. tests/test_deform_conv.py
+and tests/test_prototype_select.py run the real kernels wherever a GPU exists."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pem_kernels
+
+from test_deform_conv import (
+    CONFIGS,
+    TENSOR_NAMES,
+    TOLERANCES,
+    Conv,
+    gradients,
+    make_inputs,
+    with_non_finite_mask,
+)
+from test_prototype_select import make_inputs as make_select_inputs
+
+pytestmark = pytest.mark.skipif(
+    not pem_kernels.EXTENSION_LOADED, reason="pem_kernels._C is not built"
+)
+torchvision_ops = pytest.importorskip("torchvision.ops")
+
+@pytest.fixture(scope="module")
+def deform():
+    from cuda_emulation import build
+
+    return build("deform_conv2d")
+
+
+@pytest.fixture(scope="module")
+def select():
+    from cuda_emulation import build
+
+    return build("prototype_select")
+
+
+def conv_arguments(conv: Conv) -> tuple[int, ...]:
+    (stride_h, stride_w), (pad_h, pad_w) = conv.stride, conv.padding
+    dilation_h, dilation_w = conv.dilation
+    return (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, conv.groups,
+            conv.offset_groups)
+
+
+def emulated_forward(deform, tensors: dict, conv: Conv) -> torch.Tensor:
+    return deform.deform_conv2d_cuda(
+        tensors["input"], tensors["weight"], tensors["offset"], tensors["mask"],
+        tensors["bias"], *conv_arguments(conv),
+    )
+
+
+def emulated_gradients(deform, tensors: dict, conv: Conv, grad_output: torch.Tensor) -> dict:
+    grads = deform.deform_conv2d_backward_cuda(
+        grad_output, tensors["input"], tensors["weight"], tensors["offset"], tensors["mask"],
+        *conv_arguments(conv),
+    )
+    return {
+        name: grad for name, grad in zip(TENSOR_NAMES, grads) if tensors[name] is not None
+    }
+
+
+def torchvision_gradients(tensors: dict, conv: Conv, grad_output: torch.Tensor) -> dict:
+    return gradients(
+        lambda t: torchvision_ops.deform_conv2d(**t, **conv.kwargs()), tensors, grad_output
+    )
+
+
+def assert_gradients_close(actual: dict, expected: dict, dtype: torch.dtype) -> None:
+    """Gradients sum over many pixels in another order than torchvision's: the rounding grows
+    with their magnitude."""
+    assert set(actual) == set(expected)
+    for key in actual:
+        scale = max(1.0, expected[key].abs().max().item())
+        torch.testing.assert_close(
+            actual[key], expected[key], rtol=TOLERANCES[dtype]["rtol"],
+            atol=TOLERANCES[dtype]["atol"] * scale, msg=lambda m, key=key: f"{key}: {m}",
+        )
+
+
+# Each of the CUDA forward's gather paths (per element, shared sample tables, vector loads on
+# channels_last) and the backward's cases.
+DEFORM_CASES = {
+    "per_element_odd_kernel": (CONFIGS["kernel_3x2_odd_sizes"], "nchw"),
+    "shared_samples": (Conv(in_channels=32, out_channels=8, offset_groups=2, offset_scale=3.0),
+                       "nchw"),
+    "vector_loads_channels_last": (
+        Conv(in_channels=32, out_channels=8, offset_groups=2, offset_scale=3.0), "channels_last"
+    ),
+    "groups_stride_padding_dilation": (
+        Conv(in_channels=32, out_channels=16, height=9, width=8, groups=2, offset_groups=2,
+             stride=(2, 1), padding=(2, 0), dilation=(1, 2)),
+        "nchw",
+    ),
+    "no_mask_no_bias_out_of_image": (
+        Conv(with_mask=False, with_bias=False, offset_scale=5.0, integer_offsets=True), "nchw"
+    ),
+    "many_pixels": (CONFIGS["many_pixels"], "nchw"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(DEFORM_CASES))
+def test_deform_conv2d_matches_torchvision(deform, name, dtype):
+    conv, layout = DEFORM_CASES[name]
+    tensors = make_inputs(conv, dtype)
+    if layout == "channels_last":
+        tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)
+    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    torch.testing.assert_close(emulated_forward(deform, tensors, conv), expected,
+                               **TOLERANCES[dtype])
+    grad_output = torch.randn(conv.output_shape(), dtype=dtype)
+    actual = emulated_gradients(deform, tensors, conv, grad_output)
+    expected_grads = torchvision_gradients(tensors, conv, grad_output)
+    assert_gradients_close(actual, expected_grads, dtype)
+    if layout == "channels_last":
+        assert actual["input"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_deform_conv2d_gradients_over_several_backward_blocks(deform):
+    """One image's backward in several pixel blocks (32 MiB column tiles: 896-pixel blocks of
+    512 fp64 channels), the last one partial."""
+    conv = Conv(batch=1, in_channels=512, height=31, width=33, out_channels=4, offset_groups=2,
+                groups=2, offset_scale=3.0)
+    tensors = make_inputs(conv, torch.float64)
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64)
+    actual = emulated_gradients(deform, tensors, conv, grad_output)
+    assert_gradients_close(actual, torchvision_gradients(tensors, conv, grad_output),
+                           torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_deform_conv2d_low_precision_matches_the_cpu_kernel(deform, dtype):
+    """fp32 accumulation and fp32 gradient buffers, rounded once: what the CPU kernel does."""
+    conv, _ = DEFORM_CASES["shared_samples"]
+    tensors = make_inputs(conv, dtype)
+    grad_output = torch.randn(conv.output_shape()).to(dtype)
+    cpu_out = torch.ops.pem_kernels.deform_conv2d(
+        tensors["input"], tensors["weight"], tensors["offset"], tensors["mask"],
+        tensors["bias"], *conv_arguments(conv),
+    )
+    out = emulated_forward(deform, tensors, conv)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), cpu_out.float(), rtol=1e-2, atol=1e-2)
+    cpu_grads = torch.ops.pem_kernels._deform_conv2d_backward(
+        grad_output, tensors["input"], tensors["weight"], tensors["offset"], tensors["mask"],
+        *conv_arguments(conv),
+    )
+    actual = emulated_gradients(deform, tensors, conv, grad_output)
+    for key, expected in zip(TENSOR_NAMES, cpu_grads):
+        assert actual[key].dtype == dtype
+        scale = expected.float().abs().max().item()
+        torch.testing.assert_close(actual[key].float(), expected.float(), rtol=2e-2,
+                                   atol=2e-2 * scale, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_deform_conv2d_deterministic_backward_is_bitwise_repeatable(deform):
+    """Deterministic mode: the input gradient through the sorted entry lists, bit-identical from
+    run to run; the atomics path agrees with it to rounding."""
+    conv = CONFIGS["many_pixels"]
+    tensors = make_inputs(conv, torch.float32)
+    grad_output = torch.randn(conv.output_shape())
+    default = emulated_gradients(deform, tensors, conv, grad_output)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = emulated_gradients(deform, tensors, conv, grad_output)
+        second = emulated_gradients(deform, tensors, conv, grad_output)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert_gradients_close(first, torchvision_gradients(tensors, conv, grad_output),
+                           torch.float32)
+    assert_gradients_close(default, first, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_deform_conv2d_non_finite_mask_as_torchvision(deform, dtype):
+    """The shared-sample forward multiplies the blended sample by the mask: NaN outside the image
+    stays NaN, inf at an integer position stays inf."""
+    conv = Conv(in_channels=32, out_channels=8, offset_groups=2, with_bias=False)
+    tensors = with_non_finite_mask(make_inputs(conv, dtype))
+    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    assert expected.isnan().any() and expected.isinf().any()
+    torch.testing.assert_close(emulated_forward(deform, tensors, conv), expected, equal_nan=True,
+                               **TOLERANCES[dtype])
+    grad_output = torch.randn(conv.output_shape(), dtype=dtype)
+    actual = emulated_gradients(deform, tensors, conv, grad_output)["weight"]
+    reference = torchvision_gradients(tensors, conv, grad_output)["weight"]
+    torch.testing.assert_close(actual, reference, equal_nan=True, **TOLERANCES[dtype])
+
+
+def test_deform_conv2d_batch_zero_launches_nothing(deform):
+    conv = dataclasses.replace(CONFIGS["fractional_offsets"], batch=0)
+    tensors = make_inputs(conv, torch.float32)
+    assert emulated_forward(deform, tensors, conv).shape == conv.output_shape()
+    grads = emulated_gradients(deform, tensors, conv, torch.zeros(conv.output_shape()))
+    assert grads["input"].shape == tensors["input"].shape
+    assert (grads["weight"] == 0).all() and (grads["bias"] == 0).all()
+
+
+def test_deform_conv2d_checks_its_arguments(deform):
+    conv = CONFIGS["fractional_offsets"]
+    tensors = make_inputs(conv, torch.float32)
+    tensors["offset"] = tensors["offset"][:, :-2]
+    with pytest.raises(RuntimeError, match=r"offset must have shape .* = \[2, 18, 7, 6\], got "
+                                           r"\[2, 16, 7, 6\]"):
+        emulated_forward(deform, tensors, conv)
+
+
+def select_both(select, keys, queries, mask, heads, official, normalize_keys):
+    emulated = select.prototype_select_cuda(keys, queries, mask, heads, official, normalize_keys)
+    cpu = torch.ops.pem_kernels.prototype_select(keys, queries, mask, heads, official,
+                                                 normalize_keys)
+    return emulated, cpu
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["per_query", "official"])
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_prototype_select_matches_the_cpu_kernel(select, official, normalize_keys):
+    """Several pixel splits (700 pixels: 11 tiles of 64), an empty query, an image whose queries
+    are all empty, a NaN key in a later tile; then the backward scatter."""
+    keys, queries, mask = make_select_inputs(2, 700, 32, 5)
+    mask[0, 1] = False
+    mask[1] = False
+    keys[1, 650, :8] = float("nan")
+    (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
+        select, keys, queries, mask, 4, official, normalize_keys
+    )
+    assert torch.equal(indices, cpu_indices)
+    torch.testing.assert_close(prototypes, cpu_prototypes, equal_nan=True)
+    grad = torch.randn_like(prototypes)
+    grad_keys = select.prototype_select_backward_cuda(grad, keys, indices, normalize_keys)
+    cpu_grad_keys = torch.ops.pem_kernels._prototype_select_backward(grad, keys, indices,
+                                                                     normalize_keys)
+    torch.testing.assert_close(grad_keys, cpu_grad_keys, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_prototype_select_dtypes_and_query_blocks(select, dtype):
+    """70 queries: two query blocks of 64; fp32 accumulation for fp16/bf16."""
+    keys, queries, mask = make_select_inputs(1, 200, 16, 70, dtype=dtype)
+    (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
+        select, keys, queries, mask, 2, False, False
+    )
+    assert torch.equal(indices, cpu_indices)
+    assert torch.equal(prototypes, cpu_prototypes)
+
+
+def test_prototype_select_ties_and_no_mask(select):
+    keys, queries, _ = make_select_inputs(1, 300, 16, 4)
+    keys[0, 100:200] = keys[0, :100]
+    keys[0, 200:] = keys[0, :100]
+    (_, indices), (_, cpu_indices) = select_both(select, keys, queries, None, 2, False, False)
+    assert torch.equal(indices, cpu_indices) and (indices < 100).all()
+
+
+def test_prototype_select_backward_stops_on_out_of_range_indices(select):
+    keys, grad = torch.randn(1, 10, 8), torch.randn(1, 2, 8)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        select.prototype_select_backward_cuda(grad, keys, torch.tensor([[[3, 10]]]), False)
+
+
+def test_prototype_select_batch_zero_and_no_queries(select):
+    for batch, queries in [(0, 4), (2, 0)]:
+        keys, query, mask = make_select_inputs(batch, 50, 16, queries)
+        prototypes, indices = select.prototype_select_cuda(keys, query, mask, 4, False, False)
+        assert prototypes.shape == (batch, queries, 16) and indices.shape == (batch, 4, queries)
