@@ -123,6 +123,28 @@ def test_deform_conv2d_matches_torchvision(deform, name, dtype):
         assert actual["input"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_unaligned"])
+@pytest.mark.parametrize("channels,groups,offset_groups", [(32, 2, 1), (48, 1, 3), (20, 1, 1)],
+                         ids=str)
+def test_deform_conv2d_forward_gather_paths(deform, layout, channels, groups, offset_groups):
+    """Shared sample tables (channels per group and per offset group multiples of 16), vector
+    loads (channels_last with an aligned start) and per-element samples (20 channels), each on
+    every layout."""
+    conv = Conv(in_channels=channels, height=9, width=11, out_channels=8 * groups, groups=groups,
+                offset_groups=offset_groups, offset_scale=3.0)
+    tensors = make_inputs(conv, torch.float32)
+    input = tensors["input"]
+    strides = input.contiguous(memory_format=torch.channels_last).stride()
+    if layout == "channels_last":
+        tensors["input"] = input.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_unaligned":
+        flat = torch.zeros(input.numel() + 1)
+        tensors["input"] = flat[1:].as_strided(input.shape, strides).copy_(input)
+    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    torch.testing.assert_close(emulated_forward(deform, tensors, conv), expected,
+                               **TOLERANCES[torch.float32])
+
+
 def test_deform_conv2d_gradients_over_several_backward_blocks(deform):
     """One image's backward in several pixel blocks (32 MiB column tiles: 896-pixel blocks of
     512 fp64 channels), the last one partial."""

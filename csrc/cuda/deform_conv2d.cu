@@ -11,7 +11,9 @@
 // modulation) straight into shared memory, so the column matrix never exists. fp32 accumulation.
 // When 16 consecutive k share a tap and an offset group (channel counts that are multiples of
 // 16, PEM's case) the tile's 64 sample positions are computed once and shared by the channels,
-// and a channels_last input is read 4 channels per vector load (Gather below).
+// and a channels_last input is read 4 channels per vector load (Gather below). The K loop is
+// software-pipelined: the next stage's global loads are in flight while the current stage's
+// product runs.
 //
 // Backward: the structure of the CPU backward, one image and one block of output pixels at a
 // time (the block size depends on the shape only), each step parallel over the block:
@@ -138,12 +140,20 @@ struct alignas(sizeof(scalar_t) * kVectorChannels) ChannelVector {
 
 // Grid (M tiles, N tiles, groups). `weight` is laid out [C_out, kh, kw, C_in / groups], so that
 // k = tap * (C_in / groups) + channel and a stage of kTileK consecutive k usually shares one tap.
+//
+// Software-pipelined: the global loads of stage s + 1 (its input corners and weights, into
+// registers) are issued before the product of stage s runs from shared memory, so that their
+// latency hides behind its FMAs; they are blended, modulated and stored to shared memory after
+// it. Each thread gathers kVectorChannels channels of one pixel per stage.
 template <typename scalar_t, typename acc_t, Gather kGather>
 __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
     ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
     const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias,
     scalar_t* __restrict__ output) {
+  constexpr int kPerThread = kTileK * kTileM / kThreads;  // column elements per thread and stage
+  static_assert(kPerThread == kVectorChannels && kTileK * kTileN == kPerThread * kThreads);
+  constexpr bool kSampleTables = kGather != Gather::kPerElement;
   __shared__ __align__(16) acc_t column_tile[kTileK][kTileM];
   __shared__ __align__(16) acc_t weight_tile[kTileK][kTileN];
   // The samples of the tile's pixels for one (offset group, tap) row (kSharedSamples and
@@ -163,95 +173,139 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   const int64_t group_rows = s.group_rows(), out_per_group = s.group_out_channels();
   const int64_t group_channels = s.group_channels();
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  // The thread's pixel and its channels (rows of the column tile). Consecutive threads take
+  // consecutive pixels (their offsets, and in NCHW their samples, are adjacent) or, on
+  // kVectorizedChannels, consecutive channel vectors of one pixel (adjacent memory).
+  constexpr int kVectors = kTileK / kVectorChannels;
+  const int mm = kGather == Gather::kVectorizedChannels ? threadIdx.x / kVectors
+                                                        : threadIdx.x % kTileM;
+  const auto tile_row = [&](int r) {
+    return kGather == Gather::kVectorizedChannels
+        ? static_cast<int>(threadIdx.x % kVectors) * kVectorChannels + r
+        : static_cast<int>(threadIdx.x / kTileM) + r * (kThreads / kTileM);
+  };
+  // Registers from a stage's loads to its store: the corners of the thread's samples (sample
+  // tables) or its modulated samples (kPerElement), and its weight tile elements.
+  acc_t corner_values[kPerThread][kBilinearCorners];
+  acc_t element_values[kPerThread];
+  acc_t weight_values[kPerThread];
   acc_t acc[4][4] = {};
   int64_t tables_row = -1;  // the (offset group, tap) row the sample tables hold
 
-  for (int64_t k0 = 0; k0 < group_rows; k0 += kTileK) {
-    if constexpr (kGather == Gather::kPerElement) {
-      // Consecutive threads take consecutive pixels: their offsets are contiguous.
-      for (int i = threadIdx.x; i < kTileK * kTileM; i += kThreads) {
-        const int kk = i / kTileM, mm = i % kTileM;
-        const int64_t k = k0 + kk, m = m0 + mm;
-        acc_t value = 0;
-        if (k < group_rows && m < pixels_total) {
-          value = modulated_sample<scalar_t, acc_t>(
-              s, in, input, offset, mask, m / s.out_pixels(),
-              group * group_channels + k % group_channels, k / group_channels,
-              m % s.out_pixels());
+  // Makes the sample tables hold the row of stage k0; the same decision in every thread, and a
+  // barrier after a rewrite. Called only when no thread reads the tables.
+  const auto prepare_tables = [&](int64_t k0) {
+    const int64_t c0 = group * group_channels + k0 % group_channels;
+    const int64_t row = (c0 / s.offset_group_channels()) * s.taps() + k0 / group_channels;
+    if (row == tables_row) return;
+    if (threadIdx.x < kTileM) {
+      const int64_t m = m0 + threadIdx.x;
+      uint8_t inside = 0;
+      acc_t modulation = 0;
+      if (m < pixels_total) {
+        const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
+        const BilinearSample<acc_t> sample =
+            sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
+        modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+        for (int corner = 0; corner < kBilinearCorners; ++corner) {
+          corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
+          corner_weight[threadIdx.x][corner] = sample.weight[corner];
         }
-        column_tile[kk][mm] = value;
+        inside = sample.inside;
+      }
+      sample_modulation[threadIdx.x] = modulation;
+      corner_inside[threadIdx.x] = inside;
+    }
+    tables_row = row;
+    __syncthreads();
+  };
+
+  // Issues the global loads of stage k0 into registers.
+  const auto load_stage = [&](int64_t k0) {
+    if constexpr (kGather == Gather::kPerElement) {
+      const int64_t m = m0 + mm;
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) {
+        const int64_t k = k0 + tile_row(r);
+        element_values[r] = k < group_rows && m < pixels_total
+            ? modulated_sample<scalar_t, acc_t>(
+                  s, in, input, offset, mask, m / s.out_pixels(),
+                  group * group_channels + k % group_channels, k / group_channels,
+                  m % s.out_pixels())
+            : acc_t(0);
       }
     } else {
-      const int64_t c0 = group * group_channels + k0 % group_channels;
-      const int64_t row = (c0 / s.offset_group_channels()) * s.taps() + k0 / group_channels;
-      if (row != tables_row) {  // the same decision in every thread of the block
-        if (threadIdx.x < kTileM) {
-          const int64_t m = m0 + threadIdx.x;
-          uint8_t inside = 0;
-          acc_t modulation = 0;
-          if (m < pixels_total) {
-            const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
-            const BilinearSample<acc_t> sample =
-                sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
-            modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
-            for (int corner = 0; corner < kBilinearCorners; ++corner) {
-              corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
-              corner_weight[threadIdx.x][corner] = sample.weight[corner];
-            }
-            inside = sample.inside;
-          }
-          sample_modulation[threadIdx.x] = modulation;
-          corner_inside[threadIdx.x] = inside;
-        }
-        tables_row = row;
-        __syncthreads();
-      }
-      if constexpr (kGather == Gather::kSharedSamples) {
-        for (int i = threadIdx.x; i < kTileK * kTileM; i += kThreads) {
-          const int kk = i / kTileM, mm = i % kTileM;
-          const scalar_t* channel = input + (c0 + kk) * in.channel;
-          acc_t value = 0;
-          for (int corner = 0; corner < kBilinearCorners; ++corner) {
-            if (corner_inside[mm] & (1u << corner)) {
-              value += corner_weight[mm][corner] *
-                  static_cast<acc_t>(channel[corner_offset[mm][corner]]);
-            }
-          }
-          column_tile[kk][mm] = value * sample_modulation[mm];
-        }
-      } else {
-        // Consecutive threads take consecutive channel vectors of one pixel: adjacent memory.
-        constexpr int kVectors = kTileK / kVectorChannels;
-        for (int i = threadIdx.x; i < kVectors * kTileM; i += kThreads) {
-          const int mm = i / kVectors, first = (i % kVectors) * kVectorChannels;
-          const scalar_t* channels = input + c0 + first;  // channel stride 1
-          acc_t value[kVectorChannels] = {};
-          for (int corner = 0; corner < kBilinearCorners; ++corner) {
-            if (corner_inside[mm] & (1u << corner)) {
-              const ChannelVector<scalar_t> v = *reinterpret_cast<const ChannelVector<scalar_t>*>(
-                  channels + corner_offset[mm][corner]);
+      // Stages lie within one tap and one offset group: every row of the tile has its corners
+      // at the offsets of the tables, in channel c0 + tile row.
+      const scalar_t* stage_input = input + (group * group_channels + k0 % group_channels) *
+          in.channel;
+      const uint8_t inside = corner_inside[mm];
 #pragma unroll
-              for (int e = 0; e < kVectorChannels; ++e) {
-                value[e] += corner_weight[mm][corner] * static_cast<acc_t>(v.value[e]);
-              }
-            }
+      for (int corner = 0; corner < kBilinearCorners; ++corner) {
+        const bool read = inside & (1u << corner);
+        if constexpr (kGather == Gather::kSharedSamples) {
+#pragma unroll
+          for (int r = 0; r < kPerThread; ++r) {
+            corner_values[r][corner] = read
+                ? static_cast<acc_t>(
+                      stage_input[tile_row(r) * in.channel + corner_offset[mm][corner]])
+                : acc_t(0);
+          }
+        } else {
+          ChannelVector<scalar_t> v{};
+          if (read) {
+            v = *reinterpret_cast<const ChannelVector<scalar_t>*>(
+                stage_input + tile_row(0) + corner_offset[mm][corner]);  // channel stride 1
           }
 #pragma unroll
-          for (int e = 0; e < kVectorChannels; ++e) {
-            column_tile[first + e][mm] = value[e] * sample_modulation[mm];
-          }
+          for (int r = 0; r < kPerThread; ++r) corner_values[r][corner] = v.value[r];
         }
       }
     }
     // Consecutive threads take consecutive k: the weight rows are contiguous along k.
-    for (int i = threadIdx.x; i < kTileK * kTileN; i += kThreads) {
-      const int kk = i % kTileK, nn = i / kTileK;
-      const int64_t k = k0 + kk, n = n0 + nn;
-      weight_tile[kk][nn] = (k < group_rows && n < out_per_group)
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) {
+      const int i = threadIdx.x + r * kThreads;
+      const int64_t k = k0 + i % kTileK, n = n0 + i / kTileK;
+      weight_values[r] = k < group_rows && n < out_per_group
           ? static_cast<acc_t>(weight[(group * out_per_group + n) * group_rows + k])
           : acc_t(0);
     }
+  };
+
+  // Blends and modulates the loaded stage (with the tables it was loaded with) into shared memory.
+  const auto store_stage = [&]() {
+    if constexpr (kGather == Gather::kPerElement) {
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) column_tile[tile_row(r)][mm] = element_values[r];
+    } else {
+      const uint8_t inside = corner_inside[mm];
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) {
+        acc_t value = 0;
+#pragma unroll
+        for (int corner = 0; corner < kBilinearCorners; ++corner) {
+          if (inside & (1u << corner)) value += corner_weight[mm][corner] * corner_values[r][corner];
+        }
+        column_tile[tile_row(r)][mm] = value * sample_modulation[mm];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) {
+      const int i = threadIdx.x + r * kThreads;
+      weight_tile[i % kTileK][i / kTileK] = weight_values[r];
+    }
+  };
+
+  if constexpr (kSampleTables) prepare_tables(0);
+  load_stage(0);
+  for (int64_t k0 = 0; k0 < group_rows; k0 += kTileK) {
+    store_stage();
     __syncthreads();
+    if (k0 + kTileK < group_rows) {
+      if constexpr (kSampleTables) prepare_tables(k0 + kTileK);
+      load_stage(k0 + kTileK);
+    }
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
       acc_t a[4], w[4];
@@ -264,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * w[j];
     }
-    __syncthreads();
+    __syncthreads();  // before the next store_stage overwrites the tiles
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
