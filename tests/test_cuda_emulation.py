@@ -295,3 +295,25 @@ def test_prototype_select_batch_zero_and_no_queries(select):
         keys, query, mask = make_select_inputs(batch, 50, 16, queries)
         prototypes, indices = select.prototype_select_cuda(keys, query, mask, 4, False, False)
         assert prototypes.shape == (batch, queries, 16) and indices.shape == (batch, 4, queries)
+
+
+def test_prototype_select_nan_and_inf_rules(select):
+    """NaN beats every number (first NaN wins), a blocked NaN is ignored, a query whose allowed
+    pixels all score -inf takes its first allowed pixel, and a query with a single allowed pixel
+    takes it."""
+    keys, queries, mask = make_select_inputs(1, 200, 8, 4, dtype=torch.float64)
+    mask[:] = False
+    mask[0, 0, [10, 50, 90]] = True
+    keys[0, 50, :4] = float("nan")
+    mask[0, 1, :] = True
+    keys[0, 120, :4] = float("nan")
+    mask[0, 1, 120] = False
+    mask[0, 2, [30, 31]] = True
+    keys[0, 30] = float("-inf")
+    keys[0, 31] = float("-inf")
+    queries[0, 2] = 1.0
+    mask[0, 3, 5] = True
+    (_, indices), (_, cpu_indices) = select_both(select, keys, queries, mask, 2, False, False)
+    assert torch.equal(indices, cpu_indices)
+    assert indices[0, 0, 0] == 50 and indices[0, 0, 1] != 120
+    assert (indices[0, :, 2] == 30).all() and (indices[0, :, 3] == 5).all()

@@ -8,11 +8,12 @@
 //    kTileQueries queries of one (image, head) and a contiguous range of kTilePixels-pixel tiles.
 //    Per tile it stages keys and queries in shared memory kTileDim channels at a time and every
 //    thread accumulates a kMicro x kMicro (pixel x query) block of scores in registers, then folds
-//    its pixels into per-query running argmaxes, masked and unmasked. Each thread sees its pixels in
-//    increasing order, so argmax_visit's rule holds; at the end the 16 threads that share a query
-//    are merged with argmax_merge (warp shuffles) and the block writes one partial per
-//    (split, image, head, query). Splitting the pixel axis keeps the GPU busy at batch 1
-//    (B * heads * query blocks = 16 blocks for PEM). With normalize_keys the keys are divided by
+//    its pixels into one running argmax per query that ranks allowed pixels first
+//    (AllowedFirstArgmax: the masked argmax once an allowed pixel was seen, the unmasked one, an
+//    empty query's fallback, until then). Each thread sees its pixels in increasing order, so the
+//    visit rule holds; at the end the 16 threads that share a query are merged (warp shuffles)
+//    and the block writes one partial per (split, image, head, query). Splitting the pixel axis
+//    keeps the GPU busy at batch 1 (B * heads * query blocks = 16 blocks for PEM). With normalize_keys the keys are divided by
 //    their norms as they are staged, so the scores are those of the normalized keys.
 // 3. merge_splits_kernel, one block per image: merges the partials of every (head, query) in
 //    split order (argmax_merge is associative and commutative: the result is deterministic and
@@ -20,8 +21,8 @@
 //    image) and writes the indices.
 // 4. gather_prototypes_kernel: copies (and normalizes) the selected key rows.
 //
-// The tie and NaN rules (ArgmaxState, argmax_visit, argmax_merge, empty_query_choice) are the host
-// + device helpers the CPU kernel uses. Scores are accumulated in fp32 (fp64 for fp64 inputs) on
+// The tie and NaN rules (score_beats, argmax_merge, empty_query_choice) are the host + device
+// helpers the CPU kernel uses. Scores are accumulated in fp32 (fp64 for fp64 inputs) on
 // CUDA cores, not tensor cores: fp32 inputs get IEEE fp32 products, as on the CPU. The Triton
 // backend is the tensor-core path.
 
@@ -34,6 +35,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 
 #include "pem_kernels/check.h"
 #include "pem_kernels/prototype_select_checks.h"
@@ -76,15 +79,52 @@ __global__ void key_norm_divisors_kernel(const scalar_t* keys, acc_t* divisors, 
   if (threadIdx.x == 0) divisors[row] = norm < static_cast<acc_t>(kKeyNormEps) ? static_cast<acc_t>(kKeyNormEps) : norm;
 }
 
+// The running argmax of one (image, head, query) over the pixels seen so far, allowed pixels
+// ranked above all others: while no allowed pixel has been seen it is the argmax over every seen
+// pixel (what an empty query falls back to), afterwards the argmax over the allowed ones. One
+// state does the work of a masked and an unmasked argmax. Pixel indices fit in int32 (checked).
+template <typename acc_t>
+struct AllowedFirstArgmax {
+  acc_t score;
+  int32_t index;    // -1 until a pixel is seen
+  int32_t allowed;  // whether `index` is an allowed pixel (an int: it travels through shuffles)
+};
+
+// Visits pixel `index`, larger than every pixel the state has seen (argmax_visit's rule within
+// each class: the first pixel is taken whatever its score, NaN wins, ties keep the lower index).
+template <typename acc_t>
+__device__ __forceinline__ void allowed_first_visit(
+    AllowedFirstArgmax<acc_t>& state, acc_t score, int32_t index, bool allowed) {
+  const bool replace = allowed
+      ? !state.allowed || score_beats(score, state.score)
+      : !state.allowed && (state.index < 0 || score_beats(score, state.score));
+  if (replace) state = AllowedFirstArgmax<acc_t>{score, index, allowed};
+}
+
+// Merges two states over disjoint pixel sets: associative and commutative (a lexicographic max
+// of (allowed, score, -index) under argmax_merge's rules), so any reduction order gives the same,
+// deterministic result.
+template <typename acc_t>
+__device__ __forceinline__ AllowedFirstArgmax<acc_t> allowed_first_merge(
+    AllowedFirstArgmax<acc_t> a, AllowedFirstArgmax<acc_t> b) {
+  if (a.index < 0) return b;
+  if (b.index < 0) return a;
+  if (a.allowed != b.allowed) return a.allowed ? a : b;
+  const ArgmaxState<acc_t> best =
+      argmax_merge(ArgmaxState<acc_t>{a.score, a.index}, ArgmaxState<acc_t>{b.score, b.index});
+  return AllowedFirstArgmax<acc_t>{best.score, static_cast<int32_t>(best.index), a.allowed};
+}
+
 // Merges the states of the kPixelLanes consecutive lanes that hold the same query; every one of
 // them gets the result.
 template <typename acc_t>
-__device__ ArgmaxState<acc_t> merge_pixel_lanes(ArgmaxState<acc_t> state) {
+__device__ AllowedFirstArgmax<acc_t> merge_pixel_lanes(AllowedFirstArgmax<acc_t> state) {
   for (int offset = kPixelLanes / 2; offset > 0; offset /= 2) {
-    const ArgmaxState<acc_t> other{
+    const AllowedFirstArgmax<acc_t> other{
         __shfl_xor_sync(0xffffffffu, state.score, offset),
-        __shfl_xor_sync(0xffffffffu, static_cast<long long>(state.index), offset)};
-    state = argmax_merge(state, other);
+        __shfl_xor_sync(0xffffffffu, state.index, offset),
+        __shfl_xor_sync(0xffffffffu, state.allowed, offset)};
+    state = allowed_first_merge(state, other);
   }
   return state;
 }
@@ -108,16 +148,11 @@ __device__ void stage_transposed(
   }
 }
 
-// One partial result per (split, image, head, query): masked, then unmasked.
-template <typename acc_t>
-struct SplitPartial {
-  ArgmaxState<acc_t> masked, unmasked;
-};
-
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     Problem pr, int64_t tiles, const scalar_t* __restrict__ keys, const scalar_t* __restrict__ queries,
-    const bool* __restrict__ mask, const acc_t* __restrict__ divisors, SplitPartial<acc_t>* partials) {
+    const bool* __restrict__ mask, const acc_t* __restrict__ divisors,
+    AllowedFirstArgmax<acc_t>* partials) {
   const int64_t split = blockIdx.x, splits = gridDim.x;
   const int64_t query0 = blockIdx.y * static_cast<int64_t>(kTileQueries);
   const int64_t bh = blockIdx.z, b = bh / pr.heads, h = bh % pr.heads;
@@ -130,8 +165,8 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   const scalar_t* key_base = keys + b * pr.pixels * pr.channels + h * pr.head_dim;
   const acc_t* image_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels;
   const scalar_t* query_base = queries + b * pr.queries * pr.channels + h * pr.head_dim;
-  ArgmaxState<acc_t> masked[kMicro], unmasked[kMicro];
-  for (int j = 0; j < kMicro; ++j) masked[j] = unmasked[j] = ArgmaxState<acc_t>{0, -1};
+  AllowedFirstArgmax<acc_t> best[kMicro];
+  for (int j = 0; j < kMicro; ++j) best[j] = AllowedFirstArgmax<acc_t>{0, -1, 0};
 
   const int64_t tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -168,24 +203,18 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
       for (int j = 0; j < kMicro; ++j) {
         const int64_t query = query0 + query_lane * kMicro + j;
         if (query >= pr.queries) break;
-        const acc_t score = scores[i][j];
-        if (mask == nullptr) {
-          argmax_visit(masked[j], score, pixel);  // the unmasked argmax is never needed
-        } else {
-          argmax_visit(unmasked[j], score, pixel);
-          if (mask[(b * pr.queries + query) * pr.pixels + pixel]) argmax_visit(masked[j], score, pixel);
-        }
+        const bool allowed = mask == nullptr || mask[(b * pr.queries + query) * pr.pixels + pixel];
+        allowed_first_visit(best[j], scores[i][j], static_cast<int32_t>(pixel), allowed);
       }
     }
   }
   // Every thread reaches the shuffles: the loops above have block-uniform trip counts.
 #pragma unroll
   for (int j = 0; j < kMicro; ++j) {
-    masked[j] = merge_pixel_lanes(masked[j]);
-    unmasked[j] = merge_pixel_lanes(unmasked[j]);
+    best[j] = merge_pixel_lanes(best[j]);
     const int64_t query = query0 + query_lane * kMicro + j;
     if (pixel_lane == 0 && query < pr.queries)
-      partials[(split * pr.batch * pr.heads + bh) * pr.queries + query] = SplitPartial<acc_t>{masked[j], unmasked[j]};
+      partials[(split * pr.batch * pr.heads + bh) * pr.queries + query] = best[j];
   }
 }
 
@@ -193,27 +222,24 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
 // writes indices[b, :, :].
 template <typename acc_t>
 __global__ void merge_splits_kernel(
-    Problem pr, int64_t splits, const SplitPartial<acc_t>* __restrict__ partials, bool official_empty,
-    int64_t* indices) {
+    Problem pr, int64_t splits, const AllowedFirstArgmax<acc_t>* __restrict__ partials,
+    bool official_empty, int64_t* indices) {
   const int64_t b = blockIdx.x;
   const int64_t slots = pr.heads * pr.queries, stride = pr.batch * slots;
-  const SplitPartial<acc_t>* image = partials + b * slots;
-  // A query has an allowed pixel iff its masked argmax found one; head 0 (slots [0, N)) tells.
+  const AllowedFirstArgmax<acc_t>* image = partials + b * slots;
+  // A query has an allowed pixel iff some split saw one; head 0 (slots [0, N)) tells.
   int has_allowed = 0;
   for (int64_t n = threadIdx.x; n < pr.queries && !has_allowed; n += blockDim.x)
-    for (int64_t s = 0; s < splits && !has_allowed; ++s) has_allowed = image[s * stride + n].masked.index >= 0;
+    for (int64_t s = 0; s < splits && !has_allowed; ++s) has_allowed = image[s * stride + n].allowed;
   const bool image_all_empty = __syncthreads_or(has_allowed) == 0;
   for (int64_t slot = threadIdx.x; slot < slots; slot += blockDim.x) {
-    ArgmaxState<acc_t> masked{0, -1}, unmasked{0, -1};
-    for (int64_t s = 0; s < splits; ++s) {
-      masked = argmax_merge(masked, image[s * stride + slot].masked);
-      unmasked = argmax_merge(unmasked, image[s * stride + slot].unmasked);
-    }
-    int64_t index = masked.index;
-    if (index < 0) {
-      index = empty_query_choice(official_empty, image_all_empty) == EmptyQueryChoice::kPixelZero
-          ? 0
-          : unmasked.index;
+    AllowedFirstArgmax<acc_t> best{0, -1, 0};
+    for (int64_t s = 0; s < splits; ++s) best = allowed_first_merge(best, image[s * stride + slot]);
+    // Not allowed: the query is empty, and `best` is its argmax over every pixel.
+    int64_t index = best.index;
+    if (!best.allowed &&
+        empty_query_choice(official_empty, image_all_empty) == EmptyQueryChoice::kPixelZero) {
+      index = 0;
     }
     indices[b * slots + slot] = index;
   }
@@ -252,6 +278,10 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
   at::Tensor prototypes = at::empty({pr.batch, pr.queries, pr.channels}, keys.options());
   at::Tensor indices = at::empty({pr.batch, pr.heads, pr.queries}, keys.options().dtype(at::kLong));
   if (indices.numel() == 0) return {prototypes, indices};
+  PEM_CHECK(
+      pr.pixels <= std::numeric_limits<int32_t>::max(),
+      "prototype_select (cuda): HW must be < 2^31 (pixel indices are int32), got ", pr.pixels);
+
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Enough pixel splits for kBlocksPerSM blocks per SM, never more than there are tiles.
@@ -275,9 +305,10 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
         const acc_t* divisor_ptr = normalize_keys ? divisors.data_ptr<acc_t>() : nullptr;
         // Every (split, image, head, query) partial is written by the tile kernel.
         at::Tensor partials = at::empty(
-            {splits * static_cast<int64_t>(indices.numel() * sizeof(SplitPartial<acc_t>))},
+            {splits * static_cast<int64_t>(indices.numel() * sizeof(AllowedFirstArgmax<acc_t>))},
             keys.options().dtype(at::kByte));
-        auto* partial_ptr = reinterpret_cast<SplitPartial<acc_t>*>(partials.data_ptr<uint8_t>());
+        auto* partial_ptr =
+            reinterpret_cast<AllowedFirstArgmax<acc_t>*>(partials.data_ptr<uint8_t>());
         const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
         prototype_select_tile_kernel<scalar_t, acc_t><<<tile_grid, kTileThreads, 0, stream>>>(
             pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(),
