@@ -90,8 +90,9 @@ struct AllowedFirstArgmax {
   int32_t allowed;  // whether `index` is an allowed pixel (an int: it travels through shuffles)
 };
 
-// Visits pixel `index`, larger than every pixel the state has seen (argmax_visit's rule within
-// each class: the first pixel is taken whatever its score, NaN wins, ties keep the lower index).
+// Visits pixel `index`, larger than every pixel the state has seen. Within each class the first
+// pixel is taken whatever its score (an all -inf row still selects its first allowed pixel), then
+// score_beats decides: NaN wins and is never replaced, ties keep the lower index.
 template <typename acc_t>
 __device__ __forceinline__ void allowed_first_visit(
     AllowedFirstArgmax<acc_t>& state, acc_t score, int32_t index, bool allowed) {

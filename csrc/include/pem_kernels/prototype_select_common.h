@@ -40,16 +40,6 @@ struct ArgmaxState {
   int64_t index;
 };
 
-// Visits pixel `index` (always larger than any pixel visited before): the first visited pixel is
-// taken whatever its score, so an all -inf row still selects its first allowed pixel.
-template <typename acc_t>
-PEM_HOST_DEVICE void argmax_visit(ArgmaxState<acc_t>& state, acc_t score, int64_t index) {
-  if (state.index < 0 || score_beats(score, state.score)) {
-    state.score = score;
-    state.index = index;
-  }
-}
-
 // Visits pixel `index` (larger than any pixel visited before) in the CPU's -inf-initialized
 // formulation: a state still at index -1 afterwards saw no pixel scoring above -inf.
 template <typename acc_t>
