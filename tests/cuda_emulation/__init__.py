@@ -84,17 +84,35 @@ def emulated_source(name: str) -> str:
     return '#include "cuda_emulation.h"\n' + source + "\n" + "\n".join(wrappers)
 
 
+# PEM_EMULATION_SANITIZER=address or thread builds the emulation with that sanitizer: the same
+# tests then act as compute-sanitizer's memcheck (reads and writes out of the tensors' storage)
+# or racecheck (unsynchronized accesses to shared memory between the threads of a block). The
+# Python process must have the sanitizer's runtime preloaded; see the README's Testing section.
+SANITIZERS = ("address", "thread")
+
+
 @functools.cache
 def build(name: str) -> ModuleType:
-    """Compiles the emulation of ``csrc/cuda/<name>.cu`` (about a minute on 2 cores) and imports it."""
-    build_dir = os.path.join(tempfile.gettempdir(), f"pem_cuda_emulation_{os.getuid()}", name)
+    """Compiles the emulation of ``csrc/cuda/<name>.cu`` (about a minute on 2 cores) and imports
+    it."""
+    sanitizer = os.environ.get("PEM_EMULATION_SANITIZER", "")
+    if sanitizer and sanitizer not in SANITIZERS:
+        raise ValueError(
+            f"PEM_EMULATION_SANITIZER={sanitizer!r}: expected one of {SANITIZERS} or nothing"
+        )
+    flags = [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"] if sanitizer else []
+    suffix = f"_{sanitizer}" if sanitizer else ""
+    build_dir = os.path.join(
+        tempfile.gettempdir(), f"pem_cuda_emulation_{os.getuid()}", name + suffix
+    )
     os.makedirs(build_dir, exist_ok=True)
     return load_inline(
-        name=f"pem_emulated_{name}",
+        name=f"pem_emulated_{name}{suffix}",
         cpp_sources=[emulated_source(name)],
         functions=list(ENTRY_POINTS[name]),
         extra_include_paths=[HERE, os.path.join(ROOT, "csrc", "include")],
-        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas", *flags],
+        extra_ldflags=flags,
         build_directory=build_dir,
         verbose=False,
     )
