@@ -290,6 +290,13 @@ def test_prototype_select_backward_stops_on_out_of_range_indices(select):
         select.prototype_select_backward_cuda(grad, keys, torch.tensor([[[3, 10]]]), False)
 
 
+def test_prototype_select_rejects_more_pixels_than_int32_indices(select):
+    """HW = 2^31 with C = 0 (no memory): a clear error, not wrapped int32 pixel indices."""
+    keys, queries = torch.empty(1, 2**31, 0), torch.empty(1, 1, 0)
+    with pytest.raises(RuntimeError, match=r"HW must be < 2\^31 .*got 2147483648"):
+        select.prototype_select_cuda(keys, queries, None, 1, False, False)
+
+
 def test_prototype_select_batch_zero_and_no_queries(select):
     for batch, queries in [(0, 4), (2, 0)]:
         keys, query, mask = make_select_inputs(batch, 50, 16, queries)

@@ -17,12 +17,12 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <exception>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -60,10 +60,8 @@ constexpr int kWarpSize = 32;
 
 // The synchronization state of the block being run.
 struct BlockContext {
-  explicit BlockContext(int threads_) : threads(threads_), slots(threads_) {
-    for (int first = 0; first < threads; first += kWarpSize) {
-      warps.push_back(std::make_unique<std::barrier<>>(std::min(kWarpSize, threads - first)));
-    }
+  explicit BlockContext(int threads_)
+      : threads(threads_), warps((threads_ + kWarpSize - 1) / kWarpSize), slots(threads_) {
     reset();
   }
   // New barriers for the next block: threads that returned early from a block drop out of its
