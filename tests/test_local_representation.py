@@ -320,7 +320,8 @@ from pem_kernels.triton import local_representation as K
 assert not K.INTERPRET
 fn = K._local_representation_kernel
 # Every launch configuration the op can choose (C_out -> BLOCK_N 16 / 128 / 256, normalized rows
-# at 256), with pos.
+# at 256), with pos. fp32 reaches the fused kernel only where TF32 is allowed.
+torch.set_float32_matmul_precision("high")
 for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
     pointers = {n: "*" + name for n in ("x_ptr", "pos_ptr", "dw_weight_ptr", "dw_bias_ptr",
                                          "weight_ptr", "bias_ptr", "out_ptr")}
@@ -330,6 +331,12 @@ for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
         options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
         constants.update(HAS_POS=True, NORMALIZE=normalize)
         compile_sm90(fn, lambda n: pointers.get(n, "i32"), constants, **options)
+# The exact-fp32 path's conv kernel, with and without pos.
+pointers = {n: "*fp32" for n in ("x_ptr", "pos_ptr", "scale_ptr", "shift_ptr", "dw_weight_ptr",
+                                  "dw_bias_ptr", "out_ptr")}
+for has_pos in (True, False):
+    compile_sm90(K._bn_depthwise_conv_kernel, lambda n: pointers.get(n, "i32"),
+                 dict(HAS_POS=has_pos, BLOCK_P=64, BLOCK_C=32), num_warps=4)
 print("compiled for sm_90")
 """
 
