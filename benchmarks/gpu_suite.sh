@@ -38,7 +38,10 @@
 #     14 and 13, and the compiled model did not finish in 31 s. The whole suite did not fit one
 #     call: tier 2 ran in a second one. Since then the tests leave the CPU-only cases to CI and
 #     run one thread per worker, the sanitizers run one case per code path, the diagnosis runs
-#     only when named and the check box is 270 s: how long that takes is not yet measured.
+#     only when named, the check box is 270 s and tier 1 compiles only the reference (an
+#     estimated 50 s less): how long that takes is not yet measured. Tier 2 will not fit the same
+#     call: SUITE_TIERS (default "1 2") picks the tiers, so a second call runs the rest with
+#     SUITE_TIERS=2 bash benchmarks/gpu_suite.sh bench plots.
 #
 # For a machine lent by the command (results fetched from $OUT): with OUT=DIR the results folder
 # is also written to DIR/gpu-suite-results.tgz after every step, so a command killed from outside
@@ -198,12 +201,16 @@ bench_select() {  # the prototype selection alone: every backend vs the eager re
 
 bench_pemca() {  # the main job: PEM-CA vs masked cross-attention over resolutions
   if [ "$1" = 1 ]; then
+    # torch.compile's compiles (every size and mode) were most of these steps' time on the H100
+    # (PEM-CA 100 s, its CUDA-backend rows 41 s): torch.compile of the fused layer is left to the
+    # bf16 run of tier 2.
     step bench_pem_ca_float32 200 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
-      --dtype float32 --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1"
+      --dtype float32 --providers fused,reference,compiled,mask2former,sdpa \
+      --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1"
     # The layer on the CUDA C++ prototype_select + cuBLAS attention, against the Triton one
     # above: which of the two "auto" should pick.
     step bench_pem_ca_cuda_backend 90 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
-      --fused-backend cuda --providers fused,fused_compiled,mask2former \
+      --fused-backend cuda --providers fused,mask2former \
       --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1_cuda_backend"
   else
     step bench_pem_ca_bfloat16 150 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
@@ -269,12 +276,13 @@ bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" mat
     --out-dir "$results/pem_ca_float32_b1_tf32"
 }
 
-for tier in 1 2; do
+for tier in ${SUITE_TIERS:-1 2}; do
   for group in select pemca profile deform model; do
     if wants "$group"; then "bench_$group" "$tier"; fi
   done
+  # Tier 2 ends with the fp32 goal rows under TF32.
+  if [ "$tier" = 2 ] && wants select && wants pemca; then bench_tf32; fi
 done
-if wants select && wants pemca; then bench_tf32; fi
 
 if wants plots; then
   RESERVE_S=0 step plots 60 $PYTHON -m benchmarks plots "$results"

@@ -144,3 +144,11 @@ def test_suite_keeps_its_deadline(tmp_path):
     # tests, diagnosis, sanitizer and every benchmark count; build and plots do not.
     assert done.returncode == 3 + len(TIER_1 + TIER_2), done.stdout + done.stderr
     assert "failed, partial or skipped steps" in done.stdout
+
+
+def test_suite_tiers_pick_the_benchmark_tiers(tmp_path):
+    # A second call for what did not fit the first: tier 2 and the plots only.
+    done, calls, steps = run_suite(tmp_path, "bench", "plots", SUITE_DEADLINE_S="0",
+                                   SUITE_TIERS="2")
+    assert [name for name, _ in steps] == TIER_2 + ["plots"]
+    assert done.returncode == 0, done.stdout + done.stderr
