@@ -51,22 +51,52 @@ NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
 
 @triton.jit
+def _row_tile(pid, W, BLOCK_P: tl.constexpr):
+    """(h, w, w_ok) of program ``pid``'s BLOCK_P consecutive pixels of one image row: every tap's
+    load is then contiguous along the pixels (coalesced from NCHW) and the row bounds scalars."""
+    row_tiles = tl.cdiv(W, BLOCK_P)
+    w = (pid % row_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return pid // row_tiles, w, w < W
+
+
+@triton.jit
+def _bn_depthwise_tile(
+    x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, b, c, c_ok, h, w, p_ok, C,
+    H, W, HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """[BLOCK_P, BLOCK_C] fp32 tile of dwconv3x3(BN(x + pos)) + dw_bias: pixels (h, w) of image b
+    (w a run of one row), channels c."""
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    plane = (b * C + c) * (H * W)  # start of channel c of image b, [BLOCK_C]
+    conv = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for tap in tl.static_range(9):
+        hh = h + (tap // 3 - 1)
+        ww = w + (tap % 3 - 1)
+        inside = p_ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+        offsets = plane[None, :] + (hh * W + ww)[:, None]
+        ok = inside[:, None] & c_ok[None, :]
+        v = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        if HAS_POS:
+            v += tl.load(pos_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        # The conv zero-pads the BN output: padded taps contribute 0, not BN's shift.
+        v = tl.where(ok, v * scale[None, :] + shift[None, :], 0.0)
+        tap_weight = tl.load(dw_weight_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(tl.float32)
+        conv += v * tap_weight[None, :]
+    return conv + tl.load(dw_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _local_representation_kernel(
     x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, weight_ptr, bias_ptr,
     out_ptr, C, H, W, C_OUT,
     HAS_POS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # A tile is BLOCK_P consecutive pixels of one image row, so every tap's load is contiguous
-    # along the pixels (coalesced from NCHW) and the row bounds are scalars.
-    pid_p = tl.program_id(0)
+    h, w, p_ok = _row_tile(tl.program_id(0), W, BLOCK_P)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hw = H * W
-    row_tiles = tl.cdiv(W, BLOCK_P)
-    h = pid_p // row_tiles
-    w = (pid_p % row_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = w < W
     p = h * W + w
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < C_OUT
@@ -74,24 +104,10 @@ def _local_representation_kernel(
     for k0 in range(0, C, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         c_ok = c < C
-        scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
-        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
-        plane = (b * C + c) * hw  # start of channel c of image b, [BLOCK_K]
-        conv = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-        for tap in tl.static_range(9):
-            hh = h + (tap // 3 - 1)
-            ww = w + (tap % 3 - 1)
-            inside = p_ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
-            offsets = plane[None, :] + (hh * W + ww)[:, None]
-            ok = inside[:, None] & c_ok[None, :]
-            v = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-            if HAS_POS:
-                v += tl.load(pos_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-            # The conv zero-pads the BN output: padded taps contribute 0, not BN's shift.
-            v = tl.where(ok, v * scale[None, :] + shift[None, :], 0.0)
-            tap_weight = tl.load(dw_weight_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(tl.float32)
-            conv += v * tap_weight[None, :]
-        conv += tl.load(dw_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        conv = _bn_depthwise_tile(
+            x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, b, c, c_ok, h, w,
+            p_ok, C, H, W, HAS_POS, BLOCK_P, BLOCK_K,
+        )
         # rhs[k, j] = W_out[n_j, c_k]
         rhs = tl.load(
             weight_ptr + n[None, :] * C + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0
@@ -116,36 +132,17 @@ def _bn_depthwise_conv_kernel(
     x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, out_ptr, C, H, W,
     HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # The first half of the fused kernel above, stored [B, H*W, C]: BLOCK_P pixels of one image
-    # row (coalesced tap loads from NCHW) x BLOCK_C channels (coalesced pixel-major stores).
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # The fused kernel's depthwise-conv tiles, stored [B, H*W, C]: BLOCK_P pixels of one image
+    # row x BLOCK_C channels (coalesced pixel-major stores).
+    h, w, p_ok = _row_tile(tl.program_id(0), W, BLOCK_P)
     b = tl.program_id(2).to(tl.int64)
-    hw = H * W
-    row_tiles = tl.cdiv(W, BLOCK_P)
-    h = pid_p // row_tiles
-    w = (pid_p % row_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = w < W
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
-    plane = (b * C + c) * hw
-    conv = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for tap in tl.static_range(9):
-        hh = h + (tap // 3 - 1)
-        ww = w + (tap % 3 - 1)
-        inside = p_ok & (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
-        offsets = plane[None, :] + (hh * W + ww)[:, None]
-        ok = inside[:, None] & c_ok[None, :]
-        v = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        if HAS_POS:
-            v += tl.load(pos_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        v = tl.where(ok, v * scale[None, :] + shift[None, :], 0.0)
-        tap_weight = tl.load(dw_weight_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(tl.float32)
-        conv += v * tap_weight[None, :]
-    conv += tl.load(dw_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    out_offsets = (b * hw + h * W + w)[:, None] * C + c[None, :]
+    conv = _bn_depthwise_tile(
+        x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, b, c, c_ok, h, w, p_ok,
+        C, H, W, HAS_POS, BLOCK_P, BLOCK_C,
+    )
+    out_offsets = (b * (H * W) + h * W + w)[:, None] * C + c[None, :]
     tl.store(out_ptr + out_offsets, conv, mask=p_ok[:, None] & c_ok[None, :])
 
 
