@@ -276,6 +276,33 @@ def test_prototype_select_dtypes_and_query_blocks(select, dtype):
     assert torch.equal(prototypes, cpu_prototypes)
 
 
+@pytest.mark.parametrize("normalize_keys", [False, True])
+def test_prototype_select_wide_heads_and_unaligned_mask_rows(select, normalize_keys):
+    """head_dim 80: three channel chunks of 32 (the last partial), the queries staged per chunk
+    instead of once; 203 pixels: mask rows not 4-byte aligned (byte loads instead of words), the
+    last tile partial; 70 queries: two query blocks; an empty query."""
+    keys, queries, mask = make_select_inputs(2, 203, 80, 70)
+    mask[1, 5] = False
+    (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
+        select, keys, queries, mask, 1, False, normalize_keys
+    )
+    assert torch.equal(indices, cpu_indices)
+    torch.testing.assert_close(prototypes, cpu_prototypes)
+
+
+def test_prototype_select_splits_of_several_tiles(select):
+    """4000 pixels, 8 heads, 70 queries: 63 tiles over 33 splits (the emulated H100's 132 SMs), so
+    splits run two tiles and the next tile's keys are loaded during the current one's products
+    (PEM at 32768 pixels runs 15-16 tiles per split); a NaN key in a split's second tile."""
+    keys, queries, mask = make_select_inputs(1, 4000, 64, 70)
+    keys[0, 48 * 64 + 10, 8:16] = float("nan")  # tile 48, the second of split 25 (tiles 47-48)
+    (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
+        select, keys, queries, mask, 8, True, False
+    )
+    assert torch.equal(indices, cpu_indices)
+    torch.testing.assert_close(prototypes, cpu_prototypes, equal_nan=True)
+
+
 def test_prototype_select_ties_and_no_mask(select):
     keys, queries, _ = make_select_inputs(1, 300, 16, 4)
     keys[0, 100:200] = keys[0, :100]

@@ -6,19 +6,23 @@
 // 1. key_norm_divisors_kernel (normalize_keys only): max(||keys[b, p, :]||, eps) per pixel.
 // 2. prototype_select_tile_kernel, grid (pixel splits, query blocks, B * heads): a block owns
 //    kTileQueries queries of one (image, head) and a contiguous range of kTilePixels-pixel tiles.
-//    Per tile it stages keys and queries in shared memory kTileDim channels at a time and every
-//    thread accumulates a kMicro x kMicro (pixel x query) block of scores in registers, then folds
+//    Per tile it stages keys (and queries, unless the head's channels fit one kTileDim chunk, as
+//    PEM's 32 do: then the queries are staged once) in shared memory kTileDim channels at a time;
+//    the next chunk's keys and the tile's mask bytes are loaded into registers before the current
+//    chunk's products, so their latency overlaps the FMAs. Every thread accumulates a kMicro x
+//    kMicro (pixel x query) block of scores in registers (16-byte shared-memory loads), then folds
 //    its pixels into one running argmax per query that ranks allowed pixels first
 //    (AllowedFirstArgmax: the masked argmax once an allowed pixel was seen, the unmasked one, an
 //    empty query's fallback, until then). Each thread sees its pixels in increasing order, so the
 //    visit rule holds; at the end the 16 threads that share a query are merged (warp shuffles)
 //    and the block writes one partial per (split, image, head, query). Splitting the pixel axis
-//    keeps the GPU busy at batch 1 (B * heads * query blocks = 16 blocks for PEM). With normalize_keys the keys are divided by
-//    their norms as they are staged, so the scores are those of the normalized keys.
-// 3. merge_splits_kernel, one block per image: merges the partials of every (head, query) in
-//    split order (argmax_merge is associative and commutative: the result is deterministic and
-//    independent of block timing), applies the empty-mask rule (which needs every query of the
-//    image) and writes the indices.
+//    keeps the GPU busy at batch 1 (B * heads * query blocks = 16 blocks for PEM). With
+//    normalize_keys the keys are divided by their norms as they are staged, so the scores are
+//    those of the normalized keys.
+// 3. merge_splits_kernel, grid (slot blocks, B): merges the partials of every (head, query), 16
+//    lanes per slot (argmax_merge is associative and commutative: the result is deterministic and
+//    independent of block timing), applies the empty-mask rule (which needs to know whether any
+//    query of the image has an allowed pixel) and writes the indices.
 // 4. gather_prototypes_kernel: copies (and normalizes) the selected key rows.
 //
 // The tie and NaN rules (score_beats, argmax_merge, empty_query_choice) are the host + device
@@ -48,7 +52,7 @@ namespace {
 // Score tile of one block: kTilePixels x kTileQueries, kMicro x kMicro per thread.
 constexpr int kTilePixels = 64;
 constexpr int kTileQueries = 64;
-constexpr int kTileDim = 16;  // channels staged in shared memory per step
+constexpr int kTileDim = 32;  // channels staged in shared memory per step (PEM: head_dim 32)
 constexpr int kMicro = 4;
 constexpr int kPixelLanes = kTilePixels / kMicro;  // threads that share a query: 16 lanes of a warp
 constexpr int kTileThreads = kPixelLanes * (kTileQueries / kMicro);
@@ -131,25 +135,104 @@ __device__ AllowedFirstArgmax<acc_t> merge_pixel_lanes(AllowedFirstArgmax<acc_t>
 }
 
 // tile[d][r] = matrix[row0 + r][dim0 + d] (row-major, `row_stride` elements per row) in acc_t,
-// divided by row_divisors[row0 + r] when given, zero outside [0, rows) x [0, dims). Consecutive
-// threads load consecutive channels of a row: coalesced.
+// zero outside [0, rows) x [0, dims). Consecutive threads load consecutive channels of a row:
+// coalesced.
 template <int kRows, typename scalar_t, typename acc_t>
 __device__ void stage_transposed(
     acc_t (*tile)[kRows + 4], const scalar_t* matrix, int64_t row0, int64_t rows, int64_t dim0,
-    int64_t dims, int64_t row_stride, const acc_t* row_divisors) {
+    int64_t dims, int64_t row_stride) {
   for (int e = threadIdx.x; e < kTileDim * kRows; e += kTileThreads) {
     const int r = e / kTileDim, d = e % kTileDim;
     const int64_t row = row0 + r, dim = dim0 + d;
-    acc_t value = 0;
-    if (row < rows && dim < dims) {
-      value = static_cast<acc_t>(matrix[row * row_stride + dim]);
-      if (row_divisors != nullptr) value /= row_divisors[row];
-    }
-    tile[d][r] = value;
+    tile[d][r] = row < rows && dim < dims ? static_cast<acc_t>(matrix[row * row_stride + dim]) : acc_t(0);
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// One thread's share of a key chunk (kTileDim channels of kTilePixels pixels), held in registers
+// from the moment its loads are issued (before the previous chunk's products) until it is stored
+// to shared memory (after them): the loads' latency overlaps the FMAs. Thread t holds channel
+// t % kTileDim of pixels t / kTileDim + k * kKeyRowsPerPass, so a warp reads kTileDim
+// consecutive channels of a pixel (coalesced). With kDivide (normalize_keys) the pixels' norm
+// divisors travel along; padding elements are 0 (divisor 1), never 0 / NaN.
+constexpr int kKeyRowsPerPass = kTileThreads / kTileDim;
+constexpr int kKeyLoads = kTilePixels / kKeyRowsPerPass;
+static_assert(kTileThreads % kTileDim == 0 && kTilePixels % kKeyRowsPerPass == 0, "key chunk split");
+
+template <typename acc_t, bool kDivide>
+struct KeyChunk {
+  acc_t value[kKeyLoads];
+  acc_t divisor[kDivide ? kKeyLoads : 1];
+};
+
+template <bool kDivide, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_key_chunk(
+    KeyChunk<acc_t, kDivide>& chunk, const scalar_t* key_base, int64_t pixel0, int64_t pixels,
+    int64_t dim0, int64_t head_dim, int64_t channels, const acc_t* divisors) {
+  const int64_t dim = dim0 + threadIdx.x % kTileDim;
+#pragma unroll
+  for (int k = 0; k < kKeyLoads; ++k) {
+    const int64_t pixel = pixel0 + threadIdx.x / kTileDim + k * kKeyRowsPerPass;
+    const bool inside = pixel < pixels && dim < head_dim;
+    chunk.value[k] = inside ? static_cast<acc_t>(key_base[pixel * channels + dim]) : acc_t(0);
+    if constexpr (kDivide) chunk.divisor[k] = inside ? divisors[pixel] : acc_t(1);
+  }
+}
+
+// normalize_keys: the keys are divided as they are staged (what F.normalize does before the
+// reference's product; one division per key element instead of one per score).
+template <bool kDivide, typename acc_t>
+__device__ __forceinline__ void store_key_chunk(
+    acc_t (*tile)[kTilePixels + 4], const KeyChunk<acc_t, kDivide>& chunk) {
+  const int d = threadIdx.x % kTileDim;
+#pragma unroll
+  for (int k = 0; k < kKeyLoads; ++k) {
+    const int r = threadIdx.x / kTileDim + k * kKeyRowsPerPass;
+    tile[d][r] = kDivide ? chunk.value[k] / chunk.divisor[k] : chunk.value[k];
+  }
+}
+
+// kMicro consecutive acc_t of a shared-memory row, read as one 16-byte load (two for double):
+// the tiles' rows and each thread's offsets are multiples of kMicro elements and the tiles are
+// 32-byte aligned. Scalar loads made the product loop shared-memory bound (8 loads per 16 FMAs).
+template <typename acc_t>
+struct alignas(kMicro * sizeof(acc_t)) MicroVector {
+  acc_t v[kMicro];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ MicroVector<acc_t> load_micro(const acc_t* row) {
+  return *reinterpret_cast<const MicroVector<acc_t>*>(row);
+}
+
+// Bit (j * kMicro + i) of the result: whether the thread's pixel i may be selected by its query
+// j (1 where there is no mask). Issued before the tile's products so that the mask's latency
+// overlaps them. Where every row of the mask starts 4-byte aligned (HW % 4 == 0), a query's
+// kMicro bytes are one 32-bit load; torch's bools are the bytes 0 and 1.
+__device__ __forceinline__ uint32_t load_allowed_bits(
+    const bool* mask, int64_t row0, int64_t queries, int64_t query_first, int64_t pixels,
+    int64_t pixel_first, bool word_loads) {
+  static_assert(kMicro == 4, "one 32-bit mask word per query");
+  if (mask == nullptr) return 0xffffu;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < kMicro; ++j) {
+    const int64_t query = query_first + j;
+    if (query >= queries || pixel_first >= pixels) break;
+    const bool* row = mask + (row0 + query) * pixels;
+    if (word_loads) {
+      const uint32_t word = *reinterpret_cast<const uint32_t*>(row + pixel_first);
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) bits |= static_cast<uint32_t>(((word >> (8 * i)) & 0xffu) != 0) << (j * kMicro + i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i)
+        if (pixel_first + i < pixels) bits |= static_cast<uint32_t>(row[pixel_first + i]) << (j * kMicro + i);
+    }
+  }
+  return bits;
+}
+
+template <typename scalar_t, typename acc_t, bool kDivide>
 __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     Problem pr, int64_t tiles, const scalar_t* __restrict__ keys, const scalar_t* __restrict__ queries,
     const bool* __restrict__ mask, const acc_t* __restrict__ divisors,
@@ -159,52 +242,69 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   const int64_t bh = blockIdx.z, b = bh / pr.heads, h = bh % pr.heads;
   const int pixel_lane = threadIdx.x % kPixelLanes, query_lane = threadIdx.x / kPixelLanes;
   // Transposed ([channel][pixel or query]) so the inner loop reads kMicro neighbours; the padding
-  // spreads the staging stores over the banks.
-  __shared__ acc_t key_tile[kTileDim][kTilePixels + 4];
-  __shared__ acc_t query_tile[kTileDim][kTileQueries + 4];
+  // keeps every row 16-byte aligned (for load_micro).
+  __shared__ __align__(32) acc_t key_tile[kTileDim][kTilePixels + 4];
+  __shared__ __align__(32) acc_t query_tile[kTileDim][kTileQueries + 4];
 
   const scalar_t* key_base = keys + b * pr.pixels * pr.channels + h * pr.head_dim;
   const acc_t* image_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels;
   const scalar_t* query_base = queries + b * pr.queries * pr.channels + h * pr.head_dim;
+  const int64_t query_first = query0 + query_lane * kMicro;
+  const bool word_loads = pr.pixels % 4 == 0 && reinterpret_cast<uintptr_t>(mask) % 4 == 0;
   AllowedFirstArgmax<acc_t> best[kMicro];
   for (int j = 0; j < kMicro; ++j) best[j] = AllowedFirstArgmax<acc_t>{0, -1, 0};
 
   const int64_t tile_begin = split * tiles / splits, tile_end = (split + 1) * tiles / splits;
+  const int64_t chunks = (pr.head_dim + kTileDim - 1) / kTileDim;
+  // PEM's head_dim (32) is one chunk: the block's queries are staged once, not once per tile.
+  const bool queries_resident = chunks == 1;
+  if (queries_resident) {
+    stage_transposed<kTileQueries>(
+        query_tile, query_base, query0, pr.queries, 0, pr.head_dim, pr.channels);
+  }
+  KeyChunk<acc_t, kDivide> next;
+  if (tile_begin < tile_end) {
+    load_key_chunk<kDivide>(next, key_base, tile_begin * kTilePixels, pr.pixels, 0, pr.head_dim,
+                            pr.channels, image_divisors);
+  }
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    const int64_t pixel0 = tile * kTilePixels;
+    const int64_t pixel0 = tile * kTilePixels, pixel_first = pixel0 + pixel_lane * kMicro;
+    const uint32_t allowed_bits = load_allowed_bits(
+        mask, b * pr.queries, pr.queries, query_first, pr.pixels, pixel_first, word_loads);
     acc_t scores[kMicro][kMicro] = {};
-    for (int64_t dim0 = 0; dim0 < pr.head_dim; dim0 += kTileDim) {
-      // normalize_keys: the keys are divided as they are staged (what F.normalize does before the
-      // reference's product; 8 divisions per thread and tile instead of one per score).
-      stage_transposed<kTilePixels>(
-          key_tile, key_base, pixel0, pr.pixels, dim0, pr.head_dim, pr.channels, image_divisors);
-      stage_transposed<kTileQueries>(
-          query_tile, query_base, query0, pr.queries, dim0, pr.head_dim, pr.channels,
-          static_cast<const acc_t*>(nullptr));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      store_key_chunk<kDivide>(key_tile, next);
+      if (!queries_resident) {
+        stage_transposed<kTileQueries>(
+            query_tile, query_base, query0, pr.queries, chunk * kTileDim, pr.head_dim, pr.channels);
+      }
       __syncthreads();
+      // The next chunk's loads, in flight during this chunk's products (block-uniform condition).
+      const bool last_chunk = chunk + 1 == chunks;
+      if (!last_chunk || tile + 1 < tile_end) {
+        load_key_chunk<kDivide>(next, key_base, last_chunk ? pixel0 + kTilePixels : pixel0,
+                                pr.pixels, last_chunk ? 0 : (chunk + 1) * kTileDim, pr.head_dim,
+                                pr.channels, image_divisors);
+      }
 #pragma unroll
       for (int d = 0; d < kTileDim; ++d) {
-        acc_t key_values[kMicro], query_values[kMicro];
-#pragma unroll
-        for (int i = 0; i < kMicro; ++i) key_values[i] = key_tile[d][pixel_lane * kMicro + i];
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) query_values[j] = query_tile[d][query_lane * kMicro + j];
+        const MicroVector<acc_t> key_values = load_micro(&key_tile[d][pixel_lane * kMicro]);
+        const MicroVector<acc_t> query_values = load_micro(&query_tile[d][query_lane * kMicro]);
 #pragma unroll
         for (int i = 0; i < kMicro; ++i)
 #pragma unroll
-          for (int j = 0; j < kMicro; ++j) scores[i][j] += key_values[i] * query_values[j];
+          for (int j = 0; j < kMicro; ++j) scores[i][j] += key_values.v[i] * query_values.v[j];
       }
       __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < kMicro; ++i) {
-      const int64_t pixel = pixel0 + pixel_lane * kMicro + i;
+      const int64_t pixel = pixel_first + i;
       if (pixel >= pr.pixels) break;
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) {
-        const int64_t query = query0 + query_lane * kMicro + j;
-        if (query >= pr.queries) break;
-        const bool allowed = mask == nullptr || mask[(b * pr.queries + query) * pr.pixels + pixel];
+        if (query_first + j >= pr.queries) break;
+        const bool allowed = (allowed_bits >> (j * kMicro + i)) & 1u;
         allowed_first_visit(best[j], scores[i][j], static_cast<int32_t>(pixel), allowed);
       }
     }
@@ -213,29 +313,40 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
 #pragma unroll
   for (int j = 0; j < kMicro; ++j) {
     best[j] = merge_pixel_lanes(best[j]);
-    const int64_t query = query0 + query_lane * kMicro + j;
+    const int64_t query = query_first + j;
     if (pixel_lane == 0 && query < pr.queries)
       partials[(split * pr.batch * pr.heads + bh) * pr.queries + query] = best[j];
   }
 }
 
-// One block per image: merges the splits of every (head, query), applies the empty-mask rule and
-// writes indices[b, :, :].
+// Grid (slot blocks, B), kMergeSlots (head, query) slots of one image per block, kPixelLanes
+// lanes per slot: the lanes merge every kPixelLanes-th split and then each other (warp shuffles),
+// so the splits' loads run in parallel (one thread per slot took 38 us for PEM's 800 slots and 33
+// splits on an H100). The empty-mask rule needs to know whether any query of the image has an
+// allowed pixel: every block finds out (a query has one iff some split saw one; head 0, slots
+// [0, N), tells), stopping at the first it sees.
+constexpr int kMergeSlots = kMergeThreads / kPixelLanes;
+
 template <typename acc_t>
-__global__ void merge_splits_kernel(
+__global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(
     Problem pr, int64_t splits, const AllowedFirstArgmax<acc_t>* __restrict__ partials,
     bool official_empty, int64_t* indices) {
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.y;
   const int64_t slots = pr.heads * pr.queries, stride = pr.batch * slots;
   const AllowedFirstArgmax<acc_t>* image = partials + b * slots;
-  // A query has an allowed pixel iff some split saw one; head 0 (slots [0, N)) tells.
   int has_allowed = 0;
-  for (int64_t n = threadIdx.x; n < pr.queries && !has_allowed; n += blockDim.x)
-    for (int64_t s = 0; s < splits && !has_allowed; ++s) has_allowed = image[s * stride + n].allowed;
+  for (int64_t e = threadIdx.x; e < pr.queries * splits && !has_allowed; e += blockDim.x)
+    has_allowed = image[(e % splits) * stride + e / splits].allowed;
   const bool image_all_empty = __syncthreads_or(has_allowed) == 0;
-  for (int64_t slot = threadIdx.x; slot < slots; slot += blockDim.x) {
-    AllowedFirstArgmax<acc_t> best{0, -1, 0};
-    for (int64_t s = 0; s < splits; ++s) best = allowed_first_merge(best, image[s * stride + slot]);
+  // Every lane of a slot reaches the shuffles: slots past the end merge nothing.
+  const int64_t slot = blockIdx.x * static_cast<int64_t>(kMergeSlots) + threadIdx.x / kPixelLanes;
+  AllowedFirstArgmax<acc_t> best{0, -1, 0};
+  if (slot < slots) {
+    for (int64_t s = threadIdx.x % kPixelLanes; s < splits; s += kPixelLanes)
+      best = allowed_first_merge(best, image[s * stride + slot]);
+  }
+  best = merge_pixel_lanes(best);
+  if (slot < slots && threadIdx.x % kPixelLanes == 0) {
     // Not allowed: the query is empty, and `best` is its argmax over every pixel.
     int64_t index = best.index;
     if (!best.allowed &&
@@ -311,11 +422,19 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
         auto* partial_ptr =
             reinterpret_cast<AllowedFirstArgmax<acc_t>*>(partials.data_ptr<uint8_t>());
         const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
-        prototype_select_tile_kernel<scalar_t, acc_t><<<tile_grid, kTileThreads, 0, stream>>>(
-            pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(),
-            mask.defined() ? mask.data_ptr<bool>() : nullptr, divisor_ptr, partial_ptr);
+        const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+        if (normalize_keys) {
+          prototype_select_tile_kernel<scalar_t, acc_t, true><<<tile_grid, kTileThreads, 0, stream>>>(
+              pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(), mask_ptr,
+              divisor_ptr, partial_ptr);
+        } else {
+          prototype_select_tile_kernel<scalar_t, acc_t, false><<<tile_grid, kTileThreads, 0, stream>>>(
+              pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(), mask_ptr,
+              divisor_ptr, partial_ptr);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        merge_splits_kernel<acc_t><<<pr.batch, kMergeThreads, 0, stream>>>(
+        const int64_t slot_blocks = (pr.heads * pr.queries + kMergeSlots - 1) / kMergeSlots;
+        merge_splits_kernel<acc_t><<<dim3(slot_blocks, pr.batch), kMergeThreads, 0, stream>>>(
             pr, splits, partial_ptr, official_empty, indices.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (prototypes.numel() > 0) {
