@@ -102,6 +102,8 @@ DEFORM_CASES = {
         Conv(with_mask=False, with_bias=False, offset_scale=5.0, integer_offsets=True), "nchw"
     ),
     "many_pixels": (CONFIGS["many_pixels"], "nchw"),
+    # 40 channels per offset group: the backward fills its columns in chunks of 16, 16 and 8.
+    "wide_offset_group": (Conv(in_channels=40, out_channels=8, offset_scale=2.0), "nchw"),
 }
 
 
