@@ -5,14 +5,17 @@
 # PNG, summary.txt). Every step runs even if an earlier one failed; the exit status is the number
 # of failed, partial or skipped steps.
 #
-#   bash benchmarks/gpu_suite.sh                 # everything, in 10 minutes
+#   bash benchmarks/gpu_suite.sh                 # build, checks, benchmarks, plots
 #   bash benchmarks/gpu_suite.sh build tests     # some groups only
+#   bash benchmarks/gpu_suite.sh build ncu       # Nsight Compute reports of the goal kernels
 #
 # Groups: build; tests, sanitize (the correctness checks, run at the same time: pytest spread over
 # the cores, the sanitizer beside it); the benchmarks select, pemca, profile, deform, model;
-# plots. "check" stands for tests sanitize, "bench" for the five benchmarks. The group diagnose
-# (the diagnosis of C++ argument errors, benchmarks/diagnose_cpp_errors.py) runs only when named:
-# its question is answered (see the README). Later calls on the same day add to the same folder.
+# plots. "check" stands for tests sanitize, "bench" for the five benchmarks. Two groups run only
+# when named: diagnose (the diagnosis of C++ argument errors, benchmarks/diagnose_cpp_errors.py;
+# its question is answered, see the README) and ncu (Nsight Compute on the kernels the issues set
+# goals for, benchmarks/ncu_targets.py: why they take what the benchmarks measure). Later calls on
+# the same day add to the same folder.
 #
 # The time box. The suite must fit one 10-minute command on a lent H100 (its time counted from
 # the start), so:
@@ -286,6 +289,27 @@ for tier in ${SUITE_TIERS:-1 2}; do
   # Tier 2 ends with the fp32 goal rows under TF32.
   if [ "$tier" = 2 ] && wants select && wants pemca; then bench_tf32; fi
 done
+
+run_ncu() {
+  # One report per target (a text file of ncu's sections) on a launch after the warm-up calls.
+  # $SUITE_NCU, else ncu from PATH, else from the toolkit next to nvcc.
+  local ncu=${SUITE_NCU:-}
+  [ -n "$ncu" ] || ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
+  if ! "$ncu" --version > "$results/ncu_version.log" 2>&1; then
+    record ncu SKIPPED 0 "$ncu cannot run here (see ncu_version.log)"
+    echo skipped >> "$statuses"
+    return
+  fi
+  local target kernels
+  while read -r target kernels; do
+    step "ncu_$target" 90 "$ncu" --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      --section ComputeWorkloadAnalysis -k "regex:$kernels" --launch-skip 2 --launch-count 2 \
+      $PYTHON -m benchmarks.ncu_targets "$target"
+  done < <($PYTHON -c "from benchmarks.ncu_targets import TARGETS
+for target, kernels in TARGETS.items(): print(target, kernels)")
+}
+if wants ncu; then RESERVE_S=$PLOTS_RESERVE_S run_ncu; fi
 
 if wants plots; then
   RESERVE_S=0 step plots 60 $PYTHON -m benchmarks plots "$results"

@@ -32,6 +32,9 @@ if args[:1] == ["-c"]:
         print("Fake GPU 9000")
     elif "get_device_capability" in args[1]:
         print("9.0")
+    elif "ncu_targets" in args[1]:  # the suite reads the ncu targets' table: the real one
+        sys.path.insert(0, os.getcwd())
+        exec(args[1])
     sys.exit(0)  # import xdist / import pytest_timeout: both "installed"
 assert args[0] == "-m", args
 module = args[1]
@@ -152,3 +155,36 @@ def test_suite_tiers_pick_the_benchmark_tiers(tmp_path):
                                    SUITE_TIERS="2")
     assert [name for name, _ in steps] == TIER_2 + ["plots"]
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ncu_targets_build_their_calls():
+    # The calls are built (inputs at PEM's size, layers, ops) without running: their kernels
+    # need a GPU. A broken import or signature here would cost a GPU run.
+    from benchmarks import ncu_targets
+
+    for target in ncu_targets.TARGETS:
+        assert callable(ncu_targets.make_call(target, torch.device("cpu")))
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, "-m", "benchmarks.ncu_targets", "select-cuda"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+
+
+def test_ncu_group_profiles_every_target(tmp_path):
+    from benchmarks.ncu_targets import TARGETS
+
+    ncu = tmp_path / "ncu"
+    ncu.write_text('#!/bin/bash\necho "$*" >> "$NCU_LOG"\n')
+    ncu.chmod(0o755)
+    done, _, steps = run_suite(tmp_path, "ncu", SUITE_DEADLINE_S="0", SUITE_NCU=str(ncu),
+                               NCU_LOG=str(tmp_path / "ncu.log"))
+    assert steps == [[f"ncu_{target}", "rc=0"] for target in TARGETS], done.stdout + done.stderr
+    lines = (tmp_path / "ncu.log").read_text().splitlines()
+    ncu_runs = [line for line in lines if "--version" not in line]
+    for line, (target, kernels) in zip(ncu_runs, TARGETS.items(), strict=True):
+        assert f"-k regex:{kernels} " in line and line.endswith(f"benchmarks.ncu_targets {target}")
+    # Without ncu: one counted skip.
+    (tmp_path / "none").mkdir()
+    done, _, steps = run_suite(tmp_path / "none", "ncu", SUITE_DEADLINE_S="0",
+                               SUITE_NCU=str(tmp_path / "no-ncu"))
+    assert steps == [["ncu", "SKIPPED"]] and done.returncode == 1
