@@ -555,27 +555,35 @@ __global__ void input_grad_kernel(
   *grad = sum;
 }
 
-// Step 5 outside deterministic mode. One thread per (channel * taps + tap, pixel of the block),
-// consecutive threads on consecutive pixels: adds grad_columns times the modulation and each
-// corner's bilinear weight onto grad_image with atomics (fp32, or fp64 for fp64 inputs).
+// Step 5 outside deterministic mode. One thread per (channel chunk, row, pixel of the block), as
+// in step 1, consecutive threads on consecutive pixels: for each of up to kFillChannels channels
+// of the offset group it adds grad_columns times the modulation and each corner's bilinear
+// weight onto grad_image with atomics (fp32, or fp64 for fp64 inputs). The sample is computed
+// once per chunk (it was once per channel: one thread per (channel * taps + tap, pixel)).
 template <typename scalar_t, typename acc_t>
 __global__ void input_grad_atomic_kernel(
     ConvShape s, Strides4 grad_in, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, int64_t b, int64_t pixel0, int64_t count,
     const acc_t* __restrict__ grad_columns, acc_t* grad_image) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (index >= s.in_channels * s.taps() * count) return;
-  const int64_t column = index / count, j = index % count;  // column = c * taps + tap
-  const int64_t c = column / s.taps(), tap = column % s.taps();
-  const int64_t row = (c / s.offset_group_channels()) * s.taps() + tap;
+  const int64_t channels = s.offset_group_channels();
+  const int64_t chunks = (channels + kFillChannels - 1) / kFillChannels;
+  if (index >= chunks * s.sample_rows() * count) return;
+  const int64_t j = index % count, row = index / count % s.sample_rows();
+  const int64_t chunk = index / count / s.sample_rows();
+  const int64_t tap = row % s.taps();
   const BilinearSample<acc_t> sample =
       sample_at<scalar_t, acc_t>(s, offset, b, row, pixel0 + j, grad_in.row, grad_in.col);
-  const acc_t value =
-      grad_columns[index] * modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
-  acc_t* channel = grad_image + c * grad_in.channel;
-  for (int corner = 0; corner < kBilinearCorners; ++corner) {
-    if (sample.inside & (1u << corner)) {
-      atomicAdd(channel + sample.offset[corner], sample.weight[corner] * value);
+  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
+  const int64_t group_end = (row / s.taps() + 1) * channels;
+  const int64_t c0 = (row / s.taps()) * channels + chunk * kFillChannels;
+  for (int64_t c = c0; c < c0 + kFillChannels && c < group_end; ++c) {
+    const acc_t value = grad_columns[(c * s.taps() + tap) * count + j] * modulation;
+    acc_t* channel = grad_image + c * grad_in.channel;
+    for (int corner = 0; corner < kBilinearCorners; ++corner) {
+      if (sample.inside & (1u << corner)) {
+        atomicAdd(channel + sample.offset[corner], sample.weight[corner] * value);
+      }
     }
   }
 }
@@ -677,8 +685,8 @@ void deform_conv2d_backward_impl(
       // 5. grad_input: atomics, or the sorted entry list in deterministic mode.
       if (!deterministic) {
         input_grad_atomic_kernel<scalar_t, acc_t>
-            <<<blocks_for(s.in_channels * taps * count, kElementThreads), kElementThreads, 0,
-               stream>>>(
+            <<<blocks_for(fill_channel_chunks(s) * sample_threads, kElementThreads),
+               kElementThreads, 0, stream>>>(
                 s, grad_in, offset_data, mask_data, b, pixel0, count,
                 grad_columns.const_data_ptr<acc_t>(), grad_image);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
