@@ -415,8 +415,29 @@ int64_t backward_block_pixels(const ConvShape& s, int64_t element_size) {
 // per 33 MB block on an H100); a chunk recomputes its sample's coordinates, which is cheap.
 constexpr int64_t kFillChannels = 16;
 
-int64_t fill_channel_chunks(const ConvShape& s) {
+__host__ __device__ inline int64_t fill_channel_chunks(const ConvShape& s) {
   return (s.offset_group_channels() + kFillChannels - 1) / kFillChannels;
+}
+
+// The (channel chunk, row, pixel j of the block) item of thread `index` in steps 1 and 5 (j
+// fastest: consecutive threads on consecutive pixels, so column accesses are coalesced) and its
+// channels [c_begin, c_end); `valid` is false past the last item.
+struct ChunkItem {
+  int64_t row, j, tap, c_begin, c_end;
+  bool valid;
+};
+
+__device__ __forceinline__ ChunkItem chunk_item(const ConvShape& s, int64_t index, int64_t count) {
+  ChunkItem item;
+  item.valid = index < fill_channel_chunks(s) * s.sample_rows() * count;
+  item.j = index % count;
+  item.row = index / count % s.sample_rows();
+  item.tap = item.row % s.taps();
+  const int64_t group_begin = (item.row / s.taps()) * s.offset_group_channels();
+  const int64_t group_end = group_begin + s.offset_group_channels();
+  item.c_begin = group_begin + index / count / s.sample_rows() * kFillChannels;
+  item.c_end = item.c_begin + kFillChannels < group_end ? item.c_begin + kFillChannels : group_end;
+  return item;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -424,21 +445,15 @@ __global__ void fill_columns_kernel(
     ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
     const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b,
     int64_t pixel0, int64_t count, acc_t* __restrict__ columns) {
-  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t channels = s.offset_group_channels();
-  const int64_t chunks = (channels + kFillChannels - 1) / kFillChannels;
-  if (index >= chunks * s.sample_rows() * count) return;
-  // Consecutive threads on consecutive pixels: coalesced column stores.
-  const int64_t j = index % count, row = index / count % s.sample_rows();
-  const int64_t chunk = index / count / s.sample_rows();
-  const int64_t tap = row % s.taps();
+  const ChunkItem item =
+      chunk_item(s, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, count);
+  if (!item.valid) return;
+  const int64_t j = item.j;
   const BilinearSample<acc_t> sample =
-      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel0 + j, in.row, in.col);
-  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
-  const int64_t group_end = (row / s.taps() + 1) * channels;
-  const int64_t c0 = (row / s.taps()) * channels + chunk * kFillChannels;
-  for (int64_t c = c0; c < c0 + kFillChannels && c < group_end; ++c) {
-    columns[(c * s.taps() + tap) * count + j] =
+      sample_at<scalar_t, acc_t>(s, offset, b, item.row, pixel0 + j, in.row, in.col);
+  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, item.row, pixel0 + j);
+  for (int64_t c = item.c_begin; c < item.c_end; ++c) {
+    columns[(c * s.taps() + item.tap) * count + j] =
         modulation *
         bilinear_interpolate<scalar_t, acc_t>(input + b * in.image + c * in.channel, sample);
   }
@@ -565,20 +580,15 @@ __global__ void input_grad_atomic_kernel(
     ConvShape s, Strides4 grad_in, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, int64_t b, int64_t pixel0, int64_t count,
     const acc_t* __restrict__ grad_columns, acc_t* grad_image) {
-  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t channels = s.offset_group_channels();
-  const int64_t chunks = (channels + kFillChannels - 1) / kFillChannels;
-  if (index >= chunks * s.sample_rows() * count) return;
-  const int64_t j = index % count, row = index / count % s.sample_rows();
-  const int64_t chunk = index / count / s.sample_rows();
-  const int64_t tap = row % s.taps();
+  const ChunkItem item =
+      chunk_item(s, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, count);
+  if (!item.valid) return;
+  const int64_t j = item.j;
   const BilinearSample<acc_t> sample =
-      sample_at<scalar_t, acc_t>(s, offset, b, row, pixel0 + j, grad_in.row, grad_in.col);
-  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel0 + j);
-  const int64_t group_end = (row / s.taps() + 1) * channels;
-  const int64_t c0 = (row / s.taps()) * channels + chunk * kFillChannels;
-  for (int64_t c = c0; c < c0 + kFillChannels && c < group_end; ++c) {
-    const acc_t value = grad_columns[(c * s.taps() + tap) * count + j] * modulation;
+      sample_at<scalar_t, acc_t>(s, offset, b, item.row, pixel0 + j, grad_in.row, grad_in.col);
+  const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, item.row, pixel0 + j);
+  for (int64_t c = item.c_begin; c < item.c_end; ++c) {
+    const acc_t value = grad_columns[(c * s.taps() + item.tap) * count + j] * modulation;
     acc_t* channel = grad_image + c * grad_in.channel;
     for (int corner = 0; corner < kBilinearCorners; ++corner) {
       if (sample.inside & (1u << corner)) {
