@@ -292,12 +292,14 @@ def test_prototype_select_wide_heads_and_unaligned_mask_rows(select, normalize_k
     torch.testing.assert_close(prototypes, cpu_prototypes)
 
 
-def test_prototype_select_splits_of_several_tiles(select):
-    """4000 pixels, 8 heads, 70 queries: 63 tiles over 33 splits (the emulated H100's 132 SMs), so
-    splits run two tiles and the next tile's keys are loaded during the current one's products
-    (PEM at 32768 pixels runs 15-16 tiles per split); a NaN key in a split's second tile."""
-    keys, queries, mask = make_select_inputs(1, 4000, 64, 70)
-    keys[0, 48 * 64 + 10, 8:16] = float("nan")  # tile 48, the second of split 25 (tiles 47-48)
+def test_prototype_select_splits_of_several_tiles(select, monkeypatch):
+    """700 pixels, 8 heads, 70 queries on an emulated GPU of 8 SMs: 11 tiles over 2 splits, so
+    the splits run 5 and 6 tiles and the next tile's keys are loaded during the current one's
+    products (PEM at 32768 pixels on an H100 runs 15-16 tiles per split); a NaN key in the third
+    tile of split 1."""
+    monkeypatch.setenv("PEM_EMULATION_SM_COUNT", "8")
+    keys, queries, mask = make_select_inputs(1, 700, 64, 70)
+    keys[0, 7 * 64 + 10, 8:16] = float("nan")  # tile 7 (split 1: tiles 5-10)
     (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
         select, keys, queries, mask, 8, True, False
     )

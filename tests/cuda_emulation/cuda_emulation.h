@@ -21,6 +21,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -208,9 +209,13 @@ T atomicAdd(T* address, T value) {
 
 namespace at::cuda {
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
-// An H100's SM count, so that the host code takes the decisions it takes there.
+// An H100's SM count, so that the host code takes the decisions it takes there; a test may set
+// PEM_EMULATION_SM_COUNT to take those of a smaller GPU (fewer blocks to emulate for the same
+// launch shape).
 inline cudaDeviceProp* getCurrentDeviceProperties() {
   static cudaDeviceProp properties{132};
+  const char* sm_count = std::getenv("PEM_EMULATION_SM_COUNT");
+  properties.multiProcessorCount = sm_count != nullptr ? std::atoi(sm_count) : 132;
   return &properties;
 }
 }  // namespace at::cuda
