@@ -423,15 +423,11 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
             reinterpret_cast<AllowedFirstArgmax<acc_t>*>(partials.data_ptr<uint8_t>());
         const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
         const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-        if (normalize_keys) {
-          prototype_select_tile_kernel<scalar_t, acc_t, true><<<tile_grid, kTileThreads, 0, stream>>>(
-              pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(), mask_ptr,
-              divisor_ptr, partial_ptr);
-        } else {
-          prototype_select_tile_kernel<scalar_t, acc_t, false><<<tile_grid, kTileThreads, 0, stream>>>(
-              pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(), mask_ptr,
-              divisor_ptr, partial_ptr);
-        }
+        const auto tile_kernel = normalize_keys ? prototype_select_tile_kernel<scalar_t, acc_t, true>
+                                                : prototype_select_tile_kernel<scalar_t, acc_t, false>;
+        tile_kernel<<<tile_grid, kTileThreads, 0, stream>>>(
+            pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(), mask_ptr,
+            divisor_ptr, partial_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const int64_t slot_blocks = (pr.heads * pr.queries + kMergeSlots - 1) / kMergeSlots;
         merge_splits_kernel<acc_t><<<dim3(slot_blocks, pr.batch), kMergeThreads, 0, stream>>>(

@@ -202,9 +202,13 @@ def local_representation_triton(
     x = memory.contiguous()
     if batch * height * width * out_channels == 0:
         return x.new_empty(batch, height * width, out_channels)
+    # The operands of the BN + depthwise-conv part, as both kernels take them.
+    conv_operands = (
+        x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
+        bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
+    )
     if x.dtype == torch.float32 and not fp32_matmul_allows_tf32():
-        return _conv_then_addmm(x, pos, bn_scale, bn_shift, dw_weight, dw_bias, weight, bias,
-                                normalize)
+        return _conv_then_addmm(conv_operands, pos is not None, weight, bias, normalize)
     out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
     config = _launch_config(out_channels, x.dtype)
     in_kernel = normalize and config["BLOCK_N"] >= out_channels
@@ -214,9 +218,8 @@ def local_representation_triton(
         batch,
     )
     launcher(_local_representation_kernel, INTERPRET)[grid](
-        x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
-        bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
-        weight.contiguous(), bias.contiguous(), out, channels, height, width, out_channels,
+        *conv_operands, weight.contiguous(), bias.contiguous(), out, channels, height, width,
+        out_channels,
         HAS_POS=pos is not None, NORMALIZE=in_kernel, **config,
     )
     if normalize and not in_kernel:
@@ -225,19 +228,16 @@ def local_representation_triton(
 
 
 def _conv_then_addmm(
-    x: torch.Tensor, pos: torch.Tensor | None, bn_scale: torch.Tensor, bn_shift: torch.Tensor,
-    dw_weight: torch.Tensor, dw_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    conv_operands: tuple, has_pos: bool, weight: torch.Tensor, bias: torch.Tensor,
     normalize: bool,
 ) -> torch.Tensor:
     """The exact-fp32 path (module docstring): [B, H*W, C] conv features, then the Linear."""
-    batch, channels, height, width = x.shape
-    conv = torch.empty(batch, height * width, channels, device=x.device, dtype=torch.float32)
+    batch, channels, height, width = conv_operands[0].shape
+    conv = conv_operands[0].new_empty(batch, height * width, channels)
     block_p, block_c = 64, 32
     grid = (height * cdiv(width, block_p), cdiv(channels, block_c), batch)
     launcher(_bn_depthwise_conv_kernel, INTERPRET)[grid](
-        x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
-        bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
-        conv, channels, height, width, HAS_POS=pos is not None, BLOCK_P=block_p,
+        *conv_operands, conv, channels, height, width, HAS_POS=has_pos, BLOCK_P=block_p,
         BLOCK_C=block_c, num_warps=4,
     )
     out = torch.addmm(bias, conv.view(-1, channels), weight.t()).view(batch, height * width, -1)
