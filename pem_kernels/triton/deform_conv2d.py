@@ -119,13 +119,30 @@ _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _sample_point(
-    offset_ptr, mask_ptr, b64, oy, ox, valid, og, k,
-    so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
-    H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_MASK: tl.constexpr,
+def _tap_at(
+    b64, oy, ox, og, k, so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w, TAPS,
 ):
-    """Where tap ``k`` of offset group ``og`` samples for output pixels (b, oy, ox).
+    """Element offsets, for output pixels (b, oy, ox), of tap ``k`` of offset group ``og``: of its
+    dy in ``offset`` (dx follows ``so_c`` further on) and of its modulation in ``mask``.
+
+    The kernels load the three values themselves and hand them to :func:`_sample_point`: when
+    torch.compile decides which tensors a ``wrap_triton`` kernel writes, it follows each store's
+    address back through the TTIR, and a helper call on the way counts every pointer passed to
+    it. Were the loads inside a helper, the input-gradient scatter (its addresses come from the
+    offsets) would mark ``offset`` and ``mask`` as written, and the compiled backward copy them.
+    """
+    at = b64 * so_b + 2 * (og * TAPS + k) * so_c + oy * so_h + ox * so_w
+    mod_at = b64 * sm_b + (og * TAPS + k) * sm_c + oy * sm_h + ox * sm_w
+    return at, mod_at
+
+
+@triton.jit
+def _sample_point(
+    dy, dx, mod, oy, ox, valid, k,
+    H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK: tl.constexpr,
+):
+    """Where tap ``k`` samples for output pixels (oy, ox), given its offsets (dy, dx) and, with
+    HAS_MASK, its modulation ``mod`` (ignored without; all three loaded as 0 where not ``valid``).
 
     Returns the top-left corner (row, col) (int32, clamped to 0 where both rows/cols are outside),
     the fractional parts (fy, fx), the modulation (0 for invalid lanes), and the validity of the
@@ -133,17 +150,10 @@ def _sample_point(
     """
     i = k // KW
     j = k - i * KW
-    channel = 2 * (og * TAPS + k)
-    pixel = b64 * so_b + oy * so_h + ox * so_w
-    dy = tl.load(offset_ptr + pixel + channel * so_c, mask=valid, other=0.0).to(tl.float32)
-    dx = tl.load(offset_ptr + pixel + (channel + 1) * so_c, mask=valid, other=0.0).to(tl.float32)
-    y = (oy * stride_h - pad_h + i * dil_h).to(tl.float32) + dy
-    x = (ox * stride_w - pad_w + j * dil_w).to(tl.float32) + dx
+    y = (oy * stride_h - pad_h + i * dil_h).to(tl.float32) + dy.to(tl.float32)
+    x = (ox * stride_w - pad_w + j * dil_w).to(tl.float32) + dx.to(tl.float32)
     if HAS_MASK:
-        mod = tl.load(
-            mask_ptr + b64 * sm_b + (og * TAPS + k) * sm_c + oy * sm_h + ox * sm_w,
-            mask=valid, other=0.0,
-        ).to(tl.float32)
+        mod = mod.to(tl.float32)  # loaded as 0 on invalid lanes
     else:
         mod = tl.where(valid, 1.0, 0.0)
     y_lo = tl.floor(y)
@@ -313,10 +323,15 @@ def _forward_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, TAPS):
         for og in range(c_first // COG, (c_end - 1) // COG + 1):
+            at, mod_at = _tap_at(
+                b64, oy, ox, og, k, so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w, TAPS
+            )
+            dy = tl.load(offset_ptr + at, mask=m_ok, other=0.0)
+            dx = tl.load(offset_ptr + at + so_c, mask=m_ok, other=0.0)
+            mod = tl.load(mask_ptr + mod_at, mask=m_ok & HAS_MASK, other=0.0)
             row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
-                offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
-                so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
-                H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+                dy, dx, mod, oy, ox, m_ok, k,
+                H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
             )
             w00 = _per_pixel((1.0 - fy) * (1.0 - fx), PIXEL_MAJOR)
             w01 = _per_pixel((1.0 - fy) * fx, PIXEL_MAJOR)
@@ -388,10 +403,15 @@ def _offset_mask_grad_kernel(
     pix = ms - (ms // L) * L
     c_first = og * COG
     for k in range(0, TAPS):
+        at, mod_at = _tap_at(
+            b64, oy, ox, og, k, so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w, TAPS
+        )
+        dy = tl.load(offset_ptr + at, mask=m_ok, other=0.0)
+        dx = tl.load(offset_ptr + at + so_c, mask=m_ok, other=0.0)
+        mod = tl.load(mask_ptr + mod_at, mask=m_ok & HAS_MASK, other=0.0)
         row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
-            offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
-            so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
-            H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+            dy, dx, mod, oy, ox, m_ok, k,
+            H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
         )
         gy0 = _per_pixel(1.0 - fy, PIXEL_MAJOR)
         gy1 = _per_pixel(fy, PIXEL_MAJOR)
@@ -500,10 +520,15 @@ def _weight_grad_kernel(
         else:
             a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for og in range(c_lo // COG, (c_hi - 1) // COG + 1):
+            at, mod_at = _tap_at(
+                b64, oy, ox, og, k, so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w, TAPS
+            )
+            dy = tl.load(offset_ptr + at, mask=m_ok, other=0.0)
+            dx = tl.load(offset_ptr + at + so_c, mask=m_ok, other=0.0)
+            mod = tl.load(mask_ptr + mod_at, mask=m_ok & HAS_MASK, other=0.0)
             row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
-                offset_ptr, mask_ptr, b64, oy, ox, m_ok, og, k,
-                so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
-                H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+                dy, dx, mod, oy, ox, m_ok, k,
+                H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
             )
             in_og = c_ok & (chans >= og * COG) & (chans < og * COG + COG)
             v00, v01, v10, v11 = _gather_corners(
@@ -559,10 +584,15 @@ def _corner_kernel(
     b64 = bgk // (TAPS * OG)
     oy = m // OW
     ox = m - oy * OW
+    at, mod_at = _tap_at(
+        b64, oy, ox, og, k, so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w, TAPS
+    )
+    dy = tl.load(offset_ptr + at, mask=ok, other=0.0)
+    dx = tl.load(offset_ptr + at + so_c, mask=ok, other=0.0)
+    mod = tl.load(mask_ptr + mod_at, mask=ok & HAS_MASK, other=0.0)
     row, col, fy, fx, mod, t_ok, b_ok, l_ok, r_ok = _sample_point(
-        offset_ptr, mask_ptr, b64, oy, ox, ok, og, k,
-        so_b, so_c, so_h, so_w, sm_b, sm_c, sm_h, sm_w,
-        H, W, KW, TAPS, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
+        dy, dx, mod, oy, ox, ok, k,
+        H, W, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK,
     )
     pixel_base = bgk * (H * W) + row * W + col
     dst = idx * 4
