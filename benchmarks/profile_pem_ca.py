@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
                         "batch": args.batch, "hw": hw, "mode": mode, "variant": variant,
                     }
                     try:
-                        layer = layer or make_variant(variant, device, dtype)
+                        if layer is None:  # not "layer or": a compiled module has no truth
+                            layer = make_variant(variant, device, dtype)
                         step = make_step(layer, mode)
                         timing = harness.measure_time(
                             step, device=device, warmup=3, repeats=20, inputs=inputs

@@ -351,3 +351,27 @@ def test_front_end_rejects_unknown_comparisons():
         text=True, timeout=60,
     )
     assert done.returncode == 2 and "pem-ca" in done.stdout
+
+
+def test_profile_pem_ca_reuses_a_compiled_layer_across_modes(monkeypatch):
+    # A compiled module has no truth value (bool() reaches the layer's missing __len__): the
+    # profile once asked it "layer or ..." and every compiled row after the first mode failed.
+    from benchmarks import profile_pem_ca
+
+    made = []
+
+    def make_variant(name, device, dtype):
+        made.append(name)
+        layer = profile_pem_ca.make_layers(device, dtype, "reference")["fused"]
+        return torch.compile(layer, backend="eager")
+
+    monkeypatch.setattr(profile_pem_ca, "make_variant", make_variant)
+    monkeypatch.setenv("PEM_BENCH_PROGRESS", "0")
+    args = profile_pem_ca.parse_args([
+        "--device", "cpu", "--sizes", "64", "--variants", "compiled",
+        "--modes", "forward,forward+backward",
+    ])
+    rows, failures, skipped = profile_pem_ca.run(args)
+    assert (failures, skipped, made) == (0, 0, ["compiled"])
+    assert [row["mode"] for row in rows] == ["forward", "forward+backward"]
+    assert all("error" not in row and row["wall_ms"] > 0 for row in rows)
