@@ -45,6 +45,17 @@
 #     estimated 50 s less): how long that takes is not yet measured. Tier 2 will not fit the same
 #     call: SUITE_TIERS (default "1 2") picks the tiers, so a second call runs the rest with
 #     SUITE_TIERS=2 bash benchmarks/gpu_suite.sh bench plots.
+#   * SUITE_ONLY (space-separated step names, as summary.txt names them) runs only those steps
+#     of the groups asked for, the others silently left out: a later call runs what an earlier
+#     one had no time for, e.g. SUITE_TIERS=2 SUITE_ONLY="bench_deform_conv_deterministic plots"
+#     bash benchmarks/gpu_suite.sh bench plots.
+#   * Measured on the H200 run of 2026-11-26 (Firecracker: compute-sanitizer ran): build 61 s;
+#     checks 110 s (pytest with 14 workers: 814 passed, 2 failed, in 104 s; memcheck 31 + 38 s,
+#     racecheck stopped at its 70 s limit after 74 of 94 cases, now 110 s); tier 1 258 s (select
+#     16, PEM-CA 85, CUDA-backend rows 14, profile 30, deform 34 + 64, model 15); 521 s in all
+#     with a 550 s deadline. A second call (285 s) ran tier 2's bf16 selection 15 s, bf16 PEM-CA
+#     117, batch-2 PEM-CA 81 and bf16 profile 26 s; the rest of tier 2 (deform bf16 and
+#     deterministic, the bf16, Triton and compiled models, the TF32 rows) has not run yet.
 #
 # For a machine lent by the command (results fetched from $OUT): with OUT=DIR the results folder
 # is also written to DIR/gpu-suite-results.tgz after every step, so a command killed from outside
@@ -88,6 +99,7 @@ record() {  # record NAME STATUS SECONDS TEXT
 step() {
   local name=$1 limit=$2; shift 2
   local reserve=${RESERVE_S:-0}
+  case " ${SUITE_ONLY:-$name} " in *" $name "*) ;; *) return ;; esac
   if [ "$deadline" -gt 0 ]; then
     local left=$((deadline - reserve - SECONDS))
     if [ "$left" -lt "$MIN_STEP_S" ]; then
@@ -177,7 +189,8 @@ run_sanitizer() {
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   RESERVE_S=$((deadline - check_end)) step memcheck_cuda 100 "$sanitizer" --tool memcheck \
     --error-exitcode 1 $PYTHON -m pytest -q -k "cuda and $small" $cuda_tests
-  RESERVE_S=$((deadline - check_end)) step racecheck_cuda 70 "$sanitizer" --tool racecheck \
+  # racecheck is the slowest: 74 of these 94 cases in its former 70 s on the 2026-11-26 H200
+  RESERVE_S=$((deadline - check_end)) step racecheck_cuda 110 "$sanitizer" --tool racecheck \
     --error-exitcode 1 $PYTHON -m pytest -q -k "cuda and $small" $cuda_tests
   RESERVE_S=$((deadline - check_end)) step memcheck_triton 90 "$sanitizer" --tool memcheck \
     --error-exitcode 1 $PYTHON -m pytest -q -k "not cpu and $small" $triton_tests

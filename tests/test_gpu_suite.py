@@ -192,3 +192,15 @@ def test_ncu_group_profiles_every_target(tmp_path):
     done, _, steps = run_suite(tmp_path / "none", "ncu", SUITE_DEADLINE_S="0",
                                SUITE_NCU=str(tmp_path / "no-ncu"))
     assert steps == [["ncu", "SKIPPED"]] and done.returncode == 1
+
+
+def test_suite_only_runs_the_steps_named(tmp_path):
+    # A later call for what an earlier one had no time for: two tier-2 steps and the plots.
+    only = "bench_deform_conv_deterministic bench_model_compiled plots"
+    done, calls, steps = run_suite(tmp_path, "bench", "plots", SUITE_DEADLINE_S="0",
+                                   SUITE_TIERS="2", SUITE_ONLY=only)
+    assert [name for name, _ in steps] == only.split()
+    assert [call["module"] for call in calls] == [
+        "benchmarks.bench_deform_conv", "benchmarks.bench_model", "benchmarks"
+    ]
+    assert done.returncode == 0, done.stdout + done.stderr
