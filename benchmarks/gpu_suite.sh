@@ -216,6 +216,12 @@ bench_select() {  # the prototype selection alone: every backend vs the eager re
   [ "$1" = 1 ] || dtype=bfloat16
   step "bench_prototype_select_$dtype" 120 $PYTHON -m benchmarks.bench_prototype_select \
     --device cuda --dtype "$dtype" --out-dir "$results/prototype_select_$dtype"
+  if [ "$1" = 2 ]; then
+    # fp32 with the Triton kernel's IEEE products instead of its default 3xTF32: what they cost.
+    step bench_prototype_select_float32_ieee 90 env PEM_KERNELS_FP32_DOT=ieee \
+      $PYTHON -m benchmarks.bench_prototype_select --device cuda --dtype float32 \
+      --backends reference,triton --out-dir "$results/prototype_select_float32_ieee"
+  fi
 }
 
 bench_pemca() {  # the main job: PEM-CA vs masked cross-attention over resolutions

@@ -262,11 +262,22 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 def add_matmul_precision_argument(parser: Any) -> None:
     """``--matmul-precision``: ``torch.set_float32_matmul_precision`` for the whole run. fp32
     products of PyTorch's matmuls and of the Triton kernels follow it ("high"/"medium": TF32 on
-    tensor cores); every result records the setting (``environment.float32_matmul_precision``)."""
+    tensor cores; "highest": IEEE for PyTorch, 3xTF32 for the Triton kernels unless
+    ``PEM_KERNELS_FP32_DOT=ieee``); every result records both (``environment.
+    float32_matmul_precision``, ``environment.triton_fp32_dot``)."""
     parser.add_argument(
         "--matmul-precision", choices=MATMUL_PRECISIONS, default=None,
         help="torch.set_float32_matmul_precision for the run (default: leave torch's setting)",
     )
+
+
+def _triton_fp32_dot() -> str | None:
+    from pem_kernels.triton import fp32_dot_precision
+
+    try:
+        return fp32_dot_precision()
+    except ValueError as error:  # a bad PEM_KERNELS_FP32_DOT: the kernels will say so
+        return f"invalid ({error})"
 
 
 def apply_matmul_precision(args: Any) -> None:
@@ -532,10 +543,11 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
     ``device``, ``device_name`` (GPU name or CPU model), ``cpu_model``, ``cpu_cores``
     (``os.cpu_count()``), ``torch_threads``, ``torch``, ``triton`` (None when absent), ``cuda``
     (torch's CUDA version, None on CPU builds), ``gpu_capability`` / ``gpu_memory_bytes`` (CUDA
-    only),
-    ``python``, ``platform``, ``git_commit`` (short sha, ``-dirty`` with uncommitted changes to
-    tracked files, None without git or commits), ``command`` (exact command line, shell-quoted),
-    ``argv`` (the list), ``timestamp_utc`` (ISO 8601).
+    only), ``float32_matmul_precision``, ``triton_fp32_dot`` (CUDA only: see
+    :func:`pem_kernels.triton.fp32_dot_precision`), ``python``, ``platform``, ``git_commit``
+    (short sha, ``-dirty`` with uncommitted changes to tracked files, None without git or
+    commits), ``command`` (exact command line, shell-quoted), ``argv`` (the list),
+    ``timestamp_utc`` (ISO 8601).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -555,6 +567,8 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         "torch_threads": torch.get_num_threads(),
         # "highest" = IEEE fp32 matmuls; "high"/"medium" let torch and the Triton kernels use TF32.
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        # The Triton kernels' fp32 products on a GPU: "tf32x3" (fp32 accuracy), "tf32" or "ieee".
+        "triton_fp32_dot": _triton_fp32_dot() if device.type == "cuda" else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

@@ -460,7 +460,7 @@ def pointers(dtype, **extra):
     return lambda name: table.get(name, "i32")
 
 bf16 = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
-fp32 = dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+fp32 = dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32x3")  # the default (fp32_dot_precision)
 # The GPU's forward tiles (BLOCK_N=128 for PEM's 128 channels, and a narrower one): along
 # channels (channels_last input) and, transposed, along pixels (NCHW), as the op chooses them.
 for block_n in (64, 128):
@@ -474,6 +474,11 @@ for block_n in (64, 128):
                  dict(**flags, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=16, **bf16), num_warps=8)
     compile_sm90(K._forward_kernel, pointers("fp32"),
                  dict(**flags, BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=16, **fp32), num_warps=8)
+# The forward with IEEE fp32 products (PEM_KERNELS_FP32_DOT=ieee).
+compile_sm90(K._forward_kernel, pointers("fp32"),
+             dict(HAS_MASK=True, HAS_BIAS=True, PIXEL_MAJOR=False, BLOCK_M=64, BLOCK_N=128,
+                  BLOCK_K=32, DOT_DTYPE=tl.float32, DOT_PRECISION="ieee"),
+             num_warps=K._num_warps(torch.float32))
 tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 # The offset/mask gradient kernel with the fused atomic input-gradient scatter (the default
 # outside deterministic mode) and without it, in both dtypes; channel-major tiles

@@ -53,7 +53,8 @@ TIER_1 = [
     "bench_deform_conv_float32_forward_backward", "bench_model_float32_auto",
 ]
 TIER_2 = [
-    "bench_prototype_select_bfloat16", "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
+    "bench_prototype_select_bfloat16", "bench_prototype_select_float32_ieee",
+    "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
     "profile_pem_ca_bfloat16", "bench_deform_conv_bfloat16_forward",
     "bench_deform_conv_bfloat16_forward_backward", "bench_deform_conv_deterministic",
     "bench_model_bfloat16_auto", "bench_model_float32_triton", "bench_model_compiled",

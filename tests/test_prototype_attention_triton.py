@@ -116,15 +116,22 @@ def matmul_precision():
     torch.set_float32_matmul_precision(previous)
 
 
-def test_fp32_products_follow_torchs_matmul_precision(matmul_precision):
+def test_fp32_products_follow_torchs_matmul_precision(matmul_precision, monkeypatch):
     import triton.language as tl
 
     from pem_kernels.triton import dot_operands
 
-    matmul_precision("highest")
+    monkeypatch.delenv("PEM_KERNELS_FP32_DOT", raising=False)
+    matmul_precision("highest")  # fp32 accuracy: 3xTF32 by default, IEEE products on request
+    assert dot_operands(torch.float32, False) == (tl.float32, "tf32x3")
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
     assert dot_operands(torch.float32, False) == (tl.float32, "ieee")
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "tf32")
+    with pytest.raises(ValueError, match=r"PEM_KERNELS_FP32_DOT: expected one of .*'tf32'"):
+        dot_operands(torch.float32, False)
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
     assert dot_operands(torch.bfloat16, False)[0] == tl.bfloat16
-    matmul_precision("high")  # TF32 allowed, as for torch's own fp32 matmuls
+    matmul_precision("high")  # TF32 allowed, as for torch's own fp32 matmuls, whatever the variable
     assert dot_operands(torch.float32, False) == (tl.float32, "tf32")
     assert dot_operands(torch.float32, True) == (tl.float32, "ieee")  # the interpreter: IEEE
     args = make_args(2, 10, 64)
@@ -137,18 +144,19 @@ def test_fp32_products_follow_torchs_matmul_precision(matmul_precision):
     not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without the new API"
 )
 @pytest.mark.parametrize("setting", ["tf32", "ieee"])
-def test_fp32_products_follow_torchs_per_backend_precision_setting(setting):
+def test_fp32_products_follow_torchs_per_backend_precision_setting(setting, monkeypatch):
     """The per-backend API of newer torch, also mixed with the legacy one (after which
     torch.get_float32_matmul_precision() raises)."""
     import triton.language as tl
 
     from pem_kernels.triton import dot_operands
 
+    monkeypatch.delenv("PEM_KERNELS_FP32_DOT", raising=False)
     matmul = torch.backends.cuda.matmul
     try:
         torch.set_float32_matmul_precision("highest")
         matmul.fp32_precision = setting
-        expected = "tf32" if setting == "tf32" else "ieee"
+        expected = "tf32" if setting == "tf32" else "tf32x3"
         assert dot_operands(torch.float32, False) == (tl.float32, expected)
     finally:
         matmul.fp32_precision = "none"

@@ -380,15 +380,18 @@ def select_pointers(dtype):
 
 # The launch configurations of PEM's heads (32 channels) and of wide heads (256 and 512 channels,
 # fp32: the largest shared-memory need), 100 queries.
-cases = [("bf16", True, False, 32), ("bf16", True, True, 32), ("fp32", False, False, 32),
-         ("fp32", True, False, 256), ("fp32", True, False, 512), ("bf16", True, False, 512)]
-for dtype, has_mask, fallback, head_dim in cases:
+# fp32 with its default 3xTF32 products, and PEM's heads also with PEM_KERNELS_FP32_DOT=ieee.
+cases = [("bf16", True, False, 32, "tf32"), ("bf16", True, True, 32, "tf32"),
+         ("fp32", False, False, 32, "tf32x3"), ("fp32", True, False, 32, "ieee"),
+         ("fp32", True, False, 256, "tf32x3"), ("fp32", True, False, 512, "tf32x3"),
+         ("bf16", True, False, 512, "tf32")]
+for dtype, has_mask, fallback, head_dim, precision in cases:
     block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
         torch.device("cpu"), 8, 32768, 100, head_dim)
     pointers = select_pointers(dtype)
     compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
         HAS_MASK=has_mask, NORMALIZE=True, FALLBACK=fallback, OFFICIAL=True, INTERPRETED=False,
-        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_P=block_p, BLOCK_N=block_n,
+        DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
         BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
 finalize = {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "best_ptr": "*i64", "fallback_ptr": "*i64",
             "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}

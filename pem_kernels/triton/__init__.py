@@ -24,6 +24,7 @@ __all__ = [
     "cdiv",
     "cpu_unavailable_reason",
     "dot_operands",
+    "fp32_dot_precision",
     "interpreter_requested",
     "launcher",
     "pem_triton_op",
@@ -120,12 +121,37 @@ def fp32_matmul_allows_tf32() -> bool:
         return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
+# The environment variable that picks the products of exact-fp32 dots (see fp32_dot_precision).
+FP32_DOT_ENV = "PEM_KERNELS_FP32_DOT"
+_FP32_DOT_CHOICES = ("tf32x3", "ieee")
+
+
+def fp32_dot_precision() -> str:
+    """``input_precision`` of the Triton kernels' ``tl.dot`` on fp32 operands.
+
+    * ``"tf32"`` where PyTorch's fp32 matmuls may use TF32 (:func:`fp32_matmul_allows_tf32`:
+      precision "high" or "medium", or the per-backend setting "tf32"), as theirs do.
+    * Otherwise (PyTorch's default "highest") ``"tf32x3"``: each operand is split into a TF32
+      part and a TF32 remainder and three tensor-core products are summed in fp32, which keeps
+      fp32's accuracy (about 1e-6 relative per product, inside this project's fp32 tolerance of
+      1e-5) without fp32's FMA-unit speed: IEEE products held the Triton kernels to about 9 of
+      the H100's 67 fp32 TFLOP/s (2026-11-26). Not bit-identical to IEEE fp32 products.
+    * ``"ieee"``, IEEE fp32 products on the FMA units, with ``PEM_KERNELS_FP32_DOT=ieee``
+      (``tf32x3``, the default, may be named too).
+    """
+    if fp32_matmul_allows_tf32():
+        return "tf32"
+    choice = os.environ.get(FP32_DOT_ENV, "tf32x3")
+    if choice not in _FP32_DOT_CHOICES:
+        raise ValueError(f"{FP32_DOT_ENV}: expected one of {_FP32_DOT_CHOICES}, got {choice!r}")
+    return choice
+
+
 def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
     """(operand dtype, input_precision) of the ``tl.dot`` products of a kernel on ``dtype`` inputs.
 
-    Half-precision inputs multiply in their own dtype; fp32 ones in IEEE fp32 unless PyTorch's
-    fp32 matmuls may use TF32 (:func:`fp32_matmul_allows_tf32`: precision "high" or "medium", or
-    the per-backend setting "tf32"). Under the interpreter every operand is fp32 (its
+    Half-precision inputs multiply in their own dtype (their input_precision is unused); fp32
+    ones as :func:`fp32_dot_precision` says. Under the interpreter every operand is fp32 (its
     half-precision ``tl.dot`` is unreliable) and the product IEEE.
     """
     import triton.language as tl
@@ -133,8 +159,8 @@ def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
     if interpreted:
         return tl.float32, "ieee"
     if dtype == torch.float32:
-        return tl.float32, "tf32" if fp32_matmul_allows_tf32() else "ieee"
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # unused for halves
+        return tl.float32, fp32_dot_precision()
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"
 
 
 def interpreter_requested() -> bool:

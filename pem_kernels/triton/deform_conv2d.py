@@ -69,8 +69,9 @@ recomputation of the column gradient (one per corner).
 
 Dtypes: fp32, fp16, bf16 inputs with fp32 accumulation (fp64 is not supported). fp16/bf16 dot
 operands are in the input dtype (the blended sample is rounded to it before the tensor-core dot);
-fp32 operands use IEEE fp32 products unless ``torch.get_float32_matmul_precision()`` allows TF32
-("high"/"medium"), as PyTorch's own matmuls. Under the interpreter (``TRITON_INTERPRET=1``, CPU
+fp32 operands use 3xTF32 products (fp32 accuracy on tensor cores), or TF32 where
+``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), as PyTorch's own matmuls
+(:func:`pem_kernels.triton.fp32_dot_precision`). Under the interpreter (``TRITON_INTERPRET=1``, CPU
 tensors) every dot operand is cast to fp32 (the interpreter's half-precision ``tl.dot`` is wrong).
 
 Memory format: the kernels read every tensor through its strides (NCHW, channels_last, or any

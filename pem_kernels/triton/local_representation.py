@@ -18,11 +18,13 @@ fp16/bf16 the fused result is the more precise one); fp32 inputs reach it where
 each row by its L2 norm before the store. There is no backward: training, or any input that requires
 grad, takes the composed ATen path (:class:`pem_kernels.nn.PEMCrossAttention` decides).
 
-Exact fp32 (IEEE products, the default) takes two steps instead: ``tl.dot`` then runs on the FMA
-units at a fraction of cuBLAS's SGEMM speed (on the H100 of 2026-11-26, at 32768 pixels and C =
-C_out = 256, the fused kernel took 0.495 ms, cuBLAS's GEMM of the same product 0.106 ms), so a
-memory-bound kernel writes ``dwconv3x3(BN(memory + pos))`` pixel-major in fp32 (the transpose the
-Linear needs comes free with the store) and ``torch.addmm`` applies the Linear.
+fp32 in PyTorch's default precision ("highest", no TF32) takes two steps instead, and the Linear
+its exact SGEMM: a memory-bound kernel writes ``dwconv3x3(BN(memory + pos))`` pixel-major in fp32
+(the transpose the Linear needs comes free with the store) and ``torch.addmm`` applies the Linear.
+With IEEE products the fused kernel's ``tl.dot`` ran on the FMA units at a fraction of cuBLAS's
+speed (on the H100 of 2026-11-26, at 32768 pixels and C = C_out = 256: 0.495 ms, cuBLAS's GEMM of
+the same product 0.106 ms); the fused kernel with the other Triton kernels' 3xTF32 products is
+not measured yet.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _local_representation_kernel(
     x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, weight_ptr, bias_ptr,
     out_ptr, C, H, W, C_OUT,
     HAS_POS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     h, w, p_ok = _row_tile(tl.program_id(0), W, BLOCK_P)
     pid_n = tl.program_id(1)
@@ -112,10 +114,7 @@ def _local_representation_kernel(
         rhs = tl.load(
             weight_ptr + n[None, :] * C + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0
         )
-        if IEEE:
-            acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision="ieee")
-        else:
-            acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
+        acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if NORMALIZE:
         # This program holds every output channel (one column block); the padding columns are 0.
@@ -157,7 +156,7 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     # spills 0.4-3.7 KB per thread for C_out <= 128; with 8, at most 64 bytes.
     return dict(
         BLOCK_P=64 if block_n <= 128 else 32, BLOCK_N=block_n, BLOCK_K=32,
-        DOT_DTYPE=dot_dtype, IEEE=precision == "ieee", num_warps=8,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=8,
         num_stages=1 if dtype == torch.float32 else 3,
     )
 

@@ -36,8 +36,8 @@ cuBLAS/ATen in the autograd wrapper, with a fixed reduction order; every partial
 added in a fixed order, so the results are deterministic.
 
 Scratch and saved tensors are fp32; inputs may be fp32, fp16 or bf16 (GEMM operands in the input
-dtype, fp32 accumulation; fp32 operands use IEEE fp32 products unless
-``torch.get_float32_matmul_precision()`` allows TF32, as PyTorch's own matmuls).
+dtype, fp32 accumulation; fp32 operands as :func:`pem_kernels.triton.fp32_dot_precision` says:
+3xTF32 for fp32 accuracy, TF32 where ``torch.get_float32_matmul_precision()`` allows it).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _gemm_block(
     lhs_ptr, rhs_ptr, rows, cols, row_ok, col_ok, K,
     lhs_stride, rhs_row_stride, rhs_col_stride,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """acc[i, j] = sum_k lhs[rows[i], k] * rhs(k, cols[j]), with rhs(k, j) at
     rhs_ptr + k * rhs_row_stride + j * rhs_col_stride."""
@@ -96,16 +96,13 @@ def _gemm_block(
             rhs_ptr + ks[:, None] * rhs_row_stride + cols[None, :] * rhs_col_stride,
             mask=k_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        acc += _dot(lhs, rhs, DOT_DTYPE, IEEE)
+        acc += _dot(lhs, rhs, DOT_DTYPE, DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def _dot(lhs, rhs, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision="ieee")
-    else:
-        return tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
+def _dot(lhs, rhs, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    return tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -140,7 +137,7 @@ def _fwd_a_kernel(
     p_ptr, q_ptr, wa_ptr, ba_ptr, alpha_ptr, x_ptr, a_ptr, an_ptr, m_ptr, div_ptr, partial_ptr,
     N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Launch 1 of the forward: A's column block (see the module docstring)."""
     pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
@@ -154,7 +151,7 @@ def _fwd_a_kernel(
             q_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         w_ok = k_ok[:, None] & col_ok[None, :]
         w = tl.load(wa_ptr + cols[None, :] * C + ks[:, None], mask=w_ok, other=0.0)
-        acc += _dot(x, w, DOT_DTYPE, IEEE)
+        acc += _dot(x, w, DOT_DTYPE, DOT_PRECISION)
     a = acc + tl.load(ba_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     a = tl.where(ok, a, 0.0)  # padding must not enter the norms
     if NORM_OVER_QUERIES:
@@ -176,13 +173,13 @@ def _fwd_y_kernel(
     p_ptr, r_ptr, wo_ptr, bo_ptr, alpha_ptr, a_ptr, an_ptr, m_ptr, div_ptr, partial_ptr, out_ptr,
     N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Launch 2 of the forward: Y's column block (see the module docstring)."""
     pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     if NORM_OVER_QUERIES:
         y = _gemm_block(m_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, 1, C,
-                        BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
+                        BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, DOT_PRECISION)
     else:
         # Row norms: the blocks' partial sums of squares, added in block order.
         blocks = tl.num_programs(0)
@@ -203,7 +200,7 @@ def _fwd_y_kernel(
                 tl.store(m_ptr + tile, m, mask=tile_ok)
             w_ok = k_ok[:, None] & col_ok[None, :]
             w = tl.load(wo_ptr + cols[None, :] * C + ks[:, None], mask=w_ok, other=0.0)
-            y += _dot(m, w, DOT_DTYPE, IEEE)
+            y += _dot(m, w, DOT_DTYPE, DOT_PRECISION)
     y += tl.load(bo_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -214,14 +211,14 @@ def _bwd_dm_kernel(
     dy_ptr, wo_ptr, alpha_ptr, an_ptr, div_ptr, dp_ptr, da_ptr, dan_ptr, dalpha_ptr, partial_ptr,
     N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Launch 1 of the backward: dM, dalpha and dAn (dA with the query-axis norm) of a column
     block."""
     pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     # dM[:, cols] = dY W_out[:, cols], stored in dP (launch 2 adds q * dX).
     dm = _gemm_block(dy_ptr + image, wo_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
-                     BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
+                     BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, DOT_PRECISION)
     dm = tl.where(ok, dm, 0.0)
     tl.store(dp_ptr + offs, dm, mask=ok)
     an = tl.load(an_ptr + offs, mask=ok, other=0.0)
@@ -245,14 +242,14 @@ def _bwd_dx_kernel(
     p_ptr, q_ptr, wa_ptr, an_ptr, div_ptr, dan_ptr, partial_ptr, da_ptr, dp_ptr, dq_ptr,
     N, C,
     NORM_OVER_QUERIES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Launch 2 of the backward: dX, dP and dq of a column block."""
     pid_j, b, image, rows, row_ok, cols, col_ok, ok, offs = _program_block(N, C, BLOCK_N, BLOCK_J)
     # dX[:, cols] = dA W_A[:, cols]
     if NORM_OVER_QUERIES:
         dx = _gemm_block(da_ptr + image, wa_ptr, rows, cols, row_ok, col_ok, C, C, C, 1,
-                         BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, IEEE)
+                         BLOCK_N, BLOCK_J, BLOCK_K, DOT_DTYPE, DOT_PRECISION)
     else:
         blocks = tl.num_programs(0)
         row_dot = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -271,7 +268,7 @@ def _bwd_dx_kernel(
                 tl.store(da_ptr + tile, da, mask=tile_ok)
             w_ok = k_ok[:, None] & col_ok[None, :]
             w = tl.load(wa_ptr + ks[:, None] * C + cols[None, :], mask=w_ok, other=0.0)
-            dx += _dot(da, w, DOT_DTYPE, IEEE)
+            dx += _dot(da, w, DOT_DTYPE, DOT_PRECISION)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     dm = tl.load(dp_ptr + offs, mask=ok, other=0.0)
@@ -291,7 +288,7 @@ def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
     # 16 warps about half of that.
     return dict(
         BLOCK_N=block_n, BLOCK_J=32, BLOCK_K=32, DOT_DTYPE=dot_dtype,
-        IEEE=precision == "ieee", num_warps=8 if block_n <= 128 else 16,
+        DOT_PRECISION=precision, num_warps=8 if block_n <= 128 else 16,
         num_stages=3 if block_n <= 128 else 2 if block_n <= 256 else 1,
     )
 

@@ -31,8 +31,9 @@ gradient of every slot that selected the same pixel, over all C channels, applie
 backward if needed (the normalization mixes every head's channels of the pixel) and writes the row.
 Every other program writes nothing. There are no atomics, so gradients are bit-reproducible.
 
-fp32, fp16 and bf16 are supported (fp32 scores are IEEE fp32 products unless
-``torch.get_float32_matmul_precision()`` allows TF32, as PyTorch's own matmuls). fp64 is
+fp32, fp16 and bf16 are supported (fp32 scores are tensor-core products, 3xTF32 for fp32 accuracy
+or TF32 where ``torch.get_float32_matmul_precision()`` allows it, as PyTorch's own matmuls:
+:func:`pem_kernels.triton.fp32_dot_precision`). fp64 is
 not: the packed 32-bit score key cannot order fp64 scores exactly, so the backend reports it
 unavailable and dispatch falls back. Under the interpreter (``TRITON_INTERPRET=1``, CPU tensors)
 the dot operands are cast to fp32 first (the interpreter's bf16 ``tl.dot`` is wrong).

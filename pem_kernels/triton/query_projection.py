@@ -11,7 +11,8 @@ rows' C channels, as precise as LayerNorm's own reduction), then streams the row
 and scales them into the ``tl.dot`` operand block by block against W^T, adds the bias, divides each
 row by its L2 norm (``max(norm, 1e-12)``, a NaN norm kept NaN) and writes ``[B, Q, C_out]``. All
 intermediates are fp32 (the unfused chain rounds the LayerNorm and Linear outputs to the input
-dtype); fp32 products are IEEE unless ``torch.get_float32_matmul_precision()`` allows TF32. There
+dtype); fp32 products as :func:`pem_kernels.triton.fp32_dot_precision` says (3xTF32, or TF32
+where ``torch.get_float32_matmul_precision()`` allows it). There
 is no backward: training takes the modules (:class:`pem_kernels.nn.PEMCrossAttention` decides).
 """
 
@@ -56,7 +57,7 @@ def _query_projection_kernel(
     x_ptr, pos_ptr, ln_weight_ptr, ln_bias_ptr, weight_ptr, bias_ptr, out_ptr,
     R, B, Q, C, C_OUT,
     HAS_POS: tl.constexpr, LN_EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # row r = q * B + b of tgt
     row_ok = rows < R
@@ -90,10 +91,7 @@ def _query_projection_kernel(
             weight_ptr + outs[None, :] * C + ks[:, None], mask=k_ok[:, None] & out_ok[None, :],
             other=0.0,
         )
-        if IEEE:
-            acc += tl.dot(normed.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision="ieee")
-        else:
-            acc += tl.dot(normed.to(DOT_DTYPE), rhs.to(DOT_DTYPE))
+        acc += tl.dot(normed.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     # The padding columns are 0 (masked weights and bias), so they do not enter the norms.
     norm = tl.sqrt_rn(tl.sum(acc * acc, axis=1))
@@ -113,7 +111,7 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     # C_out = 256 in fp32; with 8 at most 40 (none in bf16).
     return dict(
         BLOCK_R=16, BLOCK_N=block_size(out_channels, 16), BLOCK_K=32, DOT_DTYPE=dot_dtype,
-        IEEE=precision == "ieee", num_warps=8,
+        DOT_PRECISION=precision, num_warps=8,
     )
 
 
