@@ -132,10 +132,11 @@ def fp32_dot_precision() -> str:
     * ``"tf32"`` where PyTorch's fp32 matmuls may use TF32 (:func:`fp32_matmul_allows_tf32`:
       precision "high" or "medium", or the per-backend setting "tf32"), as theirs do.
     * Otherwise (PyTorch's default "highest") ``"tf32x3"``: each operand is split into a TF32
-      part and a TF32 remainder and three tensor-core products are summed in fp32, which keeps
-      fp32's accuracy (about 1e-6 relative per product, inside this project's fp32 tolerance of
-      1e-5) without fp32's FMA-unit speed: IEEE products held the Triton kernels to about 9 of
-      the H100's 67 fp32 TFLOP/s (2026-11-26). Not bit-identical to IEEE fp32 products.
+      part and a TF32 remainder and three tensor-core products are summed in fp32. That keeps
+      fp32's accuracy (at most about 5e-7 relative error per product, IEEE fp32's is 6e-8; this
+      project's fp32 tolerance is 1e-5) at tensor-core speed, where IEEE products held the
+      Triton kernels to the FMA units' (about 9 of the H100's 67 fp32 TFLOP/s on 2026-11-26).
+      Not bit-identical to IEEE fp32 products.
     * ``"ieee"``, IEEE fp32 products on the FMA units, with ``PEM_KERNELS_FP32_DOT=ieee``
       (``tf32x3``, the default, may be named too).
     """
