@@ -666,6 +666,15 @@ def test_auto_backend_picks_cpu_and_matches_reference(monkeypatch):
     torch.testing.assert_close(call("auto", tensors, conv), reference, **TOLERANCES[torch.float64])
 
 
+def test_auto_picks_the_cuda_kernel_for_cuda_tensors():
+    from pem_kernels._extension import has_kernel
+    from pem_kernels.ops.deform_conv import _BACKENDS
+
+    expected = "cuda" if has_kernel("deform_conv2d", "CUDA") else "reference"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert _BACKENDS.resolve("auto", torch.device("cuda"), dtype) == expected
+
+
 def valid_op_args() -> list:
     conv = CONFIGS["offset_groups2"]  # groups 1, offset_groups 2, 3x3, padding 1
     t = make_inputs(conv, torch.float32)

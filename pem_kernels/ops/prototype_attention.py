@@ -6,7 +6,9 @@ on that device (two GEMMs dominate; there is nothing a hand-written C++ kernel w
 and ``PEMCrossAttention(backend="cuda")`` needs a ``cuda`` name for both of its ops); ``triton``
 (:mod:`pem_kernels.triton.prototype_attention`: two launches forward and two backward, spread
 over channel blocks, on CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``;
-fp32/fp16/bf16; its current form has not run on a GPU yet, so ``"auto"`` does not pick it).
+fp32/fp16/bf16; it passed the GPU tests of the H200 run of 2026-11-26, but it has not been
+timed alone against the reference, and its fp32 products became 3xTF32 since, so ``"auto"`` does
+not pick it).
 The C++ schema ``pem_kernels::prototype_attention`` is registered (with a fake kernel) for a
 future C++/CUDA kernel; the Triton backend registers its own ops,
 ``pem_kernels::prototype_attention_triton`` and its backward.
