@@ -128,9 +128,9 @@ def _run_pem_ca(attention_norm: str) -> None:
     from pem_kernels.nn import PEMCrossAttention
 
     layer = PEMCrossAttention(32, 4, attention_norm=attention_norm, backend="triton")
-    tgt, pos_q = torch.randn(6, 2, 32), torch.randn(6, 2, 32)
-    memory, pos = torch.randn(2, 32, 5, 7), torch.randn(2, 32, 5, 7)
-    mask = torch.randn(2, 6, 5, 7)
+    tgt, pos_q = torch.randn(4, 1, 32), torch.randn(4, 1, 32)
+    memory, pos = torch.randn(1, 32, 3, 5), torch.randn(1, 32, 3, 5)
+    mask = torch.randn(1, 4, 3, 5)
     memory.requires_grad_(True)
     layer(tgt, memory, mask, pos, pos_q).square().sum().backward()
     layer.eval()
