@@ -276,6 +276,10 @@ bench_deform() {  # every shape of issue #4 (B = 1 and 8): each backend vs torch
         --device cuda --dtype bfloat16 --mode "$mode" \
         --out-dir "$results/deform_conv_bfloat16_${mode/+/_}"
     done
+    # The cuda forward with IEEE products (its FMA kernel) instead of its tensor-core kernel.
+    step bench_deform_conv_float32_forward_ieee 90 env PEM_KERNELS_FP32_DOT=ieee \
+      $PYTHON -m benchmarks.bench_deform_conv --device cuda --dtype float32 --mode forward \
+      --backends torchvision,cuda --out-dir "$results/deform_conv_float32_forward_ieee"
     # The backward in deterministic mode (sorted gather instead of atomics): what it costs.
     step bench_deform_conv_deterministic 90 $PYTHON -m benchmarks.bench_deform_conv --device cuda \
       --mode forward+backward --deterministic --backends cuda,triton --profile \

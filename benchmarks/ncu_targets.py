@@ -27,7 +27,7 @@ import torch
 TARGETS = {
     "select-cuda": "prototype_select_tile_kernel|merge_splits_kernel",
     "select-triton": "_select_kernel|_finalize_kernel",
-    "deform-cuda-forward": "deform_conv2d_forward_kernel",
+    "deform-cuda-forward": "deform_conv2d_forward_(mma_)?kernel",
     "deform-cuda-backward": "fill_columns_kernel|coordinate_grads_kernel|input_grad_atomic_kernel",
     "local-representation-triton": "_bn_depthwise_conv_kernel|_local_representation_kernel",
 }

@@ -147,6 +147,115 @@ def test_deform_conv2d_forward_gather_paths(deform, layout, channels, groups, of
                                **TOLERANCES[torch.float32])
 
 
+# The tensor-core forward (fp32, 32-channel K-stages): every layout, groups and offset groups,
+# more than one block along pixels and along output channels (130 > 128), strides and padding.
+TENSOR_CORE_CASES = {
+    "one_block": Conv(batch=1, in_channels=32, out_channels=8, height=4, width=4),
+    "one_group": Conv(in_channels=32, out_channels=8, height=9, width=11, offset_scale=3.0),
+    "groups_and_offset_groups": Conv(in_channels=128, out_channels=12, height=6, width=5,
+                                     groups=2, offset_groups=2, offset_scale=3.0),
+    "two_channel_blocks_stride_padding": Conv(
+        batch=1, in_channels=32, out_channels=130, height=9, width=8, stride=(2, 1),
+        padding=(2, 0), dilation=(1, 2), offset_scale=3.0),
+    "no_mask_no_bias_out_of_image": Conv(in_channels=32, out_channels=8, with_mask=False,
+                                         with_bias=False, offset_scale=5.0, integer_offsets=True),
+}
+
+
+def with_layout(tensors: dict, layout: str) -> dict:
+    """The input in NCHW, channels_last, or channels_last starting one element past alignment
+    (no vector loads)."""
+    input = tensors["input"]
+    strides = input.contiguous(memory_format=torch.channels_last).stride()
+    if layout == "channels_last":
+        tensors["input"] = input.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_unaligned":
+        flat = torch.zeros(input.numel() + 1, dtype=input.dtype)
+        tensors["input"] = flat[1:].as_strided(input.shape, strides).copy_(input)
+    return tensors
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_unaligned"])
+@pytest.mark.parametrize("name", list(TENSOR_CORE_CASES))
+def test_deform_conv2d_tensor_core_forward_3xtf32(deform, name, layout):
+    """3xTF32 (the default at PyTorch's "highest" fp32 precision) keeps fp32's tolerance against
+    torchvision; its output differs from the IEEE kernel's (PEM_KERNELS_FP32_DOT=ieee), so the
+    tensor-core kernel did run."""
+    conv = TENSOR_CORE_CASES[name]
+    tensors = with_layout(make_inputs(conv, torch.float32), layout)
+    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    out = emulated_forward(deform, tensors, conv)
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
+        ieee = emulated_forward(deform, tensors, conv)
+    torch.testing.assert_close(ieee, expected, **TOLERANCES[torch.float32])
+    assert not torch.equal(out, ieee)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_deform_conv2d_tensor_core_forward_tf32_where_torch_allows_it(deform, layout):
+    """With TF32 allowed (precision "high") one TF32 product per pair: within TF32's rounding of
+    torchvision in fp64, and further from it than 3xTF32."""
+    conv = TENSOR_CORE_CASES["groups_and_offset_groups"]
+    tensors = with_layout(make_inputs(conv, torch.float32), layout)
+    expected = torchvision_ops.deform_conv2d(
+        **{k: None if v is None else v.double() for k, v in tensors.items()}, **conv.kwargs())
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = emulated_forward(deform, tensors, conv)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    exact = emulated_forward(deform, tensors, conv)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(tf32.double(), expected, rtol=0, atol=4e-3 * scale)
+    tf32_error = (tf32.double() - expected).abs().max().item()
+    exact_error = (exact.double() - expected).abs().max().item()
+    assert exact_error * 10 < tf32_error, (exact_error, tf32_error)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_deform_conv2d_tensor_core_non_finite_mask_as_torchvision(deform, layout):
+    """An inf modulation at an integer position gives inf (3xTF32's remainder of inf is NaN and
+    must not reach the output), a NaN one outside the image gives NaN."""
+    conv = Conv(in_channels=64, out_channels=8, offset_groups=2, with_bias=False)
+    tensors = with_layout(with_non_finite_mask(make_inputs(conv, torch.float32)), layout)
+    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    assert expected.isnan().any() and expected.isinf().any()
+    torch.testing.assert_close(emulated_forward(deform, tensors, conv), expected, equal_nan=True,
+                               **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["groups_stride_padding_dilation", "shared_samples"])
+def test_deform_conv2d_backward_3xtf32_gemms(deform, name):
+    """The backward's GEMMs in 3xTF32 (cuBLAS TF32 GEMMs on split operands; the emulated cuBLAS
+    rounds its operands to TF32 as the tensor cores do, so unsplit operands would fail here):
+    fp32's tolerance against torchvision, and not the IEEE GEMMs' bits
+    (PEM_KERNELS_FP32_DOT=ieee)."""
+    conv, _ = DEFORM_CASES[name]
+    tensors = make_inputs(conv, torch.float32)
+    grad_output = torch.randn(conv.output_shape())
+    expected = torchvision_gradients(tensors, conv, grad_output)
+    split = emulated_gradients(deform, tensors, conv, grad_output)
+    assert_gradients_close(split, expected, torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
+        ieee = emulated_gradients(deform, tensors, conv, grad_output)
+    assert_gradients_close(ieee, expected, torch.float32)
+    assert not torch.equal(split["weight"], ieee["weight"])
+    assert not torch.equal(split["input"], ieee["input"])
+
+
+def test_deform_conv2d_rejects_an_unknown_fp32_product_choice(deform, monkeypatch):
+    conv = TENSOR_CORE_CASES["one_group"]
+    tensors = make_inputs(conv, torch.float32)
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "fast")
+    with pytest.raises(RuntimeError, match=r"PEM_KERNELS_FP32_DOT: expected one of \('tf32x3', "
+                                           r"'ieee'\), got 'fast'"):
+        emulated_forward(deform, tensors, conv)
+
+
 def test_deform_conv2d_gradients_over_several_backward_blocks(deform):
     """One image's backward in several pixel blocks (32 MiB column tiles: 896-pixel blocks of
     512 fp64 channels), the last one partial."""

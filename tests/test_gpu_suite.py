@@ -57,7 +57,8 @@ TIER_2 = [
     "bench_prototype_select_bfloat16", "bench_prototype_select_float32_ieee",
     "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
     "profile_pem_ca_bfloat16", "bench_deform_conv_bfloat16_forward",
-    "bench_deform_conv_bfloat16_forward_backward", "bench_deform_conv_deterministic",
+    "bench_deform_conv_bfloat16_forward_backward", "bench_deform_conv_float32_forward_ieee",
+    "bench_deform_conv_deterministic",
     "bench_model_bfloat16_auto", "bench_model_float32_triton", "bench_model_compiled",
     "bench_prototype_select_float32_tf32", "bench_pem_ca_float32_tf32",
 ]

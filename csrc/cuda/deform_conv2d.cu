@@ -13,14 +13,19 @@
 // 16, PEM's case) the tile's 64 sample positions are computed once and shared by the channels,
 // and a channels_last input is read 4 channels per vector load (Gather below). The K loop is
 // software-pipelined: the next stage's global loads are in flight while the current stage's
-// product runs.
+// product runs. fp32 inputs whose channels per group and per offset group are multiples of 32
+// (PEM's 128) take a tensor-core variant on compute capability 8.0 and newer: WMMA TF32 products,
+// 3xTF32 (fp32 accuracy) at PyTorch's default precision, TF32 where PyTorch allows it for its own
+// matmuls, IEEE FMAs (the kernel above) with PEM_KERNELS_FP32_DOT=ieee; see fp32_products().
 //
 // Backward: the structure of the CPU backward, one image and one block of output pixels at a
 // time (the block size depends on the shape only), each step parallel over the block:
 //   1. the modulated column tile [C_in * taps, pixels] in acc_t (one thread per offset group, tap
 //      and pixel computes the sample position once for all channels of its offset group);
 //   2. grad_weight_g += grad_out_g @ columns_g^T and 3. grad_columns_g = W_g^T @ grad_out_g,
-//      cuBLAS GEMMs in acc_t;
+//      cuBLAS GEMMs in acc_t; with fp32 accumulation they are 3xTF32 under the forward's rules
+//      (three TF32 tensor-core GEMMs on operands split into TF32 parts and remainders, see
+//      row_major_3xtf32_gemm), IEEE with PEM_KERNELS_FP32_DOT=ieee, TF32 where torch allows it;
 //   4. offset and mask gradients: one thread per (offset group, tap, pixel) sums its channels in
 //      order;
 //   5. grad_input, the scatter of the column gradient through the bilinear weights. By default
@@ -44,12 +49,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <mma.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
 #include <type_traits>
 
 #include "pem_kernels/check.h"
@@ -118,6 +130,79 @@ __device__ acc_t modulated_sample(
       modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
 }
 
+// The samples of a forward block's kTileM output pixels for one (offset group, tap) row, shared by
+// all channels of that offset group: corner element offsets from the input's start (image
+// included), bilinear weights, the modulation and inside flags (0 past the last pixel). The
+// modulation multiplies the blended sample, not each corner weight, as in torchvision: a NaN mask
+// then gives NaN for a sample outside the image too, and an inf mask times a zero corner weight
+// gives no NaN.
+template <typename acc_t>
+struct SampleTables {
+  int64_t corner_offset[kTileM][kBilinearCorners];
+  acc_t corner_weight[kTileM][kBilinearCorners];
+  acc_t modulation[kTileM];
+  uint8_t inside[kTileM];
+};
+
+// The (offset group, tap) row of the forward's K-stage starting at k0 of convolution group
+// `group` (k = tap * group_channels + channel within the group).
+__device__ __forceinline__ int64_t stage_sample_row(const ConvShape& s, int64_t group, int64_t k0) {
+  const int64_t c0 = group * s.group_channels() + k0 % s.group_channels();
+  return (c0 / s.offset_group_channels()) * s.taps() + k0 / s.group_channels();
+}
+
+// Threads 0..kTileM-1 of the block fill `tables` for row `row` and pixels m0 + threadIdx.x (of
+// all images, flattened); the caller synchronizes before reading them.
+template <typename scalar_t, typename acc_t>
+__device__ void fill_sample_tables(
+    SampleTables<acc_t>& tables, const ConvShape& s, const Strides4& in,
+    const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t row) {
+  if (threadIdx.x >= kTileM) return;
+  const int64_t m = m0 + threadIdx.x;
+  uint8_t inside = 0;
+  acc_t modulation = 0;
+  if (m < s.batch * s.out_pixels()) {
+    const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
+    const BilinearSample<acc_t> sample =
+        sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
+    modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+    for (int corner = 0; corner < kBilinearCorners; ++corner) {
+      tables.corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
+      tables.corner_weight[threadIdx.x][corner] = sample.weight[corner];
+    }
+    inside = sample.inside;
+  }
+  tables.modulation[threadIdx.x] = modulation;
+  tables.inside[threadIdx.x] = inside;
+}
+
+// Makes `tables` hold the row of the K-stage at k0 of convolution group `group` (`tables_row`
+// tracks the row they hold): the same decision in every thread, and a barrier after a rewrite.
+// Call only where no thread reads the tables.
+template <typename scalar_t, typename acc_t>
+__device__ void prepare_sample_tables(
+    SampleTables<acc_t>& tables, int64_t& tables_row, const ConvShape& s, const Strides4& in,
+    const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t group, int64_t k0) {
+  const int64_t row = stage_sample_row(s, group, k0);
+  if (row == tables_row) return;
+  fill_sample_tables<scalar_t, acc_t>(tables, s, in, offset, mask, m0, row);
+  tables_row = row;
+  __syncthreads();
+}
+
+// The modulated sample of one channel from its loaded corner values and the tables' entry `mm`.
+template <typename acc_t>
+__device__ __forceinline__ acc_t blend_corners(
+    const SampleTables<acc_t>& tables, int mm, const acc_t corner_values[kBilinearCorners]) {
+  const uint8_t inside = tables.inside[mm];
+  acc_t value = 0;
+#pragma unroll
+  for (int corner = 0; corner < kBilinearCorners; ++corner) {
+    if (inside & (1u << corner)) value += tables.corner_weight[mm][corner] * corner_values[corner];
+  }
+  return value * tables.modulation[mm];
+}
+
 // How the forward kernel gathers a [kTileK x kTileM] column tile.
 enum class Gather {
   // Every element computes its own sample position: any channel counts.
@@ -156,16 +241,7 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   constexpr bool kSampleTables = kGather != Gather::kPerElement;
   __shared__ __align__(16) acc_t column_tile[kTileK][kTileM];
   __shared__ __align__(16) acc_t weight_tile[kTileK][kTileN];
-  // The samples of the tile's pixels for one (offset group, tap) row (kSharedSamples and
-  // kVectorizedChannels): corner element offsets from the input's start (image included),
-  // bilinear weights, the modulation and inside flags (0 past the last pixel). The modulation
-  // multiplies the blended sample, not each corner weight, as in torchvision: a NaN mask then
-  // gives NaN for a sample outside the image too, and an inf mask times a zero corner weight
-  // gives no NaN.
-  __shared__ int64_t corner_offset[kTileM][kBilinearCorners];
-  __shared__ acc_t corner_weight[kTileM][kBilinearCorners];
-  __shared__ acc_t sample_modulation[kTileM];
-  __shared__ uint8_t corner_inside[kTileM];
+  __shared__ SampleTables<acc_t> tables;  // kSharedSamples and kVectorizedChannels
   const int64_t group = blockIdx.z;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
@@ -192,32 +268,8 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   acc_t acc[4][4] = {};
   int64_t tables_row = -1;  // the (offset group, tap) row the sample tables hold
 
-  // Makes the sample tables hold the row of stage k0; the same decision in every thread, and a
-  // barrier after a rewrite. Called only when no thread reads the tables.
   const auto prepare_tables = [&](int64_t k0) {
-    const int64_t c0 = group * group_channels + k0 % group_channels;
-    const int64_t row = (c0 / s.offset_group_channels()) * s.taps() + k0 / group_channels;
-    if (row == tables_row) return;
-    if (threadIdx.x < kTileM) {
-      const int64_t m = m0 + threadIdx.x;
-      uint8_t inside = 0;
-      acc_t modulation = 0;
-      if (m < pixels_total) {
-        const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
-        const BilinearSample<acc_t> sample =
-            sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
-        modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
-        for (int corner = 0; corner < kBilinearCorners; ++corner) {
-          corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
-          corner_weight[threadIdx.x][corner] = sample.weight[corner];
-        }
-        inside = sample.inside;
-      }
-      sample_modulation[threadIdx.x] = modulation;
-      corner_inside[threadIdx.x] = inside;
-    }
-    tables_row = row;
-    __syncthreads();
+    prepare_sample_tables<scalar_t, acc_t>(tables, tables_row, s, in, offset, mask, m0, group, k0);
   };
 
   // Issues the global loads of stage k0 into registers.
@@ -239,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
       // at the offsets of the tables, in channel c0 + tile row.
       const scalar_t* stage_input = input + (group * group_channels + k0 % group_channels) *
           in.channel;
-      const uint8_t inside = corner_inside[mm];
+      const uint8_t inside = tables.inside[mm];
 #pragma unroll
       for (int corner = 0; corner < kBilinearCorners; ++corner) {
         const bool read = inside & (1u << corner);
@@ -248,14 +300,14 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
           for (int r = 0; r < kPerThread; ++r) {
             corner_values[r][corner] = read
                 ? static_cast<acc_t>(
-                      stage_input[tile_row(r) * in.channel + corner_offset[mm][corner]])
+                      stage_input[tile_row(r) * in.channel + tables.corner_offset[mm][corner]])
                 : acc_t(0);
           }
         } else {
           ChannelVector<scalar_t> v{};
           if (read) {
             v = *reinterpret_cast<const ChannelVector<scalar_t>*>(
-                stage_input + tile_row(0) + corner_offset[mm][corner]);  // channel stride 1
+                stage_input + tile_row(0) + tables.corner_offset[mm][corner]);  // channel stride 1
           }
 #pragma unroll
           for (int r = 0; r < kPerThread; ++r) corner_values[r][corner] = v.value[r];
@@ -279,15 +331,9 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
 #pragma unroll
       for (int r = 0; r < kPerThread; ++r) column_tile[tile_row(r)][mm] = element_values[r];
     } else {
-      const uint8_t inside = corner_inside[mm];
 #pragma unroll
       for (int r = 0; r < kPerThread; ++r) {
-        acc_t value = 0;
-#pragma unroll
-        for (int corner = 0; corner < kBilinearCorners; ++corner) {
-          if (inside & (1u << corner)) value += corner_weight[mm][corner] * corner_values[r][corner];
-        }
-        column_tile[tile_row(r)][mm] = value * sample_modulation[mm];
+        column_tile[tile_row(r)][mm] = blend_corners(tables, mm, corner_values[r]);
       }
     }
 #pragma unroll
@@ -337,6 +383,292 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   }
 }
 
+// How fp32 products are computed where tensor cores could do them; the rules of the Triton
+// kernels (pem_kernels.triton.fp32_dot_precision): TF32 where PyTorch's fp32 matmuls may use it,
+// otherwise 3xTF32 (fp32 accuracy), or IEEE fp32 FMAs with PEM_KERNELS_FP32_DOT=ieee.
+enum class Fp32Products { kIeee, kTf32, kTf32x3 };
+
+Fp32Products fp32_products() {
+  bool tf32_allowed = false;
+  try {
+    tf32_allowed = at::globalContext().allowTF32CuBLAS();
+  } catch (const c10::Error&) {
+    // torch raises when both its legacy and its per-backend TF32 settings were used: keep fp32
+    // accuracy rather than guess.
+  }
+  if (tf32_allowed) return Fp32Products::kTf32;
+  const char* choice = std::getenv("PEM_KERNELS_FP32_DOT");
+  if (choice == nullptr || std::string(choice) == "tf32x3") return Fp32Products::kTf32x3;
+  PEM_CHECK(std::string(choice) == "ieee", "PEM_KERNELS_FP32_DOT: expected one of ('tf32x3', ",
+            "'ieee'), got '", choice, "'");
+  return Fp32Products::kIeee;
+}
+
+// Tensor-core forward for fp32 inputs (compute capability 8.0 and newer): the same implicit GEMM
+// on WMMA m16n16k8 TF32 fragments, for the shapes whose K-stages of kMmaTileK lie within one tap
+// and one offset group (channels per group and per offset group multiples of 32: PEM's 128).
+// Each block computes kTileM output pixels x kMmaTileN output channels, all of PEM's 128, so that
+// every sample is gathered once (the 64 x 64 kernel above gathers it once per channel block).
+// fp32 accuracy ("tf32x3", kPasses = 3): each operand x is split into big = tf32(x) and small =
+// tf32(x - big) and the products big * big, big * small and small * big are summed in fp32 (the
+// dropped small * small is below fp32's rounding), at most about 5e-7 relative error per product
+// against IEEE's 6e-8. The cross terms go to accumulators of their own whose NaNs are dropped
+// before they are added: an inf operand has a NaN remainder (inf - inf) whose NaN would replace
+// the inf that big * big carries, and torchvision gives inf there. Where PyTorch allows TF32
+// (kPasses = 1) only big * big is summed, as cuBLAS does then.
+namespace wmma = nvcuda::wmma;
+
+constexpr int kMmaTileN = 128;  // output channels per block
+constexpr int kMmaTileK = 32;   // (tap, channel) pairs per stage
+constexpr int kFragment = 16;   // rows and columns of a WMMA fragment; its k is kFragmentK
+constexpr int kFragmentK = 8;
+// 8 warps: 2 along M x 4 along N, each a 32 x 32 output tile of 2 x 2 fragments.
+constexpr int kMmaThreads = 256;
+constexpr int kWarpTile = 32;
+constexpr int kWarpFragments = kWarpTile / kFragment;
+// Floats added to every shared-memory row: consecutive rows start 4 banks apart, and the leading
+// dimensions stay multiples of 4 floats with every fragment (16 rows or 8 columns apart) at a
+// multiple of 32 bytes, as WMMA loads and stores need.
+constexpr int kMmaPad = 4;
+static_assert((kMmaTileK + kMmaPad) * kFragment * sizeof(float) % 32 == 0 &&
+              (kTileM + kMmaPad) * kFragmentK * sizeof(float) % 32 == 0 &&
+              (kTileM + kMmaPad) * kFragment * sizeof(float) % 32 == 0);
+
+// Shared memory of the tensor-core forward. The column tile is [pixel][k] (row-major A) for the
+// channels_last gather, whose threads each store 8 consecutive k of one pixel, and [k][pixel]
+// (column-major A) otherwise, where consecutive threads store consecutive pixels: both without
+// bank conflicts. The output staging of the epilogue reuses the stage tiles.
+template <bool kRowMajorColumns>
+struct MmaStageTiles {
+  float column[kRowMajorColumns ? kTileM : kMmaTileK]
+              [(kRowMajorColumns ? kMmaTileK : kTileM) + kMmaPad];
+  float weight[kMmaTileN][kMmaTileK + kMmaPad];  // [n][k]: a column-major K x N operand
+};
+
+template <bool kRowMajorColumns>
+union MmaTiles {
+  MmaStageTiles<kRowMajorColumns> stage;
+  float output[kMmaTileN][kTileM + kMmaPad];  // [n][pixel]: column-major, stores along pixels
+};
+
+using MmaAccumulator = wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragmentK, float>;
+
+// x rounded to TF32 (to nearest, ties away from zero). Only called where the host found compute
+// capability 8.0 or newer.
+__device__ __forceinline__ float round_to_tf32(float x) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  return wmma::__float_to_tf32(x);
+#else
+  return x;
+#endif
+}
+
+// Splits a loaded fp32 fragment into its TF32 part and (kPasses = 3) the TF32 remainder.
+template <int kPasses, typename Fragment>
+__device__ __forceinline__ void split_tf32(Fragment& big, Fragment& small) {
+#pragma unroll
+  for (int e = 0; e < Fragment::num_elements; ++e) {
+    const float value = big.x[e];
+    big.x[e] = round_to_tf32(value);
+    if constexpr (kPasses == 3) small.x[e] = round_to_tf32(value - big.x[e]);
+  }
+}
+
+// Grid (M tiles, N tiles, groups); `weight` is [C_out, kh, kw, C_in / groups] as for the kernel
+// above. Each thread gathers 8 (channel, pixel) samples per stage: on channels_last 8
+// consecutive channels of one pixel (two 4-channel vector loads per corner), otherwise one pixel
+// and every 4th channel. Software-pipelined like the kernel above: the next stage's global loads
+// are in flight while the current stage's products run.
+template <int kPasses, bool kVectorized>
+__global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
+    ConvShape s, Strides4 in, const float* __restrict__ input, const float* __restrict__ weight,
+    const float* __restrict__ offset, const float* __restrict__ mask,
+    const float* __restrict__ bias, float* __restrict__ output) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  static_assert(kPasses == 1 || kPasses == 3);
+  constexpr int kPerThread = kMmaTileK * kTileM / kMmaThreads;
+  constexpr int kWeightVectors = kMmaTileN * kMmaTileK / kVectorChannels / kMmaThreads;
+  static_assert(kPerThread == 2 * kVectorChannels && kTileM * 4 == kMmaThreads);
+  using ColumnLayout = std::conditional_t<kVectorized, wmma::row_major, wmma::col_major>;
+  using FragmentA =
+      wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragmentK, wmma::precision::tf32,
+                     ColumnLayout>;
+  using FragmentB =
+      wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragmentK, wmma::precision::tf32,
+                     wmma::col_major>;
+  // WMMA loads and stores need 32-byte aligned addresses: every fragment's offset in the tiles is
+  // a multiple of 32 bytes.
+  __shared__ __align__(128) MmaTiles<kVectorized> tiles;
+  __shared__ SampleTables<float> tables;
+  const int64_t group = blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMmaTileN;
+  const int64_t group_rows = s.group_rows(), out_per_group = s.group_out_channels();
+  const int64_t group_channels = s.group_channels();
+  // The thread's pixel and its rows of the stage's column tile.
+  const int mm = kVectorized ? threadIdx.x / 4 : threadIdx.x % kTileM;
+  const auto tile_row = [&](int r) {
+    return kVectorized ? static_cast<int>(threadIdx.x % 4) * kPerThread + r
+                       : static_cast<int>(threadIdx.x / kTileM) + 4 * r;
+  };
+  const int warp = threadIdx.x / 32;
+  const int warp_m = (warp % 2) * kWarpTile, warp_n = (warp / 2) * kWarpTile;
+  float corner_values[kPerThread][kBilinearCorners];
+  float4 weight_values[kWeightVectors];
+  MmaAccumulator acc[kWarpFragments][kWarpFragments];
+  MmaAccumulator acc_cross[kWarpFragments][kWarpFragments];  // kPasses = 3 only
+#pragma unroll
+  for (int i = 0; i < kWarpFragments; ++i) {
+#pragma unroll
+    for (int j = 0; j < kWarpFragments; ++j) {
+      wmma::fill_fragment(acc[i][j], 0.0f);
+      if constexpr (kPasses == 3) wmma::fill_fragment(acc_cross[i][j], 0.0f);
+    }
+  }
+  int64_t tables_row = -1;
+
+  const auto prepare_tables = [&](int64_t k0) {
+    prepare_sample_tables<float, float>(tables, tables_row, s, in, offset, mask, m0, group, k0);
+  };
+
+  const auto load_stage = [&](int64_t k0) {
+    const float* stage_input = input + (group * group_channels + k0 % group_channels) * in.channel;
+    const uint8_t inside = tables.inside[mm];
+#pragma unroll
+    for (int corner = 0; corner < kBilinearCorners; ++corner) {
+      const bool read = inside & (1u << corner);
+      const int64_t corner_offset = tables.corner_offset[mm][corner];
+      if constexpr (kVectorized) {
+#pragma unroll
+        for (int v = 0; v < kPerThread / kVectorChannels; ++v) {
+          const float4 values = read
+              ? *reinterpret_cast<const float4*>(
+                    stage_input + tile_row(v * kVectorChannels) + corner_offset)
+              : make_float4(0.f, 0.f, 0.f, 0.f);
+          corner_values[v * kVectorChannels + 0][corner] = values.x;
+          corner_values[v * kVectorChannels + 1][corner] = values.y;
+          corner_values[v * kVectorChannels + 2][corner] = values.z;
+          corner_values[v * kVectorChannels + 3][corner] = values.w;
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+          corner_values[r][corner] =
+              read ? stage_input[tile_row(r) * in.channel + corner_offset] : 0.0f;
+        }
+      }
+    }
+    // Consecutive threads load consecutive 4-element vectors of a weight row (contiguous in k).
+#pragma unroll
+    for (int r = 0; r < kWeightVectors; ++r) {
+      const int i = threadIdx.x + r * kMmaThreads;
+      const int64_t n = n0 + i / (kMmaTileK / kVectorChannels);
+      const int64_t k = k0 + (i % (kMmaTileK / kVectorChannels)) * kVectorChannels;
+      weight_values[r] = n < out_per_group
+          ? *reinterpret_cast<const float4*>(weight + (group * out_per_group + n) * group_rows + k)
+          : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+
+  const auto store_stage = [&]() {
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) {
+      const float value = blend_corners(tables, mm, corner_values[r]);
+      if constexpr (kVectorized) {
+        tiles.stage.column[mm][tile_row(r)] = value;
+      } else {
+        tiles.stage.column[tile_row(r)][mm] = value;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kWeightVectors; ++r) {
+      const int i = threadIdx.x + r * kMmaThreads;
+      *reinterpret_cast<float4*>(&tiles.stage.weight[i / (kMmaTileK / kVectorChannels)]
+                                                    [(i % (kMmaTileK / kVectorChannels)) *
+                                                     kVectorChannels]) = weight_values[r];
+    }
+  };
+
+  const auto multiply_stage = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kMmaTileK; kk += kFragmentK) {
+      FragmentA a[kWarpFragments], a_small[kWarpFragments];
+      FragmentB b[kWarpFragments], b_small[kWarpFragments];
+#pragma unroll
+      for (int i = 0; i < kWarpFragments; ++i) {
+        const int m = warp_m + i * kFragment;
+        if constexpr (kVectorized) {
+          wmma::load_matrix_sync(a[i], &tiles.stage.column[m][kk], kMmaTileK + kMmaPad);
+        } else {
+          wmma::load_matrix_sync(a[i], &tiles.stage.column[kk][m], kTileM + kMmaPad);
+        }
+        split_tf32<kPasses>(a[i], a_small[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < kWarpFragments; ++j) {
+        wmma::load_matrix_sync(b[j], &tiles.stage.weight[warp_n + j * kFragment][kk],
+                               kMmaTileK + kMmaPad);
+        split_tf32<kPasses>(b[j], b_small[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < kWarpFragments; ++i) {
+#pragma unroll
+        for (int j = 0; j < kWarpFragments; ++j) {
+          if constexpr (kPasses == 3) {
+            wmma::mma_sync(acc_cross[i][j], a_small[i], b[j], acc_cross[i][j]);
+            wmma::mma_sync(acc_cross[i][j], a[i], b_small[j], acc_cross[i][j]);
+          }
+          wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+      }
+    }
+  };
+
+  prepare_tables(0);
+  load_stage(0);
+  for (int64_t k0 = 0; k0 < group_rows; k0 += kMmaTileK) {
+    store_stage();
+    __syncthreads();
+    if (k0 + kMmaTileK < group_rows) {
+      prepare_tables(k0 + kMmaTileK);
+      load_stage(k0 + kMmaTileK);
+    }
+    multiply_stage();
+    __syncthreads();  // before the next store_stage (or the epilogue) overwrites the tiles
+  }
+
+  // Epilogue: the fragments through shared memory, so that consecutive threads write consecutive
+  // pixels of an output channel.
+#pragma unroll
+  for (int i = 0; i < kWarpFragments; ++i) {
+#pragma unroll
+    for (int j = 0; j < kWarpFragments; ++j) {
+      if constexpr (kPasses == 3) {
+#pragma unroll
+        for (int e = 0; e < MmaAccumulator::num_elements; ++e) {
+          const float cross = acc_cross[i][j].x[e];
+          acc[i][j].x[e] += std::isnan(cross) ? 0.0f : cross;
+        }
+      }
+      wmma::store_matrix_sync(&tiles.output[warp_n + j * kFragment][warp_m + i * kFragment],
+                              acc[i][j], kTileM + kMmaPad, wmma::mem_col_major);
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTileM * kMmaTileN; e += kMmaThreads) {
+    const int64_t m = m0 + e % kTileM, n = n0 + e / kTileM;
+    if (m >= s.batch * s.out_pixels() || n >= out_per_group) continue;
+    const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
+    const int64_t channel = group * out_per_group + n;
+    const float add = bias == nullptr ? 0.0f : bias[channel];
+    output[(b * s.out_channels + channel) * s.out_pixels() + pixel] =
+        tiles.output[e / kTileM][e % kTileM] + add;
+  }
+#else
+  __trap();  // never launched: the host takes the kernel above below compute capability 8.0
+#endif
+}
+
 at::Tensor deform_conv2d_cuda(
     const at::Tensor& input_in, const at::Tensor& weight_in, const at::Tensor& offset_in,
     const std::optional<at::Tensor>& mask_in, const std::optional<at::Tensor>& bias_in,
@@ -370,6 +702,34 @@ at::Tensor deform_conv2d_cuda(
       s.in_channels % kVectorChannels == 0 &&
       reinterpret_cast<uintptr_t>(input.const_data_ptr()) %
               (kVectorChannels * input.element_size()) == 0;
+  const Fp32Products products =
+      input.scalar_type() == at::kFloat ? fp32_products() : Fp32Products::kIeee;
+  // The tensor-core kernel reads the weight rows as 16-byte vectors (a weight given as a view
+  // can stay a view through the permute and contiguous above).
+  if (products != Fp32Products::kIeee && s.group_channels() % kMmaTileK == 0 &&
+      s.offset_group_channels() % kMmaTileK == 0 &&
+      reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % sizeof(float4) == 0 &&
+      at::cuda::getCurrentDeviceProperties()->major >= 8) {
+    const dim3 mma_grid(pixel_blocks, blocks_for(s.group_out_channels(), kMmaTileN), s.groups);
+    const auto launch = [&](auto passes, auto vector_loads) {
+      deform_conv2d_forward_mma_kernel<decltype(passes)::value, decltype(vector_loads)::value>
+          <<<mma_grid, kMmaThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              s, in, input.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+              offset.const_data_ptr<float>(), mask.defined() ? mask.const_data_ptr<float>() : nullptr,
+              bias.defined() ? bias.const_data_ptr<float>() : nullptr, output.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    using OnePass = std::integral_constant<int, 1>;
+    using ThreePasses = std::integral_constant<int, 3>;
+    using Vectors = std::true_type;
+    using Scalars = std::false_type;
+    if (products == Fp32Products::kTf32) {
+      vectorized ? launch(OnePass{}, Vectors{}) : launch(OnePass{}, Scalars{});
+    } else {
+      vectorized ? launch(ThreePasses{}, Vectors{}) : launch(ThreePasses{}, Scalars{});
+    }
+    return output;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -440,11 +800,14 @@ __device__ __forceinline__ ChunkItem chunk_item(const ConvShape& s, int64_t inde
   return item;
 }
 
+// With `columns_small` (3xTF32 GEMMs, acc_t = float) the column is written split: its TF32 part
+// to `columns` and the TF32 remainder to `columns_small`.
 template <typename scalar_t, typename acc_t>
 __global__ void fill_columns_kernel(
     ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
     const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask, int64_t b,
-    int64_t pixel0, int64_t count, acc_t* __restrict__ columns) {
+    int64_t pixel0, int64_t count, acc_t* __restrict__ columns,
+    acc_t* __restrict__ columns_small) {
   const ChunkItem item =
       chunk_item(s, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, count);
   if (!item.valid) return;
@@ -453,10 +816,87 @@ __global__ void fill_columns_kernel(
       sample_at<scalar_t, acc_t>(s, offset, b, item.row, pixel0 + j, in.row, in.col);
   const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, item.row, pixel0 + j);
   for (int64_t c = item.c_begin; c < item.c_end; ++c) {
-    columns[(c * s.taps() + item.tap) * count + j] =
+    const acc_t value =
         modulation *
         bilinear_interpolate<scalar_t, acc_t>(input + b * in.image + c * in.channel, sample);
+    const int64_t index = (c * s.taps() + item.tap) * count + j;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (columns_small != nullptr) {
+        columns[index] = round_to_tf32(value);
+        columns_small[index] = round_to_tf32(value - columns[index]);
+        continue;
+      }
+    }
+    columns[index] = value;
   }
+}
+
+// 3xTF32 GEMMs of the backward (cuBLAS's TF32 tensor-core GEMMs on split operands; the forward's
+// tensor-core kernel explains the split and why the cross terms are summed apart).
+
+// big[r, c] = tf32(x[r, c]), small[r, c] = tf32(x[r, c] - big[r, c]) for a rows x cols matrix x
+// with row stride x_stride, into contiguous rows x cols matrices.
+template <typename scalar_t>
+__global__ void split_tf32_kernel(
+    const scalar_t* __restrict__ x, int64_t rows, int64_t cols, int64_t x_stride,
+    float* __restrict__ big, float* __restrict__ small) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= rows * cols) return;
+  const float value = static_cast<float>(x[(index / cols) * x_stride + index % cols]);
+  big[index] = round_to_tf32(value);
+  small[index] = round_to_tf32(value - big[index]);
+}
+
+// out += cross with NaNs dropped (n contiguous elements): the NaN remainders of inf operands.
+__global__ void add_cross_terms_kernel(
+    float* __restrict__ out, const float* __restrict__ cross, int64_t n) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= n) return;
+  const float value = cross[index];
+  if (!std::isnan(value)) out[index] += value;
+}
+
+// One row-major TF32 GEMM on cuBLAS: c[m x n] = op(a)[m x k] @ op(b)[k x n] + beta * c, op(x)
+// = x^T where `x_transposed`, leading dimensions in elements. (cuBLAS is column-major: a
+// row-major matrix is its transpose there, so it computes c^T = op(b)^T @ op(a)^T.) The operands
+// are TF32 values already, so the tensor cores multiply them exactly.
+void row_major_tf32_gemm(
+    int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, bool a_transposed,
+    const float* b, int64_t ldb, bool b_transposed, float beta, float* c, int64_t ldc) {
+  PEM_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
+            "deform_conv2d backward (cuda): GEMM of ", m, " x ", n, " x ", k,
+            " exceeds cuBLAS's int sizes");
+  const float alpha = 1.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N,
+      a_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+      static_cast<int>(k), &alpha, b, CUDA_R_32F, static_cast<int>(ldb), a, CUDA_R_32F,
+      static_cast<int>(lda), &beta, c, CUDA_R_32F, static_cast<int>(ldc),
+      CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+}
+
+// A TF32-split operand: big + small = the fp32 matrix; row-major, `ld` elements per row.
+struct SplitMatrix {
+  const float* big;
+  const float* small;
+  int64_t ld;
+  bool transposed;
+};
+
+// c[m x n] = beta * c + op(a) @ op(b) in 3xTF32: the cross terms small @ big + big @ small into
+// `cross` (m x n, contiguous, as c must be), then c = beta * c + big @ big, then c += the cross
+// terms without their NaNs.
+void row_major_3xtf32_gemm(
+    int64_t m, int64_t n, int64_t k, const SplitMatrix& a, const SplitMatrix& b, float beta,
+    float* c, float* cross, cudaStream_t stream) {
+  row_major_tf32_gemm(m, n, k, a.small, a.ld, a.transposed, b.big, b.ld, b.transposed, 0.0f,
+                      cross, n);
+  row_major_tf32_gemm(m, n, k, a.big, a.ld, a.transposed, b.small, b.ld, b.transposed, 1.0f,
+                      cross, n);
+  row_major_tf32_gemm(m, n, k, a.big, a.ld, a.transposed, b.big, b.ld, b.transposed, beta, c, n);
+  add_cross_terms_kernel<<<blocks_for(m * n, kElementThreads), kElementThreads, 0, stream>>>(
+      c, cross, m * n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Step 4. The offset and mask gradients: per (row, pixel of the block) a sum over the offset
@@ -631,6 +1071,32 @@ void deform_conv2d_backward_impl(
 
   const at::Tensor columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
   const at::Tensor grad_columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
+  // 3xTF32 GEMMs (fp32 accumulation, PyTorch's "highest" precision, tensor cores). Without extra
+  // column tiles: the fill writes the columns' TF32 remainder into the grad_columns tile (step 3
+  // overwrites it after step 2 has read it), and step 3's cross terms go to the columns tile
+  // (which step 2 no longer needs). grad_output and the weight are split into buffers of their
+  // own (block x C_out and C_out x C_in / groups x taps, twice each).
+  bool split_products = false;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    split_products = fp32_products() == Fp32Products::kTf32x3 &&
+        at::cuda::getCurrentDeviceProperties()->major >= 8;
+  }
+  const at::Tensor grad_out_big =
+      split_products ? at::empty({s.out_channels, block}, acc_options) : at::Tensor();
+  const at::Tensor grad_out_small = split_products ? at::empty_like(grad_out_big) : at::Tensor();
+  const at::Tensor weight_big = split_products ? at::empty_like(weight_acc) : at::Tensor();
+  const at::Tensor weight_small = split_products ? at::empty_like(weight_acc) : at::Tensor();
+  const at::Tensor grad_weight_cross =
+      split_products ? at::empty({group_out, group_rows}, acc_options) : at::Tensor();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (split_products) {
+      split_tf32_kernel<float>
+          <<<blocks_for(weight_acc.numel(), kElementThreads), kElementThreads, 0, stream>>>(
+              weight_acc.const_data_ptr<float>(), s.out_channels, group_rows, group_rows,
+              weight_big.data_ptr<float>(), weight_small.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   // The sorted gather of step 5 (deterministic mode only): the entry list and the boundaries of
   // its lists, one per (offset group, input pixel): list l holds the sorted entries
   // [entry_begin[l], entry_begin[l + 1]).
@@ -669,13 +1135,47 @@ void deform_conv2d_backward_impl(
       fill_columns_kernel<scalar_t, acc_t>
           <<<blocks_for(fill_channel_chunks(s) * sample_threads, kElementThreads),
              kElementThreads, 0, stream>>>(
-          s, in, input_data, offset_data, mask_data, b, pixel0, count, columns.data_ptr<acc_t>());
+          s, in, input_data, offset_data, mask_data, b, pixel0, count, columns.data_ptr<acc_t>(),
+          split_products ? grad_columns.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       // 2., 3. grad_weight_g += grad_out_g @ columns_g^T; grad_columns_g = W_g^T @ grad_out_g.
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (split_products) {
+          split_tf32_kernel<scalar_t>
+              <<<blocks_for(s.out_channels * count, kElementThreads), kElementThreads, 0,
+                 stream>>>(
+                  grad_output.const_data_ptr<scalar_t>() + b * s.out_channels * pixels + pixel0,
+                  s.out_channels, count, pixels, grad_out_big.data_ptr<float>(),
+                  grad_out_small.data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          for (int64_t g = 0; g < s.groups; ++g) {
+            const int64_t out0 = g * group_out * count, row0 = g * group_rows * count;
+            const SplitMatrix grad_out_g{grad_out_big.const_data_ptr<float>() + out0,
+                                         grad_out_small.const_data_ptr<float>() + out0, count,
+                                         false};
+            const SplitMatrix columns_g_t{columns.const_data_ptr<float>() + row0,
+                                          grad_columns.const_data_ptr<float>() + row0, count,
+                                          true};
+            row_major_3xtf32_gemm(
+                group_out, group_rows, count, grad_out_g, columns_g_t, 1.0f,
+                grad_weight_acc.data_ptr<float>() + g * group_out * group_rows,
+                grad_weight_cross.data_ptr<float>(), stream);
+            const int64_t weight0 = g * group_out * group_rows;
+            const SplitMatrix weight_g_t{weight_big.const_data_ptr<float>() + weight0,
+                                         weight_small.const_data_ptr<float>() + weight0,
+                                         group_rows, true};
+            row_major_3xtf32_gemm(
+                group_rows, count, group_out, weight_g_t, grad_out_g, 0.0f,
+                grad_columns.data_ptr<float>() + row0, columns.data_ptr<float>() + row0, stream);
+          }
+        }
+      }
       at::Tensor grad_out_block = grad_output_rows[b].narrow(1, pixel0, count);
-      if constexpr (!kSameType) grad_out_block = grad_out_block.to(acc_options.dtype());
-      for (int64_t g = 0; g < s.groups; ++g) {
+      if constexpr (!kSameType) {
+        if (!split_products) grad_out_block = grad_out_block.to(acc_options.dtype());
+      }
+      for (int64_t g = 0; g < s.groups && !split_products; ++g) {
         const at::Tensor grad_out_g = grad_out_block.narrow(0, g * group_out, group_out);
         grad_weight_acc.narrow(0, g * group_out, group_out)
             .addmm_(grad_out_g, columns.narrow(0, g * group_rows, group_rows).t());

@@ -51,8 +51,13 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using cudaStream_t = void*;
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct cudaDeviceProp {
   int multiProcessorCount;
+  int major;
 };
 
 namespace pem_emulation {
@@ -212,13 +217,152 @@ inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 // An H100's SM count, so that the host code takes the decisions it takes there; a test may set
 // PEM_EMULATION_SM_COUNT to take those of a smaller GPU (fewer blocks to emulate for the same
 // launch shape).
+// An H100 (compute capability 9.0).
 inline cudaDeviceProp* getCurrentDeviceProperties() {
-  static cudaDeviceProp properties{132};
+  static cudaDeviceProp properties{132, 9};
   const char* sm_count = std::getenv("PEM_EMULATION_SM_COUNT");
   properties.multiProcessorCount = sm_count != nullptr ? std::atoi(sm_count) : 132;
   return &properties;
 }
 }  // namespace at::cuda
+
+// WMMA with TF32 operands (m16n16k8, <mma.h>), the only shape the kernels use. A fragment's
+// element-to-lane mapping is unspecified in CUDA, so kernels may only load, store, fill, multiply
+// and apply the same operation to every element; here every lane holds the whole tile (row by
+// row), mma_sync computes all of it in every lane, and store_matrix_sync writes from lane 0 of
+// the warp only (a real store is a warp collective; readers wait at a barrier either way).
+// __float_to_tf32 rounds as cvt.rna.tf32.f32: to nearest, ties away from zero, keeping 10
+// mantissa bits; products of two TF32 values are exact in fp32 and sums are fp32, as on the GPU
+// (where the order of the sums within an mma differs).
+namespace nvcuda::wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 8, "CUDA emulation: only m16n16k8 is emulated");
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[num_elements];
+};
+
+inline float __float_to_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) {  // finite: round the 13 dropped bits, ties away
+    bits = (bits + 0x1000u) & 0xffffe000u;
+  }
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// What CUDA requires of a WMMA load or store: a 256-bit aligned pointer and, for 4-byte
+// elements, a leading dimension that is a multiple of 4.
+inline void check_wmma_address(const void* p, unsigned ldm) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0 && ldm % 4 == 0,
+              "CUDA emulation: WMMA load/store at ", p, " with ldm ", ldm,
+              ": needs a 32-byte aligned pointer and ldm a multiple of 4");
+}
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 8, T, Layout>& f, const float* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>);
+  check_wmma_address(p, ldm);
+  using Fragment = fragment<Use, 16, 16, 8, T, Layout>;
+  for (int r = 0; r < Fragment::rows; ++r) {
+    for (int c = 0; c < Fragment::cols; ++c) {
+      f.x[r * Fragment::cols + c] =
+          std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+    }
+  }
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 8, float>& f, float value) {
+  std::fill(std::begin(f.x), std::end(f.x), value);
+}
+
+template <typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, 16, 16, 8, float>& d,
+              const fragment<matrix_a, 16, 16, 8, precision::tf32, LayoutA>& a,
+              const fragment<matrix_b, 16, 16, 8, precision::tf32, LayoutB>& b,
+              const fragment<accumulator, 16, 16, 8, float>& c) {
+  float result[16 * 16];
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.x[m * 16 + n];
+      for (int k = 0; k < 8; ++k) sum += a.x[m * 8 + k] * b.x[k * 16 + n];
+      result[m * 16 + n] = sum;
+    }
+  }
+  std::copy(std::begin(result), std::end(result), d.x);
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 8, float>& f,
+                              unsigned ldm, layout_t layout) {
+  check_wmma_address(p, ldm);
+  if (::pem_emulation::linear_thread % ::pem_emulation::kWarpSize != 0) return;
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 16; ++n) {
+      (layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.x[m * 16 + n];
+    }
+  }
+}
+}  // namespace nvcuda::wmma
+
+// cuBLAS's cublasGemmEx for fp32 operands (column-major, host-side alpha and beta, as PyTorch's
+// handle uses them): a plain loop, with TF32 rounding of the operands for the TF32 compute type,
+// as the tensor cores see them.
+using cublasHandle_t = void*;
+enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
+enum cudaDataType { CUDA_R_32F };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 };
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT };
+enum cublasStatus_t { CUBLAS_STATUS_SUCCESS, CUBLAS_STATUS_INVALID_VALUE };
+
+inline cublasStatus_t cublasGemmEx(
+    cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
+    const void* alpha, const void* a, cudaDataType, int lda, const void* b, cudaDataType, int ldb,
+    const void* beta, void* c, cudaDataType, int ldc, cublasComputeType_t compute,
+    cublasGemmAlgo_t) {
+  if (m < 0 || n < 0 || k < 0 || lda < std::max(1, transa == CUBLAS_OP_N ? m : k) ||
+      ldb < std::max(1, transb == CUBLAS_OP_N ? k : n) || ldc < std::max(1, m)) {
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  const float* A = static_cast<const float*>(a);
+  const float* B = static_cast<const float*>(b);
+  float* C = static_cast<float*>(c);
+  const auto operand = [&](float value) {
+    return compute == CUBLAS_COMPUTE_32F_FAST_TF32 ? nvcuda::wmma::__float_to_tf32(value) : value;
+  };
+  for (int j = 0; j < n; ++j) {
+    for (int i = 0; i < m; ++i) {
+      float sum = 0;
+      for (int p = 0; p < k; ++p) {
+        const float a_ip = transa == CUBLAS_OP_N ? A[i + p * lda] : A[p + i * lda];
+        const float b_pj = transb == CUBLAS_OP_N ? B[p + j * ldb] : B[j + p * ldb];
+        sum += operand(a_ip) * operand(b_pj);
+      }
+      const float scale = *static_cast<const float*>(beta);
+      // beta == 0 ignores C, as cuBLAS does (it may hold NaNs).
+      C[i + j * ldc] = *static_cast<const float*>(alpha) * sum +
+          (scale == 0.0f ? 0.0f : scale * C[i + j * ldc]);
+    }
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+namespace at::cuda {
+inline cublasHandle_t getCurrentCUDABlasHandle() { return nullptr; }
+}  // namespace at::cuda
+#define TORCH_CUDABLAS_CHECK(expr) \
+  TORCH_CHECK((expr) == CUBLAS_STATUS_SUCCESS, "CUDA emulation: cuBLAS call failed: " #expr)
 
 namespace c10::cuda {
 struct CUDAGuard {
