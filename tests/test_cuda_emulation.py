@@ -193,6 +193,29 @@ def test_deform_conv2d_tensor_core_forward_3xtf32(deform, name, layout):
     assert not torch.equal(out, ieee)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_unaligned"])
+@pytest.mark.parametrize("name", ["one_block", "groups_and_offset_groups",
+                                  "two_channel_blocks_stride_padding"])
+def test_deform_conv2d_tensor_core_forward_bf16(deform, name, layout):
+    """bf16 on bf16 tensor cores, each sample split into a bf16 part and a bf16 remainder (16
+    significant bits instead of fp32's 24): within one bf16 rounding of the exact result (the CPU
+    kernel in fp32 on the same values) plus 2^-15 of the sum of the products' magnitudes. One
+    bf16 product per sample (8 bits) fails that bound."""
+    conv = TENSOR_CORE_CASES[name]
+    tensors = with_layout(make_inputs(conv, torch.bfloat16), layout)
+    out = emulated_forward(deform, tensors, conv)
+    assert out.dtype == torch.bfloat16
+    fp32 = {k: None if v is None else v.float() for k, v in tensors.items()}
+    names = ("input", "weight", "offset", "mask", "bias")
+    exact = torch.ops.pem_kernels.deform_conv2d(*(fp32[k] for k in names), *conv_arguments(conv))
+    # The samples are positive (positive inputs and mask): |weight| gives the sum of |products|.
+    magnitude = torch.ops.pem_kernels.deform_conv2d(
+        fp32["input"], fp32["weight"].abs(), fp32["offset"], fp32["mask"], None,
+        *conv_arguments(conv))
+    bound = exact.abs() * 2.0**-8 + magnitude * 2.0**-15
+    assert ((out.float() - exact).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_deform_conv2d_tensor_core_forward_tf32_where_torch_allows_it(deform, layout):
     """With TF32 allowed (precision "high") one TF32 product per pair: within TF32's rounding of
@@ -215,16 +238,20 @@ def test_deform_conv2d_tensor_core_forward_tf32_where_torch_allows_it(deform, la
     assert exact_error * 10 < tf32_error, (exact_error, tf32_error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_deform_conv2d_tensor_core_non_finite_mask_as_torchvision(deform, layout):
-    """An inf modulation at an integer position gives inf (3xTF32's remainder of inf is NaN and
-    must not reach the output), a NaN one outside the image gives NaN."""
+def test_deform_conv2d_tensor_core_non_finite_mask_as_torchvision(deform, layout, dtype):
+    """An inf modulation at an integer position gives inf (the remainder of inf is NaN and must
+    not reach the output), a NaN one outside the image gives NaN (bf16 against torchvision on
+    the same values in fp32)."""
     conv = Conv(in_channels=64, out_channels=8, offset_groups=2, with_bias=False)
-    tensors = with_layout(with_non_finite_mask(make_inputs(conv, torch.float32)), layout)
-    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    tensors = with_layout(with_non_finite_mask(make_inputs(conv, dtype)), layout)
+    expected = torchvision_ops.deform_conv2d(
+        **{k: None if v is None else v.float() for k, v in tensors.items()}, **conv.kwargs())
     assert expected.isnan().any() and expected.isinf().any()
-    torch.testing.assert_close(emulated_forward(deform, tensors, conv), expected, equal_nan=True,
-                               **TOLERANCES[torch.float32])
+    tolerance = TOLERANCES[torch.float32] if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(emulated_forward(deform, tensors, conv).float(), expected,
+                               equal_nan=True, **tolerance)
 
 
 @pytest.mark.parametrize("name", ["groups_stride_padding_dilation", "shared_samples"])

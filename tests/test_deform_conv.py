@@ -411,11 +411,13 @@ def with_non_finite_mask(tensors: dict) -> dict:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_non_finite_mask_values_reach_the_output_as_in_torchvision(device, dtype):
+@pytest.mark.parametrize("channels", [32, 64])
+def test_non_finite_mask_values_reach_the_output_as_in_torchvision(device, dtype, channels):
     """The mask multiplies the blended sample (torchvision's rule): NaN * (a zero sample outside the
     image) is NaN, inf * (an integer-position sample) is inf, never 0 or NaN from a zero corner
-    weight. 32 channels in two offset groups of 16: the CUDA kernel's shared sample tables."""
-    conv = Conv(in_channels=32, out_channels=8, offset_groups=2, with_bias=False)
+    weight. Two offset groups of 16 channels (the CUDA FMA kernel's shared sample tables) or 32
+    (its fp32 tensor-core kernel, whose 3xTF32 must drop the NaN remainder of inf)."""
+    conv = Conv(in_channels=channels, out_channels=8, offset_groups=2, with_bias=False)
     tensors = with_non_finite_mask(make_inputs(conv, dtype, device))
     backend = backend_for(device)
     out = call(backend, tensors, conv)
@@ -427,7 +429,7 @@ def test_non_finite_mask_values_reach_the_output_as_in_torchvision(device, dtype
     grad_output = torch.randn_like(out)
     actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output)["weight"]
     reference = gradients(lambda t: call_torchvision(t, conv), tensors, grad_output)["weight"]
-    assert reference[:, 16:].isfinite().any()
+    assert reference[:, channels // 2:].isfinite().any()
     torch.testing.assert_close(actual, reference, equal_nan=True, **TOLERANCES[dtype])
 
 
@@ -467,11 +469,47 @@ def test_non_contiguous_inputs(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("products", ["tf32x3", "ieee", "tf32"])
+def test_fp32_product_modes_at_pem_channels(device, products, monkeypatch):
+    """The fp32 products of the CUDA kernels (tensor cores at 128 channels): 3xTF32 by default
+    and IEEE with PEM_KERNELS_FP32_DOT=ieee, both within fp32's tolerance of torchvision in fp64
+    (forward and every gradient); TF32 where torch allows it, within TF32's. The CPU kernel
+    ignores the setting."""
+    conv = PEM_DECODER_CONVS["4x128x16x16"]
+    tensors = make_inputs(conv, torch.float32, device)
+    tensors64 = {k: cast(v, torch.float64) for k, v in tensors.items()}
+    grad_output = torch.randn(conv.output_shape(), dtype=torch.float64, device=device)
+    if products == "ieee":
+        monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if products == "tf32" else "highest")
+    try:
+        backend = backend_for(device)
+        out = call(backend, tensors, conv)
+        actual = gradients(lambda t: call(backend, t, conv), tensors, grad_output.float())
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    expected_out = call_torchvision(tensors64, conv)
+    expected = gradients(lambda t: call_torchvision(t, conv), tensors64, grad_output)
+    # TF32 keeps 11 significant bits of each product: about 5e-4 of the sums' magnitudes.
+    rtol = 5e-3 if products == "tf32" and device == "cuda" else 1e-4
+    for name, value, reference in [("output", out, expected_out)] + [
+        (key, actual[key], expected[key]) for key in actual
+    ]:
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(value.double(), reference, rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("name", ["fractional_offsets", "groups2_offset_groups4", "many_pixels"])
+@pytest.mark.parametrize(
+    "name", ["fractional_offsets", "groups2_offset_groups4", "many_pixels", "4x128x16x16"]
+)
 def test_low_precision_forward_within_rounding_of_fp32(device, dtype, channels_last, name):
-    conv = CONFIGS[name]
+    """At 128 channels the CUDA bf16 forward runs on tensor cores (split samples)."""
+    conv = {**CONFIGS, **PEM_DECODER_CONVS}[name]
     tensors = make_inputs(conv, dtype, device)
     if channels_last:
         tensors["input"] = tensors["input"].contiguous(memory_format=torch.channels_last)

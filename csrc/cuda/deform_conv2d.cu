@@ -13,10 +13,11 @@
 // 16, PEM's case) the tile's 64 sample positions are computed once and shared by the channels,
 // and a channels_last input is read 4 channels per vector load (Gather below). The K loop is
 // software-pipelined: the next stage's global loads are in flight while the current stage's
-// product runs. fp32 inputs whose channels per group and per offset group are multiples of 32
-// (PEM's 128) take a tensor-core variant on compute capability 8.0 and newer: WMMA TF32 products,
-// 3xTF32 (fp32 accuracy) at PyTorch's default precision, TF32 where PyTorch allows it for its own
-// matmuls, IEEE FMAs (the kernel above) with PEM_KERNELS_FP32_DOT=ieee; see fp32_products().
+// product runs. fp32 and bf16 inputs whose channels per group and per offset group are multiples
+// of 32 (PEM's 128) take a tensor-core variant on compute capability 8.0 and newer: for fp32 WMMA
+// TF32 products, 3xTF32 (fp32 accuracy) at PyTorch's default precision, TF32 where PyTorch allows
+// it for its own matmuls, IEEE FMAs (the kernel above) with PEM_KERNELS_FP32_DOT=ieee (see
+// fp32_products()); for bf16 bf16 products of split samples (deform_conv2d_forward_mma_kernel).
 //
 // Backward: the structure of the CPU backward, one image and one block of output pixels at a
 // time (the block size depends on the shape only), each step parallel over the block:
@@ -54,6 +55,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
 #include <mma.h>
 
 #include <algorithm>
@@ -93,19 +95,27 @@ Strides4 strides_of(const at::Tensor& t) {
 
 // The sample of (offset group, tap) row `row` of image `b` at output pixel `pixel`: its corners
 // as element offsets row * stride_y + col * stride_x within one channel.
+// From the offsets already loaded:
+template <typename acc_t>
+__device__ BilinearSample<acc_t> sample_from(
+    const ConvShape& s, int64_t row, int64_t pixel, acc_t offset_y, acc_t offset_x,
+    int64_t stride_y, int64_t stride_x) {
+  const int64_t tap = row % s.taps();
+  const int64_t oy = pixel / s.out_w, ox = pixel % s.out_w;
+  const acc_t y =
+      sample_coordinate<acc_t>(oy, tap / s.kernel_w, s.stride_h, s.pad_h, s.dilation_h, offset_y);
+  const acc_t x =
+      sample_coordinate<acc_t>(ox, tap % s.kernel_w, s.stride_w, s.pad_w, s.dilation_w, offset_x);
+  return bilinear_sample<acc_t>(y, x, s.height, s.width, stride_y, stride_x);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ BilinearSample<acc_t> sample_at(
     const ConvShape& s, const scalar_t* offset, int64_t b, int64_t row, int64_t pixel,
     int64_t stride_y, int64_t stride_x) {
-  const int64_t tap = row % s.taps();
-  const int64_t oy = pixel / s.out_w, ox = pixel % s.out_w;
   const scalar_t* offset_yx = offset + (b * 2 * s.sample_rows() + 2 * row) * s.out_pixels() + pixel;
-  const acc_t y = sample_coordinate<acc_t>(
-      oy, tap / s.kernel_w, s.stride_h, s.pad_h, s.dilation_h, static_cast<acc_t>(offset_yx[0]));
-  const acc_t x = sample_coordinate<acc_t>(
-      ox, tap % s.kernel_w, s.stride_w, s.pad_w, s.dilation_w,
-      static_cast<acc_t>(offset_yx[s.out_pixels()]));
-  return bilinear_sample<acc_t>(y, x, s.height, s.width, stride_y, stride_x);
+  return sample_from<acc_t>(s, row, pixel, static_cast<acc_t>(offset_yx[0]),
+                            static_cast<acc_t>(offset_yx[s.out_pixels()]), stride_y, stride_x);
 }
 
 // The modulation of row `row` of image `b` at output pixel `pixel`; 1 without a mask.
@@ -151,21 +161,44 @@ __device__ __forceinline__ int64_t stage_sample_row(const ConvShape& s, int64_t 
   return (c0 / s.offset_group_channels()) * s.taps() + k0 / s.group_channels();
 }
 
-// Threads 0..kTileM-1 of the block fill `tables` for row `row` and pixels m0 + threadIdx.x (of
-// all images, flattened); the caller synchronizes before reading them.
+// What one entry of the sample tables is computed from: the offsets and the modulation of
+// pixel m0 + threadIdx.x for `row` (row -1: none loaded).
+template <typename acc_t>
+struct SampleInputs {
+  int64_t row;
+  acc_t offset_y, offset_x, modulation;
+};
+
+// Threads 0..kTileM-1 load their pixel's SampleInputs of `row` (0 past the last pixel).
 template <typename scalar_t, typename acc_t>
+__device__ SampleInputs<acc_t> load_sample_inputs(
+    const ConvShape& s, const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t row) {
+  SampleInputs<acc_t> inputs{row, acc_t(0), acc_t(0), acc_t(0)};
+  const int64_t m = m0 + threadIdx.x;
+  if (threadIdx.x >= kTileM || m >= s.batch * s.out_pixels()) return inputs;
+  const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
+  const scalar_t* offset_yx = offset + (b * 2 * s.sample_rows() + 2 * row) * s.out_pixels() + pixel;
+  inputs.offset_y = static_cast<acc_t>(offset_yx[0]);
+  inputs.offset_x = static_cast<acc_t>(offset_yx[s.out_pixels()]);
+  inputs.modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+  return inputs;
+}
+
+// Threads 0..kTileM-1 of the block fill `tables` from their SampleInputs, for pixels
+// m0 + threadIdx.x (of all images, flattened); the caller synchronizes before reading them.
+template <typename acc_t>
 __device__ void fill_sample_tables(
-    SampleTables<acc_t>& tables, const ConvShape& s, const Strides4& in,
-    const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t row) {
+    SampleTables<acc_t>& tables, const ConvShape& s, const Strides4& in, int64_t m0,
+    const SampleInputs<acc_t>& inputs) {
   if (threadIdx.x >= kTileM) return;
   const int64_t m = m0 + threadIdx.x;
   uint8_t inside = 0;
   acc_t modulation = 0;
   if (m < s.batch * s.out_pixels()) {
     const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
-    const BilinearSample<acc_t> sample =
-        sample_at<scalar_t, acc_t>(s, offset, b, row, pixel, in.row, in.col);
-    modulation = modulation_at<scalar_t, acc_t>(s, mask, b, row, pixel);
+    const BilinearSample<acc_t> sample = sample_from<acc_t>(
+        s, inputs.row, pixel, inputs.offset_y, inputs.offset_x, in.row, in.col);
+    modulation = inputs.modulation;
     for (int corner = 0; corner < kBilinearCorners; ++corner) {
       tables.corner_offset[threadIdx.x][corner] = b * in.image + sample.offset[corner];
       tables.corner_weight[threadIdx.x][corner] = sample.weight[corner];
@@ -178,15 +211,33 @@ __device__ void fill_sample_tables(
 
 // Makes `tables` hold the row of the K-stage at k0 of convolution group `group` (`tables_row`
 // tracks the row they hold): the same decision in every thread, and a barrier after a rewrite.
-// Call only where no thread reads the tables.
+// Call only where no thread reads the tables. With `next` (kept by the caller from call to call)
+// the inputs of the following row are loaded when a row is written, one or more K-stages before
+// they are needed, so that their latency hides behind those stages' work instead of stalling
+// the block at the barrier.
 template <typename scalar_t, typename acc_t>
 __device__ void prepare_sample_tables(
     SampleTables<acc_t>& tables, int64_t& tables_row, const ConvShape& s, const Strides4& in,
-    const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t group, int64_t k0) {
+    const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t group, int64_t k0,
+    int64_t stage_k, SampleInputs<acc_t>* next) {
   const int64_t row = stage_sample_row(s, group, k0);
   if (row == tables_row) return;
-  fill_sample_tables<scalar_t, acc_t>(tables, s, in, offset, mask, m0, row);
+  const SampleInputs<acc_t> inputs = next != nullptr && next->row == row
+      ? *next
+      : load_sample_inputs<scalar_t, acc_t>(s, offset, mask, m0, row);
+  fill_sample_tables<acc_t>(tables, s, in, m0, inputs);
   tables_row = row;
+  if (next != nullptr) {
+    int64_t next_k = k0 + stage_k;
+    while (next_k < s.group_rows() && stage_sample_row(s, group, next_k) == row) {
+      next_k += stage_k;
+    }
+    next->row = -1;
+    if (next_k < s.group_rows()) {
+      *next = load_sample_inputs<scalar_t, acc_t>(s, offset, mask, m0,
+                                                  stage_sample_row(s, group, next_k));
+    }
+  }
   __syncthreads();
 }
 
@@ -218,9 +269,9 @@ enum class Gather {
 
 constexpr int kVectorChannels = 4;
 
-template <typename scalar_t>
-struct alignas(sizeof(scalar_t) * kVectorChannels) ChannelVector {
-  scalar_t value[kVectorChannels];
+template <typename scalar_t, int kElements = kVectorChannels>
+struct alignas(sizeof(scalar_t) * kElements) ChannelVector {
+  scalar_t value[kElements];
 };
 
 // Grid (M tiles, N tiles, groups). `weight` is laid out [C_out, kh, kw, C_in / groups], so that
@@ -269,7 +320,8 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   int64_t tables_row = -1;  // the (offset group, tap) row the sample tables hold
 
   const auto prepare_tables = [&](int64_t k0) {
-    prepare_sample_tables<scalar_t, acc_t>(tables, tables_row, s, in, offset, mask, m0, group, k0);
+    prepare_sample_tables<scalar_t, acc_t>(tables, tables_row, s, in, offset, mask, m0, group, k0,
+                                           kTileK, nullptr);
   };
 
   // Issues the global loads of stage k0 into registers.
@@ -404,54 +456,86 @@ Fp32Products fp32_products() {
   return Fp32Products::kIeee;
 }
 
-// Tensor-core forward for fp32 inputs (compute capability 8.0 and newer): the same implicit GEMM
-// on WMMA m16n16k8 TF32 fragments, for the shapes whose K-stages of kMmaTileK lie within one tap
+// Tensor-core forward (compute capability 8.0 and newer) for fp32 and bf16 inputs: the same
+// implicit GEMM on WMMA fragments, for the shapes whose K-stages of kMmaTileK lie within one tap
 // and one offset group (channels per group and per offset group multiples of 32: PEM's 128).
 // Each block computes kTileM output pixels x kMmaTileN output channels, all of PEM's 128, so that
 // every sample is gathered once (the 64 x 64 kernel above gathers it once per channel block).
-// fp32 accuracy ("tf32x3", kPasses = 3): each operand x is split into big = tf32(x) and small =
-// tf32(x - big) and the products big * big, big * small and small * big are summed in fp32 (the
-// dropped small * small is below fp32's rounding), at most about 5e-7 relative error per product
-// against IEEE's 6e-8. The cross terms go to accumulators of their own whose NaNs are dropped
-// before they are added: an inf operand has a NaN remainder (inf - inf) whose NaN would replace
-// the inf that big * big carries, and torchvision gives inf there. Where PyTorch allows TF32
-// (kPasses = 1) only big * big is summed, as cuBLAS does then.
+//   * fp32, m16n16k8 TF32 fragments. fp32 accuracy ("tf32x3", kPasses = 3): each operand x is
+//     split into big = tf32(x) and small = tf32(x - big) and the products big * big, big * small
+//     and small * big are summed in fp32 (the dropped small * small is below fp32's rounding),
+//     at most about 5e-7 relative error per product against IEEE's 6e-8. Where PyTorch allows
+//     TF32 (kPasses = 1) only big * big is summed, as cuBLAS does then.
+//   * bf16, m16n16k16 bf16 fragments (kPasses = 2). The weights are bf16 already; each sample
+//     (blended and modulated in fp32, as the kernel above keeps it) is stored as big = bf16(x)
+//     and small = bf16(x - big), and both are multiplied by the weight: 16 significant bits per
+//     sample (the FMA kernel keeps fp32's 24), errors of about 2^-17 of each product, below the
+//     output's own bf16 rounding unless the sum cancels to far less than its terms; one bf16
+//     product would round every sample to 8 bits. (fp16 stays on the kernel above: a sample
+//     beyond fp16's range would become inf here.)
+// The cross terms go to accumulators of their own whose NaNs are dropped before they are added:
+// an inf operand has a NaN remainder (inf - inf) whose NaN would replace the inf that big * big
+// carries, and torchvision gives inf there.
 namespace wmma = nvcuda::wmma;
 
 constexpr int kMmaTileN = 128;  // output channels per block
 constexpr int kMmaTileK = 32;   // (tap, channel) pairs per stage
-constexpr int kFragment = 16;   // rows and columns of a WMMA fragment; its k is kFragmentK
-constexpr int kFragmentK = 8;
+constexpr int kFragment = 16;   // rows and columns of a WMMA fragment
 // 8 warps: 2 along M x 4 along N, each a 32 x 32 output tile of 2 x 2 fragments.
 constexpr int kMmaThreads = 256;
 constexpr int kWarpTile = 32;
 constexpr int kWarpFragments = kWarpTile / kFragment;
-// Floats added to every shared-memory row: consecutive rows start 4 banks apart, and the leading
-// dimensions stay multiples of 4 floats with every fragment (16 rows or 8 columns apart) at a
-// multiple of 32 bytes, as WMMA loads and stores need.
-constexpr int kMmaPad = 4;
-static_assert((kMmaTileK + kMmaPad) * kFragment * sizeof(float) % 32 == 0 &&
-              (kTileM + kMmaPad) * kFragmentK * sizeof(float) % 32 == 0 &&
-              (kTileM + kMmaPad) * kFragment * sizeof(float) % 32 == 0);
+constexpr int kMmaGatherThreadsPerPixel = 4;  // kMmaThreads / kTileM: 8 k of a stage each
+constexpr int kMmaPerThread = kMmaTileK * kTileM / kMmaThreads;
 
-// Shared memory of the tensor-core forward. The column tile is [pixel][k] (row-major A) for the
-// channels_last gather, whose threads each store 8 consecutive k of one pixel, and [k][pixel]
-// (column-major A) otherwise, where consecutive threads store consecutive pixels: both without
-// bank conflicts. The output staging of the epilogue reuses the stage tiles.
-template <bool kRowMajorColumns>
+// The WMMA operands per input dtype: shared-memory element, fragment element, fragment k.
+template <typename scalar_t>
+struct MmaTraits;
+template <>
+struct MmaTraits<float> {
+  using Operand = float;
+  using FragmentElement = wmma::precision::tf32;
+  static constexpr int kFragmentK = 8;
+  __device__ static const float* fragment_pointer(const float* p) { return p; }
+};
+template <>
+struct MmaTraits<at::BFloat16> {
+  using Operand = at::BFloat16;
+  using FragmentElement = __nv_bfloat16;
+  static constexpr int kFragmentK = 16;
+  __device__ static const __nv_bfloat16* fragment_pointer(const at::BFloat16* p) {
+    return reinterpret_cast<const __nv_bfloat16*>(p);  // the same 16 bits
+  }
+};
+
+// Shared memory of the tensor-core forward. Every row is padded by 16 bytes: consecutive rows
+// start 4 banks apart, and the leading dimensions stay multiples of 16 bytes with every
+// fragment at a multiple of 32 bytes, as WMMA loads and stores need. The column tile is
+// [pixel][k] (row-major A) for the channels_last gather, whose threads each store 8
+// consecutive k of one pixel, and [k][pixel] (column-major A) otherwise, where consecutive
+// threads store consecutive pixels: both without bank conflicts. bf16 keeps the samples' bf16
+// remainders in column_small. The output staging of the epilogue reuses the stage tiles.
+template <typename Operand, bool kRowMajorColumns, bool kSplitColumns>
 struct MmaStageTiles {
-  float column[kRowMajorColumns ? kTileM : kMmaTileK]
-              [(kRowMajorColumns ? kMmaTileK : kTileM) + kMmaPad];
-  float weight[kMmaTileN][kMmaTileK + kMmaPad];  // [n][k]: a column-major K x N operand
+  static constexpr int kPad = 16 / sizeof(Operand);
+  static constexpr int kColumnRows = kRowMajorColumns ? kTileM : kMmaTileK;
+  static constexpr int kColumnLd = (kRowMajorColumns ? kMmaTileK : kTileM) + kPad;
+  static constexpr int kWeightLd = kMmaTileK + kPad;
+  Operand column[kColumnRows][kColumnLd];
+  Operand weight[kMmaTileN][kWeightLd];  // [n][k]: a column-major K x N operand
+  Operand column_small[kSplitColumns ? kColumnRows : 1][kSplitColumns ? kColumnLd : 1];
+  static_assert(sizeof(column) % 32 == 0 && sizeof(weight) % 32 == 0 &&
+                kColumnLd * sizeof(Operand) * 8 % 32 == 0 && kWeightLd * sizeof(Operand) * 16 % 32 == 0);
 };
 
-template <bool kRowMajorColumns>
+constexpr int kMmaOutputLd = kTileM + 4;  // floats
+static_assert(kMmaOutputLd * sizeof(float) * kFragment % 32 == 0);
+
+template <typename Operand, bool kRowMajorColumns, bool kSplitColumns>
 union MmaTiles {
-  MmaStageTiles<kRowMajorColumns> stage;
-  float output[kMmaTileN][kTileM + kMmaPad];  // [n][pixel]: column-major, stores along pixels
+  MmaStageTiles<Operand, kRowMajorColumns, kSplitColumns> stage;
+  float output[kMmaTileN][kMmaOutputLd];  // [n][pixel]: column-major, stores along pixels
 };
-
-using MmaAccumulator = wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragmentK, float>;
 
 // x rounded to TF32 (to nearest, ties away from zero). Only called where the host found compute
 // capability 8.0 or newer.
@@ -474,31 +558,47 @@ __device__ __forceinline__ void split_tf32(Fragment& big, Fragment& small) {
   }
 }
 
+// A type as a value, to pick a kernel's template arguments in a generic lambda.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
 // Grid (M tiles, N tiles, groups); `weight` is [C_out, kh, kw, C_in / groups] as for the kernel
 // above. Each thread gathers 8 (channel, pixel) samples per stage: on channels_last 8
-// consecutive channels of one pixel (two 4-channel vector loads per corner), otherwise one pixel
-// and every 4th channel. Software-pipelined like the kernel above: the next stage's global loads
-// are in flight while the current stage's products run.
-template <int kPasses, bool kVectorized>
+// consecutive channels of one pixel (16-byte vector loads per corner), otherwise one pixel and
+// every 4th channel. Software-pipelined like the kernel above: the next stage's global loads are
+// in flight while the current stage's products run.
+template <typename scalar_t, int kPasses, bool kVectorized>
 __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
-    ConvShape s, Strides4 in, const float* __restrict__ input, const float* __restrict__ weight,
-    const float* __restrict__ offset, const float* __restrict__ mask,
-    const float* __restrict__ bias, float* __restrict__ output) {
+    ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
+    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
+    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ output) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  static_assert(kPasses == 1 || kPasses == 3);
-  constexpr int kPerThread = kMmaTileK * kTileM / kMmaThreads;
-  constexpr int kWeightVectors = kMmaTileN * kMmaTileK / kVectorChannels / kMmaThreads;
-  static_assert(kPerThread == 2 * kVectorChannels && kTileM * 4 == kMmaThreads);
+  using Traits = MmaTraits<scalar_t>;
+  using Operand = typename Traits::Operand;
+  constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  static_assert(kBf16 ? kPasses == 2 : (kPasses == 1 || kPasses == 3));
+  constexpr int kFragmentK = Traits::kFragmentK;
+  constexpr int kVectorElements = 16 / sizeof(scalar_t);  // per 16-byte load
+  using Vector = ChannelVector<scalar_t, kVectorElements>;
+  constexpr int kWeightVectors = kMmaTileN * kMmaTileK / kVectorElements / kMmaThreads;
+  constexpr int kVectorsPerWeightRow = kMmaTileK / kVectorElements;
+  static_assert(kMmaPerThread % kVectorElements == 0 &&
+                kTileM * kMmaGatherThreadsPerPixel == kMmaThreads);
+  using Tiles = MmaTiles<Operand, kVectorized, kBf16>;
+  using StageTiles = MmaStageTiles<Operand, kVectorized, kBf16>;
   using ColumnLayout = std::conditional_t<kVectorized, wmma::row_major, wmma::col_major>;
-  using FragmentA =
-      wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragmentK, wmma::precision::tf32,
-                     ColumnLayout>;
-  using FragmentB =
-      wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragmentK, wmma::precision::tf32,
-                     wmma::col_major>;
+  using FragmentA = wmma::fragment<wmma::matrix_a, kFragment, kFragment, kFragmentK,
+                                   typename Traits::FragmentElement, ColumnLayout>;
+  using FragmentB = wmma::fragment<wmma::matrix_b, kFragment, kFragment, kFragmentK,
+                                   typename Traits::FragmentElement, wmma::col_major>;
+  using Accumulator =
+      wmma::fragment<wmma::accumulator, kFragment, kFragment, kFragmentK, float>;
   // WMMA loads and stores need 32-byte aligned addresses: every fragment's offset in the tiles is
   // a multiple of 32 bytes.
-  __shared__ __align__(128) MmaTiles<kVectorized> tiles;
+  __shared__ __align__(128) Tiles tiles;
   __shared__ SampleTables<float> tables;
   const int64_t group = blockIdx.z;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
@@ -506,33 +606,37 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
   const int64_t group_rows = s.group_rows(), out_per_group = s.group_out_channels();
   const int64_t group_channels = s.group_channels();
   // The thread's pixel and its rows of the stage's column tile.
-  const int mm = kVectorized ? threadIdx.x / 4 : threadIdx.x % kTileM;
+  const int mm = kVectorized ? threadIdx.x / kMmaGatherThreadsPerPixel : threadIdx.x % kTileM;
   const auto tile_row = [&](int r) {
-    return kVectorized ? static_cast<int>(threadIdx.x % 4) * kPerThread + r
-                       : static_cast<int>(threadIdx.x / kTileM) + 4 * r;
+    return kVectorized
+        ? static_cast<int>(threadIdx.x % kMmaGatherThreadsPerPixel) * kMmaPerThread + r
+        : static_cast<int>(threadIdx.x / kTileM) + kMmaGatherThreadsPerPixel * r;
   };
   const int warp = threadIdx.x / 32;
   const int warp_m = (warp % 2) * kWarpTile, warp_n = (warp / 2) * kWarpTile;
-  float corner_values[kPerThread][kBilinearCorners];
-  float4 weight_values[kWeightVectors];
-  MmaAccumulator acc[kWarpFragments][kWarpFragments];
-  MmaAccumulator acc_cross[kWarpFragments][kWarpFragments];  // kPasses = 3 only
+  float corner_values[kMmaPerThread][kBilinearCorners];
+  Vector weight_values[kWeightVectors];
+  Accumulator acc[kWarpFragments][kWarpFragments];
+  Accumulator acc_cross[kWarpFragments][kWarpFragments];  // kPasses > 1 only
 #pragma unroll
   for (int i = 0; i < kWarpFragments; ++i) {
 #pragma unroll
     for (int j = 0; j < kWarpFragments; ++j) {
       wmma::fill_fragment(acc[i][j], 0.0f);
-      if constexpr (kPasses == 3) wmma::fill_fragment(acc_cross[i][j], 0.0f);
+      if constexpr (kPasses > 1) wmma::fill_fragment(acc_cross[i][j], 0.0f);
     }
   }
   int64_t tables_row = -1;
+  SampleInputs<float> next_inputs{-1, 0.0f, 0.0f, 0.0f};  // of the next row, loaded ahead
 
   const auto prepare_tables = [&](int64_t k0) {
-    prepare_sample_tables<float, float>(tables, tables_row, s, in, offset, mask, m0, group, k0);
+    prepare_sample_tables<scalar_t, float>(tables, tables_row, s, in, offset, mask, m0, group,
+                                           k0, kMmaTileK, &next_inputs);
   };
 
   const auto load_stage = [&](int64_t k0) {
-    const float* stage_input = input + (group * group_channels + k0 % group_channels) * in.channel;
+    const scalar_t* stage_input =
+        input + (group * group_channels + k0 % group_channels) * in.channel;
     const uint8_t inside = tables.inside[mm];
 #pragma unroll
     for (int corner = 0; corner < kBilinearCorners; ++corner) {
@@ -540,52 +644,66 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
       const int64_t corner_offset = tables.corner_offset[mm][corner];
       if constexpr (kVectorized) {
 #pragma unroll
-        for (int v = 0; v < kPerThread / kVectorChannels; ++v) {
-          const float4 values = read
-              ? *reinterpret_cast<const float4*>(
-                    stage_input + tile_row(v * kVectorChannels) + corner_offset)
-              : make_float4(0.f, 0.f, 0.f, 0.f);
-          corner_values[v * kVectorChannels + 0][corner] = values.x;
-          corner_values[v * kVectorChannels + 1][corner] = values.y;
-          corner_values[v * kVectorChannels + 2][corner] = values.z;
-          corner_values[v * kVectorChannels + 3][corner] = values.w;
+        for (int v = 0; v < kMmaPerThread / kVectorElements; ++v) {
+          Vector values{};
+          if (read) {
+            values = *reinterpret_cast<const Vector*>(
+                stage_input + tile_row(v * kVectorElements) + corner_offset);
+          }
+#pragma unroll
+          for (int e = 0; e < kVectorElements; ++e) {
+            corner_values[v * kVectorElements + e][corner] = static_cast<float>(values.value[e]);
+          }
         }
       } else {
 #pragma unroll
-        for (int r = 0; r < kPerThread; ++r) {
-          corner_values[r][corner] =
-              read ? stage_input[tile_row(r) * in.channel + corner_offset] : 0.0f;
+        for (int r = 0; r < kMmaPerThread; ++r) {
+          corner_values[r][corner] = read
+              ? static_cast<float>(stage_input[tile_row(r) * in.channel + corner_offset])
+              : 0.0f;
         }
       }
     }
-    // Consecutive threads load consecutive 4-element vectors of a weight row (contiguous in k).
+    // Consecutive threads load consecutive 16-byte vectors of a weight row (contiguous in k).
 #pragma unroll
     for (int r = 0; r < kWeightVectors; ++r) {
       const int i = threadIdx.x + r * kMmaThreads;
-      const int64_t n = n0 + i / (kMmaTileK / kVectorChannels);
-      const int64_t k = k0 + (i % (kMmaTileK / kVectorChannels)) * kVectorChannels;
+      const int64_t n = n0 + i / kVectorsPerWeightRow;
+      const int64_t k = k0 + (i % kVectorsPerWeightRow) * kVectorElements;
       weight_values[r] = n < out_per_group
-          ? *reinterpret_cast<const float4*>(weight + (group * out_per_group + n) * group_rows + k)
-          : make_float4(0.f, 0.f, 0.f, 0.f);
+          ? *reinterpret_cast<const Vector*>(weight + (group * out_per_group + n) * group_rows + k)
+          : Vector{};
     }
   };
 
   const auto store_stage = [&]() {
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
+    for (int r = 0; r < kMmaPerThread; ++r) {
       const float value = blend_corners(tables, mm, corner_values[r]);
-      if constexpr (kVectorized) {
-        tiles.stage.column[mm][tile_row(r)] = value;
-      } else {
-        tiles.stage.column[tile_row(r)][mm] = value;
+      Operand& big = kVectorized ? tiles.stage.column[mm][tile_row(r)]
+                                 : tiles.stage.column[tile_row(r)][mm];
+      big = static_cast<Operand>(value);
+      if constexpr (kBf16) {
+        Operand& small = kVectorized ? tiles.stage.column_small[mm][tile_row(r)]
+                                     : tiles.stage.column_small[tile_row(r)][mm];
+        small = static_cast<Operand>(value - static_cast<float>(big));
       }
     }
 #pragma unroll
     for (int r = 0; r < kWeightVectors; ++r) {
       const int i = threadIdx.x + r * kMmaThreads;
-      *reinterpret_cast<float4*>(&tiles.stage.weight[i / (kMmaTileK / kVectorChannels)]
-                                                    [(i % (kMmaTileK / kVectorChannels)) *
-                                                     kVectorChannels]) = weight_values[r];
+      *reinterpret_cast<Vector*>(&tiles.stage.weight[i / kVectorsPerWeightRow]
+                                                    [(i % kVectorsPerWeightRow) *
+                                                     kVectorElements]) = weight_values[r];
+    }
+  };
+
+  const auto load_a = [&](FragmentA& a, const Operand (*column)[StageTiles::kColumnLd], int m,
+                          int kk) {
+    if constexpr (kVectorized) {
+      wmma::load_matrix_sync(a, Traits::fragment_pointer(&column[m][kk]), StageTiles::kColumnLd);
+    } else {
+      wmma::load_matrix_sync(a, Traits::fragment_pointer(&column[kk][m]), StageTiles::kColumnLd);
     }
   };
 
@@ -596,26 +714,28 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
       FragmentB b[kWarpFragments], b_small[kWarpFragments];
 #pragma unroll
       for (int i = 0; i < kWarpFragments; ++i) {
-        const int m = warp_m + i * kFragment;
-        if constexpr (kVectorized) {
-          wmma::load_matrix_sync(a[i], &tiles.stage.column[m][kk], kMmaTileK + kMmaPad);
+        load_a(a[i], tiles.stage.column, warp_m + i * kFragment, kk);
+        if constexpr (kBf16) {
+          load_a(a_small[i], tiles.stage.column_small, warp_m + i * kFragment, kk);
         } else {
-          wmma::load_matrix_sync(a[i], &tiles.stage.column[kk][m], kTileM + kMmaPad);
+          split_tf32<kPasses>(a[i], a_small[i]);
         }
-        split_tf32<kPasses>(a[i], a_small[i]);
       }
 #pragma unroll
       for (int j = 0; j < kWarpFragments; ++j) {
-        wmma::load_matrix_sync(b[j], &tiles.stage.weight[warp_n + j * kFragment][kk],
-                               kMmaTileK + kMmaPad);
-        split_tf32<kPasses>(b[j], b_small[j]);
+        wmma::load_matrix_sync(
+            b[j], Traits::fragment_pointer(&tiles.stage.weight[warp_n + j * kFragment][kk]),
+            StageTiles::kWeightLd);
+        if constexpr (!kBf16) split_tf32<kPasses>(b[j], b_small[j]);
       }
 #pragma unroll
       for (int i = 0; i < kWarpFragments; ++i) {
 #pragma unroll
         for (int j = 0; j < kWarpFragments; ++j) {
-          if constexpr (kPasses == 3) {
+          if constexpr (kPasses > 1) {
             wmma::mma_sync(acc_cross[i][j], a_small[i], b[j], acc_cross[i][j]);
+          }
+          if constexpr (kPasses == 3) {
             wmma::mma_sync(acc_cross[i][j], a[i], b_small[j], acc_cross[i][j]);
           }
           wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
@@ -643,15 +763,15 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
   for (int i = 0; i < kWarpFragments; ++i) {
 #pragma unroll
     for (int j = 0; j < kWarpFragments; ++j) {
-      if constexpr (kPasses == 3) {
+      if constexpr (kPasses > 1) {
 #pragma unroll
-        for (int e = 0; e < MmaAccumulator::num_elements; ++e) {
+        for (int e = 0; e < Accumulator::num_elements; ++e) {
           const float cross = acc_cross[i][j].x[e];
           acc[i][j].x[e] += std::isnan(cross) ? 0.0f : cross;
         }
       }
       wmma::store_matrix_sync(&tiles.output[warp_n + j * kFragment][warp_m + i * kFragment],
-                              acc[i][j], kTileM + kMmaPad, wmma::mem_col_major);
+                              acc[i][j], kMmaOutputLd, wmma::mem_col_major);
     }
   }
   __syncthreads();
@@ -660,9 +780,9 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
     if (m >= s.batch * s.out_pixels() || n >= out_per_group) continue;
     const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
     const int64_t channel = group * out_per_group + n;
-    const float add = bias == nullptr ? 0.0f : bias[channel];
+    const float add = bias == nullptr ? 0.0f : static_cast<float>(bias[channel]);
     output[(b * s.out_channels + channel) * s.out_pixels() + pixel] =
-        tiles.output[e / kTileM][e % kTileM] + add;
+        static_cast<scalar_t>(tiles.output[e / kTileM][e % kTileM] + add);
   }
 #else
   __trap();  // never launched: the host takes the kernel above below compute capability 8.0
@@ -702,31 +822,47 @@ at::Tensor deform_conv2d_cuda(
       s.in_channels % kVectorChannels == 0 &&
       reinterpret_cast<uintptr_t>(input.const_data_ptr()) %
               (kVectorChannels * input.element_size()) == 0;
+  // The tensor-core kernel: fp32 unless PEM_KERNELS_FP32_DOT=ieee, and bf16, on compute
+  // capability 8.0 and newer, with K-stages within one tap and offset group. It reads the weight
+  // rows as 16-byte vectors (a weight given as a view can stay a view through the permute and
+  // contiguous above), and a channels_last input as 16-byte vectors where aligned.
   const Fp32Products products =
       input.scalar_type() == at::kFloat ? fp32_products() : Fp32Products::kIeee;
-  // The tensor-core kernel reads the weight rows as 16-byte vectors (a weight given as a view
-  // can stay a view through the permute and contiguous above).
-  if (products != Fp32Products::kIeee && s.group_channels() % kMmaTileK == 0 &&
+  const bool mma_dtype = (input.scalar_type() == at::kFloat && products != Fp32Products::kIeee) ||
+      input.scalar_type() == at::kBFloat16;
+  if (mma_dtype && s.group_channels() % kMmaTileK == 0 &&
       s.offset_group_channels() % kMmaTileK == 0 &&
-      reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % sizeof(float4) == 0 &&
+      reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % 16 == 0 &&
       at::cuda::getCurrentDeviceProperties()->major >= 8) {
+    const bool vector_loads = in.channel == 1 &&
+        s.in_channels * input.element_size() % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 == 0;
     const dim3 mma_grid(pixel_blocks, blocks_for(s.group_out_channels(), kMmaTileN), s.groups);
-    const auto launch = [&](auto passes, auto vector_loads) {
-      deform_conv2d_forward_mma_kernel<decltype(passes)::value, decltype(vector_loads)::value>
+    const auto launch = [&](auto type, auto passes, auto vectors) {
+      using scalar_t = typename decltype(type)::type;
+      deform_conv2d_forward_mma_kernel<scalar_t, decltype(passes)::value, decltype(vectors)::value>
           <<<mma_grid, kMmaThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              s, in, input.const_data_ptr<float>(), weight.const_data_ptr<float>(),
-              offset.const_data_ptr<float>(), mask.defined() ? mask.const_data_ptr<float>() : nullptr,
-              bias.defined() ? bias.const_data_ptr<float>() : nullptr, output.data_ptr<float>());
+              s, in, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+              offset.const_data_ptr<scalar_t>(),
+              mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr,
+              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+              output.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
+    using Float = TypeTag<float>;
+    using BFloat16 = TypeTag<at::BFloat16>;
     using OnePass = std::integral_constant<int, 1>;
+    using TwoPasses = std::integral_constant<int, 2>;
     using ThreePasses = std::integral_constant<int, 3>;
-    using Vectors = std::true_type;
-    using Scalars = std::false_type;
-    if (products == Fp32Products::kTf32) {
-      vectorized ? launch(OnePass{}, Vectors{}) : launch(OnePass{}, Scalars{});
+    if (input.scalar_type() == at::kBFloat16) {
+      vector_loads ? launch(BFloat16{}, TwoPasses{}, std::true_type{})
+                   : launch(BFloat16{}, TwoPasses{}, std::false_type{});
+    } else if (products == Fp32Products::kTf32) {
+      vector_loads ? launch(Float{}, OnePass{}, std::true_type{})
+                   : launch(Float{}, OnePass{}, std::false_type{});
     } else {
-      vectorized ? launch(ThreePasses{}, Vectors{}) : launch(ThreePasses{}, Scalars{});
+      vector_loads ? launch(Float{}, ThreePasses{}, std::true_type{})
+                   : launch(Float{}, ThreePasses{}, std::false_type{});
     }
     return output;
   }

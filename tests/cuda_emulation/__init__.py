@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # kernel<template args> <<<grid, block, shared bytes, stream>>> (
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
-CUDA_INCLUDE = re.compile(r"^#include <(?:ATen/cuda/.*|c10/cuda/.*|mma\.h)>$", re.MULTILINE)
+CUDA_INCLUDE = re.compile(r"^#include <(?:ATen/cuda/.*|c10/cuda/.*|mma\.h|cuda_bf16\.h)>$",
+                          re.MULTILINE)
 REGISTRATION = "TORCH_LIBRARY_IMPL(pem_kernels, CUDA, m)"
 
 # Per source file: the host entry points (name in the file -> C++ signature of its parameters

@@ -51,10 +51,7 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using cudaStream_t = void*;
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 struct cudaDeviceProp {
   int multiProcessorCount;
   int major;
@@ -226,14 +223,17 @@ inline cudaDeviceProp* getCurrentDeviceProperties() {
 }
 }  // namespace at::cuda
 
-// WMMA with TF32 operands (m16n16k8, <mma.h>), the only shape the kernels use. A fragment's
-// element-to-lane mapping is unspecified in CUDA, so kernels may only load, store, fill, multiply
-// and apply the same operation to every element; here every lane holds the whole tile (row by
-// row), mma_sync computes all of it in every lane, and store_matrix_sync writes from lane 0 of
-// the warp only (a real store is a warp collective; readers wait at a barrier either way).
-// __float_to_tf32 rounds as cvt.rna.tf32.f32: to nearest, ties away from zero, keeping 10
-// mantissa bits; products of two TF32 values are exact in fp32 and sums are fp32, as on the GPU
-// (where the order of the sums within an mma differs).
+// WMMA (<mma.h>) with TF32 operands (m16n16k8) and bf16 operands (m16n16k16), the shapes the
+// kernels use, fp32 accumulators. A fragment's element-to-lane mapping is unspecified in CUDA, so
+// kernels may only load, store, fill, multiply and apply the same operation to every element;
+// here every lane holds the whole tile (row by row, as float), mma_sync computes all of it in
+// every lane, and store_matrix_sync writes from lane 0 of the warp only (a real store is a warp
+// collective; readers wait at a barrier either way). __float_to_tf32 rounds as cvt.rna.tf32.f32:
+// to nearest, ties away from zero, keeping 10 mantissa bits. Products of two TF32 or two bf16
+// values are exact in fp32 and sums are fp32, as on the GPU (where the order of the sums within
+// an mma differs).
+using __nv_bfloat16 = c10::BFloat16;
+
 namespace nvcuda::wmma {
 struct row_major {};
 struct col_major {};
@@ -247,7 +247,8 @@ enum layout_t { mem_row_major, mem_col_major };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 8, "CUDA emulation: only m16n16k8 is emulated");
+  static_assert(M == 16 && N == 16 && (K == 8 || K == 16),
+                "CUDA emulation: only m16n16k8 and m16n16k16 are emulated");
   static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
   static constexpr int num_elements = rows * cols;
@@ -264,49 +265,54 @@ inline float __float_to_tf32(float value) {
   return value;
 }
 
-// What CUDA requires of a WMMA load or store: a 256-bit aligned pointer and, for 4-byte
-// elements, a leading dimension that is a multiple of 4.
-inline void check_wmma_address(const void* p, unsigned ldm) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0 && ldm % 4 == 0,
-              "CUDA emulation: WMMA load/store at ", p, " with ldm ", ldm,
-              ": needs a 32-byte aligned pointer and ldm a multiple of 4");
+// What CUDA requires of a WMMA load or store: a 256-bit aligned pointer and a leading dimension
+// that is a multiple of 16 bytes (`ldm_words`: the leading dimension in 4-byte words).
+inline void check_wmma_address(const void* p, unsigned ldm_words) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 32 == 0 && ldm_words % 4 == 0,
+              "CUDA emulation: WMMA load/store at ", p, " with a leading dimension of ",
+              ldm_words, " words: needs a 32-byte aligned pointer and a multiple of 16 bytes");
 }
 
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 8, T, Layout>& f, const float* p, unsigned ldm) {
+// Elements of the operand type T: float for TF32 fragments, __nv_bfloat16 for bf16 ones.
+template <typename Use, int K, typename T, typename Layout, typename Element>
+void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout>& f, const Element* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>);
-  check_wmma_address(p, ldm);
-  using Fragment = fragment<Use, 16, 16, 8, T, Layout>;
+  static_assert(std::is_same_v<Element, std::conditional_t<std::is_same_v<T, precision::tf32>,
+                                                           float, T>>);
+  check_wmma_address(p, ldm * sizeof(Element) / 4);
+  using Fragment = fragment<Use, 16, 16, K, T, Layout>;
   for (int r = 0; r < Fragment::rows; ++r) {
     for (int c = 0; c < Fragment::cols; ++c) {
-      f.x[r * Fragment::cols + c] =
-          std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+      f.x[r * Fragment::cols + c] = static_cast<float>(
+          std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
     }
   }
 }
 
-inline void fill_fragment(fragment<accumulator, 16, 16, 8, float>& f, float value) {
+template <int K>
+void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float value) {
   std::fill(std::begin(f.x), std::end(f.x), value);
 }
 
-template <typename LayoutA, typename LayoutB>
-void mma_sync(fragment<accumulator, 16, 16, 8, float>& d,
-              const fragment<matrix_a, 16, 16, 8, precision::tf32, LayoutA>& a,
-              const fragment<matrix_b, 16, 16, 8, precision::tf32, LayoutB>& b,
-              const fragment<accumulator, 16, 16, 8, float>& c) {
+template <int K, typename T, typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
+              const fragment<matrix_a, 16, 16, K, T, LayoutA>& a,
+              const fragment<matrix_b, 16, 16, K, T, LayoutB>& b,
+              const fragment<accumulator, 16, 16, K, float>& c) {
   float result[16 * 16];
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 16; ++n) {
       float sum = c.x[m * 16 + n];
-      for (int k = 0; k < 8; ++k) sum += a.x[m * 8 + k] * b.x[k * 16 + n];
+      for (int k = 0; k < K; ++k) sum += a.x[m * K + k] * b.x[k * 16 + n];
       result[m * 16 + n] = sum;
     }
   }
   std::copy(std::begin(result), std::end(result), d.x);
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 8, float>& f,
-                              unsigned ldm, layout_t layout) {
+template <int K>
+void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f,
+                       unsigned ldm, layout_t layout) {
   check_wmma_address(p, ldm);
   if (::pem_emulation::linear_thread % ::pem_emulation::kWarpSize != 0) return;
   for (int m = 0; m < 16; ++m) {
