@@ -217,10 +217,10 @@ bench_select() {  # the prototype selection alone: every backend vs the eager re
   step "bench_prototype_select_$dtype" 120 $PYTHON -m benchmarks.bench_prototype_select \
     --device cuda --dtype "$dtype" --out-dir "$results/prototype_select_$dtype"
   if [ "$1" = 2 ]; then
-    # fp32 with the Triton kernel's IEEE products instead of its default 3xTF32: what they cost.
+    # fp32 with the kernels' IEEE products (FMAs) instead of their default 3xTF32: what it gains.
     step bench_prototype_select_float32_ieee 90 env PEM_KERNELS_FP32_DOT=ieee \
       $PYTHON -m benchmarks.bench_prototype_select --device cuda --dtype float32 \
-      --backends reference,triton --out-dir "$results/prototype_select_float32_ieee"
+      --backends reference,triton,cuda --out-dir "$results/prototype_select_float32_ieee"
   fi
 }
 

@@ -262,8 +262,8 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 def add_matmul_precision_argument(parser: Any) -> None:
     """``--matmul-precision``: ``torch.set_float32_matmul_precision`` for the whole run. fp32
     products of PyTorch's matmuls and of the Triton kernels follow it ("high"/"medium": TF32 on
-    tensor cores; "highest": IEEE for PyTorch, 3xTF32 for the Triton kernels and the CUDA
-    deform_conv2d unless ``PEM_KERNELS_FP32_DOT=ieee``); every result records both
+    tensor cores; "highest": IEEE for PyTorch, 3xTF32 for the Triton and CUDA kernels unless
+    ``PEM_KERNELS_FP32_DOT=ieee``); every result records both
     (``environment.float32_matmul_precision``, ``environment.triton_fp32_dot``)."""
     parser.add_argument(
         "--matmul-precision", choices=MATMUL_PRECISIONS, default=None,
@@ -568,7 +568,7 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         # "highest" = IEEE fp32 matmuls; "high"/"medium" let torch and the Triton kernels use TF32.
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         # The Triton kernels' fp32 products on a GPU: "tf32x3" (fp32 accuracy), "tf32" or "ieee";
-        # the CUDA deform_conv2d's tensor-core forward and 3xTF32 backward GEMMs follow it too.
+        # the CUDA kernels' tensor-core products follow the same rule.
         "triton_fp32_dot": _triton_fp32_dot() if device.type == "cuda" else None,
         "torch": torch.__version__,
         "triton": triton_version,

@@ -443,6 +443,28 @@ def test_prototype_select_splits_of_several_tiles(select, monkeypatch):
     torch.testing.assert_close(prototypes, cpu_prototypes, equal_nan=True)
 
 
+def test_prototype_select_products_follow_the_fp32_rules(select, monkeypatch):
+    """Pixel 20's key is 1 + 2^-14 where pixel 10's is 1 (all channels; the query is all ones):
+    exact products score 8 + 2^-11 against 8, and pixel 20 wins. 3xTF32 (the default) and IEEE
+    FMAs (PEM_KERNELS_FP32_DOT=ieee) see that; one TF32 product (where torch allows TF32) rounds
+    1 + 2^-14 to 1, and the tie goes to pixel 10: the tensor-core path ran. fp16 keys hold no
+    such difference: their single TF32 product is exact."""
+    keys = torch.full((1, 70, 8), -1.0)
+    keys[0, 10] = 1.0
+    keys[0, 20] = 1.0 + 2.0**-14
+    queries = torch.ones(1, 1, 8)
+    assert select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item() == 20
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert tf32 == 10
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
+    assert select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item() == 20
+
+
 def test_prototype_select_ties_and_no_mask(select):
     keys, queries, _ = make_select_inputs(1, 300, 16, 4)
     keys[0, 100:200] = keys[0, :100]
@@ -471,11 +493,13 @@ def test_prototype_select_batch_zero_and_no_queries(select):
         assert prototypes.shape == (batch, queries, 16) and indices.shape == (batch, 4, queries)
 
 
-def test_prototype_select_nan_and_inf_rules(select):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_prototype_select_nan_and_inf_rules(select, dtype):
     """NaN beats every number (first NaN wins), a blocked NaN is ignored, a query whose allowed
-    pixels all score -inf takes its first allowed pixel, and a query with a single allowed pixel
+    pixels all score -inf takes its first allowed pixel (in fp32 on tensor cores: the NaN
+    remainder of -inf must not turn the score into NaN), and a query with a single allowed pixel
     takes it."""
-    keys, queries, mask = make_select_inputs(1, 200, 8, 4, dtype=torch.float64)
+    keys, queries, mask = make_select_inputs(1, 200, 8, 5, dtype=dtype)
     mask[:] = False
     mask[0, 0, [10, 50, 90]] = True
     keys[0, 50, :4] = float("nan")
@@ -487,7 +511,11 @@ def test_prototype_select_nan_and_inf_rules(select):
     keys[0, 31] = float("-inf")
     queries[0, 2] = 1.0
     mask[0, 3, 5] = True
+    mask[0, 4, [40, 41]] = True  # -inf at pixel 41 loses to the finite score at pixel 40
+    keys[0, 41] = float("-inf")
+    queries[0, 4] = 1.0
     (_, indices), (_, cpu_indices) = select_both(select, keys, queries, mask, 2, False, False)
     assert torch.equal(indices, cpu_indices)
     assert indices[0, 0, 0] == 50 and indices[0, 0, 1] != 120
     assert (indices[0, :, 2] == 30).all() and (indices[0, :, 3] == 5).all()
+    assert (indices[0, :, 4] == 40).all()

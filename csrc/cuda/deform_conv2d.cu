@@ -55,20 +55,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <mma.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <type_traits>
 
 #include "pem_kernels/check.h"
 #include "pem_kernels/deform_conv_checks.h"
 #include "pem_kernels/deform_conv_common.h"
+#include "pem_kernels/fp32_products.h"
+#include "pem_kernels/tensor_cores.h"
 
 namespace pem_kernels {
 namespace {
@@ -435,27 +432,6 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   }
 }
 
-// How fp32 products are computed where tensor cores could do them; the rules of the Triton
-// kernels (pem_kernels.triton.fp32_dot_precision): TF32 where PyTorch's fp32 matmuls may use it,
-// otherwise 3xTF32 (fp32 accuracy), or IEEE fp32 FMAs with PEM_KERNELS_FP32_DOT=ieee.
-enum class Fp32Products { kIeee, kTf32, kTf32x3 };
-
-Fp32Products fp32_products() {
-  bool tf32_allowed = false;
-  try {
-    tf32_allowed = at::globalContext().allowTF32CuBLAS();
-  } catch (const c10::Error&) {
-    // torch raises when both its legacy and its per-backend TF32 settings were used: keep fp32
-    // accuracy rather than guess.
-  }
-  if (tf32_allowed) return Fp32Products::kTf32;
-  const char* choice = std::getenv("PEM_KERNELS_FP32_DOT");
-  if (choice == nullptr || std::string(choice) == "tf32x3") return Fp32Products::kTf32x3;
-  PEM_CHECK(std::string(choice) == "ieee", "PEM_KERNELS_FP32_DOT: expected one of ('tf32x3', ",
-            "'ieee'), got '", choice, "'");
-  return Fp32Products::kIeee;
-}
-
 // Tensor-core forward (compute capability 8.0 and newer) for fp32 and bf16 inputs: the same
 // implicit GEMM on WMMA fragments, for the shapes whose K-stages of kMmaTileK lie within one tap
 // and one offset group (channels per group and per offset group multiples of 32: PEM's 128).
@@ -476,8 +452,6 @@ Fp32Products fp32_products() {
 // The cross terms go to accumulators of their own whose NaNs are dropped before they are added:
 // an inf operand has a NaN remainder (inf - inf) whose NaN would replace the inf that big * big
 // carries, and torchvision gives inf there.
-namespace wmma = nvcuda::wmma;
-
 constexpr int kMmaTileN = 128;  // output channels per block
 constexpr int kMmaTileK = 32;   // (tap, channel) pairs per stage
 constexpr int kFragment = 16;   // rows and columns of a WMMA fragment
@@ -488,6 +462,7 @@ constexpr int kWarpFragments = kWarpTile / kFragment;
 constexpr int kMmaGatherThreadsPerPixel = 4;  // kMmaThreads / kTileM: 8 k of a stage each
 constexpr int kMmaPerThread = kMmaTileK * kTileM / kMmaThreads;
 
+#ifdef PEM_TENSOR_CORES
 // The WMMA operands per input dtype: shared-memory element, fragment element, fragment k.
 template <typename scalar_t>
 struct MmaTraits;
@@ -507,6 +482,7 @@ struct MmaTraits<at::BFloat16> {
     return reinterpret_cast<const __nv_bfloat16*>(p);  // the same 16 bits
   }
 };
+#endif  // PEM_TENSOR_CORES
 
 // Shared memory of the tensor-core forward. Every row is padded by 16 bytes: consecutive rows
 // start 4 banks apart, and the leading dimensions stay multiples of 16 bytes with every
@@ -537,27 +513,6 @@ union MmaTiles {
   float output[kMmaTileN][kMmaOutputLd];  // [n][pixel]: column-major, stores along pixels
 };
 
-// x rounded to TF32 (to nearest, ties away from zero). Only called where the host found compute
-// capability 8.0 or newer.
-__device__ __forceinline__ float round_to_tf32(float x) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  return wmma::__float_to_tf32(x);
-#else
-  return x;
-#endif
-}
-
-// Splits a loaded fp32 fragment into its TF32 part and (kPasses = 3) the TF32 remainder.
-template <int kPasses, typename Fragment>
-__device__ __forceinline__ void split_tf32(Fragment& big, Fragment& small) {
-#pragma unroll
-  for (int e = 0; e < Fragment::num_elements; ++e) {
-    const float value = big.x[e];
-    big.x[e] = round_to_tf32(value);
-    if constexpr (kPasses == 3) small.x[e] = round_to_tf32(value - big.x[e]);
-  }
-}
-
 // A type as a value, to pick a kernel's template arguments in a generic lambda.
 template <typename T>
 struct TypeTag {
@@ -575,7 +530,7 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
     const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias,
     scalar_t* __restrict__ output) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#ifdef PEM_TENSOR_CORES
   using Traits = MmaTraits<scalar_t>;
   using Operand = typename Traits::Operand;
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;

@@ -26,9 +26,14 @@
 // 4. gather_prototypes_kernel: copies (and normalizes) the selected key rows.
 //
 // The tie and NaN rules (score_beats, argmax_merge, empty_query_choice) are the host + device
-// helpers the CPU kernel uses. Scores are accumulated in fp32 (fp64 for fp64 inputs) on
-// CUDA cores, not tensor cores: fp32 inputs get IEEE fp32 products, as on the CPU. The Triton
-// backend is the tensor-core path.
+// helpers the CPU kernel uses. Scores are accumulated in fp32 (fp64 for fp64 inputs). On compute
+// capability 8.0 and newer the fp32-accumulated scores come from tensor cores (WMMA TF32
+// fragments, each warp 16 pixels x 32 queries of the tile, through shared memory to the threads'
+// argmax folds) under the rules of pem_kernels/fp32_products.h: 3xTF32 for fp32 at PyTorch's
+// default precision (the NaN remainders of inf operands dropped, as in the deform kernel), TF32
+// where PyTorch allows it, FMAs with PEM_KERNELS_FP32_DOT=ieee. fp16 and bf16 keys and queries
+// are TF32 values already, so one TF32 product is exact for them (three with normalize_keys, whose
+// divided keys are not). fp64 uses FMAs.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,12 +44,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "pem_kernels/check.h"
 #include "pem_kernels/prototype_select_checks.h"
+#include "pem_kernels/fp32_products.h"
 #include "pem_kernels/prototype_select_common.h"
+#include "pem_kernels/tensor_cores.h"
 
 namespace pem_kernels {
 namespace {
@@ -232,7 +241,79 @@ __device__ __forceinline__ uint32_t load_allowed_bits(
   return bits;
 }
 
-template <typename scalar_t, typename acc_t, bool kDivide>
+// The tensor-core scores of one tile (kPasses = 1 or 3, acc_t = float): warp w holds pixels
+// 16 * (w % 4) + [0, 16) x queries 32 * (w / 4) + [0, 32) as two accumulator fragments, and
+// 3xTF32's cross terms in two more.
+constexpr int kScoreWarpPixels = 16;
+constexpr int kScoreWarpQueries = 32;
+static_assert(kTileThreads / 32 == (kTilePixels / kScoreWarpPixels) *
+                                       (kTileQueries / kScoreWarpQueries));
+
+#ifdef PEM_TENSOR_CORES
+struct ScoreFragments {
+  using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  Accumulator acc[2], cross[2];
+};
+
+__device__ __forceinline__ void clear_scores(ScoreFragments& f) {
+  for (int j = 0; j < 2; ++j) {
+    wmma::fill_fragment(f.acc[j], 0.0f);
+    wmma::fill_fragment(f.cross[j], 0.0f);
+  }
+}
+
+// Adds the staged chunk's products: key_tile[d][pixel] is the column-major A (pixels x
+// channels), query_tile[d][query] the row-major B (channels x queries).
+template <int kPasses, int kLd>
+__device__ __forceinline__ void multiply_chunk(
+    ScoreFragments& f, const float (*key_tile)[kLd], const float (*query_tile)[kLd]) {
+  const int warp = threadIdx.x / 32;
+  const int pixel0 = (warp % 4) * kScoreWarpPixels, query0 = (warp / 4) * kScoreWarpQueries;
+#pragma unroll
+  for (int kk = 0; kk < kTileDim; kk += 8) {
+    using FragmentA =
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+    using FragmentB =
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+    FragmentA a, a_small;
+    wmma::load_matrix_sync(a, &key_tile[kk][pixel0], kLd);
+    split_tf32<kPasses>(a, a_small);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      FragmentB b, b_small;
+      wmma::load_matrix_sync(b, &query_tile[kk][query0 + 16 * j], kLd);
+      split_tf32<kPasses>(b, b_small);
+      if constexpr (kPasses == 3) {
+        wmma::mma_sync(f.cross[j], a_small, b, f.cross[j]);
+        wmma::mma_sync(f.cross[j], a, b_small, f.cross[j]);
+      }
+      wmma::mma_sync(f.acc[j], a, b, f.acc[j]);
+    }
+  }
+}
+
+// Writes the warp's scores to score_tile[pixel][query] (the cross terms without their NaNs).
+template <int kPasses, int kLd>
+__device__ __forceinline__ void store_scores(ScoreFragments& f, float (*score_tile)[kLd]) {
+  const int warp = threadIdx.x / 32;
+  const int pixel0 = (warp % 4) * kScoreWarpPixels, query0 = (warp / 4) * kScoreWarpQueries;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if constexpr (kPasses == 3) {
+#pragma unroll
+      for (int e = 0; e < ScoreFragments::Accumulator::num_elements; ++e) {
+        const float cross = f.cross[j].x[e];
+        f.acc[j].x[e] += std::isnan(cross) ? 0.0f : cross;
+      }
+    }
+    wmma::store_matrix_sync(&score_tile[pixel0][query0 + 16 * j], f.acc[j], kLd,
+                            wmma::mem_row_major);
+  }
+}
+#endif  // PEM_TENSOR_CORES
+
+// kPasses = 0: FMAs; 1 or 3: tensor cores (see the top of the file), fp32 accumulation only.
+template <typename scalar_t, typename acc_t, bool kDivide, int kPasses>
 __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     Problem pr, int64_t tiles, const scalar_t* __restrict__ keys, const scalar_t* __restrict__ queries,
     const bool* __restrict__ mask, const acc_t* __restrict__ divisors,
@@ -242,9 +323,19 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   const int64_t bh = blockIdx.z, b = bh / pr.heads, h = bh % pr.heads;
   const int pixel_lane = threadIdx.x % kPixelLanes, query_lane = threadIdx.x / kPixelLanes;
   // Transposed ([channel][pixel or query]) so the inner loop reads kMicro neighbours; the padding
-  // keeps every row 16-byte aligned (for load_micro).
-  __shared__ __align__(32) acc_t key_tile[kTileDim][kTilePixels + 4];
-  __shared__ __align__(32) acc_t query_tile[kTileDim][kTileQueries + 4];
+  // keeps every row 16-byte aligned (for load_micro) and every WMMA fragment 32-byte aligned.
+  constexpr int kLd = kTilePixels + 4;
+  static_assert(kTileQueries + 4 == kLd && kLd * sizeof(float) * 8 % 32 == 0);
+  static_assert(kPasses == 0 || std::is_same_v<acc_t, float>);
+  __shared__ __align__(128) acc_t key_tile[kTileDim][kLd];
+  __shared__ __align__(128) acc_t query_tile[kTileDim][kLd];
+  // kPasses > 0: the tile's scores, from the warps' fragments to the threads' folds.
+  __shared__ __align__(128) float score_tile[kPasses > 0 ? kTilePixels : 1][kLd];
+#ifdef PEM_TENSOR_CORES
+  ScoreFragments fragments;
+#else
+  if constexpr (kPasses > 0) __trap();  // never launched below compute capability 8.0
+#endif
 
   const scalar_t* key_base = keys + b * pr.pixels * pr.channels + h * pr.head_dim;
   const acc_t* image_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels;
@@ -272,6 +363,9 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     const uint32_t allowed_bits = load_allowed_bits(
         mask, b * pr.queries, pr.queries, query_first, pr.pixels, pixel_first, word_loads);
     acc_t scores[kMicro][kMicro] = {};
+#ifdef PEM_TENSOR_CORES
+    if constexpr (kPasses > 0) clear_scores(fragments);
+#endif
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       store_key_chunk<kDivide>(key_tile, next);
       if (!queries_resident) {
@@ -286,16 +380,34 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
                                 pr.pixels, last_chunk ? 0 : (chunk + 1) * kTileDim, pr.head_dim,
                                 pr.channels, image_divisors);
       }
+      if constexpr (kPasses > 0) {
+#ifdef PEM_TENSOR_CORES
+        multiply_chunk<kPasses, kLd>(fragments, key_tile, query_tile);
+#endif
+      } else {
 #pragma unroll
-      for (int d = 0; d < kTileDim; ++d) {
-        const MicroVector<acc_t> key_values = load_micro(&key_tile[d][pixel_lane * kMicro]);
-        const MicroVector<acc_t> query_values = load_micro(&query_tile[d][query_lane * kMicro]);
+        for (int d = 0; d < kTileDim; ++d) {
+          const MicroVector<acc_t> key_values = load_micro(&key_tile[d][pixel_lane * kMicro]);
+          const MicroVector<acc_t> query_values = load_micro(&query_tile[d][query_lane * kMicro]);
 #pragma unroll
-        for (int i = 0; i < kMicro; ++i)
+          for (int i = 0; i < kMicro; ++i)
 #pragma unroll
-          for (int j = 0; j < kMicro; ++j) scores[i][j] += key_values.v[i] * query_values.v[j];
+            for (int j = 0; j < kMicro; ++j) scores[i][j] += key_values.v[i] * query_values.v[j];
+        }
       }
       __syncthreads();
+    }
+    if constexpr (kPasses > 0) {
+#ifdef PEM_TENSOR_CORES
+      // The next tile writes score_tile only after its chunk loop's barriers.
+      store_scores<kPasses, kLd>(fragments, score_tile);
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j)
+          scores[i][j] = score_tile[pixel_lane * kMicro + i][query_lane * kMicro + j];
+#endif
     }
 #pragma unroll
     for (int i = 0; i < kMicro; ++i) {
@@ -372,6 +484,38 @@ __global__ void gather_prototypes_kernel(
   }
 }
 
+// The tile kernel's products for fp32-accumulated scores: 0 (FMAs), 1 (TF32) or 3 (3xTF32).
+int select_passes(at::ScalarType dtype, bool normalize_keys) {
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;
+  const Fp32Products products = fp32_products();
+  if (products == Fp32Products::kIeee) return 0;
+  if (products == Fp32Products::kTf32) return 1;
+  // fp16 and bf16 values are TF32 values: one product is exact, unless divided by their norms.
+  return dtype != at::kFloat && !normalize_keys ? 1 : 3;
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_tile_kernel(
+    int passes, bool normalize_keys, dim3 grid, cudaStream_t stream, const Problem& pr,
+    int64_t tiles, const scalar_t* keys, const scalar_t* queries, const bool* mask,
+    const acc_t* divisors, AllowedFirstArgmax<acc_t>* partials) {
+  const auto launch = [&](auto divide, auto kernel_passes) {
+    prototype_select_tile_kernel<scalar_t, acc_t, decltype(divide)::value,
+                                 decltype(kernel_passes)::value>
+        <<<grid, kTileThreads, 0, stream>>>(pr, tiles, keys, queries, mask, divisors, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const auto launch_with = [&](auto kernel_passes) {
+    normalize_keys ? launch(std::true_type{}, kernel_passes)
+                   : launch(std::false_type{}, kernel_passes);
+  };
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (passes == 1) return launch_with(std::integral_constant<int, 1>{});
+    if (passes == 3) return launch_with(std::integral_constant<int, 3>{});
+  }
+  launch_with(std::integral_constant<int, 0>{});
+}
+
 std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
     const at::Tensor& keys_in, const at::Tensor& queries_in, const std::optional<at::Tensor>& mask_in,
     int64_t num_heads, bool official_empty, bool normalize_keys) {
@@ -423,12 +567,10 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
             reinterpret_cast<AllowedFirstArgmax<acc_t>*>(partials.data_ptr<uint8_t>());
         const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
         const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-        const auto tile_kernel = normalize_keys ? prototype_select_tile_kernel<scalar_t, acc_t, true>
-                                                : prototype_select_tile_kernel<scalar_t, acc_t, false>;
-        tile_kernel<<<tile_grid, kTileThreads, 0, stream>>>(
-            pr, tiles, keys.data_ptr<scalar_t>(), queries.data_ptr<scalar_t>(), mask_ptr,
-            divisor_ptr, partial_ptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_tile_kernel<scalar_t, acc_t>(
+            std::is_same_v<acc_t, float> ? select_passes(keys.scalar_type(), normalize_keys) : 0,
+            normalize_keys, tile_grid, stream, pr, tiles, keys.data_ptr<scalar_t>(),
+            queries.data_ptr<scalar_t>(), mask_ptr, divisor_ptr, partial_ptr);
         const int64_t slot_blocks = (pr.heads * pr.queries + kMergeSlots - 1) / kMergeSlots;
         merge_splits_kernel<acc_t><<<dim3(slot_blocks, pr.batch), kMergeThreads, 0, stream>>>(
             pr, splits, partial_ptr, official_empty, indices.data_ptr<int64_t>());

@@ -139,6 +139,9 @@ def fp32_dot_precision() -> str:
       Not bit-identical to IEEE fp32 products.
     * ``"ieee"``, IEEE fp32 products on the FMA units, with ``PEM_KERNELS_FP32_DOT=ieee``
       (``tf32x3``, the default, may be named too).
+
+    The CUDA C++ kernels' tensor-core products follow the same rules
+    (``csrc/include/pem_kernels/fp32_products.h``).
     """
     if fp32_matmul_allows_tf32():
         return "tf32"

@@ -10,6 +10,7 @@ the same argument checks, launch geometry, kernels and ATen calls as on a GPU.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import tempfile
@@ -22,8 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # kernel<template args> <<<grid, block, shared bytes, stream>>> (
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
-CUDA_INCLUDE = re.compile(r"^#include <(?:ATen/cuda/.*|c10/cuda/.*|mma\.h|cuda_bf16\.h)>$",
-                          re.MULTILINE)
+CUDA_INCLUDE = re.compile(r"^#include <(?:ATen/cuda|c10/cuda)/.*>$", re.MULTILINE)
 REGISTRATION = "TORCH_LIBRARY_IMPL(pem_kernels, CUDA, m)"
 
 # Per source file: the host entry points (name in the file -> C++ signature of its parameters
@@ -103,8 +103,10 @@ def build(name: str) -> ModuleType:
         )
     flags = [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"] if sanitizer else []
     suffix = f"_{sanitizer}" if sanitizer else ""
+    # One build folder per checkout: two checkouts building at once must not share one.
+    checkout = hashlib.sha1(ROOT.encode()).hexdigest()[:10]
     build_dir = os.path.join(
-        tempfile.gettempdir(), f"pem_cuda_emulation_{os.getuid()}", name + suffix
+        tempfile.gettempdir(), f"pem_cuda_emulation_{os.getuid()}_{checkout}", name + suffix
     )
     os.makedirs(build_dir, exist_ok=True)
     return load_inline(

@@ -33,6 +33,8 @@
 #include <utility>
 #include <vector>
 
+// Tells the project's headers that they are compiled for this emulation (not by nvcc).
+#define PEM_CUDA_EMULATION 1
 #define __global__
 #define __device__
 #define __host__
