@@ -56,7 +56,8 @@
 #     34 + 64, model 15); 521 s in all with a 550 s deadline. A second call (285 s) ran tier 2's
 #     bf16 selection 15 s, bf16 PEM-CA 117, batch-2 PEM-CA 81 and bf16 profile 26 s; the rest of
 #     tier 2 (deform bf16 and deterministic, the bf16, Triton and compiled models, the TF32 rows)
-#     has not run yet.
+#     has not run yet. Since then tier 2's bf16, batch-2 and TF32 PEM-CA rows run at 32768 and
+#     131072 px only (tier 1 keeps all four sizes), an estimated 100 s less: not yet measured.
 #
 # For a machine lent by the command (results fetched from $OUT): with OUT=DIR the results folder
 # is also written to DIR/gpu-suite-results.tgz after every step, so a command killed from outside
@@ -244,11 +245,15 @@ bench_pemca() {  # the main job: PEM-CA vs masked cross-attention over resolutio
       --dtype float32 --providers compiled,fused_compiled --sizes 32768,131072 \
       --modes forward --out-dir "$results/pem_ca_float32_b1_both_compiled"
   else
+    # bf16 and batch 2 at the two sizes where the layers differ most (tier 1 has every size):
+    # their torch.compile compiles, one per size and mode, were most of their 117 and 81 s on
+    # the H200 at four sizes.
     step bench_pem_ca_bfloat16 150 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
-      --dtype bfloat16 --modes forward,forward+backward --out-dir "$results/pem_ca_bfloat16_b1"
+      --dtype bfloat16 --sizes 32768,131072 --modes forward,forward+backward \
+      --out-dir "$results/pem_ca_bfloat16_b1"
     step bench_pem_ca_b2 150 $PYTHON -m benchmarks.bench_pem_ca --device cuda --batch 2 \
-      --providers fused,reference,compiled,mask2former,sdpa --modes forward,forward+backward \
-      --out-dir "$results/pem_ca_float32_b2"
+      --sizes 32768,131072 --providers fused,reference,compiled,mask2former,sdpa \
+      --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b2"
   fi
 }
 
@@ -310,8 +315,8 @@ bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" mat
     --device cuda --dtype float32 --matmul-precision high \
     --out-dir "$results/prototype_select_float32_tf32"
   step bench_pem_ca_float32_tf32 120 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
-    --dtype float32 --matmul-precision high --providers fused,reference,compiled,mask2former \
-    --out-dir "$results/pem_ca_float32_b1_tf32"
+    --dtype float32 --matmul-precision high --sizes 32768,131072 \
+    --providers fused,reference,compiled,mask2former --out-dir "$results/pem_ca_float32_b1_tf32"
 }
 
 for tier in ${SUITE_TIERS:-1 2}; do
