@@ -208,32 +208,27 @@ __device__ void fill_sample_tables(
 
 // Makes `tables` hold the row of the K-stage at k0 of convolution group `group` (`tables_row`
 // tracks the row they hold): the same decision in every thread, and a barrier after a rewrite.
-// Call only where no thread reads the tables. With `next` (kept by the caller from call to call)
-// the inputs of the following row are loaded when a row is written, one or more K-stages before
-// they are needed, so that their latency hides behind those stages' work instead of stalling
-// the block at the barrier.
+// Call only where no thread reads the tables. `next` (kept by the caller from call to call)
+// receives the inputs of the following row when a row is written: loaded one or more K-stages
+// (of `stage_k`) before they are needed, so that their latency hides behind those stages' work
+// instead of stalling the block at the barrier.
 template <typename scalar_t, typename acc_t>
 __device__ void prepare_sample_tables(
     SampleTables<acc_t>& tables, int64_t& tables_row, const ConvShape& s, const Strides4& in,
     const scalar_t* offset, const scalar_t* mask, int64_t m0, int64_t group, int64_t k0,
-    int64_t stage_k, SampleInputs<acc_t>* next) {
+    int64_t stage_k, SampleInputs<acc_t>& next) {
   const int64_t row = stage_sample_row(s, group, k0);
   if (row == tables_row) return;
-  const SampleInputs<acc_t> inputs = next != nullptr && next->row == row
-      ? *next
-      : load_sample_inputs<scalar_t, acc_t>(s, offset, mask, m0, row);
+  const SampleInputs<acc_t> inputs =
+      next.row == row ? next : load_sample_inputs<scalar_t, acc_t>(s, offset, mask, m0, row);
   fill_sample_tables<acc_t>(tables, s, in, m0, inputs);
   tables_row = row;
-  if (next != nullptr) {
-    int64_t next_k = k0 + stage_k;
-    while (next_k < s.group_rows() && stage_sample_row(s, group, next_k) == row) {
-      next_k += stage_k;
-    }
-    next->row = -1;
-    if (next_k < s.group_rows()) {
-      *next = load_sample_inputs<scalar_t, acc_t>(s, offset, mask, m0,
-                                                  stage_sample_row(s, group, next_k));
-    }
+  int64_t next_k = k0 + stage_k;
+  while (next_k < s.group_rows() && stage_sample_row(s, group, next_k) == row) next_k += stage_k;
+  next.row = -1;
+  if (next_k < s.group_rows()) {
+    next = load_sample_inputs<scalar_t, acc_t>(s, offset, mask, m0,
+                                               stage_sample_row(s, group, next_k));
   }
   __syncthreads();
 }
@@ -315,10 +310,11 @@ __global__ void __launch_bounds__(kThreads) deform_conv2d_forward_kernel(
   acc_t weight_values[kPerThread];
   acc_t acc[4][4] = {};
   int64_t tables_row = -1;  // the (offset group, tap) row the sample tables hold
+  SampleInputs<acc_t> next_inputs{-1, acc_t(0), acc_t(0), acc_t(0)};  // of the next row
 
   const auto prepare_tables = [&](int64_t k0) {
     prepare_sample_tables<scalar_t, acc_t>(tables, tables_row, s, in, offset, mask, m0, group, k0,
-                                           kTileK, nullptr);
+                                           kTileK, next_inputs);
   };
 
   // Issues the global loads of stage k0 into registers.
@@ -586,7 +582,7 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
 
   const auto prepare_tables = [&](int64_t k0) {
     prepare_sample_tables<scalar_t, float>(tables, tables_row, s, in, offset, mask, m0, group,
-                                           k0, kMmaTileK, &next_inputs);
+                                           k0, kMmaTileK, next_inputs);
   };
 
   const auto load_stage = [&](int64_t k0) {
