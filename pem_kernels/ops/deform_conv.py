@@ -79,6 +79,13 @@ def deform_conv2d(
     (where the ``cuda`` backend's GEMMs need ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in
     PyTorch does).
 
+    fp32 products: IEEE on the ``cpu`` and ``reference`` backends; on the ``cuda`` backend (its
+    forward where the channels per group and per offset group are multiples of 32, and its
+    backward's GEMMs) and the ``triton`` backend tensor cores, 3xTF32 (fp32 accuracy, not IEEE's
+    bits) unless PyTorch allows TF32 (then TF32) or ``PEM_KERNELS_FP32_DOT=ieee`` (IEEE); the
+    ``cuda`` bf16 forward at those channel counts splits each sample into two bf16 parts (16
+    significant bits). See the README's "fp32 precision".
+
     Args:
         input: Tensor[B, C_in, H, W] float64/float32/float16/bfloat16, NCHW or channels_last
             (the ``cpu`` and ``cuda`` backends read channels_last in place and return its gradient

@@ -119,6 +119,12 @@ def prototype_select(
     over pixels and never build the [B, heads, HW, N] similarity. Backward: gradient to ``keys``
     at the selected pixels only (deterministic), none to ``queries`` or ``mask``.
 
+    The fused backends sum the scores in fp32 (fp64 for fp64 inputs); the ``reference`` computes
+    in the input dtype. fp32 products: IEEE on the ``cpu`` backend; on the ``cuda`` and
+    ``triton`` backends tensor cores, 3xTF32 (fp32 accuracy, not IEEE's bits: pixels whose scores
+    tie within about 1e-6 may be chosen differently) unless PyTorch allows TF32 (then TF32) or
+    ``PEM_KERNELS_FP32_DOT=ieee`` (IEEE). See the README's "fp32 precision".
+
     Args:
         keys: Tensor[B, HW, C] float64/float32/float16/bfloat16.
         queries: Tensor[B, N, C], the same dtype and device as ``keys``.
