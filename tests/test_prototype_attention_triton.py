@@ -133,7 +133,9 @@ def test_fp32_products_follow_torchs_matmul_precision(matmul_precision, monkeypa
     assert dot_operands(torch.bfloat16, False)[0] == tl.bfloat16
     matmul_precision("high")  # TF32 allowed, as for torch's own fp32 matmuls, whatever the variable
     assert dot_operands(torch.float32, False) == (tl.float32, "tf32")
-    assert dot_operands(torch.float32, True) == (tl.float32, "ieee")  # the interpreter: IEEE
+    # the interpreter follows the same rules (pem_kernels.triton.products emulates TF32 there)
+    assert dot_operands(torch.float32, True) == (tl.float32, "tf32")
+    assert dot_operands(torch.bfloat16, True) == (tl.float32, "ieee")  # exact fp32 products
     args = make_args(2, 10, 64)
     for normalize in NORMS:
         expected = prototype_attention_ref(*args, normalize=normalize)

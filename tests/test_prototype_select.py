@@ -568,18 +568,15 @@ def test_backend_choice_is_logged_once_at_debug_level(caplog, monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fp32_products_follow_the_rules(device, monkeypatch):
+def check_fp32_product_rules(device, backend: str, tf32_rounds: bool, monkeypatch) -> None:
     """Pixel 20's key is 1 + 2^-14 where pixel 10's is 1 (the query is all ones): exact products
-    score 8 + 2^-11 against 8, so pixel 20 wins, as it must with 3xTF32 (the CUDA kernel's
-    default on tensor cores) and IEEE FMAs (PEM_KERNELS_FP32_DOT=ieee). Where torch allows TF32
-    the CUDA kernel's single TF32 product rounds 1 + 2^-14 to 1 and the tie goes to pixel 10;
-    the CPU kernel's products stay IEEE."""
+    score 8 + 2^-11 against 8, so pixel 20 wins, as it must with 3xTF32 (the default of the
+    tensor-core kernels) and IEEE products (PEM_KERNELS_FP32_DOT=ieee). Where torch allows TF32,
+    a single TF32 product (``tf32_rounds``) rounds 1 + 2^-14 to 1 and the tie goes to pixel 10."""
     keys = torch.full((1, 70, 8), -1.0, device=device)
     keys[0, 10] = 1.0
     keys[0, 20] = 1.0 + 2.0**-14
     queries = torch.ones(1, 1, 8, device=device)
-    backend = backend_for(device)
 
     def selected() -> int:
         return pem_kernels.prototype_select(keys, queries, None, 1, backend=backend)[1].item()
@@ -588,9 +585,17 @@ def test_fp32_products_follow_the_rules(device, monkeypatch):
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        assert selected() == (10 if backend == "cuda" else 20)
+        assert selected() == (10 if tf32_rounds else 20)
     finally:
         torch.set_float32_matmul_precision(previous)
     monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
     assert selected() == 20
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_products_follow_the_rules(device, monkeypatch):
+    """:func:`check_fp32_product_rules`: the CUDA kernel's products are tensor-core products, the
+    CPU kernel's stay IEEE."""
+    backend = backend_for(device)
+    check_fp32_product_rules(device, backend, backend == "cuda", monkeypatch)
 

@@ -24,6 +24,7 @@ from test_prototype_select import (
     assert_matches_reference,
     assert_same_up_to_ties,
     blob_masks,
+    check_fp32_product_rules,
     check_normalized_gradient_of_nan_and_zero_keys,
     gather_at,
     head_scores,
@@ -183,6 +184,31 @@ def test_nan_inf_and_signed_zero_follow_torch_argmax(splits):
     assert (indices[0, :, 3] == 5).all()
     assert (indices[0, :, 4] == 70).all()
     assert (indices[0, :, 5] == 80).all()
+
+
+def test_fp32_products_follow_the_rules(monkeypatch):
+    """As for the CUDA kernel (test_prototype_select.check_fp32_product_rules); under the
+    interpreter the products are the tensor cores' too (pem_kernels.triton.products rounds the
+    operands to TF32 itself)."""
+    check_fp32_product_rules(DEVICE, BACKEND, True, monkeypatch)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: inf - inf
+def test_fp32_infinite_key_scores_infinite_not_nan(splits):
+    """A -inf key channel has a NaN TF32 remainder (inf - inf): 3xTF32 must drop the NaN cross
+    terms, so that the pixel scores -inf (as IEEE products do) and loses to a finite one, and a
+    +inf key scores +inf and beats a finite one, instead of NaN (the largest score) winning."""
+    splits(2)
+    keys, query, mask = make_inputs(1, 200, 8, 2, DEVICE)
+    query[:] = 1.0
+    mask[:] = False
+    mask[0, 0, [40, 150]] = True
+    keys[0, 40, 0] = float("-inf")  # first program, before the finite pixel 150
+    mask[0, 1, [60, 170]] = True
+    keys[0, 170, 1] = float("inf")
+    _, indices = check(keys, query, mask, 1)
+    assert indices[0, 0, 0] == 150
+    assert indices[0, 0, 1] == 170
 
 
 def test_nan_key_with_normalize_keys_is_nan_in_every_head(splits):

@@ -152,18 +152,21 @@ def fp32_dot_precision() -> str:
 
 
 def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
-    """(operand dtype, input_precision) of the ``tl.dot`` products of a kernel on ``dtype`` inputs.
+    """(DOT_DTYPE, DOT_PRECISION) of the products of a kernel on ``dtype`` inputs, as
+    :func:`pem_kernels.triton.products.dot_product` takes them.
 
     Half-precision inputs multiply in their own dtype (their input_precision is unused); fp32
-    ones as :func:`fp32_dot_precision` says. Under the interpreter every operand is fp32 (its
-    half-precision ``tl.dot`` is unreliable) and the product IEEE.
+    ones as :func:`fp32_dot_precision` says, under the interpreter too (``dot_product`` emulates
+    the tensor cores' TF32 products there). Under the interpreter half-precision operands are
+    multiplied as fp32 (its half-precision ``tl.dot`` is unreliable; their products are exact in
+    fp32 either way).
     """
     import triton.language as tl
 
-    if interpreted:
-        return tl.float32, "ieee"
     if dtype == torch.float32:
         return tl.float32, fp32_dot_precision()
+    if interpreted:
+        return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"
 
 
@@ -278,7 +281,7 @@ _KERNEL_MODULES = tuple(
     f"pem_kernels.triton.{name}"
     for name in (
         "prototype_select", "prototype_attention", "local_representation", "query_projection",
-        "deform_conv2d",
+        "deform_conv2d", "products",
     )
 )
 

@@ -71,8 +71,9 @@ Dtypes: fp32, fp16, bf16 inputs with fp32 accumulation (fp64 is not supported). 
 operands are in the input dtype (the blended sample is rounded to it before the tensor-core dot);
 fp32 operands use 3xTF32 products (fp32 accuracy on tensor cores), or TF32 where
 ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), as PyTorch's own matmuls
-(:func:`pem_kernels.triton.fp32_dot_precision`). Under the interpreter (``TRITON_INTERPRET=1``, CPU
-tensors) every dot operand is cast to fp32 (the interpreter's half-precision ``tl.dot`` is wrong).
+(:func:`pem_kernels.triton.fp32_dot_precision`, :mod:`pem_kernels.triton.products`). Under the
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) half-precision dot operands are cast to fp32
+(the interpreter's half-precision ``tl.dot`` is wrong); fp32 products are the tensor cores'.
 
 Memory format: the kernels read every tensor through its strides (NCHW, channels_last, or any
 other). The output and ``grad_input`` are channels_last when ``input`` is channels_last (and not
@@ -107,6 +108,7 @@ from pem_kernels.triton import (
     launcher,
     pem_triton_op,
 )
+from pem_kernels.triton.products import dot_product
 
 __all__ = ["deform_conv2d", "deform_conv2d_backward_triton", "deform_conv2d_triton"]
 
@@ -274,7 +276,7 @@ def _column_grad(
                     w_ptr + w_rows[:, None] + outs[None, :],
                     mask=in_grp[:, None] & o_ok[None, :], other=0.0,
                 )  # [BLOCK_K, BLOCK_N]
-                dcol += tl.dot(wt.to(DOT_DTYPE), g.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                dcol += dot_product(wt, g, DOT_DTYPE, DOT_PRECISION)
             else:
                 g = tl.load(
                     gout_ptr + gout_rows[:, None] + out_channels[None, :],
@@ -284,7 +286,7 @@ def _column_grad(
                     w_ptr + w_rows[None, :] + outs[:, None],
                     mask=o_ok[:, None] & in_grp[None, :], other=0.0,
                 )  # [BLOCK_N, BLOCK_K]
-                dcol += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                dcol += dot_product(g, wt, DOT_DTYPE, DOT_PRECISION)
     return dcol
 
 
@@ -360,13 +362,13 @@ def _forward_kernel(
                         w_ptr + w_rows[None, :] + outs[:, None],
                         mask=o_ok[:, None] & c_ok[None, :], other=0.0,
                     )
-                    acc += tl.dot(wt.to(DOT_DTYPE), a, input_precision=DOT_PRECISION)
+                    acc += dot_product(wt, a, DOT_DTYPE, DOT_PRECISION)
                 else:  # acc [BLOCK_M, BLOCK_N] += a @ W [BLOCK_K, BLOCK_N]
                     wt = tl.load(
                         w_ptr + w_rows[:, None] + outs[None, :],
                         mask=c_ok[:, None] & o_ok[None, :], other=0.0,
                     )
-                    acc += tl.dot(a, wt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                    acc += dot_product(a, wt, DOT_DTYPE, DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + grp * COUT_G + outs, mask=o_ok, other=0.0).to(tl.float32)
         acc += _per_channel(bias, PIXEL_MAJOR)
@@ -556,9 +558,9 @@ def _weight_grad_kernel(
         ).to(DOT_DTYPE)
         a = a.to(DOT_DTYPE)
         if PIXEL_MAJOR:
-            acc += tl.dot(a, tl.trans(g), input_precision=DOT_PRECISION)
+            acc += dot_product(a, tl.trans(g), DOT_DTYPE, DOT_PRECISION)
         else:
-            acc += tl.dot(tl.trans(a), g, input_precision=DOT_PRECISION)
+            acc += dot_product(tl.trans(a), g, DOT_DTYPE, DOT_PRECISION)
     # partial is contiguous [splits, G, T, Cin_g, Cout_g].
     base = ((split * G + grp) * TAPS + k).to(tl.int64) * (CIN_G * COUT_G)
     tl.store(

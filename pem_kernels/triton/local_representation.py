@@ -45,6 +45,7 @@ from pem_kernels.triton import (
     launcher,
     pem_triton_op,
 )
+from pem_kernels.triton.products import dot_product
 
 __all__ = ["local_representation_triton"]
 
@@ -114,7 +115,7 @@ def _local_representation_kernel(
         rhs = tl.load(
             weight_ptr + n[None, :] * C + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0
         )
-        acc += tl.dot(conv.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc += dot_product(conv, rhs, DOT_DTYPE, DOT_PRECISION)
     acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if NORMALIZE:
         # This program holds every output channel (one column block); the padding columns are 0.

@@ -56,6 +56,7 @@ from pem_kernels.triton import (
     launcher,
     pem_triton_op,
 )
+from pem_kernels.triton.products import dot_product
 
 __all__ = ["prototype_attention_triton"]
 
@@ -96,13 +97,8 @@ def _gemm_block(
             rhs_ptr + ks[:, None] * rhs_row_stride + cols[None, :] * rhs_col_stride,
             mask=k_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        acc += _dot(lhs, rhs, DOT_DTYPE, DOT_PRECISION)
+        acc += dot_product(lhs, rhs, DOT_DTYPE, DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def _dot(lhs, rhs, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    return tl.dot(lhs.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -151,7 +147,7 @@ def _fwd_a_kernel(
             q_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         w_ok = k_ok[:, None] & col_ok[None, :]
         w = tl.load(wa_ptr + cols[None, :] * C + ks[:, None], mask=w_ok, other=0.0)
-        acc += _dot(x, w, DOT_DTYPE, DOT_PRECISION)
+        acc += dot_product(x, w, DOT_DTYPE, DOT_PRECISION)
     a = acc + tl.load(ba_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     a = tl.where(ok, a, 0.0)  # padding must not enter the norms
     if NORM_OVER_QUERIES:
@@ -200,7 +196,7 @@ def _fwd_y_kernel(
                 tl.store(m_ptr + tile, m, mask=tile_ok)
             w_ok = k_ok[:, None] & col_ok[None, :]
             w = tl.load(wo_ptr + cols[None, :] * C + ks[:, None], mask=w_ok, other=0.0)
-            y += _dot(m, w, DOT_DTYPE, DOT_PRECISION)
+            y += dot_product(m, w, DOT_DTYPE, DOT_PRECISION)
     y += tl.load(bo_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -268,7 +264,7 @@ def _bwd_dx_kernel(
                 tl.store(da_ptr + tile, da, mask=tile_ok)
             w_ok = k_ok[:, None] & col_ok[None, :]
             w = tl.load(wa_ptr + ks[:, None] * C + cols[None, :], mask=w_ok, other=0.0)
-            dx += _dot(da, w, DOT_DTYPE, DOT_PRECISION)
+            dx += dot_product(da, w, DOT_DTYPE, DOT_PRECISION)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     dm = tl.load(dp_ptr + offs, mask=ok, other=0.0)

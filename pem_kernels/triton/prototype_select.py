@@ -7,11 +7,13 @@ four kernels, none of which materializes the [B, heads, HW, N] similarity or nor
    an fp32 vector of B*HW divisors (the keys themselves are never rewritten).
 2. ``_select_kernel``, grid ``(pixel splits, query blocks, B * heads)``. A program owns the queries
    ``[BLOCK_N]`` of one (image, head) and a contiguous range of pixel tiles. Per tile it computes
-   the scores ``[BLOCK_P pixels, D] @ [D, BLOCK_N queries]`` with ``tl.dot`` (fp32 accumulation),
+   the scores ``[BLOCK_P pixels, D] @ [D, BLOCK_N queries]`` on tensor cores (fp32 accumulation),
    turns each score into an order-preserving int32 key (NaN -> largest key, -0.0 -> +0.0, pixels
-   the mask blocks -> ``INT32_MIN``, below -inf's key) and takes the tile's max key and its lowest
-   pixel. The running best of a query is the int64 ``key << 32 | (INT32_MAX - pixel)``: a plain
-   integer max then picks the largest score and, among equal scores, the lowest pixel. Programs
+   the mask blocks -> ``INT32_MIN``, below -inf's key) and keeps, per element of the tile, the
+   largest key so far and its tile (a strict '>': the earlier tile among equal keys). After the
+   last tile each query's best is the max over the tile's rows of the int64
+   ``key << 32 | (INT32_MAX - pixel)``: a plain integer max picks the largest score and, among
+   equal scores, the lowest pixel. Programs
    merge their results with ``tl.atomic_max`` into ``best[B, heads, N]`` (initialized to
    ``INT64_MIN``). Max is associative and commutative, so the result does not depend on program
    order: deterministic. An allowed pixel scoring -inf still beats a blocked one, so a query whose
@@ -33,10 +35,12 @@ Every other program writes nothing. There are no atomics, so gradients are bit-r
 
 fp32, fp16 and bf16 are supported (fp32 scores are tensor-core products, 3xTF32 for fp32 accuracy
 or TF32 where ``torch.get_float32_matmul_precision()`` allows it, as PyTorch's own matmuls:
-:func:`pem_kernels.triton.fp32_dot_precision`). fp64 is
-not: the packed 32-bit score key cannot order fp64 scores exactly, so the backend reports it
-unavailable and dispatch falls back. Under the interpreter (``TRITON_INTERPRET=1``, CPU tensors)
-the dot operands are cast to fp32 first (the interpreter's bf16 ``tl.dot`` is wrong).
+:func:`pem_kernels.triton.fp32_dot_precision` and :mod:`pem_kernels.triton.products`; the queries'
+TF32 split is made once per program). fp64 is not: the packed 32-bit score key cannot order fp64
+scores exactly, so the backend reports it unavailable and dispatch falls back. Under the
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) half-precision dot operands are cast to fp32
+first (the interpreter's bf16 ``tl.dot`` is wrong), and fp32 products are the tensor cores' (the
+products module emulates TF32 there).
 """
 
 import os
@@ -56,6 +60,7 @@ from pem_kernels.triton import (
     launcher,
     pem_triton_op,
 )
+from pem_kernels.triton.products import dot_3xtf32, dot_product, split_tf32
 
 __all__ = ["prototype_select_triton", "prototype_select_backward_triton", "SUPPORTED_DTYPES"]
 
@@ -186,8 +191,15 @@ def _select_kernel(
         )  # [BLOCK_D, BLOCK_N]
         if INTERPRETED:
             q = q.to(tl.float32)
+        if DOT_PRECISION == "tf32x3":
+            q_big, q_small = split_tf32(q)  # once: the queries are the same for every tile
 
-    running = tl.full([BLOCK_N], INT64_MIN, dtype=tl.int64)
+    # Per score slot (row of the tile, query): the largest key so far and the tile it came from.
+    # Updated element-wise, where a strict '>' keeps the earlier tile (the lower pixel) among
+    # equal keys; the rows are reduced once after the loop. (Reducing them per tile took two
+    # cross-warp reductions, with their barriers, per tile.)
+    best_key = tl.full([BLOCK_P, BLOCK_N], INT32_MIN, dtype=tl.int32)
+    best_tile = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.int32) + tile_begin
     for tile in range(tile_begin, tile_end):
         offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < pixels
@@ -199,7 +211,11 @@ def _select_kernel(
             )  # [BLOCK_P, BLOCK_D]
             if INTERPRETED:
                 k = k.to(tl.float32)
-            scores = tl.dot(k, q, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_N] fp32
+            if DOT_PRECISION == "tf32x3":
+                k_big, k_small = split_tf32(k)
+                scores = dot_3xtf32(k_big, k_small, q_big, q_small)  # [BLOCK_P, BLOCK_N] fp32
+            else:
+                scores = dot_product(k, q, k.dtype, DOT_PRECISION)
         else:
             scores = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
             for d0 in range(0, BLOCK_D, BLOCK_DC):
@@ -217,10 +233,13 @@ def _select_kernel(
                 if INTERPRETED:
                     k = k.to(tl.float32)
                     q = q.to(tl.float32)
-                scores += tl.dot(k, q, input_precision=DOT_PRECISION)
+                scores += dot_product(k, q, k.dtype, DOT_PRECISION)
         if NORMALIZE:
+            # One correctly rounded reciprocal per pixel, not a division per score (a division
+            # is a slow-path call each): the result differs by at most an ulp, as the reference's
+            # own order (normalize the keys, then multiply) does.
             divisor = tl.load(divisor_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
-            scores = tl.div_rn(scores, divisor[:, None])
+            scores = scores * tl.div_rn(tl.zeros_like(divisor) + 1.0, divisor)[:, None]
         allowed = p_ok[:, None]
         if HAS_MASK and not FALLBACK:
             m = tl.load(
@@ -230,10 +249,12 @@ def _select_kernel(
             )
             allowed = allowed & (m != 0)
         key = _order_key(scores, allowed)
-        tile_key = tl.max(key, axis=0)  # [BLOCK_N]
-        tile_pixel = tl.min(tl.where(key == tile_key[None, :], offs_p[:, None], INT32_MAX), axis=0)
-        packed = (tile_key.to(tl.int64) << 32) | (tile_pixel ^ INT32_MAX).to(tl.int64)
-        running = tl.maximum(running, packed)
+        better = key > best_key
+        best_key = tl.where(better, key, best_key)
+        best_tile = tl.where(better, tile, best_tile)
+    pixel = best_tile * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    packed = (best_key.to(tl.int64) << 32) | (pixel ^ INT32_MAX).to(tl.int64)
+    running = tl.max(packed, axis=0)  # [BLOCK_N]
     # relaxed: the merged keys are read only by later launches
     tl.atomic_max(out_ptr + row_start + offs_n, running, mask=write, sem="relaxed")
 
@@ -365,9 +386,10 @@ def _select_config(
     the select kernel. Not tuned on a GPU yet."""
     block_n = block_size(queries, 16, 128)  # tl.dot needs every dimension >= 16
     block_d = block_size(head_dim, 16)
-    # Heads up to 128 channels in one chunk; wider ones in chunks of 64 (an fp32 [256, 128]
-    # query block alone would take 128 KiB of shared memory, and the pipeline stages more).
-    block_dc = block_d if block_d <= 128 else 64
+    # Heads up to 128 channels in one chunk; wider ones in chunks of 32 (an fp32 [256, 128]
+    # query block alone would take 128 KiB of shared memory, and the pipeline stages more; with
+    # chunks of 64, fp32 at 3xTF32 spilled 1.3 KB per thread on sm_90, with 32 0.5 KB).
+    block_dc = block_d if block_d <= 128 else 32
     # 64-pixel tiles with 8 warps for 128 queries: ptxas (sm_90, triton 3.6, fp32 and bf16, PEM's
     # 32-channel heads) spills ~0.3 KB per thread there, against 1.7 KB with 128-pixel tiles or
     # with 4 warps (the [BLOCK_P, BLOCK_N] score, key and pixel tiles all live in registers).

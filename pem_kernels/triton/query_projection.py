@@ -32,6 +32,7 @@ from pem_kernels.triton import (
     launcher,
     pem_triton_op,
 )
+from pem_kernels.triton.products import dot_product
 
 __all__ = ["MAX_OUT_CHANNELS", "query_projection_triton"]
 
@@ -91,7 +92,7 @@ def _query_projection_kernel(
             weight_ptr + outs[None, :] * C + ks[:, None], mask=k_ok[:, None] & out_ok[None, :],
             other=0.0,
         )
-        acc += tl.dot(normed.to(DOT_DTYPE), rhs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc += dot_product(normed, rhs, DOT_DTYPE, DOT_PRECISION)
     acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     # The padding columns are 0 (masked weights and bias), so they do not enter the norms.
     norm = tl.sqrt_rn(tl.sum(acc * acc, axis=1))
