@@ -29,6 +29,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def matmul_precision():
+    """torch.set_float32_matmul_precision, restored after the test."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
 # Prepended to every script of assert_compiles_for_sm90: compile_sm90(fn, signature_of, constants,
 # num_warps, num_stages) compiles one specialization and checks its shared memory, which Triton
 # itself checks only when the kernel is loaded on a GPU.

@@ -108,14 +108,6 @@ def test_pem_size_forward_and_backward(dtype, normalize, batch):
             assert error < 1e-2, f"{name}: relative error {error:.2e}"
 
 
-@pytest.fixture
-def matmul_precision():
-    """torch.set_float32_matmul_precision, restored after the test."""
-    previous = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(previous)
-
-
 def test_fp32_products_follow_torchs_matmul_precision(matmul_precision, monkeypatch):
     import triton.language as tl
 

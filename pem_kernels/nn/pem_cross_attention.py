@@ -11,6 +11,7 @@ from pem_kernels._backends import has_forward_ad_tangent
 from pem_kernels.ops.local_representation import (
     FUSED_LOCAL_REPRESENTATION_BACKENDS,
     fused_local_representation,
+    normalizes_in_kernel,
 )
 from pem_kernels.ops.prototype_attention import prototype_attention
 from pem_kernels.ops.query_projection import (
@@ -62,11 +63,12 @@ class LocalRepresentation(nn.Module):
     def project_for_selection(
         self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str
     ) -> tuple[torch.Tensor, bool]:
-        """(keys, normalized): :meth:`project`, but where the fused kernel runs it also
-        L2-normalizes every pixel's keys (``normalized`` True), which PEM-CA's prototype selection
-        would otherwise do itself (``normalize_keys``). The modules' path leaves that to the
-        selection (``normalized`` False), whose fused normalization needs no [B, HW, C] copy of
-        the normalized keys and differentiates through them."""
+        """(keys, normalized): :meth:`project`, but where the fused kernel runs and can do it in
+        its kernel it also L2-normalizes every pixel's keys (``normalized`` True), which PEM-CA's
+        prototype selection would otherwise do itself (``normalize_keys``). Everywhere else
+        (the modules' path, the exact-fp32 Triton path) that is left to the selection
+        (``normalized`` False), whose fused normalization needs no [B, HW, C] copy of the
+        normalized keys and differentiates through them."""
         return self._project(memory, pos, backend, normalize=True)
 
     def _project(
@@ -82,6 +84,9 @@ class LocalRepresentation(nn.Module):
             # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
             acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
             scale, shift = self._bn_affine(acc, bn_sources, bn.eps)
+            normalize = normalize and normalizes_in_kernel(
+                chosen, memory.dtype, out.weight.shape[0]
+            )
             keys = fused_local_representation(
                 chosen, memory, pos, scale, shift, *weights, normalize
             )

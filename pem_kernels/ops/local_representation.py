@@ -15,7 +15,7 @@ from pem_kernels._backends import call_op
 from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
 __all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation", "no_backward",
-           "no_backward_setup"]
+           "no_backward_setup", "normalizes_in_kernel"]
 
 FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "triton")
 
@@ -53,6 +53,19 @@ def fused_local_representation(
 
         return call_triton_op(local_representation_triton, *args)
     return None
+
+
+def normalizes_in_kernel(backend: str, dtype: torch.dtype, out_channels: int) -> bool:
+    """Whether :func:`fused_local_representation` on ``backend`` normalizes the keys inside its
+    kernel (where ``normalize=True`` is free); elsewhere the selection's ``normalize_keys`` costs
+    less than normalizing the keys after the kernel."""
+    if backend == "triton":
+        from pem_kernels.triton.local_representation import (
+            normalizes_in_kernel as triton_normalizes_in_kernel,
+        )
+
+        return triton_normalizes_in_kernel(dtype, out_channels)
+    return backend == "cpu"
 
 
 def no_backward_setup(ctx, inputs, output) -> None:

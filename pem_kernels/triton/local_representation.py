@@ -47,7 +47,7 @@ from pem_kernels.triton import (
 )
 from pem_kernels.triton.products import dot_product
 
-__all__ = ["local_representation_triton"]
+__all__ = ["local_representation_triton", "normalizes_in_kernel"]
 
 INTERPRET = interpreter_requested()
 NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
@@ -162,6 +162,17 @@ def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
     )
 
 
+def normalizes_in_kernel(dtype: torch.dtype, out_channels: int) -> bool:
+    """Whether :func:`local_representation_triton` with ``normalize=True`` normalizes the keys in
+    its kernel. Where it does not (exact fp32: the BN + depthwise-conv kernel and cuBLAS; or more
+    than 256 output channels) it runs ``F.normalize`` after it, three more launches and another
+    pass over the keys: PEM-CA then asks for raw keys and lets the selection normalize them
+    (``normalize_keys``: one norm pass, a multiply per score)."""
+    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
+        return False
+    return _launch_config(out_channels, dtype)["BLOCK_N"] >= out_channels
+
+
 @pem_triton_op("pem_kernels::local_representation_triton")
 def local_representation_triton(
     memory: torch.Tensor,
@@ -211,7 +222,7 @@ def local_representation_triton(
         return _conv_then_addmm(conv_operands, pos is not None, weight, bias, normalize)
     out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
     config = _launch_config(out_channels, x.dtype)
-    in_kernel = normalize and config["BLOCK_N"] >= out_channels
+    in_kernel = normalize and normalizes_in_kernel(x.dtype, out_channels)
     grid = (
         height * cdiv(width, config["BLOCK_P"]),
         cdiv(out_channels, config["BLOCK_N"]),
