@@ -8,6 +8,8 @@ all of which take ``--device``, ``--dtype`` and ``--sizes``):
     deform-conv       deformable convolution, every backend vs torchvision and the reference
     model             the whole PEM model: inference latency, peak memory, FLOPs, fused vs reference
     profile-pem-ca    one PEM-CA layer call split into host and device time, slowest kernels
+    sass-stats        the Triton kernels compiled for sm_90 without a GPU: registers, spills,
+                      instructions and barriers per loop iteration (the compiler's counts)
     plots             PNG plots from the JSON results in a folder
 """
 
@@ -22,6 +24,7 @@ COMMANDS = {
     "deform-conv": "benchmarks.bench_deform_conv",
     "model": "benchmarks.bench_model",
     "profile-pem-ca": "benchmarks.profile_pem_ca",
+    "sass-stats": "benchmarks.sass_stats",
     "plots": "benchmarks.plots",
 }
 

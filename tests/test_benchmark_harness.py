@@ -375,3 +375,28 @@ def test_profile_pem_ca_reuses_a_compiled_layer_across_modes(monkeypatch):
     assert (failures, skipped, made) == (0, 0, ["compiled"])
     assert [row["mode"] for row in rows] == ["forward", "forward+backward"]
     assert all("error" not in row and row["wall_ms"] > 0 for row in rows)
+
+
+def test_sass_stats_of_a_kernel_compiled_for_sm90(tmp_path):
+    """``python -m benchmarks sass-stats``: one row per specialization the test module's sm_90
+    script compiles, with the compiler's counts (registers, loops with their tensor-core
+    instructions) and one MMA layout where the products are unchained."""
+    pytest.importorskip("triton.backends.nvidia")
+    from benchmarks import sass_stats
+
+    assert "test_query_projection" in sass_stats.modules_with_scripts()
+    rows = sass_stats.collect("test_query_projection")
+    assert [row["constexprs"]["DOT_PRECISION"] for row in rows] == ["tf32", "tf32", "tf32x3",
+                                                                     "tf32x3"]
+    for row in rows:
+        assert row["kernel"] == "_query_projection_kernel" and row["num_warps"] == 8
+        assert 0 < row["registers"] <= 255 and row["spill_bytes"] >= 0 and row["mma_layouts"] == 1
+        loop = row["loops"][0]  # the K loop of the GEMM: tensor-core instructions and a barrier
+        assert loop["instructions"] > loop["mma"] > 0 and loop["barriers"] > 0
+    # 3xTF32 makes three products per K step where TF32 makes one
+    assert rows[2]["loops"][0]["mma"] >= 3 * rows[0]["loops"][0]["mma"]
+    out = tmp_path / "stats.json"
+    assert sass_stats.main(["test_query_projection", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == rows
+    with pytest.raises(SystemExit, match="no _SM90_COMPILE script"):
+        sass_stats.collect("test_benchmark_harness")
