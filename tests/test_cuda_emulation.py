@@ -473,6 +473,19 @@ def test_prototype_select_ties_and_no_mask(select):
     assert torch.equal(indices, cpu_indices) and (indices < 100).all()
 
 
+def test_prototype_select_all_scores_negative(select):
+    """test_prototype_select.check_all_scores_negative in emulation: the least negative score
+    wins (negative floats order backwards as integers unless their magnitude bits are flipped)."""
+    keys, queries, mask = make_select_inputs(2, 300, 16, 5)
+    keys, queries = -keys.abs() - 0.01, queries.abs() + 0.01
+    for normalize_keys in (False, True):
+        for allowed in (None, mask):
+            (_, indices), (_, cpu_indices) = select_both(
+                select, keys, queries, allowed, 2, False, normalize_keys
+            )
+            assert torch.equal(indices, cpu_indices)
+
+
 def test_prototype_select_backward_stops_on_out_of_range_indices(select):
     keys, grad = torch.randn(1, 10, 8), torch.randn(1, 2, 8)
     with pytest.raises(RuntimeError, match="device-side assert"):

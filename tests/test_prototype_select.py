@@ -568,6 +568,24 @@ def test_backend_choice_is_logged_once_at_debug_level(caplog, monkeypatch):
     ]
 
 
+def check_all_scores_negative(device, backend: str) -> None:
+    """Every score is negative (negative keys, positive queries): the least negative must win.
+    The kernels order scores by integer keys made from the float bits, where negative floats
+    order backwards unless their magnitude bits are flipped; the other tests mostly find their
+    answer among positive scores."""
+    keys, queries, mask = make_inputs(2, 300, 16, 5, device)
+    keys, queries = -keys.abs() - 0.01, queries.abs() + 0.01
+    for normalize_keys in (False, True):
+        for allowed in (None, mask):
+            assert_matches_reference(keys, queries, allowed, 2, empty="per_query",
+                                     normalize_keys=normalize_keys, backend=backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_scores_negative(device):
+    check_all_scores_negative(device, backend_for(device))
+
+
 def check_fp32_product_rules(device, backend: str, tf32_rounds: bool, monkeypatch) -> None:
     """Pixel 20's key is 1 + 2^-14 where pixel 10's is 1 (the query is all ones): exact products
     score 8 + 2^-11 against 8, so pixel 20 wins, as it must with 3xTF32 (the default of the

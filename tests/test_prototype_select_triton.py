@@ -24,6 +24,7 @@ from test_prototype_select import (
     assert_matches_reference,
     assert_same_up_to_ties,
     blob_masks,
+    check_all_scores_negative,
     check_fp32_product_rules,
     check_normalized_gradient_of_nan_and_zero_keys,
     gather_at,
@@ -184,6 +185,11 @@ def test_nan_inf_and_signed_zero_follow_torch_argmax(splits):
     assert (indices[0, :, 3] == 5).all()
     assert (indices[0, :, 4] == 70).all()
     assert (indices[0, :, 5] == 80).all()
+
+
+def test_all_scores_negative(splits):
+    splits(3)
+    check_all_scores_negative(DEVICE, BACKEND)
 
 
 def test_fp32_products_follow_the_rules(monkeypatch):

@@ -96,9 +96,9 @@ def _order_key(scores, allowed):
     folded into +0.0 (equal scores must tie), every NaN maps to the largest key, and a pixel that is
     not ``allowed`` maps to INT32_MIN, which is below the key of -inf (0x807FFFFF).
     """
-    scores = tl.where(scores == 0.0, 0.0, scores)
+    scores = scores + 0.0  # -0.0 + 0.0 is +0.0 when rounding to nearest; all else is unchanged
     bits = scores.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ INT32_MAX)
+    key = bits ^ ((bits >> 31) & INT32_MAX)  # negative: flip the magnitude bits (>> is arithmetic)
     key = tl.where(scores != scores, INT32_MAX, key)
     return tl.where(allowed, key, INT32_MIN)
 
