@@ -8,10 +8,10 @@ per product). Triton's own ``input_precision="tf32x3"`` computes the same sum, b
 dots, each accumulating into the next; on Hopper Triton gives a dot whose result feeds another
 dot its warps all along M (its layout for attention-like chains) and the chain's last dot the
 usual 2-D warp grid, so it converts the accumulator between the two layouts through shared memory
-at every step. In the selection kernel at PEM's sizes (sm_90, Triton 3.8) that conversion was 18
-of the 22 barriers and about a quarter of the instructions per pixel tile. Here the three products
-are independent dots added with subtractions, which Triton does not fold back into a chain: the
-same kernel then runs 4 barriers per tile (``tests/test_triton_products.py`` checks the layouts).
+at every step. In the selection kernel at PEM's sizes (sm_90, Triton 3.8) the chain compiled to
+20 barriers per pixel tile; as independent dots added with subtractions, which Triton does not
+fold back into a chain, to 4 (``tests/test_triton_products.py`` checks the layouts; the counts
+are ``python -m benchmarks sass-stats``'s kind, the compiler's).
 
 The splits are explicit TF32 values, so under the interpreter (``TRITON_INTERPRET=1``, where
 ``tl.dot`` is a NumPy fp32 matmul whatever the precision) the products are the tensor cores' own:
