@@ -408,7 +408,7 @@ from pem_kernels.triton import prototype_select as K
 assert not K.INTERPRET
 def select_pointers(dtype):
     return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*i1",
-            "divisor_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
+            "inverse_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
 
 # The launch configurations of PEM's heads (32 channels) and of wide heads (256 and 512 channels,
 # fp32: the largest shared-memory need), 100 queries.
@@ -419,17 +419,17 @@ cases = [("bf16", True, False, 32, "tf32"), ("bf16", True, True, 32, "tf32"),
          ("bf16", True, False, 512, "tf32")]
 for dtype, has_mask, fallback, head_dim, precision in cases:
     block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
-        torch.device("cpu"), 8, 32768, 100, head_dim)
+        torch.device("cpu"), 8, 32768, 100, head_dim, precision)
     pointers = select_pointers(dtype)
     compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
         HAS_MASK=has_mask, NORMALIZE=True, FALLBACK=fallback, OFFICIAL=True, INTERPRETED=False,
         DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
         BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
-finalize = {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "best_ptr": "*i64", "fallback_ptr": "*i64",
+finalize = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "best_ptr": "*i64", "fallback_ptr": "*i64",
             "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}
 compile_sm90(K._finalize_kernel, lambda n: finalize.get(n, "i32"),
              dict(HAS_MASK=True, OFFICIAL=True, NORMALIZE=True, BLOCK_H=8, BLOCK_D=32, BLOCK_N=128))
-key_norm = {"keys_ptr": "*bf16", "divisor_ptr": "*fp32", "rows": "i64"}
+key_norm = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "rows": "i64"}
 compile_sm90(K._key_norm_kernel, lambda n: key_norm.get(n, "i32"), dict(BLOCK_R=16, BLOCK_C=128))
 backward = {"grad_ptr": "*bf16", "keys_ptr": "*bf16", "indices_ptr": "*i64",
             "grad_keys_ptr": "*bf16"}

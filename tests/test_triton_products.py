@@ -130,9 +130,9 @@ from pem_kernels.triton import prototype_select as K
 
 # PEM's selection: 32-channel heads, 100 queries, fp32 with 3xTF32 products.
 block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
-    torch.device("cpu"), 8, 32768, 100, 32)
+    torch.device("cpu"), 8, 32768, 100, 32, "tf32x3")
 pointers = {"keys_ptr": "*fp32", "queries_ptr": "*fp32", "mask_ptr": "*i1",
-            "divisor_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
+            "inverse_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
 kernel = compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
     HAS_MASK=True, NORMALIZE=False, FALLBACK=False, OFFICIAL=True, INTERPRETED=False,
     DOT_PRECISION="tf32x3", BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d,

@@ -4,7 +4,8 @@ Semantics are those of :func:`pem_kernels.reference.prototype_select_ref`. The f
 four kernels, none of which materializes the [B, heads, HW, N] similarity or normalized keys:
 
 1. ``_key_norm_kernel`` (only with ``normalize_keys``): ``max(||keys[b, p, :]||, eps)`` per pixel,
-   an fp32 vector of B*HW divisors (the keys themselves are never rewritten).
+   an fp32 vector of B*HW divisors, stored as their correctly rounded reciprocals (the keys
+   themselves are never rewritten; the kernels below multiply by them).
 2. ``_select_kernel``, grid ``(pixel splits, query blocks, B * heads)``. A program owns the queries
    ``[BLOCK_N]`` of one (image, head) and a contiguous range of pixel tiles. Per tile it computes
    the scores ``[BLOCK_P pixels, D] @ [D, BLOCK_N queries]`` on tensor cores (fp32 accumulation),
@@ -105,11 +106,14 @@ def _order_key(scores, allowed):
 
 @triton.jit
 def _key_norm_kernel(
-    keys_ptr, divisor_ptr, rows, pixels, channels,
+    keys_ptr, inverse_ptr, rows, pixels, channels,
     stride_kb, stride_kp, stride_kc,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """divisor[b * HW + p] = max(||keys[b, p, :]||_2, eps) in fp32."""
+    """inverse[b * HW + p] = 1 / max(||keys[b, p, :]||_2, eps) in fp32 (rounded once): the
+    kernels multiply by it, one multiply per score instead of a division (a slow-path call each),
+    which differs from dividing by at most an ulp, as the reference's own order (normalize the
+    keys, then multiply) does."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
     base = (row // pixels) * stride_kb + (row % pixels) * stride_kp
@@ -122,7 +126,8 @@ def _key_norm_kernel(
         sum_sq += tl.sum(v * v, axis=1)
     norm = tl.sqrt_rn(sum_sq)
     # where, not tl.maximum: a NaN norm must stay NaN (F.normalize), fmax would return eps
-    tl.store(divisor_ptr + row, tl.where(norm < KEY_NORM_EPS, KEY_NORM_EPS, norm), mask=row_ok)
+    divisor = tl.where(norm < KEY_NORM_EPS, KEY_NORM_EPS, norm)
+    tl.store(inverse_ptr + row, tl.div_rn(tl.zeros_like(divisor) + 1.0, divisor), mask=row_ok)
 
 
 @triton.jit
@@ -148,7 +153,7 @@ def _count_selected(best_ptr, row_start, num_queries, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    keys_ptr, queries_ptr, mask_ptr, divisor_ptr, best_ptr, out_ptr,
+    keys_ptr, queries_ptr, mask_ptr, inverse_ptr, best_ptr, out_ptr,
     pixels, num_queries, head_dim, num_heads, tiles_per_split,
     stride_kb, stride_kp, stride_kc,
     stride_qb, stride_qn, stride_qc,
@@ -255,11 +260,8 @@ def _select_kernel(
                     q = q.to(tl.float32)
                 scores += dot_product(k, q, k.dtype, DOT_PRECISION)
         if NORMALIZE:
-            # One correctly rounded reciprocal per pixel, not a division per score (a division
-            # is a slow-path call each): the result differs by at most an ulp, as the reference's
-            # own order (normalize the keys, then multiply) does.
-            divisor = tl.load(divisor_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
-            scores = scores * tl.div_rn(tl.zeros_like(divisor) + 1.0, divisor)[:, None]
+            inverse = tl.load(inverse_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
+            scores = scores * inverse[:, None]
         allowed = p_ok[:, None]
         if HAS_MASK and not FALLBACK:
             if BLOCK_DC != BLOCK_D:
@@ -282,7 +284,7 @@ def _select_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    keys_ptr, divisor_ptr, best_ptr, fallback_ptr, indices_ptr, prototypes_ptr,
+    keys_ptr, inverse_ptr, best_ptr, fallback_ptr, indices_ptr, prototypes_ptr,
     pixels, num_queries, head_dim, num_heads,
     stride_kb, stride_kp, stride_kc,
     HAS_MASK: tl.constexpr, OFFICIAL: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -316,8 +318,8 @@ def _finalize_kernel(
     key_rows = keys_ptr + b * stride_kb + index[:, None] * stride_kp
     value = tl.load(key_rows + channel * stride_kc, mask=ok, other=0.0).to(tl.float32)
     if NORMALIZE:
-        divisor = tl.load(divisor_ptr + b * pixels + index, mask=h_ok & (index < pixels), other=1.0)
-        value = tl.div_rn(value, divisor[:, None])
+        inverse = tl.load(inverse_ptr + b * pixels + index, mask=h_ok & (index < pixels), other=1.0)
+        value = value * inverse[:, None]
     out = prototypes_ptr + (b * num_queries + n) * (num_heads * head_dim) + channel
     tl.store(out, value.to(prototypes_ptr.dtype.element_ty), mask=ok)
 
@@ -401,20 +403,24 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _select_config(
-    device: torch.device, batch_heads: int, pixels: int, queries: int, head_dim: int
+    device: torch.device, batch_heads: int, pixels: int, queries: int, head_dim: int,
+    precision: str,
 ):
     """(BLOCK_P, BLOCK_N, BLOCK_D, BLOCK_DC, tiles_per_split, splits, query_blocks, num_warps) of
-    the select kernel. Not tuned on a GPU yet."""
+    the select kernel for products of ``precision`` (its DOT_PRECISION). Not tuned on a GPU
+    yet."""
     block_n = block_size(queries, 16, 128)  # tl.dot needs every dimension >= 16
     block_d = block_size(head_dim, 16)
     # Heads up to 128 channels in one chunk; wider ones in chunks of 32 (an fp32 [256, 128]
     # query block alone would take 128 KiB of shared memory, and the pipeline stages more; with
     # chunks of 64, fp32 at 3xTF32 spilled 1.3 KB per thread on sm_90, with 32 0.5 KB).
     block_dc = block_d if block_d <= 128 else 32
-    # 64-pixel tiles with 8 warps for 128 queries: ptxas (sm_90, triton 3.6, fp32 and bf16, PEM's
-    # 32-channel heads) spills ~0.3 KB per thread there, against 1.7 KB with 128-pixel tiles or
-    # with 4 warps (the [BLOCK_P, BLOCK_N] score, key and pixel tiles all live in registers).
-    block_p = 64
+    # 64-pixel tiles with 8 warps for 128 queries: the [BLOCK_P, BLOCK_N] scores and the running
+    # keys and tiles all live in registers. With PEM's 32-channel heads ptxas (sm_90, triton 3.8)
+    # gives 3xTF32 254 registers and bf16 183, no spills; 128-pixel tiles or 4 warps spilled
+    # (1.7 KB per thread with triton 3.6). IEEE products keep their operands in registers too
+    # (FMA dot): with 64-pixel tiles they spilled 5 KB per thread, with 32 none.
+    block_p = 32 if precision == "ieee" else 64
     tiles = cdiv(pixels, block_p)
     query_blocks = cdiv(queries, block_n)
     if _SPLITS_OVERRIDE is not None:
@@ -500,18 +506,20 @@ def prototype_select_triton(
         (batch, num_heads, num_queries), _INT64_MIN, dtype=torch.int64, device=keys.device
     )
     fallback_best = torch.full_like(masked_best, _INT64_MIN)
-    divisors = keys.new_empty(batch * pixels if normalize_keys else 1, dtype=torch.float32)
+    inverse_norms = keys.new_empty(batch * pixels if normalize_keys else 1, dtype=torch.float32)
     if normalize_keys:
         block_c = block_size(channels, 16, 128)
         block_r = max(1, 2048 // block_c)
         launcher(_key_norm_kernel, INTERPRET)[(cdiv(batch * pixels, block_r),)](
-            keys, divisors, batch * pixels, pixels, channels, *keys.stride(),
+            keys, inverse_norms, batch * pixels, pixels, channels, *keys.stride(),
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
 
-    config = _select_config(keys.device, batch * num_heads, pixels, num_queries, head_dim)
-    block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps = config
     precision = dot_operands(keys.dtype, INTERPRET)[1]
+    config = _select_config(
+        keys.device, batch * num_heads, pixels, num_queries, head_dim, precision
+    )
+    block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps = config
     # The bool mask goes to the kernel as it is (a reinterpreting view would not lower under
     # torch.compile); without one, a dummy stands in (HAS_MASK=False never reads it).
     if mask is not None:
@@ -524,7 +532,7 @@ def prototype_select_triton(
         # pass 1 writes masked_best; pass 2 reads it and writes fallback_best
         read, written = (masked_best, fallback_best) if fallback else (fallback_best, masked_best)
         launcher(_select_kernel, INTERPRET)[grid](
-            keys, queries, mask_arg, divisors, read, written,
+            keys, queries, mask_arg, inverse_norms, read, written,
             pixels, num_queries, head_dim, num_heads, tiles_per_split,
             *keys.stride(), *queries.stride(), *mask_strides,
             HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
@@ -534,7 +542,7 @@ def prototype_select_triton(
             num_warps=num_warps,
         )
     launcher(_finalize_kernel, INTERPRET)[(batch * num_queries,)](
-        keys, divisors, masked_best, fallback_best, indices, prototypes,
+        keys, inverse_norms, masked_best, fallback_best, indices, prototypes,
         pixels, num_queries, head_dim, num_heads, *keys.stride(),
         HAS_MASK=mask is not None, OFFICIAL=official_empty, NORMALIZE=normalize_keys,
         BLOCK_H=block_size(num_heads), BLOCK_D=block_size(head_dim),
