@@ -400,3 +400,25 @@ def test_sass_stats_of_a_kernel_compiled_for_sm90(tmp_path):
     assert json.loads(out.read_text()) == rows
     with pytest.raises(SystemExit, match="no _SM90_COMPILE script"):
         sass_stats.collect("test_benchmark_harness")
+
+
+def test_pem_selection_compiles_without_spills_or_layout_conversions():
+    """The selection kernel as launched at PEM's sizes (``sass-stats pem_selection``): on sm_90
+    the tensor-core product modes fit their registers, in one MMA layout with at most 4 barriers
+    per pixel tile (Triton's chained tf32x3 had 2 layouts and 22 barriers). (IEEE products, a
+    fallback, may spill a little: 16 bytes per thread with normalize_keys.)"""
+    pytest.importorskip("triton.backends.nvidia")
+    from benchmarks import sass_stats
+
+    rows = sass_stats.collect("pem_selection")
+    modes = [(row["dtype"], row["constexprs"]["DOT_PRECISION"], row["constexprs"]["NORMALIZE"])
+             for row in rows]
+    assert modes == [(dtype, precision, normalize)
+                     for dtype, precision in [("fp32", "tf32x3"), ("fp32", "tf32"),
+                                              ("fp32", "ieee"), ("bf16", "tf32")]
+                     for normalize in (False, True)]
+    for row in rows:
+        assert row["kernel"] == "_select_kernel" and row["registers"] <= 255
+        if row["constexprs"]["DOT_PRECISION"] != "ieee":
+            assert row["spill_bytes"] == 0, row
+            assert row["mma_layouts"] == 1 and row["loops"][0]["barriers"] <= 4, row
