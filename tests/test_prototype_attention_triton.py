@@ -128,6 +128,20 @@ def test_fp32_products_follow_torchs_matmul_precision(matmul_precision, monkeypa
     # the interpreter follows the same rules (pem_kernels.triton.products emulates TF32 there)
     assert dot_operands(torch.float32, True) == (tl.float32, "tf32")
     assert dot_operands(torch.bfloat16, True) == (tl.float32, "ieee")  # exact fp32 products
+    # GPUs before sm_80 have no TF32 tensor cores: IEEE products there, whatever the precision
+    import pem_kernels.triton as pt
+
+    gpu = torch.device("cuda", 0)
+    for capability, expected in [((7, 5), "ieee"), ((8, 0), "tf32"), ((9, 0), "tf32")]:
+        monkeypatch.setattr(pt, "_CAPABILITY", {0: capability})
+        assert dot_operands(torch.float32, False, gpu) == (tl.float32, expected)
+    monkeypatch.delenv("PEM_KERNELS_FP32_DOT")
+    matmul_precision("highest")
+    assert dot_operands(torch.float32, False, gpu) == (tl.float32, "tf32x3")
+    monkeypatch.setattr(pt, "_CAPABILITY", {0: (7, 0)})
+    assert dot_operands(torch.float32, False, gpu) == (tl.float32, "ieee")
+    assert dot_operands(torch.float32, True, gpu) == (tl.float32, "tf32x3")  # interpreter
+    assert dot_operands(torch.bfloat16, False, gpu)[0] == tl.bfloat16
     args = make_args(2, 10, 64)
     for normalize in NORMS:
         expected = prototype_attention_ref(*args, normalize=normalize)

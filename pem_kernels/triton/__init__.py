@@ -151,19 +151,38 @@ def fp32_dot_precision() -> str:
     return choice
 
 
-def dot_operands(dtype: torch.dtype, interpreted: bool) -> tuple:
-    """(DOT_DTYPE, DOT_PRECISION) of the products of a kernel on ``dtype`` inputs, as
-    :func:`pem_kernels.triton.products.dot_product` takes them.
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+def dot_operands(
+    dtype: torch.dtype, interpreted: bool, device: torch.device | None = None
+) -> tuple:
+    """(DOT_DTYPE, DOT_PRECISION) of the products of a kernel on ``dtype`` inputs (on ``device``),
+    as :func:`pem_kernels.triton.products.dot_product` takes them.
 
     Half-precision inputs multiply in their own dtype (their input_precision is unused); fp32
     ones as :func:`fp32_dot_precision` says, under the interpreter too (``dot_product`` emulates
-    the tensor cores' TF32 products there). Under the interpreter half-precision operands are
-    multiplied as fp32 (its half-precision ``tl.dot`` is unreliable; their products are exact in
-    fp32 either way).
+    the tensor cores' TF32 products there), except on GPUs older than compute capability 8.0,
+    which have no TF32 tensor cores (Triton multiplies fp32 on the FMA units there, so 3xTF32
+    would be three IEEE passes for one's accuracy): IEEE. Under the interpreter half-precision
+    operands are multiplied as fp32 (its half-precision ``tl.dot`` is unreliable; their products
+    are exact in fp32 either way).
     """
     import triton.language as tl
 
     if dtype == torch.float32:
+        if (
+            not interpreted and device is not None and device.type == "cuda"
+            and _capability(device) < (8, 0)
+        ):
+            return tl.float32, "ieee"
         return tl.float32, fp32_dot_precision()
     if interpreted:
         return tl.float32, "ieee"

@@ -668,8 +668,8 @@ def _input_grad_kernel(
 # host side
 
 
-def _dot_config(dtype: torch.dtype) -> dict:
-    operand, precision = dot_operands(dtype, INTERPRET)
+def _dot_config(tensor: torch.Tensor) -> dict:
+    operand, precision = dot_operands(tensor.dtype, INTERPRET, tensor.device)
     return dict(DOT_DTYPE=operand, DOT_PRECISION=precision)
 
 
@@ -844,7 +844,7 @@ def deform_conv2d_triton(
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         PIXEL_MAJOR=pixel_major,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        **_dot_config(input.dtype),
+        **_dot_config(input),
     )
     return out
 
@@ -899,7 +899,7 @@ def deform_conv2d_backward_triton(
     if M == 0:
         return grad_input.zero_(), torch.zeros_like(weight), grad_offset, grad_mask, grad_bias
 
-    dots = _dot_config(dtype)
+    dots = _dot_config(input)
     w_by_tap = _weight_by_tap(weight, groups)
     mask_arg, om_strides = _offset_mask_args(offset, mask)
     geometry = (s["H"], s["W"], s["KW"], s["TAPS"], s["CIN_G"], s["COUT_G"], s["COG"])

@@ -146,8 +146,10 @@ def _bn_depthwise_conv_kernel(
     tl.store(out_ptr + out_offsets, conv, mask=p_ok[:, None] & c_ok[None, :])
 
 
-def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
-    dot_dtype, precision = dot_operands(dtype, INTERPRET)
+def _launch_config(
+    out_channels: int, dtype: torch.dtype, device: torch.device | None = None
+) -> dict:
+    dot_dtype, precision = dot_operands(dtype, INTERPRET, device)
     # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
     # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
     block_n = block_size(out_channels, 16, 256)
@@ -221,7 +223,7 @@ def local_representation_triton(
     if x.dtype == torch.float32 and not fp32_matmul_allows_tf32():
         return _conv_then_addmm(conv_operands, pos is not None, weight, bias, normalize)
     out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
-    config = _launch_config(out_channels, x.dtype)
+    config = _launch_config(out_channels, x.dtype, x.device)
     in_kernel = normalize and normalizes_in_kernel(x.dtype, out_channels)
     grid = (
         height * cdiv(width, config["BLOCK_P"]),

@@ -32,19 +32,23 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 @triton.jit
 def round_to_tf32(x):
-    """fp32 ``x`` rounded to TF32's 10 mantissa bits, to nearest with ties away from zero (as
-    ``cvt.rna.tf32.f32`` and the CUDA kernels' ``wmma::__float_to_tf32``), kept in fp32.
+    """fp32 ``x`` rounded to TF32's 10 mantissa bits, to nearest with ties away from zero, kept in
+    fp32: ``cvt.rna.tf32.f32``, what the CUDA kernels' ``wmma::__float_to_tf32`` compiles to (one
+    instruction; :func:`pem_kernels.triton.dot_operands` asks for TF32 products only on GPUs that
+    have them, sm_80 and newer, where it exists).
 
-    Half a TF32 unit is added to the bits and the 13 low ones cleared, which rounds the magnitude
-    whatever the sign (sign-magnitude); inf stays inf, and a NaN is returned unchanged (its payload
-    could carry into the sign bit). Integer arithmetic rather than the PTX instruction: the same
-    code runs under the interpreter, and on GPUs older than sm_80, which have no TF32 (their
-    ``tl.dot`` multiplies fp32 on the FMA units; the split is then exact but not needed), ptxas
-    would reject ``cvt.rna.tf32``. It costs a few integer instructions per element where the PTX
-    instruction is one."""
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
-    return tl.where(x == x, rounded, x)
+    The interpreter runs no PTX: there half a TF32 unit is added to the bits and the 13 low ones
+    cleared, which rounds the magnitude whatever the sign (sign-magnitude); inf stays inf, and a
+    NaN is returned unchanged (its payload could carry into the sign bit)."""
+    if INTERPRETED:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        return tl.where(x == x, rounded, x)
+    else:
+        return tl.inline_asm_elementwise(
+            "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x.to(tl.int32, bitcast=True)], dtype=tl.int32,
+            is_pure=True, pack=1,
+        ).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -272,10 +272,12 @@ def _bwd_dx_kernel(
     tl.store(dq_ptr + offs, p * dx, mask=ok)
 
 
-def _launch_config(num_queries: int, dtype: torch.dtype) -> dict:
+def _launch_config(
+    num_queries: int, dtype: torch.dtype, device: torch.device | None = None
+) -> dict:
     # tl.dot needs every block dimension >= 16; all N rows of an image live in every program.
     block_n = block_size(num_queries, 16)
-    dot_dtype, precision = dot_operands(dtype, INTERPRET)
+    dot_dtype, precision = dot_operands(dtype, INTERPRET, device)
     # 32 output channels per program: PEM's C = 256 gives 8 programs per image. Fewer pipeline
     # stages for more queries: each stage holds a [BLOCK_N, BLOCK_K] operand tile (fp32 at
     # BLOCK_N = 512 with 3 stages: 328 KiB of shared memory, over an H100 block's 227 KiB).
@@ -295,7 +297,7 @@ def _plan(prototypes: torch.Tensor, normalize_over_queries: bool) -> tuple:
     row sums of squares forward, dAn and the row dots backward); the query-axis norm never touches
     them and gets one-element stand-ins, so that no argument aliases a written one."""
     batch, num_queries, channels = prototypes.shape
-    config = _launch_config(num_queries, prototypes.dtype)
+    config = _launch_config(num_queries, prototypes.dtype, prototypes.device)
     blocks = cdiv(channels, config["BLOCK_J"])
     f32 = dict(device=prototypes.device, dtype=torch.float32)
     if normalize_over_queries:

@@ -514,7 +514,7 @@ def prototype_select_triton(
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
 
-    precision = dot_operands(keys.dtype, INTERPRET)[1]
+    precision = dot_operands(keys.dtype, INTERPRET, keys.device)[1]
     config = _select_config(
         keys.device, batch * num_heads, pixels, num_queries, head_dim, precision
     )

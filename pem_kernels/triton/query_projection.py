@@ -106,8 +106,10 @@ def _query_projection_kernel(
     )
 
 
-def _launch_config(out_channels: int, dtype: torch.dtype) -> dict:
-    dot_dtype, precision = dot_operands(dtype, INTERPRET)
+def _launch_config(
+    out_channels: int, dtype: torch.dtype, device: torch.device | None = None
+) -> dict:
+    dot_dtype, precision = dot_operands(dtype, INTERPRET, device)
     # 8 warps: with 4, ptxas (sm_90, triton 3.6 and 3.8) spills about 500 bytes per thread at
     # C_out = 256 in fp32; with 8 at most 40 (none in bf16).
     return dict(
@@ -154,7 +156,7 @@ def query_projection_triton(
     if out.numel() == 0:
         return out
     x = tgt.contiguous()
-    config = _launch_config(out_channels, x.dtype)
+    config = _launch_config(out_channels, x.dtype, x.device)
     launcher(_query_projection_kernel, INTERPRET)[(cdiv(rows, config["BLOCK_R"]),)](
         x, query_pos.contiguous() if query_pos is not None else x, ln_weight.contiguous(),
         ln_bias.contiguous(), weight.contiguous(), bias.contiguous(), out,
