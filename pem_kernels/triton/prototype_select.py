@@ -15,10 +15,11 @@ four kernels, none of which materializes the [B, heads, HW, N] similarity or nor
    last tile each query's best is the max over the tile's rows of the int64
    ``key << 32 | (INT32_MAX - pixel)``: a plain integer max picks the largest score and, among
    equal scores, the lowest pixel. Programs merge their results with ``tl.atomic_max`` into
-   ``best[B, heads, N]`` (initialized to ``INT64_MIN``). Max is associative and commutative, so the result does not depend on program
-   order: deterministic. An allowed pixel scoring -inf still beats a blocked one, so a query whose
-   allowed pixels all score -inf gets its first allowed pixel for free, and a key still at
-   ``INT32_MIN`` afterwards means "no allowed pixel": the mask is never scanned in a separate pass.
+   ``best[B, heads, N]`` (initialized to ``INT64_MIN``). Max is associative and commutative, so
+   the result does not depend on program order: deterministic. An allowed pixel scoring -inf
+   still beats a blocked one, so a query whose allowed pixels all score -inf gets its first
+   allowed pixel for free, and a key still at ``INT32_MIN`` afterwards means "no allowed pixel":
+   the mask is never scanned in a separate pass.
 3. The same kernel again with ``FALLBACK=True`` (only when a mask is given): every program reads the
    masked result of its queries and, only if one of them is empty and the empty rule says "select
    over all pixels" (``per_query``, or ``official`` with every query of the image empty), scans its
@@ -167,8 +168,8 @@ def _select_kernel(
     max. With FALLBACK, ``best_ptr`` holds the finished masked pass and only the queries that need
     an unmasked argmax are scanned and written. When the head fits one chunk (``BLOCK_DC ==
     BLOCK_D``, PEM's 32 channels) the query block is loaded (and split for 3xTF32) once and every
-    tile is one product; wider heads are scored ``BLOCK_DC`` channels at a time with the query chunks reloaded per tile
-    (from L1/L2), so shared memory stays bounded whatever the head size.
+    tile is one product; wider heads are scored ``BLOCK_DC`` channels at a time with the query
+    chunks reloaded per tile (from L1/L2), so shared memory stays bounded whatever the head size.
     """
     split = tl.program_id(0)
     query_block = tl.program_id(1)
