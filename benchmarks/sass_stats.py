@@ -133,18 +133,19 @@ for dtype, precision in [("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"),
             torch.device("cpu"), HEADS, HW, N, C // HEADS, precision)
         args = dict(
             keys_ptr="*" + dtype, queries_ptr="*" + dtype, mask_ptr="*i1", inverse_ptr="*fp32",
-            best_ptr="*i64", out_ptr="*i64", pixels=HW, num_queries=N, head_dim=C // HEADS,
-            num_heads=HEADS, tiles_per_split=8, stride_kb=HW * C, stride_kp=C, stride_kc=1,
+            partials_ptr="*i64", allowed_seen_ptr="*i32", pixels=HW, num_queries=N,
+            head_dim=C // HEADS, num_heads=HEADS, tiles_per_split=8, slots=HEADS * N,
+            stride_kb=HW * C, stride_kp=C, stride_kc=1,
             stride_qb=N * C, stride_qn=C, stride_qc=1, stride_mb=N * HW, stride_mn=HW,
             stride_mp=1)
         compile_launch(K._select_kernel, args, dict(
-            HAS_MASK=True, NORMALIZE=normalize, FALLBACK=False, OFFICIAL=True,
+            HAS_MASK=True, NORMALIZE=normalize, OFFICIAL=True,
             INTERPRETED=False, DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
             BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
 """
 
 # The constexprs shown in the table (the others are in the JSON).
-_SHOWN = ("DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_J", "NORMALIZE", "FALLBACK",
+_SHOWN = ("DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_J", "NORMALIZE",
           "PIXEL_MAJOR", "NORM_OVER_QUERIES")
 
 

@@ -478,6 +478,7 @@ def test_prototype_select_all_scores_negative(select):
     wins (negative floats order backwards as integers unless their magnitude bits are flipped)."""
     keys, queries, mask = make_select_inputs(2, 300, 16, 5)
     keys, queries = -keys.abs() - 0.01, queries.abs() + 0.01
+    mask[0, 1] = False  # an empty query: the unmasked argmax among negative scores
     for normalize_keys in (False, True):
         for allowed in (None, mask):
             (_, indices), (_, cpu_indices) = select_both(

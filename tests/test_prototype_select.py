@@ -575,10 +575,41 @@ def check_all_scores_negative(device, backend: str) -> None:
     answer among positive scores."""
     keys, queries, mask = make_inputs(2, 300, 16, 5, device)
     keys, queries = -keys.abs() - 0.01, queries.abs() + 0.01
+    # An empty query takes the unmasked argmax, where a kernel that scores the rows past the last
+    # pixel tile (300 is no multiple of a tile) as zeros must not let them win.
+    mask[0, 1] = False
     for normalize_keys in (False, True):
         for allowed in (None, mask):
             assert_matches_reference(keys, queries, allowed, 2, empty="per_query",
                                      normalize_keys=normalize_keys, backend=backend)
+
+
+def check_official_rule_across_query_blocks(device, backend: str) -> None:
+    """130 queries (more than one query block of the fused kernels) with only the last one
+    allowed any pixel, in image 0; image 1 blocks everything. Under the official rule image 0's
+    empty queries must see that allowed pixel in another block (-> pixel 0) and image 1 must be
+    unmasked; under the per-query rule every empty query takes its unmasked argmax."""
+    keys, queries, _ = make_inputs(2, 70, 16, 130, device)
+    mask = torch.zeros(2, 130, 70, dtype=torch.bool, device=device)
+    mask[0, 129, [5, 40, 66]] = True
+    scores = head_scores(keys, queries, 2, False)  # [B, heads, HW, N]
+    unmasked = scores.argmax(dim=2)  # [B, heads, N]
+    for empty in ("official", "per_query"):
+        _, indices = assert_matches_reference(keys, queries, mask, 2, empty=empty,
+                                              normalize_keys=False, backend=backend)
+        allowed_best = torch.tensor([5, 40, 66], device=device)[
+            scores[0, :, [5, 40, 66], 129].argmax(dim=1)]
+        assert torch.equal(indices[0, :, 129], allowed_best)
+        assert torch.equal(indices[1], unmasked[1])
+        if empty == "official":
+            assert (indices[0, :, :129] == 0).all()
+        else:
+            assert torch.equal(indices[0, :, :129], unmasked[0, :, :129])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_official_rule_across_query_blocks(device):
+    check_official_rule_across_query_blocks(device, backend_for(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

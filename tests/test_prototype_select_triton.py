@@ -3,7 +3,8 @@
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), where every program step costs milliseconds: shapes stay small, but HW is never
 a multiple of the pixel tile and the pixel axis is split over several programs, so the cross-program
-merge (packed int64 atomic max) is always exercised. With a GPU the same tests run on CUDA tensors.
+merge (the finalize kernel's max over the splits' packed int64 partials) is always exercised. With
+a GPU the same tests run on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from test_prototype_select import (
     blob_masks,
     check_all_scores_negative,
     check_fp32_product_rules,
+    check_official_rule_across_query_blocks,
     check_normalized_gradient_of_nan_and_zero_keys,
     gather_at,
     head_scores,
@@ -95,7 +97,7 @@ def test_low_precision_matches_reference(dtype, normalize_keys):
 @pytest.mark.parametrize("count", [1, 3])
 def test_any_pixel_split_gives_the_same_result(splits, count):
     keys, query, mask = make_inputs(2, 300, 16, 6, DEVICE)
-    mask[0, 4] = False  # an empty query: the fallback pass is split too
+    mask[0, 4] = False  # an empty query: its unmasked argmax is split too
     splits(None)
     _, default = check(keys, query, mask, 2, normalize_keys=True)
     splits(count)
@@ -190,6 +192,11 @@ def test_nan_inf_and_signed_zero_follow_torch_argmax(splits):
 def test_all_scores_negative(splits):
     splits(3)
     check_all_scores_negative(DEVICE, BACKEND)
+
+
+def test_official_rule_across_query_blocks(splits):
+    splits(2)
+    check_official_rule_across_query_blocks(DEVICE, BACKEND)
 
 
 def test_fp32_products_follow_the_rules(monkeypatch):
@@ -408,27 +415,28 @@ from pem_kernels.triton import prototype_select as K
 assert not K.INTERPRET
 def select_pointers(dtype):
     return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*i1",
-            "inverse_ptr": "*fp32", "best_ptr": "*i64", "out_ptr": "*i64"}
+            "inverse_ptr": "*fp32", "partials_ptr": "*i64", "allowed_seen_ptr": "*i32"}
 
 # The launch configurations of PEM's heads (32 channels) and of wide heads (256 and 512 channels,
 # fp32: the largest shared-memory need), 100 queries.
 # fp32 with its default 3xTF32 products, and PEM's heads also with PEM_KERNELS_FP32_DOT=ieee.
-cases = [("bf16", True, False, 32, "tf32"), ("bf16", True, True, 32, "tf32"),
-         ("fp32", False, False, 32, "tf32x3"), ("fp32", True, False, 32, "ieee"),
-         ("fp32", True, False, 256, "tf32x3"), ("fp32", True, False, 512, "tf32x3"),
-         ("bf16", True, False, 512, "tf32")]
-for dtype, has_mask, fallback, head_dim, precision in cases:
+cases = [("bf16", True, 32, "tf32"), ("bf16", False, 32, "tf32"),
+         ("fp32", False, 32, "tf32x3"), ("fp32", True, 32, "ieee"),
+         ("fp32", True, 256, "tf32x3"), ("fp32", True, 512, "tf32x3"),
+         ("bf16", True, 512, "tf32")]
+for dtype, has_mask, head_dim, precision in cases:
     block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
         torch.device("cpu"), 8, 32768, 100, head_dim, precision)
     pointers = select_pointers(dtype)
     compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
-        HAS_MASK=has_mask, NORMALIZE=True, FALLBACK=fallback, OFFICIAL=True, INTERPRETED=False,
+        HAS_MASK=has_mask, NORMALIZE=True, OFFICIAL=True, INTERPRETED=False,
         DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
         BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
-finalize = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "best_ptr": "*i64", "fallback_ptr": "*i64",
-            "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}
+finalize = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "partials_ptr": "*i64",
+            "allowed_seen_ptr": "*i32", "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}
 compile_sm90(K._finalize_kernel, lambda n: finalize.get(n, "i32"),
-             dict(HAS_MASK=True, OFFICIAL=True, NORMALIZE=True, BLOCK_H=8, BLOCK_D=32, BLOCK_N=128))
+             dict(HAS_MASK=True, OFFICIAL=True, NORMALIZE=True, BLOCK_H=8, BLOCK_D=32, BLOCK_S=64,
+                  BLOCK_F=1024))
 key_norm = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "rows": "i64"}
 compile_sm90(K._key_norm_kernel, lambda n: key_norm.get(n, "i32"), dict(BLOCK_R=16, BLOCK_C=128))
 backward = {"grad_ptr": "*bf16", "keys_ptr": "*bf16", "indices_ptr": "*i64",

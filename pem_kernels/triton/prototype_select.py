@@ -1,7 +1,8 @@
-"""``prototype_select`` in Triton: a split-pixel tensor-core argmax merged with a packed atomic max.
+"""``prototype_select`` in Triton: a split-pixel tensor-core argmax, merged without atomics.
 
-Semantics are those of :func:`pem_kernels.reference.prototype_select_ref`. The forward runs up to
-four kernels, none of which materializes the [B, heads, HW, N] similarity or normalized keys:
+Semantics are those of :func:`pem_kernels.reference.prototype_select_ref`. The forward runs two
+kernels (three with ``normalize_keys``) and fills no buffer; none of them materializes the
+[B, heads, HW, N] similarity or normalized keys:
 
 1. ``_key_norm_kernel`` (only with ``normalize_keys``): ``max(||keys[b, p, :]||, eps)`` per pixel,
    an fp32 vector of B*HW divisors, stored as their correctly rounded reciprocals (the keys
@@ -9,24 +10,22 @@ four kernels, none of which materializes the [B, heads, HW, N] similarity or nor
 2. ``_select_kernel``, grid ``(pixel splits, query blocks, B * heads)``. A program owns the queries
    ``[BLOCK_N]`` of one (image, head) and a contiguous range of pixel tiles. Per tile it computes
    the scores ``[BLOCK_P pixels, D] @ [D, BLOCK_N queries]`` on tensor cores (fp32 accumulation),
-   turns each score into an order-preserving int32 key (NaN -> largest key, -0.0 -> +0.0, pixels
-   the mask blocks -> ``INT32_MIN``, below -inf's key) and keeps, per element of the tile, the
-   largest key so far and its tile (a strict '>': the earlier tile among equal keys). After the
-   last tile each query's best is the max over the tile's rows of the int64
-   ``key << 32 | (INT32_MAX - pixel)``: a plain integer max picks the largest score and, among
-   equal scores, the lowest pixel. Programs merge their results with ``tl.atomic_max`` into
-   ``best[B, heads, N]`` (initialized to ``INT64_MIN``). Max is associative and commutative, so
-   the result does not depend on program order: deterministic. An allowed pixel scoring -inf
-   still beats a blocked one, so a query whose allowed pixels all score -inf gets its first
-   allowed pixel for free, and a key still at ``INT32_MIN`` afterwards means "no allowed pixel":
-   the mask is never scanned in a separate pass.
-3. The same kernel again with ``FALLBACK=True`` (only when a mask is given): every program reads the
-   masked result of its queries and, only if one of them is empty and the empty rule says "select
-   over all pixels" (``per_query``, or ``official`` with every query of the image empty), scans its
-   pixel range unmasked into a second buffer. Otherwise it exits after a few loads.
-4. ``_finalize_kernel``, one program per (image, query): applies the empty rule (``official`` and
-   not all queries of the image empty -> pixel 0), writes the indices and gathers (and normalizes)
-   the prototype rows of every head.
+   turns each score into an order-preserving int32 key (NaN -> largest key, -0.0 -> +0.0) and
+   keeps, per element of the tile, the best key so far and its tile, where an allowed pixel beats
+   every pixel the mask blocks and among equals a strict '>' keeps the earlier tile (the lower
+   pixel). That one running argmax is the masked argmax of a query with an allowed pixel and the
+   unmasked argmax, which an empty query falls back to, of one without: no second pass over the
+   pixels. After the last tile each query's best is the max over the tile's rows of the int64
+   ``blocked << 63 | (key + 2^31) << 31 | (INT32_MAX - pixel)`` (``blocked``: the pixel is
+   masked out): a plain integer max ranks allowed pixels first, then larger scores, then, among
+   equal scores, the lower pixel. Each program stores that per query into ``partials[split]``
+   (and, for the ``official`` rule, whether it saw an allowed pixel at all): every entry is
+   written, so nothing is filled first.
+3. ``_finalize_kernel``, one program per (image, query): the max over the splits' partials (max is
+   associative and commutative: the result does not depend on program order, deterministic),
+   the empty rule (``official`` with an allowed pixel somewhere in the image -> pixel 0 for an
+   empty query), the indices, and the gather (and normalization) of the prototype rows of every
+   head.
 
 Backward (``_backward_kernel``, one program per (image, head * N + query)): the program holding the
 first (head, query) slot of the image that selected a pixel sums, in a fixed order and in fp32, the
@@ -78,6 +77,7 @@ _KEY_NORM_EPS = 1e-12  # F.normalize's eps: keys are divided by max(||k||, eps)
 INT32_MIN = tl.constexpr(-(2**31))
 INT32_MAX = tl.constexpr(2**31 - 1)
 INT64_MIN = tl.constexpr(_INT64_MIN)
+KEY_OFFSET = tl.constexpr(2**31)  # int32 key + 2^31: the key's order as a non-negative int64
 KEY_NORM_EPS = tl.constexpr(_KEY_NORM_EPS)
 
 # Test hook: forces the number of pixel splits of the select kernel (None: chosen per device).
@@ -90,18 +90,17 @@ _SPLITS_OVERRIDE: Optional[int] = None
 
 
 @triton.jit
-def _order_key(scores, allowed):
+def _order_key(scores):
     """int32 keys whose signed order is the order torch.argmax uses for the fp32 ``scores``.
 
     Non-negative floats keep their bits, negative ones get their magnitude bits flipped; -0.0 is
-    folded into +0.0 (equal scores must tie), every NaN maps to the largest key, and a pixel that is
-    not ``allowed`` maps to INT32_MIN, which is below the key of -inf (0x807FFFFF).
+    folded into +0.0 (equal scores must tie) and every NaN maps to the largest key. INT32_MIN,
+    below the key of -inf (0x807FFFFF), is left for "no pixel".
     """
     scores = scores + 0.0  # -0.0 + 0.0 is +0.0 when rounding to nearest; all else is unchanged
     bits = scores.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & INT32_MAX)  # negative: flip the magnitude bits (>> is arithmetic)
-    key = tl.where(scores != scores, INT32_MAX, key)
-    return tl.where(allowed, key, INT32_MIN)
+    return tl.where(scores != scores, INT32_MAX, key)
 
 
 @triton.jit
@@ -141,42 +140,32 @@ def _mask_tile(mask_rows, stride_mp, n_ok, tile, tile_end, pixels, BLOCK_P: tl.c
 
 
 @triton.jit
-def _count_selected(best_ptr, row_start, num_queries, BLOCK_N: tl.constexpr):
-    """How many of the queries best[row_start : row_start + N] have an allowed pixel."""
-    count = 0
-    for n0 in range(0, num_queries, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        best = tl.load(best_ptr + row_start + offs, mask=offs < num_queries, other=INT64_MIN)
-        count += tl.sum(((best >> 32) != INT32_MIN).to(tl.int32), axis=0)
-    return count
-
-
-@triton.jit
 def _select_kernel(
-    keys_ptr, queries_ptr, mask_ptr, inverse_ptr, best_ptr, out_ptr,
-    pixels, num_queries, head_dim, num_heads, tiles_per_split,
+    keys_ptr, queries_ptr, mask_ptr, inverse_ptr, partials_ptr, allowed_seen_ptr,
+    pixels, num_queries, head_dim, num_heads, tiles_per_split, slots,
     stride_kb, stride_kp, stride_kc,
     stride_qb, stride_qn, stride_qc,
     stride_mb, stride_mn, stride_mp,
-    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, FALLBACK: tl.constexpr,
-    OFFICIAL: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, OFFICIAL: tl.constexpr,
+    INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
-    """Masked (FALLBACK=False) or fallback unmasked (FALLBACK=True) argmax of one pixel range.
+    """The allowed-first argmax of one pixel range for ``BLOCK_N`` queries of one (image, head).
 
-    Merges ``key << 32 | (INT32_MAX - pixel)`` per (b, head, query) into ``out_ptr`` with an atomic
-    max. With FALLBACK, ``best_ptr`` holds the finished masked pass and only the queries that need
-    an unmasked argmax are scanned and written. When the head fits one chunk (``BLOCK_DC ==
-    BLOCK_D``, PEM's 32 channels) the query block is loaded (and split for 3xTF32) once and every
-    tile is one product; wider heads are scored ``BLOCK_DC`` channels at a time with the query
-    chunks reloaded per tile (from L1/L2), so shared memory stays bounded whatever the head size.
+    Stores the packed best (module docstring) of every query to ``partials[split, b, head, n]``
+    (``slots`` = B * heads * N entries per split) and, with a mask and the official rule, whether
+    any of its pixels was allowed for any of its queries to ``allowed_seen[b, head, query block,
+    split]``. When the head fits one chunk (``BLOCK_DC == BLOCK_D``, PEM's 32 channels) the query
+    block is loaded (and split for 3xTF32) once and every tile is one product; wider heads are
+    scored ``BLOCK_DC`` channels at a time with the query chunks reloaded per tile (from L1/L2),
+    so shared memory stays bounded whatever the head size.
     """
     split = tl.program_id(0)
     query_block = tl.program_id(1)
     bh = tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
-    row_start = bh.to(tl.int64) * num_queries  # of best/out [B, heads, N]
+    row_start = bh.to(tl.int64) * num_queries  # of a [B, heads, N] slot array
 
     offs_n = query_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < num_queries
@@ -187,16 +176,6 @@ def _select_kernel(
     num_tiles = tl.cdiv(pixels, BLOCK_P)
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
-    write = n_ok
-    if FALLBACK:
-        masked_best = tl.load(best_ptr + row_start + offs_n, mask=n_ok, other=0)
-        write = n_ok & ((masked_best >> 32) == INT32_MIN)  # queries without an allowed pixel
-        if OFFICIAL:
-            # the official rule unmasks an image only when all its queries are empty
-            image_selected = _count_selected(best_ptr, row_start, num_queries, BLOCK_N)
-            write = write & (image_selected == 0)
-        any_write = tl.max(write.to(tl.int32), axis=0)
-        tile_end = tl.where(any_write > 0, tile_end, tile_begin)
 
     query_base = queries_ptr + b * stride_qb + offs_n[None, :] * stride_qn
     if BLOCK_DC == BLOCK_D:
@@ -209,19 +188,20 @@ def _select_kernel(
         if DOT_PRECISION == "tf32x3":
             q_big, q_small = split_tf32(q)  # once: the queries are the same for every tile
 
-    # Per score slot (row of the tile, query): the largest key so far and the tile it came from.
-    # Updated element-wise, where a strict '>' keeps the earlier tile (the lower pixel) among
-    # equal keys; the rows are reduced once after the loop. (Reducing them per tile took two
-    # cross-warp reductions, with their barriers, per tile.)
+    # Per score slot (row of the tile, query): the best key so far and the tile it came from,
+    # stored as ``tile`` for an allowed pixel and ``~tile`` (negative) for a blocked one. Updated
+    # element-wise; the rows are reduced once after the loop. (Reducing them per tile took two
+    # cross-warp reductions, with their barriers, per tile.) Start: a blocked "pixel" of key
+    # INT32_MIN, which every real pixel beats.
     best_key = tl.full([BLOCK_P, BLOCK_N], INT32_MIN, dtype=tl.int32)
-    best_tile = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.int32) + tile_begin
-    if HAS_MASK and not FALLBACK and BLOCK_DC == BLOCK_D:
+    best_tile = tl.full([BLOCK_P, BLOCK_N], -1, dtype=tl.int32)
+    if HAS_MASK and BLOCK_DC == BLOCK_D:
         mask_rows = mask_ptr + b * stride_mb + offs_n.to(tl.int64)[None, :] * stride_mn
         next_mask = _mask_tile(mask_rows, stride_mp, n_ok, tile_begin, tile_end, pixels, BLOCK_P)
     for tile in range(tile_begin, tile_end):
         offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < pixels
-        if HAS_MASK and not FALLBACK and BLOCK_DC == BLOCK_D:
+        if HAS_MASK and BLOCK_DC == BLOCK_D:
             # The next tile's mask bytes are loaded one tile ahead: the key tiles are pipelined
             # by the compiler (they feed the dot), these plain loads would stall every tile. (Not
             # for wide heads, whose chunked tiles are long enough and short of registers: with
@@ -262,53 +242,72 @@ def _select_kernel(
         if NORMALIZE:
             inverse = tl.load(inverse_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
             scores = scores * inverse[:, None]
-        allowed = p_ok[:, None]
-        if HAS_MASK and not FALLBACK:
+        # Rows past the image never win: INT32_MIN beats nothing, not even the start.
+        key = tl.where(p_ok[:, None], _order_key(scores), INT32_MIN)
+        if HAS_MASK:
             if BLOCK_DC != BLOCK_D:
                 m = tl.load(
                     mask_ptr + b * stride_mb + offs_n.to(tl.int64)[None, :] * stride_mn
                     + offs_p.to(tl.int64)[:, None] * stride_mp,
                     mask=p_ok[:, None] & n_ok[None, :], other=0,
                 )
-            allowed = allowed & (m != 0)
-        key = _order_key(scores, allowed)
-        better = key > best_key
+            allowed = m != 0
+            # allowed beats blocked; between two allowed or two blocked pixels the larger key
+            better = tl.where(allowed == (best_tile >= 0), key > best_key, allowed)
+            best_tile = tl.where(better, tl.where(allowed, tile, ~tile), best_tile)
+        else:
+            better = key > best_key
+            best_tile = tl.where(better, tile, best_tile)
         best_key = tl.where(better, key, best_key)
-        best_tile = tl.where(better, tile, best_tile)
-    pixel = best_tile * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-    packed = (best_key.to(tl.int64) << 32) | (pixel ^ INT32_MAX).to(tl.int64)
+    allowed_best = best_tile >= 0
+    pixel = tl.where(allowed_best, best_tile, ~best_tile) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    packed = ((best_key.to(tl.int64) + KEY_OFFSET) << 31) | (pixel ^ INT32_MAX).to(tl.int64)
+    if HAS_MASK:
+        packed = tl.where(allowed_best, packed, packed | INT64_MIN)
     running = tl.max(packed, axis=0)  # [BLOCK_N]
-    # relaxed: the merged keys are read only by later launches
-    tl.atomic_max(out_ptr + row_start + offs_n, running, mask=write, sem="relaxed")
+    tl.store(partials_ptr + split * slots + row_start + offs_n, running, mask=n_ok)
+    if HAS_MASK and OFFICIAL:
+        seen = tl.max(tl.where(n_ok & (running >= 0), 1, 0), axis=0)
+        splits = tl.num_programs(0)
+        tl.store(allowed_seen_ptr + (bh * tl.num_programs(1) + query_block) * splits + split, seen)
 
 
 @triton.jit
 def _finalize_kernel(
-    keys_ptr, inverse_ptr, best_ptr, fallback_ptr, indices_ptr, prototypes_ptr,
-    pixels, num_queries, head_dim, num_heads,
+    keys_ptr, inverse_ptr, partials_ptr, allowed_seen_ptr, indices_ptr, prototypes_ptr,
+    pixels, num_queries, head_dim, num_heads, splits, slots, seen_per_head,
     stride_kb, stride_kp, stride_kc,
     HAS_MASK: tl.constexpr, OFFICIAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """Per (b, n): the empty-mask rule, indices[b, :, n] and prototypes[b, n, :]."""
+    """Per (b, n): the splits' merge, the empty-mask rule, indices[b, :, n] and prototypes[b, n, :].
+    ``seen_per_head``: entries of ``allowed_seen`` per (image, head), query blocks x splits."""
     pid = tl.program_id(0)
     b = (pid // num_queries).to(tl.int64)
     n = pid % num_queries
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < num_heads
     slot = (b * num_heads + offs_h) * num_queries + n  # into [B, heads, N]
-    best = tl.load(best_ptr + slot, mask=h_ok, other=0)
+    best = tl.full([BLOCK_H], INT64_MIN, dtype=tl.int64)
+    for s0 in range(0, splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        partial = tl.load(
+            partials_ptr + offs_s.to(tl.int64)[None, :] * slots + slot[:, None],
+            mask=h_ok[:, None] & (offs_s < splits)[None, :], other=INT64_MIN,
+        )
+        best = tl.maximum(best, tl.max(partial, axis=1))
     index = (best & INT32_MAX) ^ INT32_MAX  # = INT32_MAX - low bits
-    if HAS_MASK:
-        empty = (best >> 32) == INT32_MIN  # the query has no allowed pixel (same for every head)
-        over_all = empty
-        if OFFICIAL:
-            image_row = b * num_heads * num_queries  # head 0 of image b
-            image_selected = _count_selected(best_ptr, image_row, num_queries, BLOCK_N)
-            over_all = empty & (image_selected == 0)
-        fallback = tl.load(fallback_ptr + slot, mask=h_ok & over_all, other=0)
-        fallback_index = (fallback & INT32_MAX) ^ INT32_MAX
-        index = tl.where(empty, tl.where(over_all, fallback_index, 0), index)
+    if HAS_MASK and OFFICIAL:
+        # An empty query (no allowed pixel: best < 0, the same for every head) gets pixel 0 unless
+        # no query of the image has an allowed pixel; then, as under the per-query rule, the
+        # unmasked argmax that ``best`` holds.
+        seen = 0
+        image_seen = allowed_seen_ptr + b * num_heads * seen_per_head  # head 0 of image b
+        for f0 in range(0, seen_per_head, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            flags = tl.load(image_seen + offs_f, mask=offs_f < seen_per_head, other=0)
+            seen = tl.maximum(seen, tl.max(flags, axis=0))
+        index = tl.where((best < 0) & (seen > 0), 0, index)
     tl.store(indices_ptr + slot, index, mask=h_ok)
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -500,12 +499,6 @@ def prototype_select_triton(
     if batch == 0 or num_queries == 0:
         return prototypes, indices
 
-    # Packed merge keys of the masked argmax and of the unmasked fallback (used only with a mask);
-    # separate tensors, so that no kernel gets two aliasing arguments of which one is written.
-    masked_best = torch.full(
-        (batch, num_heads, num_queries), _INT64_MIN, dtype=torch.int64, device=keys.device
-    )
-    fallback_best = torch.full_like(masked_best, _INT64_MIN)
     inverse_norms = keys.new_empty(batch * pixels if normalize_keys else 1, dtype=torch.float32)
     if normalize_keys:
         block_c = block_size(channels, 16, 128)
@@ -526,27 +519,29 @@ def prototype_select_triton(
         mask_arg, mask_strides = mask, mask.stride()
     else:
         mask_arg, mask_strides = keys.new_empty(1, dtype=torch.bool), (0, 0, 0)
-    grid = (splits, query_blocks, batch * num_heads)
-    passes = (False, True) if mask is not None else (False,)
-    for fallback in passes:
-        # pass 1 writes masked_best; pass 2 reads it and writes fallback_best
-        read, written = (masked_best, fallback_best) if fallback else (fallback_best, masked_best)
-        launcher(_select_kernel, INTERPRET)[grid](
-            keys, queries, mask_arg, inverse_norms, read, written,
-            pixels, num_queries, head_dim, num_heads, tiles_per_split,
-            *keys.stride(), *queries.stride(), *mask_strides,
-            HAS_MASK=mask is not None, NORMALIZE=normalize_keys, FALLBACK=fallback,
-            OFFICIAL=official_empty, INTERPRETED=INTERPRET,
-            DOT_PRECISION=precision,
-            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
-            num_warps=num_warps,
-        )
+    slots = batch * num_heads * num_queries
+    # Every entry of both is written by the select kernel (allowed_seen only where it is read).
+    partials = torch.empty(splits * slots, dtype=torch.int64, device=keys.device)
+    flags = mask is not None and official_empty
+    seen_per_head = query_blocks * splits
+    allowed_seen = torch.empty(
+        batch * num_heads * seen_per_head if flags else 1, dtype=torch.int32, device=keys.device
+    )
+    launcher(_select_kernel, INTERPRET)[(splits, query_blocks, batch * num_heads)](
+        keys, queries, mask_arg, inverse_norms, partials, allowed_seen,
+        pixels, num_queries, head_dim, num_heads, tiles_per_split, slots,
+        *keys.stride(), *queries.stride(), *mask_strides,
+        HAS_MASK=mask is not None, NORMALIZE=normalize_keys, OFFICIAL=official_empty,
+        INTERPRETED=INTERPRET, DOT_PRECISION=precision,
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
+        num_warps=num_warps,
+    )
     launcher(_finalize_kernel, INTERPRET)[(batch * num_queries,)](
-        keys, inverse_norms, masked_best, fallback_best, indices, prototypes,
-        pixels, num_queries, head_dim, num_heads, *keys.stride(),
+        keys, inverse_norms, partials, allowed_seen, indices, prototypes,
+        pixels, num_queries, head_dim, num_heads, splits, slots, seen_per_head, *keys.stride(),
         HAS_MASK=mask is not None, OFFICIAL=official_empty, NORMALIZE=normalize_keys,
         BLOCK_H=block_size(num_heads), BLOCK_D=block_size(head_dim),
-        BLOCK_N=block_size(num_queries, 1, 1024),
+        BLOCK_S=block_size(splits, 1, 64), BLOCK_F=block_size(seen_per_head, 1, 1024),
     )
     return prototypes, indices
 
