@@ -119,7 +119,8 @@ def _report(fn, kernel, constants, num_warps):
 '''
 
 # The selection kernel as a launch at PEM's sizes makes it (B=1, 32768 pixels, 100 queries,
-# C=256 in 8 heads, contiguous tensors): the tests' specializations take no integer as 1 or as a
+# C=256 in 8 heads, contiguous tensors), with a bool mask and with the mask logits (in the keys'
+# dtype) that the PEM-CA layer passes: the tests' specializations take no integer as 1 or as a
 # multiple of 16, and that changes register allocation (IEEE products spilled 5 KB per thread
 # at PEM's sizes and none in the tests' specialization).
 _PEM_SELECTION = """
@@ -127,26 +128,29 @@ import torch
 from pem_kernels.triton import prototype_select as K
 
 HW, N, C, HEADS = 32768, 100, 256, 8
-for dtype, precision in [("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"), ("bf16", "tf32")]:
-    for normalize in (False, True):
-        block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
-            torch.device("cpu"), HEADS, HW, N, C // HEADS, precision)
-        args = dict(
-            keys_ptr="*" + dtype, queries_ptr="*" + dtype, mask_ptr="*i1", inverse_ptr="*fp32",
-            partials_ptr="*i64", allowed_seen_ptr="*i32", pixels=HW, num_queries=N,
-            head_dim=C // HEADS, num_heads=HEADS, tiles_per_split=8, slots=HEADS * N,
-            stride_kb=HW * C, stride_kp=C, stride_kc=1,
-            stride_qb=N * C, stride_qn=C, stride_qc=1, stride_mb=N * HW, stride_mn=HW,
-            stride_mp=1)
-        compile_launch(K._select_kernel, args, dict(
-            HAS_MASK=True, NORMALIZE=normalize, OFFICIAL=True,
-            INTERPRETED=False, DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
-            BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
+for logits in (False, True):
+    for dtype, precision in [("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"),
+                             ("bf16", "tf32")]:
+        for normalize in (False, True):
+            block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
+                torch.device("cpu"), HEADS, HW, N, C // HEADS, precision)
+            args = dict(
+                keys_ptr="*" + dtype, queries_ptr="*" + dtype,
+                mask_ptr="*" + dtype if logits else "*i1", inverse_ptr="*fp32",
+                partials_ptr="*i64", allowed_seen_ptr="*i32", pixels=HW, num_queries=N,
+                head_dim=C // HEADS, num_heads=HEADS, tiles_per_split=8, slots=HEADS * N,
+                stride_kb=HW * C, stride_kp=C, stride_kc=1,
+                stride_qb=N * C, stride_qn=C, stride_qc=1, stride_mb=N * HW, stride_mn=HW,
+                stride_mp=1)
+            compile_launch(K._select_kernel, args, dict(
+                HAS_MASK=True, MASK_LOGITS=logits, NORMALIZE=normalize, OFFICIAL=True,
+                INTERPRETED=False, DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
+                BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
 """
 
 # The constexprs shown in the table (the others are in the JSON).
 _SHOWN = ("DOT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_J", "NORMALIZE",
-          "PIXEL_MAJOR", "NORM_OVER_QUERIES")
+          "MASK_LOGITS", "PIXEL_MAJOR", "NORM_OVER_QUERIES")
 
 
 def modules_with_scripts() -> list[str]:

@@ -407,22 +407,26 @@ def test_sass_stats_of_a_kernel_compiled_for_sm90(tmp_path):
 @pytest.mark.skipif(HAS_CUDA, reason="compile-only checks: with a GPU the kernels run")
 def test_pem_selection_compiles_without_spills_or_layout_conversions():
     """The selection kernel as launched at PEM's sizes (``sass-stats pem_selection``): on sm_90
-    the tensor-core product modes fit their registers, in one MMA layout with at most 4 barriers
-    per pixel tile (Triton's chained tf32x3 had 2 layouts and 22 barriers); IEEE products (FMA
-    dots, no MMA) fit too (before the allowed-first loop they spilled 16 bytes per thread with
-    normalize_keys)."""
+    the tensor-core product modes keep one MMA layout with at most 4 barriers per pixel tile
+    (Triton's chained tf32x3 had 2 layouts and 22 barriers). With a bool mask nothing spills
+    (before the allowed-first loop IEEE products spilled 16 bytes per thread with
+    normalize_keys); with the mask logits the PEM-CA layer passes, fp32 3xTF32 with
+    normalize_keys holds a tile of fp32 logits on top of its 254 registers and spills 44 bytes
+    per thread (Triton 3.8): allowed up to 64."""
     pytest.importorskip("triton.backends.nvidia")
     from benchmarks import sass_stats
 
     rows = sass_stats.collect("pem_selection")
-    modes = [(row["dtype"], row["constexprs"]["DOT_PRECISION"], row["constexprs"]["NORMALIZE"])
-             for row in rows]
-    assert modes == [(dtype, precision, normalize)
+    modes = [(row["constexprs"]["MASK_LOGITS"], row["dtype"], row["constexprs"]["DOT_PRECISION"],
+              row["constexprs"]["NORMALIZE"]) for row in rows]
+    assert modes == [(logits, dtype, precision, normalize)
+                     for logits in (False, True)
                      for dtype, precision in [("fp32", "tf32x3"), ("fp32", "tf32"),
                                               ("fp32", "ieee"), ("bf16", "tf32")]
                      for normalize in (False, True)]
     for row in rows:
         assert row["kernel"] == "_select_kernel" and row["registers"] <= 255
-        assert row["spill_bytes"] == 0, row
+        logits = row["constexprs"]["MASK_LOGITS"]
+        assert row["spill_bytes"] <= (64 if logits else 0), row
         if row["constexprs"]["DOT_PRECISION"] != "ieee":
             assert row["mma_layouts"] == 1 and row["loops"][0]["barriers"] <= 4, row

@@ -133,11 +133,14 @@ def test_layer_compiles_fullgraph():
     torch.testing.assert_close(compiled(*inputs), layer(*inputs))
 
 
-def test_bad_mask_shape_is_a_clear_error():
+def test_bad_mask_shape_or_dtype_is_a_clear_error():
     layer = PEMCrossAttention(32, 4)
     tgt, memory, mask, pos, query_pos = layer_inputs(dtype=torch.float32)
     with pytest.raises(ValueError, match="memory_mask"):
         layer(tgt, memory, mask[:, :-1], pos, query_pos)
+    # a bool mask is no logits: neither "True = allowed" nor "True = blocked" may be guessed
+    with pytest.raises(TypeError, match="memory_mask: expected floating mask logits"):
+        layer(tgt, memory, mask >= 0, pos, query_pos)
     with pytest.raises(ValueError, match="nhead"):
         PEMCrossAttention(32, 5)
 

@@ -467,7 +467,7 @@ def test_torch_compile_fullgraph(device):
         (lambda k, q, m: (k.int(), q.int(), m, 4), "keys"),
         (lambda k, q, m: (k, q, m, 3), "num_heads"),
         (lambda k, q, m: (k, q, m, 0), "num_heads"),
-        (lambda k, q, m: (k, q, m.float(), 4), "mask"),
+        (lambda k, q, m: (k, q, m.int(), 4), "mask"),
         (lambda k, q, m: (k, q, m[:, :, :-1], 4), "mask"),
         (lambda k, q, m: (k, q.to("meta"), m, 4), "queries"),
         (lambda k, q, m: (k, q, m.to("meta"), 4), "mask"),
@@ -605,6 +605,39 @@ def check_official_rule_across_query_blocks(device, backend: str) -> None:
             assert (indices[0, :, :129] == 0).all()
         else:
             assert torch.equal(indices[0, :, :129], unmasked[0, :, :129])
+
+
+def check_mask_logits(device, backend: str) -> None:
+    """Floating mask logits select exactly as the bool mask ``~(logits < 0)``: a negative logit
+    blocks; 0.0, -0.0, positive logits and NaN allow; the smallest negative denormal blocks. In
+    fp32, fp16 and bf16 (which the triton kernel reads itself) and fp64 (converted first)."""
+    keys, queries, _ = make_inputs(2, 150, 32, 5, device)
+    logits = torch.randn(2, 5, 150, device=device, dtype=torch.float64)
+    logits[0, 0, :40] = float("nan")
+    logits[0, 1] = -0.0
+    logits[0, 2] = -1.0  # an empty query
+    logits[1, 3] = -1.0
+    logits[1, 3, ::7] = 0.0
+    logits[1, 4] = -1.0
+    logits[1, 4, 9] = -float.fromhex("0x1p-149")  # negative: blocked; only pixel 30 allows
+    logits[1, 4, 30] = float("inf")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        mask_logits = logits.to(dtype)
+        allowed = ~(mask_logits < 0)
+        for empty in ("per_query", "official"):
+            expected = pem_kernels.prototype_select(keys, queries, allowed, 4, empty=empty,
+                                                    backend=backend)
+            got = pem_kernels.prototype_select(keys, queries, mask_logits, 4, empty=empty,
+                                               backend=backend)
+            assert torch.equal(got[1], expected[1]), (dtype, empty)
+            assert torch.equal(got[0], expected[0]), (dtype, empty)
+    assert (got[1][1, :, 4] == 30).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_logits(device):
+    check_mask_logits(device, backend_for(device))
+    check_mask_logits(device, "reference")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,6 +27,7 @@ from test_prototype_select import (
     blob_masks,
     check_all_scores_negative,
     check_fp32_product_rules,
+    check_mask_logits,
     check_official_rule_across_query_blocks,
     check_normalized_gradient_of_nan_and_zero_keys,
     gather_at,
@@ -192,6 +193,11 @@ def test_nan_inf_and_signed_zero_follow_torch_argmax(splits):
 def test_all_scores_negative(splits):
     splits(3)
     check_all_scores_negative(DEVICE, BACKEND)
+
+
+def test_mask_logits(splits):
+    splits(2)
+    check_mask_logits(DEVICE, BACKEND)
 
 
 def test_official_rule_across_query_blocks(splits):
@@ -360,6 +366,8 @@ def test_registered_ops_check_their_arguments(kernels):
         kernels.prototype_select_triton(keys.double(), query.double(), mask, 4, False, False)
     with pytest.raises(RuntimeError, match="mask"):
         kernels.prototype_select_triton(keys, query, mask[:, :, 1:], 4, False, False)
+    with pytest.raises(RuntimeError, match="mask"):
+        kernels.prototype_select_triton(keys, query, mask.int(), 4, False, False)
     with pytest.raises(RuntimeError, match="grad_prototypes"):
         indices = torch.zeros(2, 4, 3, dtype=torch.long, device=DEVICE)
         kernels.prototype_select_backward_triton(
@@ -413,25 +421,25 @@ import torch
 from pem_kernels.triton import prototype_select as K
 
 assert not K.INTERPRET
-def select_pointers(dtype):
-    return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*i1",
+def select_pointers(dtype, mask):
+    return {"keys_ptr": "*" + dtype, "queries_ptr": "*" + dtype, "mask_ptr": "*" + (mask or "i1"),
             "inverse_ptr": "*fp32", "partials_ptr": "*i64", "allowed_seen_ptr": "*i32"}
 
 # The launch configurations of PEM's heads (32 channels) and of wide heads (256 and 512 channels,
-# fp32: the largest shared-memory need), 100 queries.
+# fp32: the largest shared-memory need), 100 queries, with a bool mask ("i1"), mask logits or none.
 # fp32 with its default 3xTF32 products, and PEM's heads also with PEM_KERNELS_FP32_DOT=ieee.
-cases = [("bf16", True, 32, "tf32"), ("bf16", False, 32, "tf32"),
-         ("fp32", False, 32, "tf32x3"), ("fp32", True, 32, "ieee"),
-         ("fp32", True, 256, "tf32x3"), ("fp32", True, 512, "tf32x3"),
-         ("bf16", True, 512, "tf32")]
-for dtype, has_mask, head_dim, precision in cases:
+cases = [("bf16", "i1", 32, "tf32"), ("bf16", None, 32, "tf32"), ("bf16", "bf16", 32, "tf32"),
+         ("fp32", None, 32, "tf32x3"), ("fp32", "fp32", 32, "tf32x3"), ("fp32", "i1", 32, "ieee"),
+         ("fp32", "i1", 256, "tf32x3"), ("fp32", "fp16", 512, "tf32x3"),
+         ("bf16", "i1", 512, "tf32")]
+for dtype, mask, head_dim, precision in cases:
     block_p, block_n, block_d, block_dc, _, _, _, num_warps = K._select_config(
         torch.device("cpu"), 8, 32768, 100, head_dim, precision)
-    pointers = select_pointers(dtype)
+    pointers = select_pointers(dtype, mask)
     compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
-        HAS_MASK=has_mask, NORMALIZE=True, OFFICIAL=True, INTERPRETED=False,
-        DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
-        BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
+        HAS_MASK=mask is not None, MASK_LOGITS=mask not in (None, "i1"), NORMALIZE=True,
+        OFFICIAL=True, INTERPRETED=False, DOT_PRECISION=precision, BLOCK_P=block_p,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
 finalize = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "partials_ptr": "*i64",
             "allowed_seen_ptr": "*i32", "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}
 compile_sm90(K._finalize_kernel, lambda n: finalize.get(n, "i32"),

@@ -218,7 +218,7 @@ class PEMCrossAttention(nn.Module):
         residual = tgt.transpose(0, 1)
         keys, normalized = self.feature_proj.project_for_selection(memory, pos, self.backend)
         queries = self._project_queries(tgt, query_pos)
-        allowed = None
+        mask_logits = None
         if memory_mask is not None:
             expected = [memory.shape[0], tgt.shape[0], memory.shape[2], memory.shape[3]]
             if list(memory_mask.shape) != expected:
@@ -226,11 +226,17 @@ class PEMCrossAttention(nn.Module):
                     f"memory_mask: expected shape [B, Q, H, W] = {expected}, "
                     f"got {list(memory_mask.shape)}"
                 )
-            # The official code blocks `logit < 0`; a NaN logit is therefore allowed, as there.
-            allowed = ~(memory_mask.detach().flatten(2) < 0)
+            if not memory_mask.dtype.is_floating_point:
+                raise TypeError(
+                    f"memory_mask: expected floating mask logits, got {memory_mask.dtype}"
+                )
+            # The logits themselves: the selection blocks `logit < 0` as the official code does
+            # (a NaN logit allows), the triton kernel while it reads them (no bool copy, two
+            # launches fewer), the other backends after a conversion.
+            mask_logits = memory_mask.detach().flatten(2)
         prototypes, _ = prototype_select(
-            keys, queries, allowed, self.num_heads, empty=self.empty, normalize_keys=not normalized,
-            backend=self.backend,
+            keys, queries, mask_logits, self.num_heads, empty=self.empty,
+            normalize_keys=not normalized, backend=self.backend,
         )
         autocast = torch.is_autocast_enabled(tgt.device.type)
         out = prototype_attention(

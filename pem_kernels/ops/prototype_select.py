@@ -32,6 +32,8 @@ from pem_kernels.reference.prototype_select import EmptyMaskRule, prototype_sele
 __all__ = ["prototype_select"]
 
 _EMPTY_RULES = ("per_query", "official")
+# Mask logits the triton kernel reads itself (pem_kernels.triton.prototype_select).
+_TRITON_MASK_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 _BACKENDS = register_op_backends(
@@ -90,9 +92,14 @@ def _check_args(
     if empty not in _EMPTY_RULES:
         raise ValueError(f"empty: expected one of {_EMPTY_RULES}, got {empty!r}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        if not isinstance(mask, torch.Tensor) or not (
+            mask.dtype == torch.bool or mask.dtype.is_floating_point
+        ):
             kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask: expected a bool Tensor[B, N, HW] or None, got {kind}")
+            raise TypeError(
+                f"mask: expected a bool or floating (mask logits) Tensor[B, N, HW] or None, "
+                f"got {kind}"
+            )
         expected = [batch, queries.shape[1], pixels]
         if list(mask.shape) != expected:
             raise ValueError(
@@ -128,8 +135,11 @@ def prototype_select(
     Args:
         keys: Tensor[B, HW, C] float64/float32/float16/bfloat16.
         queries: Tensor[B, N, C], the same dtype and device as ``keys``.
-        mask: Tensor[B, N, HW] bool, True = may be selected (PEM passes ``mask_logits >= 0``), or
-            ``None`` to allow every pixel.
+        mask: Tensor[B, N, HW] bool, True = may be selected; or the floating mask logits
+            themselves, a pixel allowed where its logit is not < 0 (PEM's rule: ``logit < 0``
+            blocks, so a NaN logit allows), which the ``triton`` kernel reads directly (fp32,
+            fp16 or bf16: no bool copy) and the other backends convert first; or ``None`` to
+            allow every pixel.
         num_heads: heads are contiguous channel chunks of ``C // num_heads``.
         empty: ``"per_query"`` (Mask2Former: an empty query selects over all pixels) or
             ``"official"`` (the PEM code: an image is unmasked only if all its queries are empty;
@@ -153,6 +163,10 @@ def prototype_select(
         keys, queries = autocast_inputs(keys.device, keys, queries)
     _check_args(keys, queries, mask, num_heads, empty)
     chosen = _BACKENDS.resolve(backend, keys.device, keys.dtype)
+    if mask is not None and mask.dtype != torch.bool and not (
+        chosen == "triton" and mask.dtype in _TRITON_MASK_LOGIT_DTYPES
+    ):
+        mask = ~(mask < 0)
     if chosen == "reference":
         with reference_context(keys.device):
             return prototype_select_ref(

@@ -11,16 +11,17 @@ kernels (three with ``normalize_keys``) and fills no buffer; none of them materi
    ``[BLOCK_N]`` of one (image, head) and a contiguous range of pixel tiles. Per tile it computes
    the scores ``[BLOCK_P pixels, D] @ [D, BLOCK_N queries]`` on tensor cores (fp32 accumulation),
    turns each score into an order-preserving int32 key (NaN -> largest key, -0.0 -> +0.0) and
-   keeps, per element of the tile, the best key so far and its tile, where an allowed pixel beats
-   every pixel the mask blocks and among equals a strict '>' keeps the earlier tile (the lower
-   pixel). That one running argmax is the masked argmax of a query with an allowed pixel and the
-   unmasked argmax, which an empty query falls back to, of one without: no second pass over the
-   pixels. After the last tile each query's best is the max over the tile's rows of the int64
-   ``blocked << 63 | (key + 2^31) << 31 | (INT32_MAX - pixel)`` (``blocked``: the pixel is
-   masked out): a plain integer max ranks allowed pixels first, then larger scores, then, among
-   equal scores, the lower pixel. Each program stores that per query into ``partials[split]``
-   (and, for the ``official`` rule, whether it saw an allowed pixel at all): every entry is
-   written, so nothing is filled first.
+   keeps, per element of the tile, the best key so far and its tile, where an allowed pixel (a True
+   byte of a bool mask, or a mask logit that is not < 0, read as is) beats every pixel the mask
+   blocks and among equals a strict '>' keeps the earlier tile (the lower pixel). That one running
+   argmax is the masked argmax of a query with an allowed pixel and the unmasked argmax, which an
+   empty query falls back to, of one without: no second pass over the pixels. After the last tile
+   each query's best is the max over the tile's rows of the int64
+   ``blocked << 63 | (key + 2^31) << 31 | (INT32_MAX - pixel)`` (``blocked``: the pixel is masked
+   out): a plain integer max ranks
+   allowed pixels first, then larger scores, then, among equal scores, the lower pixel. Each
+   program stores that per query into ``partials[split]`` (and, for the ``official`` rule, whether
+   it saw an allowed pixel at all): every entry is written, so nothing is filled first.
 3. ``_finalize_kernel``, one program per (image, query): the max over the splits' partials (max is
    associative and commutative: the result does not depend on program order, deterministic),
    the empty rule (``official`` with an allowed pixel somewhere in the image -> pixel 0 for an
@@ -50,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pem_kernels.ops.prototype_select import autograd_functions
+from pem_kernels.ops.prototype_select import _TRITON_MASK_LOGIT_DTYPES, autograd_functions
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
@@ -69,6 +70,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _INT64_MIN = -(2**63)
+# Mask logits the kernel reads itself (allowed: not < 0), saving the caller's bool conversion.
+_MASK_LOGIT_DTYPES = _TRITON_MASK_LOGIT_DTYPES
 _MAX_PIXELS = 2**31 - 1  # pixel indices are packed in the low 31 bits of the merge key
 _KEY_NORM_EPS = 1e-12  # F.normalize's eps: keys are divided by max(||k||, eps)
 
@@ -130,13 +133,30 @@ def _key_norm_kernel(
 
 
 @triton.jit
-def _mask_tile(mask_rows, stride_mp, n_ok, tile, tile_end, pixels, BLOCK_P: tl.constexpr):
-    """The mask bytes [BLOCK_P pixels, BLOCK_N queries] of pixel tile ``tile`` (``mask_rows``: the
-    queries' rows of the image); zeros, without a memory access, when ``tile`` is past the
-    program's range."""
+def _mask_tile(
+    mask_rows, stride_mp, n_ok, tile, tile_end, pixels, BLOCK_P: tl.constexpr,
+    MASK_LOGITS: tl.constexpr,
+):
+    """The mask values [BLOCK_P pixels, BLOCK_N queries] of pixel tile ``tile`` (``mask_rows``: the
+    queries' rows of the image), as loaded (see :func:`_allowed`); blocking values, without a
+    memory access, where a pixel or ``tile`` is past the program's range."""
     offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = ((offs_p < pixels) & (tile < tile_end))[:, None] & n_ok[None, :]
-    return tl.load(mask_rows + offs_p.to(tl.int64)[:, None] * stride_mp, mask=ok, other=0)
+    pointers = mask_rows + offs_p.to(tl.int64)[:, None] * stride_mp
+    if MASK_LOGITS:
+        return tl.load(pointers, mask=ok, other=-1.0)
+    return tl.load(pointers, mask=ok, other=0)
+
+
+@triton.jit
+def _allowed(values, MASK_LOGITS: tl.constexpr):
+    """Which pixels mask ``values`` allow: True in a bool mask, or a logit that is not < 0 (NaN
+    included: the official code blocks ``logit < 0``). Applied where the values are used, not
+    where they are loaded a tile ahead: holding the loaded values costs fewer instructions (992
+    vs 1255 per tile in fp32 3xTF32 on sm_90)."""
+    if MASK_LOGITS:
+        return ~(values < 0)
+    return values != 0
 
 
 @triton.jit
@@ -146,8 +166,8 @@ def _select_kernel(
     stride_kb, stride_kp, stride_kc,
     stride_qb, stride_qn, stride_qc,
     stride_mb, stride_mn, stride_mp,
-    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, OFFICIAL: tl.constexpr,
-    INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_LOGITS: tl.constexpr, NORMALIZE: tl.constexpr,
+    OFFICIAL: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
     """The allowed-first argmax of one pixel range for ``BLOCK_N`` queries of one (image, head).
@@ -197,17 +217,21 @@ def _select_kernel(
     best_tile = tl.full([BLOCK_P, BLOCK_N], -1, dtype=tl.int32)
     if HAS_MASK and BLOCK_DC == BLOCK_D:
         mask_rows = mask_ptr + b * stride_mb + offs_n.to(tl.int64)[None, :] * stride_mn
-        next_mask = _mask_tile(mask_rows, stride_mp, n_ok, tile_begin, tile_end, pixels, BLOCK_P)
+        next_mask = _mask_tile(
+            mask_rows, stride_mp, n_ok, tile_begin, tile_end, pixels, BLOCK_P, MASK_LOGITS
+        )
     for tile in range(tile_begin, tile_end):
         offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < pixels
         if HAS_MASK and BLOCK_DC == BLOCK_D:
-            # The next tile's mask bytes are loaded one tile ahead: the key tiles are pipelined
-            # by the compiler (they feed the dot), these plain loads would stall every tile. (Not
-            # for wide heads, whose chunked tiles are long enough and short of registers: with
-            # the prefetch fp32 spilled 0.9 KB per thread on sm_90, without it 0.5.)
+            # The next tile's mask is loaded one tile ahead: the key tiles are pipelined by the
+            # compiler (they feed the dot), these plain loads would stall every tile. (Not for
+            # wide heads, whose chunked tiles are long enough and short of registers: with the
+            # prefetch fp32 spilled 0.9 KB per thread on sm_90, without it 0.5.)
             m = next_mask
-            next_mask = _mask_tile(mask_rows, stride_mp, n_ok, tile + 1, tile_end, pixels, BLOCK_P)
+            next_mask = _mask_tile(
+                mask_rows, stride_mp, n_ok, tile + 1, tile_end, pixels, BLOCK_P, MASK_LOGITS
+            )
         key_rows = keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
         if BLOCK_DC == BLOCK_D:
             k = tl.load(
@@ -246,12 +270,11 @@ def _select_kernel(
         key = tl.where(p_ok[:, None], _order_key(scores), INT32_MIN)
         if HAS_MASK:
             if BLOCK_DC != BLOCK_D:
-                m = tl.load(
-                    mask_ptr + b * stride_mb + offs_n.to(tl.int64)[None, :] * stride_mn
-                    + offs_p.to(tl.int64)[:, None] * stride_mp,
-                    mask=p_ok[:, None] & n_ok[None, :], other=0,
+                mask_rows = mask_ptr + b * stride_mb + offs_n.to(tl.int64)[None, :] * stride_mn
+                m = _mask_tile(
+                    mask_rows, stride_mp, n_ok, tile, tile_end, pixels, BLOCK_P, MASK_LOGITS
                 )
-            allowed = m != 0
+            allowed = _allowed(m, MASK_LOGITS)
             # allowed beats blocked; between two allowed or two blocked pixels the larger key
             better = tl.where(allowed == (best_tile >= 0), key > best_key, allowed)
             best_tile = tl.where(better, tl.where(allowed, tile, ~tile), best_tile)
@@ -468,11 +491,11 @@ def _check_inputs(keys, queries, mask, num_heads):
     )
     if mask is not None:
         check(
-            mask.dtype == torch.bool
+            (mask.dtype == torch.bool or mask.dtype in _MASK_LOGIT_DTYPES)
             and tuple(mask.shape) == (batch, queries.shape[1], pixels)
             and mask.device == keys.device,
-            lambda: f"{name}: mask must be bool [B, N, HW] on {keys.device}, got {mask.dtype} "
-            f"{tuple(mask.shape)} on {mask.device}",
+            lambda: f"{name}: mask must be bool or float (logits) [B, N, HW] on {keys.device}, "
+            f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}",
         )
     check(
         queries.device == keys.device,
@@ -531,7 +554,8 @@ def prototype_select_triton(
         keys, queries, mask_arg, inverse_norms, partials, allowed_seen,
         pixels, num_queries, head_dim, num_heads, tiles_per_split, slots,
         *keys.stride(), *queries.stride(), *mask_strides,
-        HAS_MASK=mask is not None, NORMALIZE=normalize_keys, OFFICIAL=official_empty,
+        HAS_MASK=mask is not None, MASK_LOGITS=mask is not None and mask.dtype != torch.bool,
+        NORMALIZE=normalize_keys, OFFICIAL=official_empty,
         INTERPRETED=INTERPRET, DOT_PRECISION=precision,
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
         num_warps=num_warps,
