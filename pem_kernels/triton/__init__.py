@@ -69,27 +69,28 @@ def check_operands(op: str, reference: torch.Tensor, operands: dict) -> None:
     """Clear errors for the tensor arguments of a Triton op body, whose kernels index them by
     the shapes they assume (a wrong shape would be an out-of-bounds access, not an error).
 
-    ``operands`` maps a name to ``(tensor or None, shape, dtype or None)``: the tensor must have
-    that shape (``None`` entries match any size), that dtype (``None``: ``reference``'s) and
-    ``reference``'s device. ``reference`` itself must have a dtype the Triton kernels take.
+    ``operands`` maps a name to ``(tensor or None, shape tuple, dtype or None)``: the tensor must
+    have that shape, that dtype (``None``: ``reference``'s) and ``reference``'s device.
+    ``reference`` itself must have a dtype the Triton kernels take. (Plain comparisons, no
+    generators: this runs on every eager call, a few microseconds per op.)
     """
+    dtype, device = reference.dtype, reference.device
     check(
-        reference.dtype in TRITON_DTYPES,
-        lambda: f"{op}: dtype {reference.dtype} is not supported; expected one of {TRITON_DTYPES}",
+        dtype in TRITON_DTYPES,
+        lambda: f"{op}: dtype {dtype} is not supported; expected one of {TRITON_DTYPES}",
     )
-    for name, (tensor, shape, dtype) in operands.items():
+    for name, (tensor, shape, expected) in operands.items():
         if tensor is None:
             continue
         check(
-            tensor.dim() == len(shape)
-            and all(want is None or size == want for size, want in zip(tensor.shape, shape)),
-            lambda: f"{op}: {name} must have shape "
-            f"{[('*' if want is None else want) for want in shape]}, got {list(tensor.shape)}",
+            tensor.shape == shape,
+            lambda: f"{op}: {name} must have shape {list(shape)}, got {list(tensor.shape)}",
         )
-        expected = reference.dtype if dtype is None else dtype
+        if expected is None:
+            expected = dtype
         check(
-            tensor.dtype == expected and tensor.device == reference.device,
-            lambda: f"{op}: {name} must be {expected} on {reference.device}, got {tensor.dtype} "
+            tensor.dtype == expected and tensor.device == device,
+            lambda: f"{op}: {name} must be {expected} on {device}, got {tensor.dtype} "
             f"on {tensor.device}",
         )
 
