@@ -10,6 +10,8 @@ all of which take ``--device``, ``--dtype`` and ``--sizes``):
     profile-pem-ca    one PEM-CA layer call split into host and device time, slowest kernels
     sass-stats        the Triton kernels compiled for sm_90 without a GPU: registers, spills,
                       instructions and barriers per loop iteration (the compiler's counts)
+    tune              candidate launch configurations of the Triton kernels timed (on a GPU)
+                      against the ones in use, each checked against them
     plots             PNG plots from the JSON results in a folder
 """
 
@@ -25,6 +27,7 @@ COMMANDS = {
     "model": "benchmarks.bench_model",
     "profile-pem-ca": "benchmarks.profile_pem_ca",
     "sass-stats": "benchmarks.sass_stats",
+    "tune": "benchmarks.tune_configs",
     "plots": "benchmarks.plots",
 }
 

@@ -10,8 +10,9 @@
 #   bash benchmarks/gpu_suite.sh build ncu       # Nsight Compute reports of the goal kernels
 #
 # Groups: build; tests, sanitize (the correctness checks, run at the same time: pytest spread over
-# the cores, the sanitizer beside it); the benchmarks select, pemca, profile, deform, model;
-# plots. "check" stands for tests sanitize, "bench" for the five benchmarks. Two groups run only
+# the cores, the sanitizer beside it); the benchmarks select, pemca, profile, deform, model and
+# tune (candidate launch configurations timed against the ones in use, benchmarks/tune_configs.py;
+# tier 1 only); plots. "check" stands for tests sanitize, "bench" for the six benchmarks. Two groups run only
 # when named: diagnose (the diagnosis of C++ argument errors, benchmarks/diagnose_cpp_errors.py;
 # its question is answered, see the README) and ncu (Nsight Compute on the kernels the issues set
 # goals for, benchmarks/ncu_targets.py: why they take what the benchmarks measure). Later calls on
@@ -66,7 +67,7 @@
 set -u
 groups=" ${*:-build check bench plots} "
 groups=${groups/ check / tests sanitize }
-groups=${groups/ bench / select pemca profile deform model }
+groups=${groups/ bench / select pemca profile deform model tune }
 wants() { case " $groups " in *" $1 "*) return 0 ;; esac; return 1; }
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PEM_BENCH_PROGRESS=0
@@ -309,6 +310,11 @@ bench_model() {  # the whole PEM (R50, 512x512 and 1024x2048, batch 1)
   fi
 }
 
+bench_tune() {  # the evidence for changing a launch default (tier 1: it takes about 20 s)
+  [ "$1" = 1 ] || return 0
+  step tune 60 $PYTHON -m benchmarks.tune_configs --device cuda --out-dir "$results/tune"
+}
+
 bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" matmul precision),
   # for PyTorch's matmuls and the Triton kernels alike: what tensor cores give fp32 inputs
   step bench_prototype_select_float32_tf32 90 $PYTHON -m benchmarks.bench_prototype_select \
@@ -320,7 +326,7 @@ bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" mat
 }
 
 for tier in ${SUITE_TIERS:-1 2}; do
-  for group in select pemca profile deform model; do
+  for group in select pemca profile deform model tune; do
     if wants "$group"; then "bench_$group" "$tier"; fi
   done
   # Tier 2 ends with the fp32 goal rows under TF32.

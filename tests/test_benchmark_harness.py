@@ -430,3 +430,29 @@ def test_pem_selection_compiles_without_spills_or_layout_conversions():
         assert row["spill_bytes"] <= (64 if logits else 0), row
         if row["constexprs"]["DOT_PRECISION"] != "ieee":
             assert row["mma_layouts"] == 1 and row["loops"][0]["barriers"] <= 4, row
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the suite runs `tune` at full size")
+def test_tune_checks_every_candidate_against_the_configuration_in_use(tmp_path):
+    """`python -m benchmarks tune --small` under the interpreter: every candidate runs and
+    matches the configuration in use (bit for bit where only the tiling changes), which is
+    first in each experiment; no times without a GPU."""
+    pytest.importorskip("triton")
+    from benchmarks import tune_configs
+
+    assert tune_configs.main(["--small", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    by_experiment: dict[str, list[dict]] = {}
+    for row in rows:
+        by_experiment.setdefault(row["experiment"], []).append(row)
+    assert sorted(by_experiment) == sorted(tune_configs.EXPERIMENTS)
+    for experiment, runs in by_experiment.items():
+        assert [row["in_use"] for row in runs] == [True] + [False] * (len(runs) - 1)
+        assert len(runs) >= 2, experiment
+        for row in runs:
+            assert row["check"] == "identical" or row["check"].startswith("ok ("), row
+            assert "device_ms" not in row
+    assert tune_configs._identical(torch.zeros(3), torch.ones(3)) == "DIFFERS"
+    assert tune_configs._fp32_close(torch.ones(3) * 1.001, torch.ones(3)).startswith("DIFFERS")
+    with pytest.raises(SystemExit):
+        tune_configs.parse_args(["no_such_experiment"])

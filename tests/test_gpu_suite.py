@@ -51,7 +51,7 @@ TIER_1 = [
     "bench_prototype_select_float32", "bench_pem_ca_float32", "bench_pem_ca_cuda_backend",
     "bench_pem_ca_float32_both_compiled",
     "profile_pem_ca_float32", "bench_deform_conv_float32_forward",
-    "bench_deform_conv_float32_forward_backward", "bench_model_float32_auto",
+    "bench_deform_conv_float32_forward_backward", "bench_model_float32_auto", "tune",
 ]
 TIER_2 = [
     "bench_prototype_select_bfloat16", "bench_prototype_select_float32_ieee",

@@ -52,6 +52,17 @@ __all__ = ["local_representation_triton", "normalizes_in_kernel"]
 INTERPRET = interpreter_requested()
 NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
+# Launch configuration of the exact-fp32 path's BN + depthwise-conv kernel. 64 pixels x 16
+# channels with 4 warps: ptxas (sm_90, triton 3.8, PEM's 256 x 128 x 256 fp32 with pos) gives it
+# 162 registers and no spill, three blocks per SM; 64 x 32 (before 2026-11-26) took 255 registers
+# and spilled 52 bytes per thread, two blocks per SM. Not timed on a GPU yet: `python -m benchmarks
+# tune bn_depthwise` times the candidates.
+BN_DEPTHWISE_CONFIG = {"BLOCK_P": 64, "BLOCK_C": 16, "num_warps": 4}
+# Exact fp32 (PyTorch's "highest" precision) takes the two-step path (module docstring); False
+# sends it through the fused kernel with 3xTF32 products, which `python -m benchmarks tune
+# projection_fp32` times against it.
+FP32_TWO_STEP = True
+
 
 @triton.jit
 def _row_tile(pid, W, BLOCK_P: tl.constexpr):
@@ -170,7 +181,7 @@ def normalizes_in_kernel(dtype: torch.dtype, out_channels: int) -> bool:
     than 256 output channels) it runs ``F.normalize`` after it, three more launches and another
     pass over the keys: PEM-CA then asks for raw keys and lets the selection normalize them
     (``normalize_keys``: one norm pass, a multiply per score)."""
-    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
+    if dtype == torch.float32 and FP32_TWO_STEP and not fp32_matmul_allows_tf32():
         return False
     return _launch_config(out_channels, dtype)["BLOCK_N"] >= out_channels
 
@@ -220,7 +231,7 @@ def local_representation_triton(
         x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
         bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
     )
-    if x.dtype == torch.float32 and not fp32_matmul_allows_tf32():
+    if x.dtype == torch.float32 and FP32_TWO_STEP and not fp32_matmul_allows_tf32():
         return _conv_then_addmm(conv_operands, pos is not None, weight, bias, normalize)
     out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
     config = _launch_config(out_channels, x.dtype, x.device)
@@ -247,11 +258,10 @@ def _conv_then_addmm(
     """The exact-fp32 path (module docstring): [B, H*W, C] conv features, then the Linear."""
     batch, channels, height, width = conv_operands[0].shape
     conv = conv_operands[0].new_empty(batch, height * width, channels)
-    block_p, block_c = 64, 32
-    grid = (height * cdiv(width, block_p), cdiv(channels, block_c), batch)
+    config = BN_DEPTHWISE_CONFIG
+    grid = (height * cdiv(width, config["BLOCK_P"]), cdiv(channels, config["BLOCK_C"]), batch)
     launcher(_bn_depthwise_conv_kernel, INTERPRET)[grid](
-        *conv_operands, conv, channels, height, width, HAS_POS=has_pos, BLOCK_P=block_p,
-        BLOCK_C=block_c, num_warps=4,
+        *conv_operands, conv, channels, height, width, HAS_POS=has_pos, **config,
     )
     out = torch.addmm(bias, conv.view(-1, channels), weight.t()).view(batch, height * width, -1)
     return torch.nn.functional.normalize(out, dim=-1) if normalize else out
