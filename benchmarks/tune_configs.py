@@ -16,6 +16,9 @@ sm_90 compiler's counts (``sass-stats``) can only suggest. Experiments:
   (``local_representation.BN_DEPTHWISE_CONFIG``) at B=1, C=256, 128 x 256 pixels, with pos.
 * ``projection_fp32``: exact-fp32 keys through the two-step path (that kernel, then cuBLAS's IEEE
   SGEMM) against the fused kernel with 3xTF32 products (``local_representation.FP32_TWO_STEP``).
+* ``attention_columns``: the prototype attention's forward (fp32, 100 queries, C = 256, norm over
+  the queries, batch 1) with 32 (in use) and 16 output channels per program
+  (``prototype_attention.ATTENTION_COLUMNS``): 8 or 16 programs.
 * ``select_splits``: the Triton selection (fp32, 32768 px, 100 queries, 8 heads, mask logits,
   normalize_keys, official rule) with the pixel axis split for 1, 2, 4 (in use) and 8 waves of
   programs per SM.
@@ -37,7 +40,7 @@ import torch
 from benchmarks import harness
 from pem_kernels.triton import interpreter_requested
 
-EXPERIMENTS = ("bn_depthwise", "projection_fp32", "select_splits")
+EXPERIMENTS = ("bn_depthwise", "projection_fp32", "attention_columns", "select_splits")
 TABLE_COLUMNS = [
     ("experiment", "experiment"),
     ("candidate", "candidate"),
@@ -134,6 +137,32 @@ def _projection_fp32(device: torch.device, small: bool) -> list[tuple[str, Calla
     return [(names[two_step], run_with(two_step), _fp32_close) for two_step in order]
 
 
+def _attention_columns(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
+    from pem_kernels.triton import call_triton_op
+    from pem_kernels.triton import prototype_attention as module
+
+    queries, channels = (5, 32) if small else (100, 256)
+    randn = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    operands = (randn(1, queries, channels), randn(1, queries, channels),
+                randn(1, queries, channels), randn(channels, channels) / channels**0.5,
+                randn(channels), randn(1, 1, channels), randn(channels, channels) / channels**0.5,
+                randn(channels), True)
+
+    def run_with(columns: int) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            saved, module.ATTENTION_COLUMNS = module.ATTENTION_COLUMNS, columns
+            try:
+                return call_triton_op(module.prototype_attention_triton, *operands)[0]
+            finally:
+                module.ATTENTION_COLUMNS = saved
+
+        return run
+
+    in_use = module.ATTENTION_COLUMNS
+    return [(f"{columns} channels per program", run_with(columns), _fp32_close)
+            for columns in [in_use] + [c for c in (32, 16) if c != in_use]]
+
+
 def _select_splits(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
     from pem_kernels.triton import call_triton_op
     from pem_kernels.triton import prototype_select as module
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.manual_seed(0)
     builders = {"bn_depthwise": _bn_depthwise, "projection_fp32": _projection_fp32,
-                "select_splits": _select_splits}
+                "attention_columns": _attention_columns, "select_splits": _select_splits}
     rows: list[dict[str, Any]] = []
     failures = 0
     with torch.no_grad():

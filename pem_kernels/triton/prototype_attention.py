@@ -272,20 +272,28 @@ def _bwd_dx_kernel(
     tl.store(dq_ptr + offs, p * dx, mask=ok)
 
 
+# Output channels per program. A PEM-sized call (batch 1) is a few tiny GEMMs on C / BLOCK_J
+# programs, latency-bound: on the H200 of 2026-11-26 (IEEE products) the two forward kernels
+# took 0.047 and 0.041 ms on 8 programs. `python -m benchmarks tune attention_columns` times 16
+# (twice the programs, half the work each) against it.
+ATTENTION_COLUMNS = 32
+
+
 def _launch_config(
     num_queries: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> dict:
     # tl.dot needs every block dimension >= 16; all N rows of an image live in every program.
     block_n = block_size(num_queries, 16)
     dot_dtype, precision = dot_operands(dtype, INTERPRET, device)
-    # 32 output channels per program: PEM's C = 256 gives 8 programs per image. Fewer pipeline
+    # BLOCK_J output channels per program (ATTENTION_COLUMNS): PEM's C = 256 gives 8 programs per
+    # image at 32. Fewer pipeline
     # stages for more queries: each stage holds a [BLOCK_N, BLOCK_K] operand tile (fp32 at
     # BLOCK_N = 512 with 3 stages: 328 KiB of shared memory, over an H100 block's 227 KiB).
     # Warps (ptxas for sm_90, triton 3.6): at BLOCK_N = 128, 4 warps spill up to 280 bytes per
     # thread in fp32 and 148 in bf16, 8 warps none; at 256 and 512, 8 warps spill up to 1 KB,
     # 16 warps about half of that.
     return dict(
-        BLOCK_N=block_n, BLOCK_J=32, BLOCK_K=32, DOT_DTYPE=dot_dtype,
+        BLOCK_N=block_n, BLOCK_J=ATTENTION_COLUMNS, BLOCK_K=32, DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision, num_warps=8 if block_n <= 128 else 16,
         num_stages=3 if block_n <= 128 else 2 if block_n <= 256 else 1,
     )
