@@ -428,6 +428,35 @@ def test_prototype_select_wide_heads_and_unaligned_mask_rows(select, normalize_k
     torch.testing.assert_close(prototypes, cpu_prototypes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_prototype_select_reads_mask_logits(select, dtype):
+    """Mask logits (allowed where not < 0: NaN and -0.0 allow) select as their bool mask
+    ``~(logits < 0)`` does on the CPU kernel: 203 pixels (the last tile partial), 70 queries (two
+    query blocks), an empty query in image 1 and image 0's query 3 allowed one pixel of a later
+    tile only. A bool mask is still the only one the CPU kernel takes."""
+    keys, queries, _ = make_select_inputs(2, 203, 32, 70)
+    logits = torch.randn(2, 70, 203)
+    logits[0, 0, :50] = float("nan")
+    logits[0, 1] = -0.0
+    logits[0, 3] = -1.0
+    logits[0, 3, 150] = 0.0
+    logits[1, 2] = -1.0
+    logits = logits.to(dtype)
+    allowed = ~(logits < 0)
+    for official in (False, True):
+        prototypes, indices = select.prototype_select_cuda(keys, queries, logits, 4, official,
+                                                           False)
+        cpu_prototypes, cpu_indices = torch.ops.pem_kernels.prototype_select(
+            keys, queries, allowed, 4, official, False)
+        assert torch.equal(indices, cpu_indices)
+        assert torch.equal(prototypes, cpu_prototypes)
+        assert (indices[0, :, 3] == 150).all()
+    with pytest.raises(RuntimeError, match="mask must be bool, got dtype"):
+        torch.ops.pem_kernels.prototype_select(keys, queries, logits, 4, False, False)
+    with pytest.raises(RuntimeError, match="mask must be bool or float/half/bfloat16 logits"):
+        select.prototype_select_cuda(keys, queries, logits.double(), 4, False, False)
+
+
 def test_prototype_select_splits_of_several_tiles(select, monkeypatch):
     """700 pixels, 8 heads, 70 queries on an emulated GPU of 8 SMs: 11 tiles over 2 splits, so
     the splits run 5 and 6 tiles and the next tile's keys are loaded during the current one's

@@ -8,8 +8,9 @@
 //    kTileQueries queries of one (image, head) and a contiguous range of kTilePixels-pixel tiles.
 //    Per tile it stages keys (and queries, unless the head's channels fit one kTileDim chunk, as
 //    PEM's 32 do: then the queries are staged once) in shared memory kTileDim channels at a time;
-//    the next chunk's keys and the tile's mask bytes are loaded into registers before the current
-//    chunk's products, so their latency overlaps the FMAs. Every thread accumulates a kMicro x
+//    the next chunk's keys and the tile's mask (bool bytes, or the mask logits themselves: see
+//    MaskRows) are loaded into registers before the current chunk's products, so their latency
+//    overlaps the FMAs. Every thread accumulates a kMicro x
 //    kMicro (pixel x query) block of scores in registers (16-byte shared-memory loads), then folds
 //    its pixels into one running argmax per query that ranks allowed pixels first
 //    (AllowedFirstArgmax: the masked argmax once an allowed pixel was seen, the unmasked one, an
@@ -213,29 +214,66 @@ __device__ __forceinline__ MicroVector<acc_t> load_micro(const acc_t* row) {
   return *reinterpret_cast<const MicroVector<acc_t>*>(row);
 }
 
+// The mask as the tile kernel reads it: bool bytes (True = allowed) or the mask logits themselves
+// (allowed where a logit is not < 0, the PEM code's rule: NaN allows), so that PEM-CA need not
+// write a bool copy first. The kind is uniform over the launch: its branches never diverge.
+enum class MaskKind : int32_t { kNone, kBool, kFloat, kHalf, kBFloat16 };
+struct MaskRows {
+  const void* data;  // [B, N, HW], contiguous
+  MaskKind kind;
+};
+
+template <typename logit_t>
+__device__ __forceinline__ uint32_t allowed_logit_bits(
+    const logit_t* row, int64_t pixel_first, int64_t pixels, int shift) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i)
+    if (pixel_first + i < pixels)
+      bits |= static_cast<uint32_t>(!(static_cast<float>(row[pixel_first + i]) < 0.0f)) << (shift + i);
+  return bits;
+}
+
 // Bit (j * kMicro + i) of the result: whether the thread's pixel i may be selected by its query
 // j (1 where there is no mask). Issued before the tile's products so that the mask's latency
-// overlaps them. Where every row of the mask starts 4-byte aligned (HW % 4 == 0), a query's
+// overlaps them. Where every row of a bool mask starts 4-byte aligned (HW % 4 == 0), a query's
 // kMicro bytes are one 32-bit load; torch's bools are the bytes 0 and 1.
 __device__ __forceinline__ uint32_t load_allowed_bits(
-    const bool* mask, int64_t row0, int64_t queries, int64_t query_first, int64_t pixels,
+    MaskRows mask, int64_t row0, int64_t queries, int64_t query_first, int64_t pixels,
     int64_t pixel_first, bool word_loads) {
   static_assert(kMicro == 4, "one 32-bit mask word per query");
-  if (mask == nullptr) return 0xffffu;
+  if (mask.kind == MaskKind::kNone) return 0xffffu;
   uint32_t bits = 0;
 #pragma unroll
   for (int j = 0; j < kMicro; ++j) {
     const int64_t query = query_first + j;
     if (query >= queries || pixel_first >= pixels) break;
-    const bool* row = mask + (row0 + query) * pixels;
-    if (word_loads) {
-      const uint32_t word = *reinterpret_cast<const uint32_t*>(row + pixel_first);
+    const int64_t row_start = (row0 + query) * pixels;
+    switch (mask.kind) {
+      case MaskKind::kFloat:
+        bits |= allowed_logit_bits(static_cast<const float*>(mask.data) + row_start, pixel_first,
+                                   pixels, j * kMicro);
+        break;
+      case MaskKind::kHalf:
+        bits |= allowed_logit_bits(static_cast<const at::Half*>(mask.data) + row_start,
+                                   pixel_first, pixels, j * kMicro);
+        break;
+      case MaskKind::kBFloat16:
+        bits |= allowed_logit_bits(static_cast<const at::BFloat16*>(mask.data) + row_start,
+                                   pixel_first, pixels, j * kMicro);
+        break;
+      default: {
+        const bool* row = static_cast<const bool*>(mask.data) + row_start;
+        if (word_loads) {
+          const uint32_t word = *reinterpret_cast<const uint32_t*>(row + pixel_first);
 #pragma unroll
-      for (int i = 0; i < kMicro; ++i) bits |= static_cast<uint32_t>(((word >> (8 * i)) & 0xffu) != 0) << (j * kMicro + i);
-    } else {
+          for (int i = 0; i < kMicro; ++i) bits |= static_cast<uint32_t>(((word >> (8 * i)) & 0xffu) != 0) << (j * kMicro + i);
+        } else {
 #pragma unroll
-      for (int i = 0; i < kMicro; ++i)
-        if (pixel_first + i < pixels) bits |= static_cast<uint32_t>(row[pixel_first + i]) << (j * kMicro + i);
+          for (int i = 0; i < kMicro; ++i)
+            if (pixel_first + i < pixels) bits |= static_cast<uint32_t>(row[pixel_first + i]) << (j * kMicro + i);
+        }
+      }
     }
   }
   return bits;
@@ -316,8 +354,7 @@ __device__ __forceinline__ void store_scores(ScoreFragments& f, float (*score_ti
 template <typename scalar_t, typename acc_t, bool kDivide, int kPasses>
 __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
     Problem pr, int64_t tiles, const scalar_t* __restrict__ keys, const scalar_t* __restrict__ queries,
-    const bool* __restrict__ mask, const acc_t* __restrict__ divisors,
-    AllowedFirstArgmax<acc_t>* partials) {
+    MaskRows mask, const acc_t* __restrict__ divisors, AllowedFirstArgmax<acc_t>* partials) {
   const int64_t split = blockIdx.x, splits = gridDim.x;
   const int64_t query0 = blockIdx.y * static_cast<int64_t>(kTileQueries);
   const int64_t bh = blockIdx.z, b = bh / pr.heads, h = bh % pr.heads;
@@ -341,7 +378,7 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   const acc_t* image_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels;
   const scalar_t* query_base = queries + b * pr.queries * pr.channels + h * pr.head_dim;
   const int64_t query_first = query0 + query_lane * kMicro;
-  const bool word_loads = pr.pixels % 4 == 0 && reinterpret_cast<uintptr_t>(mask) % 4 == 0;
+  const bool word_loads = pr.pixels % 4 == 0 && reinterpret_cast<uintptr_t>(mask.data) % 4 == 0;
   AllowedFirstArgmax<acc_t> best[kMicro];
   for (int j = 0; j < kMicro; ++j) best[j] = AllowedFirstArgmax<acc_t>{0, -1, 0};
 
@@ -497,7 +534,7 @@ int select_passes(at::ScalarType dtype, bool normalize_keys) {
 template <typename scalar_t, typename acc_t>
 void launch_tile_kernel(
     int passes, bool normalize_keys, dim3 grid, cudaStream_t stream, const Problem& pr,
-    int64_t tiles, const scalar_t* keys, const scalar_t* queries, const bool* mask,
+    int64_t tiles, const scalar_t* keys, const scalar_t* queries, MaskRows mask,
     const acc_t* divisors, AllowedFirstArgmax<acc_t>* partials) {
   const auto launch = [&](auto divide, auto kernel_passes) {
     prototype_select_tile_kernel<scalar_t, acc_t, decltype(divide)::value,
@@ -516,10 +553,20 @@ void launch_tile_kernel(
   launch_with(std::integral_constant<int, 0>{});
 }
 
+MaskKind mask_kind(const at::Tensor& mask) {
+  if (!mask.defined()) return MaskKind::kNone;
+  switch (mask.scalar_type()) {
+    case at::kFloat: return MaskKind::kFloat;
+    case at::kHalf: return MaskKind::kHalf;
+    case at::kBFloat16: return MaskKind::kBFloat16;
+    default: return MaskKind::kBool;  // the argument checks let nothing else through
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
     const at::Tensor& keys_in, const at::Tensor& queries_in, const std::optional<at::Tensor>& mask_in,
     int64_t num_heads, bool official_empty, bool normalize_keys) {
-  check_prototype_select_inputs(keys_in, queries_in, mask_in, num_heads);
+  check_prototype_select_inputs(keys_in, queries_in, mask_in, num_heads, /*mask_logits=*/true);
   const c10::cuda::CUDAGuard device_guard(keys_in.device());
   const at::Tensor keys = keys_in.contiguous();
   const at::Tensor queries = queries_in.contiguous();
@@ -566,11 +613,11 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
         auto* partial_ptr =
             reinterpret_cast<AllowedFirstArgmax<acc_t>*>(partials.data_ptr<uint8_t>());
         const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
-        const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+        const MaskRows mask_rows{mask.defined() ? mask.data_ptr() : nullptr, mask_kind(mask)};
         launch_tile_kernel<scalar_t, acc_t>(
             std::is_same_v<acc_t, float> ? select_passes(keys.scalar_type(), normalize_keys) : 0,
             normalize_keys, tile_grid, stream, pr, tiles, keys.data_ptr<scalar_t>(),
-            queries.data_ptr<scalar_t>(), mask_ptr, divisor_ptr, partial_ptr);
+            queries.data_ptr<scalar_t>(), mask_rows, divisor_ptr, partial_ptr);
         const int64_t slot_blocks = (pr.heads * pr.queries + kMergeSlots - 1) / kMergeSlots;
         merge_splits_kernel<acc_t><<<dim3(slot_blocks, pr.batch), kMergeThreads, 0, stream>>>(
             pr, splits, partial_ptr, official_empty, indices.data_ptr<int64_t>());

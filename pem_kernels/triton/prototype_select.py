@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pem_kernels.ops.prototype_select import _TRITON_MASK_LOGIT_DTYPES, autograd_functions
+from pem_kernels.ops.prototype_select import MASK_LOGIT_DTYPES, autograd_functions
 from pem_kernels.triton import (
     block_size,
     call_triton_op,
@@ -70,8 +70,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _INT64_MIN = -(2**63)
-# Mask logits the kernel reads itself (allowed: not < 0), saving the caller's bool conversion.
-_MASK_LOGIT_DTYPES = _TRITON_MASK_LOGIT_DTYPES
 _MAX_PIXELS = 2**31 - 1  # pixel indices are packed in the low 31 bits of the merge key
 _KEY_NORM_EPS = 1e-12  # F.normalize's eps: keys are divided by max(||k||, eps)
 
@@ -491,7 +489,7 @@ def _check_inputs(keys, queries, mask, num_heads):
     )
     if mask is not None:
         check(
-            (mask.dtype == torch.bool or mask.dtype in _MASK_LOGIT_DTYPES)
+            (mask.dtype == torch.bool or mask.dtype in MASK_LOGIT_DTYPES)
             and tuple(mask.shape) == (batch, queries.shape[1], pixels)
             and mask.device == keys.device,
             lambda: f"{name}: mask must be bool or float (logits) [B, N, HW] on {keys.device}, "

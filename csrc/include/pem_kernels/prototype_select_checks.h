@@ -12,7 +12,8 @@ inline void check_prototype_select_inputs(
     const at::Tensor& keys,
     const at::Tensor& queries,
     const std::optional<at::Tensor>& mask,
-    int64_t num_heads) {
+    int64_t num_heads,
+    bool mask_logits = false) {
   PEM_CHECK(keys.dim() == 3, "prototype_select: keys must be [B, HW, C], got shape ", keys.sizes());
   PEM_CHECK(
       queries.dim() == 3, "prototype_select: queries must be [B, N, C], got shape ", queries.sizes());
@@ -38,9 +39,14 @@ inline void check_prototype_select_inputs(
       num_heads);
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
+    // mask_logits: the device kernel also reads float, half or bfloat16 mask logits itself
+    // (allowed where not < 0); the CPU kernel reads bools only.
+    const at::ScalarType type = m.scalar_type();
     PEM_CHECK(
-        m.scalar_type() == at::kBool, "prototype_select: mask must be bool, got dtype ",
-        m.scalar_type());
+        type == at::kBool ||
+            (mask_logits && (type == at::kFloat || type == at::kHalf || type == at::kBFloat16)),
+        "prototype_select: mask must be bool", mask_logits ? " or float/half/bfloat16 logits" : "",
+        ", got dtype ", type);
     PEM_CHECK(
         m.device() == keys.device(), "prototype_select: mask is on ", m.device(),
         " but keys is on ", keys.device());
