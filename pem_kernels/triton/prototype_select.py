@@ -543,10 +543,10 @@ def prototype_select_triton(
     slots = batch * num_heads * num_queries
     # Every entry of both is written by the select kernel (allowed_seen only where it is read).
     partials = torch.empty(splits * slots, dtype=torch.int64, device=keys.device)
-    flags = mask is not None and official_empty
     seen_per_head = query_blocks * splits
     allowed_seen = torch.empty(
-        batch * num_heads * seen_per_head if flags else 1, dtype=torch.int32, device=keys.device
+        batch * num_heads * seen_per_head if mask is not None and official_empty else 1,
+        dtype=torch.int32, device=keys.device,
     )
     launcher(_select_kernel, INTERPRET)[(splits, query_blocks, batch * num_heads)](
         keys, queries, mask_arg, inverse_norms, partials, allowed_seen,
