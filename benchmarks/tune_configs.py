@@ -84,7 +84,7 @@ def _feature_inputs(device: torch.device, small: bool) -> dict[str, torch.Tensor
 
 
 def _bn_depthwise(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
-    from pem_kernels.triton import cdiv, launcher
+    from pem_kernels.triton import cdiv
     from pem_kernels.triton import local_representation as module
 
     x = _feature_inputs(device, small)
@@ -97,7 +97,7 @@ def _bn_depthwise(device: torch.device, small: bool) -> list[tuple[str, Callable
         grid = (height * cdiv(width, config["BLOCK_P"]), cdiv(channels, config["BLOCK_C"]), 1)
 
         def run() -> torch.Tensor:
-            launcher(module._bn_depthwise_conv_kernel, module.INTERPRET)[grid](
+            module._bn_depthwise_conv_kernel[grid](
                 *operands, out, channels, height, width, HAS_POS=True, **config)
             return out
 
