@@ -433,7 +433,7 @@ def test_prototype_select_reads_mask_logits(select, dtype):
     """Mask logits (allowed where not < 0: NaN and -0.0 allow) select as their bool mask
     ``~(logits < 0)`` does on the CPU kernel: 203 pixels (the last tile partial), 70 queries (two
     query blocks), an empty query in image 1 and image 0's query 3 allowed one pixel of a later
-    tile only. A bool mask is still the only one the CPU kernel takes."""
+    tile only."""
     keys, queries, _ = make_select_inputs(2, 203, 32, 70)
     logits = torch.randn(2, 70, 203)
     logits[0, 0, :50] = float("nan")
@@ -451,9 +451,8 @@ def test_prototype_select_reads_mask_logits(select, dtype):
         assert torch.equal(indices, cpu_indices)
         assert torch.equal(prototypes, cpu_prototypes)
         assert (indices[0, :, 3] == 150).all()
-    with pytest.raises(RuntimeError, match="mask must be bool, got dtype"):
-        torch.ops.pem_kernels.prototype_select(keys, queries, logits, 4, False, False)
-    with pytest.raises(RuntimeError, match="mask must be bool or float/half/bfloat16 logits"):
+    with pytest.raises(RuntimeError, match=r"mask must be bool or mask logits "
+                                           r"\(Float/Half/BFloat16\), got dtype Double"):
         select.prototype_select_cuda(keys, queries, logits.double(), 4, False, False)
 
 

@@ -499,7 +499,8 @@ def test_bad_empty_rule_and_backend():
     [
         ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), None, 5, False, False), "num_heads"),
         ((torch.randn(2, 30, 16), torch.randn(1, 3, 16), None, 4, False, False), "queries"),
-        ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), torch.ones(2, 3, 30), 4, False, False),
+        ((torch.randn(2, 30, 16), torch.randn(2, 3, 16), torch.ones(2, 3, 30).double(), 4, False,
+          False),
          "mask"),
     ],
 )
@@ -632,6 +633,25 @@ def check_mask_logits(device, backend: str) -> None:
             assert torch.equal(got[1], expected[1]), (dtype, empty)
             assert torch.equal(got[0], expected[0]), (dtype, empty)
     assert (got[1][1, :, 4] == 30).all()
+
+
+def test_cpu_op_reads_fp32_mask_logits_and_names_the_dtypes_it_takes():
+    """The C++ CPU op itself on fp32 logits (vector blocks of 32 pixels and the tail: 150 px),
+    with NaN, -0.0 and an empty query; other logit dtypes are a clear error (the public op
+    converts them)."""
+    keys, queries, _ = make_inputs(2, 150, 32, 5)
+    logits = torch.randn(2, 5, 150)
+    logits[0, 0, :70] = float("nan")
+    logits[0, 1] = -0.0
+    logits[1, 2] = -1.0
+    for official in (False, True):
+        got = torch.ops.pem_kernels.prototype_select(keys, queries, logits, 4, official, True)
+        expected = torch.ops.pem_kernels.prototype_select(keys, queries, ~(logits < 0), 4,
+                                                          official, True)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    with pytest.raises(RuntimeError, match=r"mask must be bool or mask logits \(Float\), got "
+                                           r"dtype Half"):
+        torch.ops.pem_kernels.prototype_select(keys, queries, logits.half(), 4, False, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

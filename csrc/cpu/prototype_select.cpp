@@ -52,8 +52,27 @@ struct Lanes<double> {
   typedef int64_t mask __attribute__((vector_size(64)));
 };
 typedef int8_t MaskBytes __attribute__((vector_size(8)));
+typedef float LogitLanes __attribute__((vector_size(32)));
+typedef int32_t LogitBlocked __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 constexpr int64_t kFoldBlock = 32;
+
+// The mask as the kernel reads it: bool bytes (True = allowed), fp32 mask logits (allowed where
+// a logit is not < 0, the PEM code's rule: NaN allows; PEM-CA passes its logits, so no bool copy
+// is made), or neither (every pixel allowed). `offset` moves both to a row or pixel.
+struct MaskView {
+  const bool* bytes = nullptr;
+  const float* logits = nullptr;
+
+  bool any() const { return bytes != nullptr || logits != nullptr; }
+  MaskView offset(int64_t elements) const {
+    return {bytes == nullptr ? nullptr : bytes + elements,
+            logits == nullptr ? nullptr : logits + elements};
+  }
+  bool allowed(int64_t p) const {
+    return bytes != nullptr ? bytes[p] : logits == nullptr || !(logits[p] < 0.0f);
+  }
+};
 
 // Folds the scores of one query over pixels [first_pixel, first_pixel + count) into its running
 // argmax. A blocked pixel scores -inf, which never replaces anything, so nothing branches on the
@@ -62,14 +81,14 @@ constexpr int64_t kFoldBlock = 32;
 // resolve_unselected() settles those rare rows. `divisors` (or null) divide the scores per pixel.
 template <typename acc_t>
 PEM_ALWAYS_INLINE void fold_scores_impl(
-    const acc_t* scores, const bool* mask_row, const acc_t* divisors, int64_t first_pixel,
+    const acc_t* scores, MaskView mask_row, const acc_t* divisors, int64_t first_pixel,
     int64_t count, ArgmaxState<acc_t>& state) {
   using Vec = typename Lanes<acc_t>::value;
   using VecMask = typename Lanes<acc_t>::mask;
   constexpr acc_t kBlocked = -std::numeric_limits<acc_t>::infinity();
   auto score_at = [&](int64_t p) {
     const acc_t score = divisors == nullptr ? scores[p] : scores[p] / divisors[p];
-    return (mask_row == nullptr || mask_row[p]) ? score : kBlocked;
+    return mask_row.allowed(p) ? score : kBlocked;
   };
   int64_t p0 = 0;
   for (; p0 + kFoldBlock <= count; p0 += kFoldBlock) {
@@ -84,11 +103,16 @@ PEM_ALWAYS_INLINE void fold_scores_impl(
         std::memcpy(&divisor, divisors + p0 + j, sizeof(Vec));
         score = score / divisor;
       }
-      if (mask_row != nullptr) {
+      if (mask_row.bytes != nullptr) {
         MaskBytes allowed_bytes;
-        std::memcpy(&allowed_bytes, mask_row + p0 + j, sizeof(MaskBytes));
+        std::memcpy(&allowed_bytes, mask_row.bytes + p0 + j, sizeof(MaskBytes));
         const VecMask allowed = __builtin_convertvector(allowed_bytes, VecMask);
         score = allowed != 0 ? score : Vec{} + kBlocked;
+      } else if (mask_row.logits != nullptr) {
+        LogitLanes logits;
+        std::memcpy(&logits, mask_row.logits + p0 + j, sizeof(LogitLanes));
+        const LogitBlocked blocked = logits < LogitLanes{};  // NaN: not blocked
+        score = __builtin_convertvector(blocked, VecMask) != 0 ? Vec{} + kBlocked : score;
       }
       has_nan |= score != score;
       block_max = score > block_max ? score : block_max;
@@ -103,13 +127,13 @@ PEM_ALWAYS_INLINE void fold_scores_impl(
 }
 
 PEM_SIMD_CLONES void fold_scores(
-    const float* scores, const bool* mask_row, const float* divisors, int64_t first_pixel,
+    const float* scores, MaskView mask_row, const float* divisors, int64_t first_pixel,
     int64_t count, ArgmaxState<float>& state) {
   fold_scores_impl(scores, mask_row, divisors, first_pixel, count, state);
 }
 
 PEM_SIMD_CLONES void fold_scores(
-    const double* scores, const bool* mask_row, const double* divisors, int64_t first_pixel,
+    const double* scores, MaskView mask_row, const double* divisors, int64_t first_pixel,
     int64_t count, ArgmaxState<double>& state) {
   fold_scores_impl(scores, mask_row, divisors, first_pixel, count, state);
 }
@@ -144,13 +168,13 @@ struct Problem {
 
 // The masked running argmax of every (image, head, query) over all pixels, for the images listed
 // in `images`: tiles of kPixelTile pixels are scored with one GEMM each and folded into
-// per-query states; pixel chunks run in parallel and are merged afterwards. ``mask`` == nullptr
+// per-query states; pixel chunks run in parallel and are merged afterwards. An empty ``mask``
 // allows every pixel. Queries that saw no allowed pixel scoring above -inf are left at index -1;
 // the indices of images not listed are not written.
 template <typename scalar_t, typename acc_t>
 void tiled_argmax(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    const bool* mask, const acc_t* divisors, const std::vector<int64_t>& images,
+    MaskView mask, const acc_t* divisors, const std::vector<int64_t>& images,
     int64_t* indices) {
   const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // Split pixels into chunks when (listed images) * heads alone cannot keep every thread busy.
@@ -205,8 +229,7 @@ void tiled_argmax(
         }
         const acc_t* tile_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels + pixel0;
         for (int64_t n = 0; n < pr.queries; ++n) {
-          const bool* mask_row =
-              mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels + pixel0;
+          const MaskView mask_row = mask.offset((b * pr.queries + n) * pr.pixels + pixel0);
           fold_scores(scores + n * kPixelTile, mask_row, tile_divisors, pixel0, count, states[n]);
         }
       }
@@ -239,7 +262,7 @@ void tiled_argmax(
 template <typename scalar_t, typename acc_t>
 void resolve_unselected(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    const bool* mask, const acc_t* divisors, bool official_empty, int64_t* indices) {
+    MaskView mask, const acc_t* divisors, bool official_empty, int64_t* indices) {
   std::vector<int64_t> over_all_pixels;  // flat (b, h, n) positions in indices
   std::vector<int64_t> images_over_all_pixels;  // their images, each once
   for (int64_t b = 0; b < pr.batch; ++b) {
@@ -247,9 +270,9 @@ void resolve_unselected(
     auto lookup_first_allowed = [&](int64_t n) {
       if (first_allowed[n] == -2) {
         first_allowed[n] = -1;
-        const bool* row = mask == nullptr ? nullptr : mask + (b * pr.queries + n) * pr.pixels;
+        const MaskView row = mask.offset((b * pr.queries + n) * pr.pixels);
         for (int64_t p = 0; p < pr.pixels; ++p) {
-          if (row == nullptr || row[p]) {
+          if (row.allowed(p)) {
             first_allowed[n] = p;
             break;
           }
@@ -284,7 +307,7 @@ void resolve_unselected(
   at::Tensor unmasked = at::empty({pr.batch * pr.heads * pr.queries}, at::kLong);
   int64_t* unmasked_indices = unmasked.data_ptr<int64_t>();
   tiled_argmax<scalar_t, acc_t>(
-      pr, keys_tensor, queries_tensor, nullptr, divisors, images_over_all_pixels,
+      pr, keys_tensor, queries_tensor, MaskView{}, divisors, images_over_all_pixels,
       unmasked_indices);
   for (const int64_t at : over_all_pixels) {
     // Without a mask every pixel is allowed, so only an all-NaN-free, all -inf row stays at -1;
@@ -296,7 +319,7 @@ void resolve_unselected(
 template <typename scalar_t>
 void prototype_select_cpu_impl(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    const bool* mask, bool official_empty, bool normalize_keys, scalar_t* prototypes,
+    MaskView mask, bool official_empty, bool normalize_keys, scalar_t* prototypes,
     int64_t* indices) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* keys = keys_tensor.data_ptr<scalar_t>();
@@ -329,7 +352,7 @@ void prototype_select_cpu_impl(
 std::tuple<at::Tensor, at::Tensor> prototype_select_cpu(
     const at::Tensor& keys_in, const at::Tensor& queries_in, const std::optional<at::Tensor>& mask_in,
     int64_t num_heads, bool official_empty, bool normalize_keys) {
-  check_prototype_select_inputs(keys_in, queries_in, mask_in, num_heads);
+  check_prototype_select_inputs(keys_in, queries_in, mask_in, num_heads, {at::kFloat});
   // The kernel runs ATen ops (views, mm_out) on its inputs internally; detached views keep those
   // out of autograd, which differentiates the op as a whole (pem_kernels/ops/prototype_select.py).
   const at::Tensor keys = keys_in.detach().contiguous();
@@ -340,11 +363,18 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cpu(
   at::Tensor prototypes = at::empty({pr.batch, pr.queries, pr.channels}, keys.options());
   at::Tensor indices = at::empty({pr.batch, pr.heads, pr.queries}, keys.options().dtype(at::kLong));
   if (indices.numel() == 0) return {prototypes, indices};
+  MaskView mask_view;
+  if (mask.defined()) {
+    if (mask.scalar_type() == at::kBool) {
+      mask_view.bytes = mask.data_ptr<bool>();
+    } else {
+      mask_view.logits = mask.data_ptr<float>();
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, keys.scalar_type(), "prototype_select_cpu", [&] {
         prototype_select_cpu_impl<scalar_t>(
-            pr, keys, queries,
-            mask.defined() ? mask.data_ptr<bool>() : nullptr, official_empty, normalize_keys,
+            pr, keys, queries, mask_view, official_empty, normalize_keys,
             prototypes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
       });
   return {prototypes, indices};

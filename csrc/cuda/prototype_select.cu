@@ -566,7 +566,8 @@ MaskKind mask_kind(const at::Tensor& mask) {
 std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
     const at::Tensor& keys_in, const at::Tensor& queries_in, const std::optional<at::Tensor>& mask_in,
     int64_t num_heads, bool official_empty, bool normalize_keys) {
-  check_prototype_select_inputs(keys_in, queries_in, mask_in, num_heads, /*mask_logits=*/true);
+  check_prototype_select_inputs(
+      keys_in, queries_in, mask_in, num_heads, {at::kFloat, at::kHalf, at::kBFloat16});
   const c10::cuda::CUDAGuard device_guard(keys_in.device());
   const at::Tensor keys = keys_in.contiguous();
   const at::Tensor queries = queries_in.contiguous();

@@ -231,8 +231,8 @@ class PEMCrossAttention(nn.Module):
                     f"memory_mask: expected floating mask logits, got {memory_mask.dtype}"
                 )
             # The logits themselves: the selection blocks `logit < 0` as the official code does
-            # (a NaN logit allows), the triton and cuda kernels while they read them (no bool
-            # copy, two launches fewer), the other backends after a conversion.
+            # (a NaN logit allows), its kernels while they read them (no bool copy: two launches
+            # fewer on a GPU), the reference after a conversion.
             mask_logits = memory_mask.detach().flatten(2)
         prototypes, _ = prototype_select(
             keys, queries, mask_logits, self.num_heads, empty=self.empty,

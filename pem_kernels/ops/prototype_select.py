@@ -32,9 +32,9 @@ from pem_kernels.reference.prototype_select import EmptyMaskRule, prototype_sele
 __all__ = ["prototype_select"]
 
 _EMPTY_RULES = ("per_query", "official")
-# Mask logits the triton and cuda kernels read themselves; the others get ~(logits < 0).
+# Mask logits each compiled backend's kernel reads itself; any others get ~(logits < 0) first.
 MASK_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LOGIT_READING_BACKENDS = ("triton", "cuda")
+_LOGITS_READ = {"triton": MASK_LOGIT_DTYPES, "cuda": MASK_LOGIT_DTYPES, "cpu": (torch.float32,)}
 
 
 _BACKENDS = register_op_backends(
@@ -138,9 +138,9 @@ def prototype_select(
         queries: Tensor[B, N, C], the same dtype and device as ``keys``.
         mask: Tensor[B, N, HW] bool, True = may be selected; or the floating mask logits
             themselves, a pixel allowed where its logit is not < 0 (PEM's rule: ``logit < 0``
-            blocks, so a NaN logit allows), which the ``triton`` and ``cuda`` kernels read
-            directly (fp32, fp16 or bf16: no bool copy) and the other backends convert first; or
-            ``None`` to allow every pixel.
+            blocks, so a NaN logit allows), which the kernels read directly (``triton`` and
+            ``cuda`` fp32, fp16 or bf16, ``cpu`` fp32: no bool copy) and the ``reference``
+            converts first; or ``None`` to allow every pixel.
         num_heads: heads are contiguous channel chunks of ``C // num_heads``.
         empty: ``"per_query"`` (Mask2Former: an empty query selects over all pixels) or
             ``"official"`` (the PEM code: an image is unmasked only if all its queries are empty;
@@ -164,8 +164,9 @@ def prototype_select(
         keys, queries = autocast_inputs(keys.device, keys, queries)
     _check_args(keys, queries, mask, num_heads, empty)
     chosen = _BACKENDS.resolve(backend, keys.device, keys.dtype)
-    if mask is not None and mask.dtype != torch.bool and not (
-        chosen in _LOGIT_READING_BACKENDS and mask.dtype in MASK_LOGIT_DTYPES
+    if (
+        mask is not None and mask.dtype != torch.bool
+        and mask.dtype not in _LOGITS_READ.get(chosen, ())
     ):
         mask = ~(mask < 0)
     if chosen == "reference":

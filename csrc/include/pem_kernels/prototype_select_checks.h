@@ -4,6 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <initializer_list>
+#include <string>
+
 #include "pem_kernels/check.h"
 
 namespace pem_kernels {
@@ -13,7 +17,7 @@ inline void check_prototype_select_inputs(
     const at::Tensor& queries,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    bool mask_logits = false) {
+    std::initializer_list<at::ScalarType> logit_dtypes) {
   PEM_CHECK(keys.dim() == 3, "prototype_select: keys must be [B, HW, C], got shape ", keys.sizes());
   PEM_CHECK(
       queries.dim() == 3, "prototype_select: queries must be [B, N, C], got shape ", queries.sizes());
@@ -39,14 +43,15 @@ inline void check_prototype_select_inputs(
       num_heads);
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
-    // mask_logits: the device kernel also reads float, half or bfloat16 mask logits itself
-    // (allowed where not < 0); the CPU kernel reads bools only.
+    // logit_dtypes: the mask logits the device's kernel reads itself (allowed where not < 0).
     const at::ScalarType type = m.scalar_type();
+    const bool logits = std::find(logit_dtypes.begin(), logit_dtypes.end(), type) !=
+                        logit_dtypes.end();
+    std::string logit_names;
+    for (const at::ScalarType t : logit_dtypes) logit_names += std::string("/") + c10::toString(t);
     PEM_CHECK(
-        type == at::kBool ||
-            (mask_logits && (type == at::kFloat || type == at::kHalf || type == at::kBFloat16)),
-        "prototype_select: mask must be bool", mask_logits ? " or float/half/bfloat16 logits" : "",
-        ", got dtype ", type);
+        type == at::kBool || logits, "prototype_select: mask must be bool or mask logits (",
+        logit_names.substr(1), "), got dtype ", type);
     PEM_CHECK(
         m.device() == keys.device(), "prototype_select: mask is on ", m.device(),
         " but keys is on ", keys.device());
