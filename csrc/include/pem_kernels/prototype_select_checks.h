@@ -45,13 +45,15 @@ inline void check_prototype_select_inputs(
     const at::Tensor& m = *mask;
     // logit_dtypes: the mask logits the device's kernel reads itself (allowed where not < 0).
     const at::ScalarType type = m.scalar_type();
-    const bool logits = std::find(logit_dtypes.begin(), logit_dtypes.end(), type) !=
-                        logit_dtypes.end();
-    std::string logit_names;
-    for (const at::ScalarType t : logit_dtypes) logit_names += std::string("/") + c10::toString(t);
-    PEM_CHECK(
-        type == at::kBool || logits, "prototype_select: mask must be bool or mask logits (",
-        logit_names.substr(1), "), got dtype ", type);
+    if (type != at::kBool &&
+        std::find(logit_dtypes.begin(), logit_dtypes.end(), type) == logit_dtypes.end()) {
+      std::string names;  // built only for the error: the check runs on every call
+      for (const at::ScalarType t : logit_dtypes) {
+        names += (names.empty() ? "" : "/") + std::string(c10::toString(t));
+      }
+      PEM_CHECK(false, "prototype_select: mask must be bool or mask logits (", names,
+                "), got dtype ", type);
+    }
     PEM_CHECK(
         m.device() == keys.device(), "prototype_select: mask is on ", m.device(),
         " but keys is on ", keys.device());
