@@ -111,9 +111,9 @@ def _key_norm_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """inverse[b * HW + p] = 1 / max(||keys[b, p, :]||_2, eps) in fp32 (rounded once): the
-    kernels multiply by it, one multiply per score instead of a division (a slow-path call each),
-    which differs from dividing by at most an ulp, as the reference's own order (normalize the
-    keys, then multiply) does."""
+    kernels multiply by it (the key tiles, see :func:`_normalized`, or the scores), a multiply
+    instead of a division (a slow-path call each), which differs from dividing by at most an
+    ulp."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
     base = (row // pixels) * stride_kb + (row % pixels) * stride_kp
@@ -155,6 +155,21 @@ def _allowed(values, MASK_LOGITS: tl.constexpr):
     if MASK_LOGITS:
         return ~(values < 0)
     return values != 0
+
+
+@triton.jit
+def _normalized(keys, inverse):
+    """The key tile [BLOCK_P, channels] times its pixels' inverse norms, in the keys' dtype: what
+    the reference multiplies (F.normalize's keys, rounded to their dtype), up to an ulp of the
+    rounded reciprocal.
+
+    Tensor-core products scale the keys before the product (a quarter of the multiplies of
+    scaling the scores after it: 32 channels vs 128 queries per pixel); on sm_90 that removed the
+    44-byte spill of fp32 3xTF32 with mask logits (1130 -> 1120 instructions per tile) and cut
+    TF32 from 707 to 652, bf16 from 684 to 663. IEEE products scale the scores: their operands
+    go through shared memory for the FMA layout, and scaled keys took two more barriers per tile
+    and spilled 8 bytes."""
+    return (keys.to(tl.float32) * inverse[:, None]).to(keys.dtype)
 
 
 @triton.jit
@@ -231,11 +246,15 @@ def _select_kernel(
                 mask_rows, stride_mp, n_ok, tile + 1, tile_end, pixels, BLOCK_P, MASK_LOGITS
             )
         key_rows = keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
+        if NORMALIZE and DOT_PRECISION != "ieee":
+            inverse = tl.load(inverse_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
         if BLOCK_DC == BLOCK_D:
             k = tl.load(
                 key_rows + channel[None, :] * stride_kc, mask=p_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )  # [BLOCK_P, BLOCK_D]
+            if NORMALIZE and DOT_PRECISION != "ieee":
+                k = _normalized(k, inverse)
             if INTERPRETED:
                 k = k.to(tl.float32)
             if DOT_PRECISION == "tf32x3":
@@ -257,11 +276,13 @@ def _select_kernel(
                     query_base + channel_c[:, None] * stride_qc,
                     mask=dc_ok[:, None] & n_ok[None, :], other=0.0,
                 )  # [BLOCK_DC, BLOCK_N]
+                if NORMALIZE and DOT_PRECISION != "ieee":
+                    k = _normalized(k, inverse)
                 if INTERPRETED:
                     k = k.to(tl.float32)
                     q = q.to(tl.float32)
                 scores += dot_product(k, q, k.dtype, DOT_PRECISION)
-        if NORMALIZE:
+        if NORMALIZE and DOT_PRECISION == "ieee":
             inverse = tl.load(inverse_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
             scores = scores * inverse[:, None]
         # Rows past the image never win: INT32_MIN beats nothing, not even the start.
