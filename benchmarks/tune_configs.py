@@ -106,7 +106,8 @@ def _bn_depthwise(device: torch.device, small: bool) -> list[tuple[str, Callable
     in_use = dict(module.BN_DEPTHWISE_CONFIG)
     candidates = [in_use] + [
         {"BLOCK_P": p, "BLOCK_C": c, "num_warps": w}
-        for p, c, w in [(64, 32, 4), (32, 32, 4), (32, 16, 4), (64, 32, 8), (128, 16, 4)]
+        for p, c, w in [(64, 32, 4), (32, 32, 4), (32, 16, 4), (64, 32, 8), (128, 16, 4),
+                        (128, 8, 4), (64, 8, 2)]
         if (p, c, w) != (in_use["BLOCK_P"], in_use["BLOCK_C"], in_use["num_warps"])
     ]
     return [

@@ -366,12 +366,14 @@ for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
         options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
         constants.update(HAS_POS=True, NORMALIZE=normalize)
         compile_sm90(fn, lambda n: pointers.get(n, "i32"), constants, **options)
-# The exact-fp32 path's conv kernel, with and without pos.
+# The exact-fp32 path's conv kernel in the configuration in use, with and without pos.
 pointers = {n: "*fp32" for n in ("x_ptr", "pos_ptr", "scale_ptr", "shift_ptr", "dw_weight_ptr",
                                   "dw_bias_ptr", "out_ptr")}
+constants = dict(K.BN_DEPTHWISE_CONFIG)
+options = {"num_warps": constants.pop("num_warps")}
 for has_pos in (True, False):
     compile_sm90(K._bn_depthwise_conv_kernel, lambda n: pointers.get(n, "i32"),
-                 dict(HAS_POS=has_pos, BLOCK_P=64, BLOCK_C=32), num_warps=4)
+                 dict(constants, HAS_POS=has_pos), **options)
 print("compiled for sm_90")
 """
 

@@ -55,8 +55,8 @@ NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 # Launch configuration of the exact-fp32 path's BN + depthwise-conv kernel. 64 pixels x 16
 # channels with 4 warps: ptxas (sm_90, triton 3.8, PEM's 256 x 128 x 256 fp32 with pos) gives it
 # 162 registers and no spill, three blocks per SM; 64 x 32 (before 2026-11-26) took 255 registers
-# and spilled 52 bytes per thread, two blocks per SM. Not timed on a GPU yet: `python -m benchmarks
-# tune bn_depthwise` times the candidates.
+# and spilled 52 bytes per thread, two blocks per SM; 128 x 8 (4 warps) and 64 x 8 (2 warps) take
+# 141. Not timed on a GPU yet: `python -m benchmarks tune bn_depthwise` times the candidates.
 BN_DEPTHWISE_CONFIG = {"BLOCK_P": 64, "BLOCK_C": 16, "num_warps": 4}
 # Exact fp32 (PyTorch's "highest" precision) takes the two-step path (module docstring); False
 # sends it through the fused kernel with 3xTF32 products, which `python -m benchmarks tune
