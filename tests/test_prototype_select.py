@@ -164,6 +164,29 @@ def test_pem_sizes_match_reference(device, dtype, size, normalize_keys):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_normalized_parallel_keys_tie_to_the_lowest_pixel(device, dtype):
+    """With one channel every key normalizes to exactly +1 or -1 (sqrt(k * k) == |k|), so the
+    normalized scores of all keys of a sign tie exactly and the lowest allowed pixel of that sign
+    wins, as in the reference. (The kernel must normalize the keys before the product: dividing
+    the scores k * q by |k| afterwards rounds them apart.)"""
+    generator = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 700, 1, generator=generator, dtype=dtype)
+    queries = torch.randn(2, 9, 1, generator=generator, dtype=dtype)
+    mask = torch.rand(2, 9, 700, generator=generator) < 0.5
+    keys, queries, mask = keys.to(device), queries.to(device), mask.to(device)
+    _, indices = pem_kernels.prototype_select(
+        keys, queries, mask, 1, normalize_keys=True, backend=backend_for(device)
+    )
+    _, ref_indices = prototype_select_ref(keys, queries, mask, 1, normalize_keys=True)
+    same_sign = (keys[:, None, :, 0] > 0) == (queries[:, :, None, 0] > 0)  # [B, N, HW]
+    candidates = torch.where(same_sign & mask, torch.arange(700, device=device), 700)
+    expected = candidates.min(-1).values
+    assert torch.equal(ref_indices[:, 0], expected)
+    assert torch.equal(indices[:, 0], expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize_keys", [False, True])
 def test_no_mask_selects_over_all_pixels(device, normalize_keys):
     keys, query, _ = make_inputs(2, 700, 32, 6, device)

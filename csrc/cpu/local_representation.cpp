@@ -10,7 +10,7 @@
 // three source rows of a channel are read once, BN'd into a padded line buffer) and multiplies it
 // by out_weight^T with one BLAS call straight into the output rows. Intermediates stay in acc_t, so
 // fp16/bf16 results are rounded once. With normalize, each output row is L2-normalized in acc_t
-// while it is still in cache (what prototype_select's normalize_keys would otherwise do per score).
+// while it is still in cache (what prototype_select's normalize_keys would otherwise do per key tile).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -78,17 +78,16 @@ struct MaskView {
 // argmax. A blocked pixel scores -inf, which never replaces anything, so nothing branches on the
 // (random) mask: each block of kFoldBlock pixels gets a vector max first and is only scanned when
 // it may hold a winner. A state left at index -1 saw no allowed pixel scoring above -inf;
-// resolve_unselected() settles those rare rows. `divisors` (or null) divide the scores per pixel.
+// resolve_unselected() settles those rare rows.
 template <typename acc_t>
 PEM_ALWAYS_INLINE void fold_scores_impl(
-    const acc_t* scores, MaskView mask_row, const acc_t* divisors, int64_t first_pixel,
-    int64_t count, ArgmaxState<acc_t>& state) {
+    const acc_t* scores, MaskView mask_row, int64_t first_pixel, int64_t count,
+    ArgmaxState<acc_t>& state) {
   using Vec = typename Lanes<acc_t>::value;
   using VecMask = typename Lanes<acc_t>::mask;
   constexpr acc_t kBlocked = -std::numeric_limits<acc_t>::infinity();
   auto score_at = [&](int64_t p) {
-    const acc_t score = divisors == nullptr ? scores[p] : scores[p] / divisors[p];
-    return mask_row.allowed(p) ? score : kBlocked;
+    return mask_row.allowed(p) ? scores[p] : kBlocked;
   };
   int64_t p0 = 0;
   for (; p0 + kFoldBlock <= count; p0 += kFoldBlock) {
@@ -98,11 +97,6 @@ PEM_ALWAYS_INLINE void fold_scores_impl(
     for (int64_t j = 0; j < kFoldBlock; j += kLanes) {
       Vec score;
       std::memcpy(&score, scores + p0 + j, sizeof(Vec));
-      if (divisors != nullptr) {
-        Vec divisor;
-        std::memcpy(&divisor, divisors + p0 + j, sizeof(Vec));
-        score = score / divisor;
-      }
       if (mask_row.bytes != nullptr) {
         MaskBytes allowed_bytes;
         std::memcpy(&allowed_bytes, mask_row.bytes + p0 + j, sizeof(MaskBytes));
@@ -127,15 +121,15 @@ PEM_ALWAYS_INLINE void fold_scores_impl(
 }
 
 PEM_SIMD_CLONES void fold_scores(
-    const float* scores, MaskView mask_row, const float* divisors, int64_t first_pixel,
-    int64_t count, ArgmaxState<float>& state) {
-  fold_scores_impl(scores, mask_row, divisors, first_pixel, count, state);
+    const float* scores, MaskView mask_row, int64_t first_pixel, int64_t count,
+    ArgmaxState<float>& state) {
+  fold_scores_impl(scores, mask_row, first_pixel, count, state);
 }
 
 PEM_SIMD_CLONES void fold_scores(
-    const double* scores, MaskView mask_row, const double* divisors, int64_t first_pixel,
-    int64_t count, ArgmaxState<double>& state) {
-  fold_scores_impl(scores, mask_row, divisors, first_pixel, count, state);
+    const double* scores, MaskView mask_row, int64_t first_pixel, int64_t count,
+    ArgmaxState<double>& state) {
+  fold_scores_impl(scores, mask_row, first_pixel, count, state);
 }
 
 // Per-pixel divisor of the in-op key normalization: max(||keys[b, p, :]||, eps), as F.normalize.
@@ -169,12 +163,15 @@ struct Problem {
 // The masked running argmax of every (image, head, query) over all pixels, for the images listed
 // in `images`: tiles of kPixelTile pixels are scored with one GEMM each and folded into
 // per-query states; pixel chunks run in parallel and are merged afterwards. An empty ``mask``
-// allows every pixel. Queries that saw no allowed pixel scoring above -inf are left at index -1;
-// the indices of images not listed are not written.
+// allows every pixel. With ``divisors`` (defined: normalize_keys) each key tile is divided by its
+// pixels' norms before its GEMM, as the reference normalizes the keys before its product (so
+// exactly parallel keys tie as there, and a tile takes D divisions per pixel, not N). Queries that
+// saw no allowed pixel scoring above -inf are left at index -1; the indices of images not listed
+// are not written.
 template <typename scalar_t, typename acc_t>
 void tiled_argmax(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    MaskView mask, const acc_t* divisors, const std::vector<int64_t>& images,
+    MaskView mask, const at::Tensor& divisors, const std::vector<int64_t>& images,
     int64_t* indices) {
   const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // Split pixels into chunks when (listed images) * heads alone cannot keep every thread busy.
@@ -189,9 +186,10 @@ void tiled_argmax(
   int64_t* part_index = partial_indices.data_ptr<int64_t>();
 
   // Per-thread scratch (allocated through ATen, so memory profiling sees it): the head's queries
-  // [N, D] in acc_t, the score tile [N, kPixelTile], and for fp16/bf16 an fp32 key tile [D, tile].
-  constexpr bool kConvertKeys = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t key_tile_size = kConvertKeys ? pr.head_dim * kPixelTile : 0;
+  // [N, D] in acc_t, the score tile [N, kPixelTile], and for fp16/bf16 or normalized keys an
+  // acc_t key tile [tile, D].
+  const bool copy_keys = !std::is_same_v<scalar_t, acc_t> || divisors.defined();
+  const int64_t key_tile_size = copy_keys ? pr.head_dim * kPixelTile : 0;
   const int64_t scratch_per_thread =
       pr.queries * pr.head_dim + pr.queries * kPixelTile + key_tile_size;
   at::Tensor scratch = at::empty({at::get_num_threads(), scratch_per_thread}, acc_options);
@@ -202,7 +200,7 @@ void tiled_argmax(
                                  .view({pr.queries, pr.head_dim});
     at::Tensor score_tile = thread_scratch.narrow(0, pr.queries * pr.head_dim, pr.queries * kPixelTile)
                                 .view({pr.queries, kPixelTile});
-    at::Tensor key_tile_t = thread_scratch.narrow(0, scratch_per_thread - key_tile_size, key_tile_size);
+    at::Tensor key_tile = thread_scratch.narrow(0, scratch_per_thread - key_tile_size, key_tile_size);
     const acc_t* scores = score_tile.data_ptr<acc_t>();
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks;  // bh: listed image * heads + h
@@ -216,21 +214,26 @@ void tiled_argmax(
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         const int64_t pixel0 = tile * kPixelTile;
         const int64_t count = std::min(kPixelTile, pr.pixels - pixel0);
-        // keys are scored unnormalized; fold_scores divides each score by its pixel's norm.
         const at::Tensor keys_t = keys_tensor[b].narrow(0, pixel0, count).narrow(1, channel0, pr.head_dim).t();
         at::Tensor tile_scores = score_tile.narrow(1, 0, count);
         // BLAS runs single-threaded here: we are inside at::parallel_for.
-        if constexpr (kConvertKeys) {
-          at::Tensor converted = key_tile_t.narrow(0, 0, pr.head_dim * count).view({pr.head_dim, count});
-          converted.copy_(keys_t);
-          at::mm_out(tile_scores, query_block, converted);
+        if (copy_keys) {
+          // Pixel-major like the keys ([count, D]: rows read contiguously); BLAS takes its
+          // transpose.
+          at::Tensor tile = key_tile.narrow(0, 0, count * pr.head_dim).view({count, pr.head_dim});
+          const at::Tensor keys_tile = keys_t.t();
+          if (divisors.defined()) {
+            at::div_out(tile, keys_tile, divisors.narrow(0, b * pr.pixels + pixel0, count).view({count, 1}));
+          } else {
+            tile.copy_(keys_tile);
+          }
+          at::mm_out(tile_scores, query_block, tile.t());
         } else {
           at::mm_out(tile_scores, query_block, keys_t);
         }
-        const acc_t* tile_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels + pixel0;
         for (int64_t n = 0; n < pr.queries; ++n) {
           const MaskView mask_row = mask.offset((b * pr.queries + n) * pr.pixels + pixel0);
-          fold_scores(scores + n * kPixelTile, mask_row, tile_divisors, pixel0, count, states[n]);
+          fold_scores(scores + n * kPixelTile, mask_row, pixel0, count, states[n]);
         }
       }
       for (int64_t n = 0; n < pr.queries; ++n) {
@@ -262,7 +265,7 @@ void tiled_argmax(
 template <typename scalar_t, typename acc_t>
 void resolve_unselected(
     const Problem& pr, const at::Tensor& keys_tensor, const at::Tensor& queries_tensor,
-    MaskView mask, const acc_t* divisors, bool official_empty, int64_t* indices) {
+    MaskView mask, const at::Tensor& divisors, bool official_empty, int64_t* indices) {
   std::vector<int64_t> over_all_pixels;  // flat (b, h, n) positions in indices
   std::vector<int64_t> images_over_all_pixels;  // their images, each once
   for (int64_t b = 0; b < pr.batch; ++b) {
@@ -330,9 +333,10 @@ void prototype_select_cpu_impl(
 
   std::vector<int64_t> every_image(pr.batch);
   for (int64_t b = 0; b < pr.batch; ++b) every_image[b] = b;
-  tiled_argmax<scalar_t, acc_t>(pr, keys_tensor, queries_tensor, mask, divisors, every_image, indices);
+  tiled_argmax<scalar_t, acc_t>(
+      pr, keys_tensor, queries_tensor, mask, divisor_tensor, every_image, indices);
   resolve_unselected<scalar_t, acc_t>(
-      pr, keys_tensor, queries_tensor, mask, divisors, official_empty, indices);
+      pr, keys_tensor, queries_tensor, mask, divisor_tensor, official_empty, indices);
 
   at::parallel_for(0, pr.batch * pr.queries, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bn = begin; bn < end; ++bn) {

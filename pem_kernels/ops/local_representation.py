@@ -42,7 +42,7 @@ def fused_local_representation(
         dw_weight: [C, 1, 3, 3], dw_bias: [C]; out_weight: [C_out, C], out_bias: [C_out].
         normalize: divide every pixel's row by ``max(||row||_2, 1e-12)`` (``F.normalize`` over
             C_out), with the norm of the unrounded accumulator; saves prototype_select its key
-            norm pass and a division per score (``normalize_keys=False`` there).
+            norm pass and the normalization of its key tiles (``normalize_keys=False`` there).
     """
     args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias, normalize)
     if backend == "cpu" and has_kernel("local_representation", "CPU"):

@@ -180,7 +180,7 @@ def normalizes_in_kernel(dtype: torch.dtype, out_channels: int) -> bool:
     its kernel. Where it does not (exact fp32: the BN + depthwise-conv kernel and cuBLAS; or more
     than 256 output channels) it runs ``F.normalize`` after it, three more launches and another
     pass over the keys: PEM-CA then asks for raw keys and lets the selection normalize them
-    (``normalize_keys``: one norm pass, a multiply per score)."""
+    (``normalize_keys``: one norm pass, a multiply per key element)."""
     if dtype == torch.float32 and FP32_TWO_STEP and not fp32_matmul_allows_tf32():
         return False
     return _launch_config(out_channels, dtype)["BLOCK_N"] >= out_channels
