@@ -24,7 +24,8 @@ sm_90 compiler's counts (``sass-stats``) can only suggest. Experiments:
   programs per SM.
 
 ``--small`` shrinks every shape for a CPU run under ``TRITON_INTERPRET=1`` (checks only, no
-times), which is how the tests run it. Results go to ``<out-dir>/tune.{json,csv}`` (default
+times), which is how the tests run it. Past ``PEM_BENCH_DEADLINE`` (the GPU suite's time box) no
+further candidate starts; what was measured is written and the exit status is 3. Results go to ``<out-dir>/tune.{json,csv}`` (default
 ``benchmarks/results/<date>-<device>``).
 """
 
@@ -221,14 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     builders = {"bn_depthwise": _bn_depthwise, "projection_fp32": _projection_fp32,
                 "attention_columns": _attention_columns, "select_splits": _select_splits}
     rows: list[dict[str, Any]] = []
-    failures = 0
+    failures = skipped = 0
     with torch.no_grad():
         for experiment in args.experiments or EXPERIMENTS:
+            if harness.out_of_time():  # the suite's time box: keep what was measured
+                skipped += 1
+                continue
             try:
                 runs = builders[experiment](device, args.small)
                 expected = runs[0][1]().clone()
                 in_use_ms = None
                 for index, (name, run, check) in enumerate(runs):
+                    if index and harness.out_of_time():
+                        skipped += len(runs) - index
+                        break
                     row: dict[str, Any] = {"experiment": experiment, "candidate": name,
                                            "in_use": index == 0}
                     row["check"] = check(run(), expected)
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="tune", what="candidate",
+        skipped=skipped,
     )
 
 

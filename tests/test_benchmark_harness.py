@@ -456,3 +456,15 @@ def test_tune_checks_every_candidate_against_the_configuration_in_use(tmp_path):
     assert tune_configs._fp32_close(torch.ones(3) * 1.001, torch.ones(3)).startswith("DIFFERS")
     with pytest.raises(SystemExit):
         tune_configs.parse_args(["no_such_experiment"])
+
+
+def test_tune_stops_at_the_suite_deadline(tmp_path, monkeypatch):
+    """Past PEM_BENCH_DEADLINE `tune` starts no experiment, writes its (empty) results and exits
+    with 3, as the other benchmarks do when the GPU suite's time box runs out."""
+    from benchmarks import tune_configs
+
+    monkeypatch.setenv("PEM_BENCH_DEADLINE", "1")  # 1 s after the epoch: long past
+    assert tune_configs.main(["--small", "--out-dir", str(tmp_path)]) == 3
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert result["rows"] == []
+    assert result["meta"]["skipped_at_deadline"] == len(tune_configs.EXPERIMENTS)
