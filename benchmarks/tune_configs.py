@@ -25,8 +25,8 @@ sm_90 compiler's counts (``sass-stats``) can only suggest. Experiments:
 
 ``--small`` shrinks every shape for a CPU run under ``TRITON_INTERPRET=1`` (checks only, no
 times), which is how the tests run it. Past ``PEM_BENCH_DEADLINE`` (the GPU suite's time box) no
-further candidate starts; what was measured is written and the exit status is 3. Results go to ``<out-dir>/tune.{json,csv}`` (default
-``benchmarks/results/<date>-<device>``).
+further candidate starts; what was measured is written and the exit status is 3. Results go to
+``<out-dir>/tune.{json,csv}`` (default ``benchmarks/results/<date>-<device>``).
 """
 
 from __future__ import annotations
