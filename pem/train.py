@@ -428,7 +428,15 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts iterations, as the official training's does: it advances
+            # also when the fp16 GradScaler skipped an overflowing step (often the first), for
+            # which PyTorch warns that the scheduler stepped before the optimizer.
+            warnings.filterwarnings(
+                "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                category=UserWarning,
+            )
+            scheduler.step()
         done = iteration + 1
         bar.update(1)
         if done % args.log_period == 0 or done == args.iters:
