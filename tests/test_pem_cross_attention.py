@@ -145,6 +145,31 @@ def test_bad_mask_shape_or_dtype_is_a_clear_error():
         PEMCrossAttention(32, 5)
 
 
+def test_bad_inputs_and_options_name_the_argument():
+    """Shapes and dtypes that would fail deep inside an op (or name an internal tensor) and
+    unknown options are errors that name the argument; a pos or query_pos that broadcasts, as
+    the official layer's additions allow, still runs."""
+    layer = PEMCrossAttention(32, 4, backend="reference").eval()
+    tgt, memory, mask, pos, query_pos = layer_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"pos: expected memory's shape \[2, 32, 9, 11\]"):
+        layer(tgt, memory, mask, pos[:, :, :-1], query_pos)
+    with pytest.raises(ValueError, match=r"query_pos: expected tgt's shape \[10, 2, 32\]"):
+        layer(tgt, memory, mask, pos, query_pos[:-1])
+    with pytest.raises(ValueError, match="must share B and C"):
+        layer(tgt[:, :1], memory, mask, pos, query_pos)
+    with pytest.raises(TypeError, match="memory: dtype torch.float64, expected the layer's"):
+        layer(tgt, memory.double(), mask, pos, query_pos)
+    with torch.no_grad():
+        expected = layer(tgt, memory, mask, pos[:1].expand_as(pos).contiguous(), query_pos)
+        torch.testing.assert_close(layer(tgt, memory, mask, pos[:1], query_pos), expected)
+    for option, value in (("attention_norm", "pixels"), ("empty", "never"), ("backend", "gpu")):
+        with pytest.raises(ValueError, match=f"{option}: expected one of"):
+            PEMCrossAttention(32, 4, **{option: value})
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        layer.backend = "gpu"
+    assert layer.backend == "reference"
+
+
 def test_masked_attention_matches_manual_mask2former():
     layer = MaskedCrossAttention(32, 4).double().eval()
     tgt, memory, mask, pos, query_pos = layer_inputs()

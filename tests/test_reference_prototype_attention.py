@@ -89,6 +89,22 @@ def test_bad_input_names_the_argument(mutate, match):
         pem_kernels.prototype_attention(**args)
 
 
+@pytest.mark.parametrize("name", ["queries", "residual", "proj_weight", "alpha", "out_bias"])
+def test_mixed_dtypes_name_the_argument(name):
+    """Outside autocast every tensor must have the prototypes' dtype (a fused kernel would
+    otherwise read it as it is, the reference fail inside a matmul)."""
+    proj, final, alpha = make_layer(8, torch.float32)
+    args = dict(
+        prototypes=torch.randn(2, 3, 8), queries=torch.randn(2, 3, 8),
+        residual=torch.randn(2, 3, 8),
+        proj_weight=proj.weight, proj_bias=proj.bias, alpha=alpha, out_weight=final.weight,
+        out_bias=final.bias,
+    )
+    args[name] = args[name].double()
+    with pytest.raises(TypeError, match=f"{name}: dtype torch.float64, expected prototypes'"):
+        pem_kernels.prototype_attention(**args)
+
+
 def test_unavailable_backend_is_a_clear_error():
     proj, final, alpha = make_layer(8, torch.float32)
     p = torch.randn(1, 2, 8)

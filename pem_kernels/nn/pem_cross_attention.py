@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pem_kernels._backends import has_forward_ad_tangent
+from pem_kernels._backends import BACKENDS, has_forward_ad_tangent
 from pem_kernels.ops.local_representation import (
     FUSED_LOCAL_REPRESENTATION_BACKENDS,
     fused_local_representation,
@@ -23,6 +23,9 @@ from pem_kernels.reference.prototype_attention import AttentionNormAxis
 from pem_kernels.reference.prototype_select import EmptyMaskRule
 
 __all__ = ["LocalRepresentation", "PEMCrossAttention"]
+
+_NORM_AXES = ("queries", "channels")
+_EMPTY_RULES = ("official", "per_query")
 
 
 class LocalRepresentation(nn.Module):
@@ -192,6 +195,12 @@ class PEMCrossAttention(nn.Module):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"nhead: expected a divisor of d_model = {d_model}, got {nhead}")
+        if attention_norm not in _NORM_AXES:
+            raise ValueError(
+                f"attention_norm: expected one of {_NORM_AXES}, got {attention_norm!r}"
+            )
+        if empty not in _EMPTY_RULES:
+            raise ValueError(f"empty: expected one of {_EMPTY_RULES}, got {empty!r}")
         self.feature_proj = LocalRepresentation(d_model)
         self.query_proj = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
         self.proj = nn.Linear(d_model, d_model)
@@ -210,11 +219,7 @@ class PEMCrossAttention(nn.Module):
         pos: torch.Tensor | None,
         query_pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        if tgt.dim() != 3 or memory.dim() != 4 or tgt.shape[2] != memory.shape[1]:
-            raise ValueError(
-                f"tgt [Q, B, C] and memory [B, C, H, W] must share B and C, got tgt "
-                f"{list(tgt.shape)} and memory {list(memory.shape)}"
-            )
+        self._check_inputs(tgt, memory, pos, query_pos)
         residual = tgt.transpose(0, 1)
         keys, normalized = self.feature_proj.project_for_selection(memory, pos, self.backend)
         queries = self._project_queries(tgt, query_pos)
@@ -249,6 +254,49 @@ class PEMCrossAttention(nn.Module):
             # to the residual stream in the stream's dtype (fp32 + fp16 -> fp32), so do the same.
             out = residual + out
         return out.transpose(0, 1)
+
+    @property
+    def backend(self) -> str:
+        """The backend of every op the layer runs (:data:`pem_kernels.BACKENDS`); assignable."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def _check_inputs(self, tgt, memory, pos, query_pos) -> None:
+        """Errors that name the argument, where the computation would fail deep inside an op
+        (or, for a wrong batch, name an internal tensor). pos and query_pos may broadcast to
+        memory and tgt, as in the official layer's additions."""
+        if tgt.dim() != 3 or memory.dim() != 4 or tgt.shape[1:] != memory.shape[:2]:
+            raise ValueError(
+                f"tgt [Q, B, C] and memory [B, C, H, W] must share B and C, got tgt "
+                f"{list(tgt.shape)} and memory {list(memory.shape)}"
+            )
+        for name, extra, base, base_name in (("pos", pos, memory, "memory"),
+                                             ("query_pos", query_pos, tgt, "tgt")):
+            if extra is None or extra.shape == base.shape:
+                continue
+            try:
+                broadcast = torch.broadcast_shapes(base.shape, extra.shape) == base.shape
+            except RuntimeError:
+                broadcast = False
+            if not broadcast:
+                raise ValueError(
+                    f"{name}: expected {base_name}'s shape {list(base.shape)} (or one that "
+                    f"broadcasts to it), got {list(extra.shape)}"
+                )
+        if not torch.is_autocast_enabled(tgt.device.type):
+            dtype = self.alpha.dtype
+            for name, tensor in (("tgt", tgt), ("memory", memory), ("pos", pos),
+                                 ("query_pos", query_pos)):
+                if tensor is not None and tensor.dtype != dtype:
+                    raise TypeError(
+                        f"{name}: dtype {tensor.dtype}, expected the layer's parameter dtype "
+                        f"{dtype} (cast the layer with .to(), or run under torch.autocast)"
+                    )
 
     def _project_queries(self, tgt: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
         """``F.normalize(query_proj(tgt + query_pos))`` [B, Q, C] from tgt [Q, B, C]. For

@@ -88,6 +88,10 @@ def _check_args(
             raise ValueError(
                 f"{name}: on {tensor.device}, expected prototypes' device {prototypes.device}"
             )
+        if tensor.dtype != prototypes.dtype:  # (under autocast all were cast to one dtype)
+            raise TypeError(
+                f"{name}: dtype {tensor.dtype}, expected prototypes' dtype {prototypes.dtype}"
+            )
     if not prototypes.dtype.is_floating_point:
         raise TypeError(f"prototypes: expected a floating dtype, got {prototypes.dtype}")
     if normalize not in _NORM_AXES:
