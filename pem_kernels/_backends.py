@@ -99,6 +99,22 @@ class OpBackends:
             )
 
 
+def backend_property() -> property:
+    """A module's ``backend`` attribute: one of :data:`BACKENDS`, checked whenever it is set (in
+    the constructor, or later as ``module.backend = ...``), so that a misspelled backend is an
+    error there rather than at the first forward."""
+
+    def get(module) -> str:
+        return module._backend
+
+    def set_checked(module, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {value!r}")
+        module._backend = value
+
+    return property(get, set_checked, doc="The backend of the module's ops; see BACKENDS.")
+
+
 def compiled_kernel(op_name: str, dispatch_key: str, device_type: str):
     """Availability check of a backend that is ``op_name``'s C++ kernel for ``dispatch_key``."""
     from pem_kernels._extension import has_kernel

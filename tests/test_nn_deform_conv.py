@@ -59,3 +59,32 @@ def test_modulated_offset_layout_is_pems_chunk_and_concatenate():
 def test_bad_groups_is_a_clear_error():
     with pytest.raises(ValueError, match="groups"):
         DeformConv2d(4, 6, 3, groups=3)
+
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: DeformConv2d(0, 4, 3), "in_channels: expected a positive integer, got 0"),
+        (lambda: DeformConv2d(8, 4, 3, groups=0), "groups: expected a positive integer, got 0"),
+        (lambda: DeformConv2d(8, 4, (3, 0)), r"kernel_size: expected values >= 1, got \(3, 0\)"),
+        (lambda: DeformConv2d(8, 4, 3, stride=0), "stride: expected values >= 1"),
+        (lambda: DeformConv2d(8, 4, 3, padding=-1), "padding: expected values >= 0"),
+        (lambda: DeformConv2d(8, 4, 3, dilation=(1, 0)), "dilation: expected values >= 1"),
+        (lambda: DeformConv2d(8, 4, 3, backend="gpu"), "backend: expected one of"),
+        (lambda: ModulatedDeformConv2d(8, 4, offset_groups=3),
+         r"offset_groups: expected a positive divisor of in_channels \(8\), got 3"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(make, match):
+    """Checked when the module is built (torchvision's module fails at the first forward, or
+    divides by zero groups), not at the first call."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_backend_is_checked_when_assigned():
+    conv = ModulatedDeformConv2d(8, 4, backend="reference")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        conv.backend = "gpu"
+    assert conv.backend == "reference"

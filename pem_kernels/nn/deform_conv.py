@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from pem_kernels._backends import backend_property
 from pem_kernels.ops.deform_conv import deform_conv2d
 
 __all__ = ["DeformConv2d", "ModulatedDeformConv2d"]
@@ -21,6 +22,8 @@ class DeformConv2d(nn.Module):
     ``(input [B, C_in, H, W], offset [B, 2*og*kh*kw, H_out, W_out], mask=None) -> [B, C_out,
     H_out, W_out]``, running on :func:`pem_kernels.deform_conv2d` with ``backend``.
     """
+
+    backend = backend_property()
 
     def __init__(
         self,
@@ -36,6 +39,10 @@ class DeformConv2d(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups: expected a divisor of in_channels ({in_channels}) and out_channels "
@@ -44,6 +51,10 @@ class DeformConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        for name, pair, least in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                  ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if min(pair) < least:
+                raise ValueError(f"{name}: expected values >= {least}, got {pair}")
         self.groups = groups
         self.backend = backend
         self.weight = nn.Parameter(
@@ -105,6 +116,11 @@ class ModulatedDeformConv2d(DeformConv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             backend=backend,
         )
+        if offset_groups < 1 or in_channels % offset_groups:
+            raise ValueError(
+                f"offset_groups: expected a positive divisor of in_channels ({in_channels}), "
+                f"got {offset_groups}"
+            )
         taps = self.kernel_size[0] * self.kernel_size[1]
         # The offset conv must produce one value per output pixel, so it shares stride, padding
         # and dilation with the deformable conv's kernel footprint.

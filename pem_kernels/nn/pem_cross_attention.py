@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pem_kernels._backends import BACKENDS, has_forward_ad_tangent
+from pem_kernels._backends import backend_property, has_forward_ad_tangent
 from pem_kernels.ops.local_representation import (
     FUSED_LOCAL_REPRESENTATION_BACKENDS,
     fused_local_representation,
@@ -183,6 +183,8 @@ class PEMCrossAttention(nn.Module):
     or None; returns [Q, B, C].
     """
 
+    backend = backend_property()
+
     def __init__(
         self,
         d_model: int = 256,
@@ -254,17 +256,6 @@ class PEMCrossAttention(nn.Module):
             # to the residual stream in the stream's dtype (fp32 + fp16 -> fp32), so do the same.
             out = residual + out
         return out.transpose(0, 1)
-
-    @property
-    def backend(self) -> str:
-        """The backend of every op the layer runs (:data:`pem_kernels.BACKENDS`); assignable."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {value!r}")
-        self._backend = value
 
     def _check_inputs(self, tgt, memory, pos, query_pos) -> None:
         """Errors that name the argument, where the computation would fail deep inside an op
