@@ -88,6 +88,13 @@ class PEM(nn.Module):
             raise ValueError(f"images: expected a floating-point tensor, got {images.dtype}")
         if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
             raise ValueError(f"images: expected a non-empty batch, got {list(images.shape)}")
+        if not torch.is_autocast_enabled(images.device.type):
+            dtype = next(self.parameters()).dtype
+            if images.dtype != dtype:
+                raise TypeError(
+                    f"images: dtype {images.dtype}, expected the model's dtype {dtype} (cast the "
+                    "images or the model with .to(), or run under torch.autocast)"
+                )
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         h, w = x.shape[-2:]
         pad_h = -h % SIZE_DIVISIBILITY

@@ -177,6 +177,8 @@ class PEMTransformerDecoder(nn.Module):
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if dec_layers < 1:
             raise ValueError(f"dec_layers: expected >= 1, got {dec_layers}")
+        if not isinstance(num_queries, int) or num_queries < 1:
+            raise ValueError(f"num_queries: expected a positive int, got {num_queries!r}")
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.in_channels = in_channels

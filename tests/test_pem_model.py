@@ -190,6 +190,10 @@ def test_bad_inputs_raise() -> None:
         model(torch.rand(2, 1, 64, 64))
     with pytest.raises(ValueError, match="images"):
         model(torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8))
+    with pytest.raises(TypeError, match="images: dtype torch.float64, expected the model's"):
+        model(torch.rand(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_queries: expected a positive int, got 0"):
+        PEMTransformerDecoder(19, num_queries=0)
     dec = PEMPixelDecoder([64, 256, 512, 1024])
     bad = build_backbone("stdc1")(torch.randn(1, 3, 64, 96))
     bad["res5"] = bad["res5"][..., :1]
