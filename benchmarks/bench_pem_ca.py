@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device_type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     sizes, providers, *_ = DEFAULTS[device_type]
-    args.sizes = [int(s) for s in (args.sizes or sizes).split(",") if s.strip()]
+    args.sizes = harness.parse_positive_ints(parser, "--sizes", args.sizes or sizes)
     for size in args.sizes:
         height = math.isqrt(size // 2)
         if 2 * height * height != size:
@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             parser.error(f"{name}: unknown {unknown}, expected from {allowed}")
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: expected >= 1")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
     return args

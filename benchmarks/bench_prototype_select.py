@@ -114,7 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     harness.add_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
-    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.sizes = harness.parse_positive_ints(parser, "--sizes", args.sizes)
+    for option in ("batch", "queries", "channels", "heads"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} {getattr(args, option)}: expected >= 1")
+    if not 0.0 <= args.density <= 1.0:
+        parser.error(f"--density {args.density}: expected a fraction in [0, 1]")
     if args.backends is not None:
         args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.channels % args.heads:

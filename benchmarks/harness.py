@@ -259,6 +259,19 @@ def measure_graph_time(
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def parse_positive_ints(parser: Any, option: str, text: str) -> list[int]:
+    """The comma-separated integers >= 1 of ``option`` (e.g. ``--sizes``), or ``parser.error``
+    naming the option and the value: a bad size should not surface as a traceback or as every
+    provider failing on an empty tensor."""
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        parser.error(f"{option} {text}: expected comma-separated integers")
+    if not values or min(values) < 1:
+        parser.error(f"{option} {text}: expected integers >= 1")
+    return values
+
+
 def add_matmul_precision_argument(parser: Any) -> None:
     """``--matmul-precision``: ``torch.set_float32_matmul_precision`` for the whole run. fp32
     products of PyTorch's matmuls and of the Triton kernels follow it ("high"/"medium": TF32 on

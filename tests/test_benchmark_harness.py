@@ -468,3 +468,26 @@ def test_tune_stops_at_the_suite_deadline(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "tune.json").read_text())
     assert result["rows"] == []
     assert result["meta"]["skipped_at_deadline"] == len(tune_configs.EXPERIMENTS)
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("bench_pem_ca", ["--sizes", "abc"], "--sizes abc: expected comma-separated integers"),
+        ("bench_pem_ca", ["--sizes", "2048,0"], "--sizes 2048,0: expected integers >= 1"),
+        ("bench_pem_ca", ["--batch", "0"], "--batch 0: expected >= 1"),
+        ("bench_prototype_select", ["--sizes", "-5"], "--sizes -5: expected integers >= 1"),
+        ("bench_prototype_select", ["--heads", "0"], "--heads 0: expected >= 1"),
+        ("bench_prototype_select", ["--density", "2"], "--density 2.0: expected a fraction"),
+    ],
+)
+def test_bad_benchmark_options_are_usage_errors(module, argv, message, capsys):
+    """A bad size or count is a usage error naming the option, not a traceback or a table of
+    failed providers."""
+    import importlib
+
+    parse_args = importlib.import_module(f"benchmarks.{module}").parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*argv, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
