@@ -42,7 +42,7 @@ from tqdm import tqdm
 from pem.criterion import SetCriterion
 from pem.matcher import HungarianMatcher
 from pem.data import collate, instance_targets, train_transforms
-from pem.data.build import build_dataset
+from pem.data.build import DATASET_KINDS, build_dataset
 from pem.distributed import DistributedContext, convert_sync_batchnorm, init_distributed
 from pem.model import PEM, SIZE_DIVISIBILITY
 
@@ -283,6 +283,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.crop = _parse_size("--crop", args.crop) if args.crop else None
     except ValueError as e:
         p.error(str(e))
+    kind, _, root = args.data.partition(":")
+    if kind not in DATASET_KINDS or (kind == "synthetic") == bool(root):
+        p.error(f"--data: expected synthetic, cityscapes:ROOT or ade20k:ROOT, got {args.data!r}")
+    if kind != "synthetic" and args.crop is None:
+        p.error("--crop: required for folder datasets (training batches need one size)")
     return args
 
 
