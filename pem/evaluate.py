@@ -119,7 +119,11 @@ def predict(
     if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image: expected an RGB Tensor [3, H, W], got {_describe(image)}")
     h, w = image.shape[-2:]
-    x = image.to(device=device, dtype=torch.float32)[None]
+    # In the model's dtype (a model cast to bf16 takes bf16 images; see PEM.preprocess); fp32
+    # for a model without floating parameters.
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else None
+    x = image.to(device=device, dtype=dtype or torch.float32)[None]
     if short_side is not None:
         size = resized_shape(h, w, short_side, max_size)
         if size != (h, w):

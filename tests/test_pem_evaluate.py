@@ -142,3 +142,17 @@ def test_segment_command_writes_an_overlay(tiny_checkpoint: Path, capsys, tmp_pa
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         segment_main(["--checkpoint", str(tmp_path / "nope.pt"), "--image",
                       str(tmp_path / "in.png"), "--out", str(out_png)])
+
+
+def test_predict_feeds_the_image_in_the_models_dtype() -> None:
+    """A model cast to bf16 takes bf16 images (PEM checks the dtype); predict converts the uint8
+    image to the model's dtype, not always to fp32."""
+    from pem.evaluate import predict
+    from pem.model import PEM
+
+    torch.manual_seed(0)
+    model = PEM("stdc1", 5, "reference").eval().to(torch.bfloat16)
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        result = predict(model, image, [], "semantic", torch.device("cpu"))
+    assert result["sem_seg"].shape == (5, 40, 56)
