@@ -42,7 +42,7 @@ from tqdm import tqdm
 from pem.criterion import SetCriterion
 from pem.matcher import HungarianMatcher
 from pem.data import collate, instance_targets, train_transforms
-from pem.data.build import DATASET_KINDS, build_dataset
+from pem.data.build import build_dataset, parse_data_spec
 from pem.distributed import DistributedContext, convert_sync_batchnorm, init_distributed
 from pem.model import PEM, SIZE_DIVISIBILITY
 
@@ -283,9 +283,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.crop = _parse_size("--crop", args.crop) if args.crop else None
     except ValueError as e:
         p.error(str(e))
-    kind, _, root = args.data.partition(":")
-    if kind not in DATASET_KINDS or (kind == "synthetic") == bool(root):
-        p.error(f"--data: expected synthetic, cityscapes:ROOT or ade20k:ROOT, got {args.data!r}")
+    try:
+        kind, _ = parse_data_spec(args.data)
+    except ValueError as e:
+        p.error(f"--{e}")
     if kind != "synthetic" and args.crop is None:
         p.error("--crop: required for folder datasets (training batches need one size)")
     return args
@@ -304,10 +305,8 @@ def train(args: argparse.Namespace) -> dict:
     out_dir = Path(args.out)
     ckpt_path = out_dir / CHECKPOINT_NAME
 
-    synthetic = args.data == "synthetic"
-    crop = args.crop or ((args.synthetic_size, args.synthetic_size) if synthetic else None)
-    if crop is None:
-        raise ValueError("--crop: required for folder datasets (training batches need one size)")
+    # parse_args made sure a folder dataset comes with --crop
+    crop = args.crop or (args.synthetic_size, args.synthetic_size)
     transform = train_transforms(args.base_short_side or min(crop), crop, args.max_size)
     dataset = build_dataset(
         args.data, "train", args.task, transform,

@@ -206,9 +206,10 @@ def test_train_bad_arguments(capsys) -> None:
     for argv, message in [
         (["--iters", "0"], "--iters: expected a positive int"),
         (["--crop", "12by3"], "--crop"),
-        (["--data", "imagenet:/x"], "--data: expected synthetic, cityscapes:ROOT or ade20k:ROOT"),
-        (["--data", "ade20k"], "--data: expected"),
-        (["--data", "synthetic:/x"], "--data: expected"),
+        (["--data", "imagenet:/x"],
+         "--data: expected 'synthetic', 'cityscapes:ROOT' or 'ade20k:ROOT'"),
+        (["--data", "ade20k"], "--data: 'ade20k' needs a root folder"),
+        (["--data", "synthetic:/x"], "--data: 'synthetic' takes no root"),
         (["--data", "cityscapes:/x"], "--crop: required for folder datasets"),
     ]:
         with pytest.raises(SystemExit):

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from pem.data.folders import ADE20KDataset, CityscapesDataset
 from pem.data.synthetic import SyntheticPanoptic
 
-__all__ = ["DATASET_KINDS", "build_dataset"]
+__all__ = ["DATASET_KINDS", "build_dataset", "parse_data_spec"]
 
 DATASET_KINDS = ("synthetic", "cityscapes", "ade20k")
 # Official split names per dataset, indexed by our "train" / "val".
@@ -21,6 +21,22 @@ _SPLITS = {
     "cityscapes": {"train": "train", "val": "val"},
     "ade20k": {"train": "training", "val": "validation"},
 }
+
+
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """(kind, root) of a dataset ``spec`` (``"synthetic"``, ``"cityscapes:ROOT"`` or
+    ``"ade20k:ROOT"``; root ``""`` for synthetic), or a ValueError saying what is wrong with it.
+    The training command checks its --data with it before building anything."""
+    kind, _, root = spec.partition(":")
+    if kind not in DATASET_KINDS:
+        raise ValueError(
+            f"data: expected 'synthetic', 'cityscapes:ROOT' or 'ade20k:ROOT', got {spec!r}"
+        )
+    if kind == "synthetic" and root:
+        raise ValueError(f"data: 'synthetic' takes no root, got {spec!r}")
+    if kind != "synthetic" and not root:
+        raise ValueError(f"data: {kind!r} needs a root folder, as '{kind}:ROOT', got {spec!r}")
+    return kind, root
 
 
 def build_dataset(
@@ -47,19 +63,11 @@ def build_dataset(
     """
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
-    kind, _, root = spec.partition(":")
-    if kind not in DATASET_KINDS:
-        raise ValueError(
-            f"data: expected 'synthetic', 'cityscapes:ROOT' or 'ade20k:ROOT', got {spec!r}"
-        )
+    kind, root = parse_data_spec(spec)
     if kind == "synthetic":
-        if root:
-            raise ValueError(f"data: 'synthetic' takes no root, got {spec!r}")
         return SyntheticPanoptic(
             synthetic_images, size=(synthetic_size, synthetic_size), seed=seed, split=split,
             transform=transform,
         )
-    if not root:
-        raise ValueError(f"data: {kind!r} needs a root folder, as '{kind}:ROOT', got {spec!r}")
     cls = CityscapesDataset if kind == "cityscapes" else ADE20KDataset
     return cls(root, split=_SPLITS[kind][split], task=task, transform=transform)
