@@ -121,8 +121,12 @@ def test_deform_conv2d_matches_torchvision(deform, name, dtype):
     actual = emulated_gradients(deform, tensors, conv, grad_output)
     expected_grads = torchvision_gradients(tensors, conv, grad_output)
     assert_gradients_close(actual, expected_grads, dtype)
+    # fp32 gradients of inputs with channels per offset group a multiple of 4 accumulate in NHWC
+    # (float4 atomics): they come back in the input's layout all the same.
     if layout == "channels_last":
         assert actual["input"].is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert actual["input"].is_contiguous()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_unaligned"])
@@ -272,6 +276,33 @@ def test_deform_conv2d_backward_3xtf32_gemms(deform, name):
     assert_gradients_close(ieee, expected, torch.float32)
     assert not torch.equal(split["weight"], ieee["weight"])
     assert not torch.equal(split["input"], ieee["input"])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deform_conv2d_input_gradient_float4_and_scalar_atomics(deform, monkeypatch, layout,
+                                                                dtype):
+    """With fp32 accumulation and channels per offset group a multiple of 4, compute capability
+    9.0 scatters the input gradient with float4 atomics into an NHWC accumulator, 8.0 with scalar
+    atomics in the input's layout: the same gradient up to the order of additions, returned in
+    the input's layout either way (and in fp32 as torchvision's)."""
+    conv = Conv(in_channels=8, out_channels=6, offset_groups=2, offset_scale=3.0)
+    tensors = with_layout(make_inputs(conv, dtype), layout)
+    grad_output = torch.randn(conv.output_shape(), dtype=dtype)
+    vector = emulated_gradients(deform, tensors, conv, grad_output)
+    monkeypatch.setenv("PEM_EMULATION_CC_MAJOR", "8")
+    scalar = emulated_gradients(deform, tensors, conv, grad_output)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for grads in (vector, scalar):
+        assert grads["input"].is_contiguous(memory_format=memory_format)
+    if dtype == torch.float32:
+        expected = torchvision_gradients(tensors, conv, grad_output)
+        assert_gradients_close(vector, expected, dtype)
+        assert_gradients_close(scalar, expected, dtype)
+    else:  # both round the same fp32 sums, added in other orders, to bf16 once
+        assert set(vector) == set(scalar)
+        for key in vector:
+            torch.testing.assert_close(vector[key], scalar[key], rtol=1e-2, atol=1e-2)
 
 
 def test_deform_conv2d_rejects_an_unknown_fp32_product_choice(deform, monkeypatch):

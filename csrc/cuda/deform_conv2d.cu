@@ -30,9 +30,12 @@
 //   4. offset and mask gradients: one thread per (offset group, tap, pixel) sums its channels in
 //      order;
 //   5. grad_input, the scatter of the column gradient through the bilinear weights. By default
-//      (as torchvision) one thread per (channel, tap, pixel) adds its share to the four corners
-//      with atomics: fast, but the order of the additions, and so the last bits of grad_input,
-//      vary from run to run. Under torch.use_deterministic_algorithms(True) the scatter is
+//      (as torchvision) one thread per (channel chunk, tap, pixel) adds its shares to the four
+//      corners with atomics: fast, but the order of the additions, and so the last bits of
+//      grad_input, vary from run to run. With fp32 accumulation on compute capability 9.0 and
+//      channels per offset group a multiple of 4, the input gradient accumulates in NHWC and
+//      each atomic adds 4 channels (a float4 atomic, one L2 operation instead of four); an NCHW
+//      gradient is transposed once at the end. Under torch.use_deterministic_algorithms(True) the scatter is
 //      turned into a gather instead: every (offset group, tap, pixel, corner) of the block is
 //      listed with the corner's input pixel as a sort key; a stable sort and a searchsorted give
 //      each (offset group, input pixel) its list of entries in entry order, and one thread per
@@ -43,8 +46,10 @@
 // cuBLAS calls follow torch's rules there, i.e. CUBLAS_WORKSPACE_CONFIG must be set as for any
 // CUDA matmul). fp16/bf16 gradients are computed in fp32 and rounded once. Extra memory: two
 // column tiles of at most kBackwardTileBytes each, in deterministic mode the entry list (about
-// 30 bytes per (offset group, tap, pixel, corner) of a block) and, for fp16/bf16, fp32 copies of
-// one image's input gradient and of the weight gradient.
+// 30 bytes per (offset group, tap, pixel, corner) of a block), for fp16/bf16 fp32 copies of one
+// image's input gradient and of the weight gradient, and for an NCHW fp32 input gradient
+// accumulated in NHWC (step 5's float4 atomics) its transposed copy, made after the column tiles
+// are freed (so the peak stays that of the loop).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -1097,12 +1102,33 @@ __global__ void input_grad_kernel(
   *grad = sum;
 }
 
+// Channels whose shares step 5 adds with one atomic where the image gradient is fp32 with its
+// channels adjacent (NHWC): a float4 atomic (compute capability 9.0) is one L2 operation where
+// four scalar ones are four, and the scatter is bound by those operations (1.55 of the 3.77 ms
+// forward+backward at (1,128,128,256) on the H200 of 2026-11-26 with scalar atomics on NCHW).
+constexpr int kAtomicChannels = 4;
+
+// Adds four consecutive channels' shares at `address` (16-byte aligned). The host takes this
+// path on compute capability 9.0 and newer only; the sm_80 build compiles four scalar atomics.
+__device__ __forceinline__ void atomic_add_channels(float* address, float4 value) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(address), value);
+#else
+  atomicAdd(address, value.x);
+  atomicAdd(address + 1, value.y);
+  atomicAdd(address + 2, value.z);
+  atomicAdd(address + 3, value.w);
+#endif
+}
+
 // Step 5 outside deterministic mode. One thread per (channel chunk, row, pixel of the block), as
 // in step 1, consecutive threads on consecutive pixels: for each of up to kFillChannels channels
 // of the offset group it adds grad_columns times the modulation and each corner's bilinear
 // weight onto grad_image with atomics (fp32, or fp64 for fp64 inputs). The sample is computed
 // once per chunk (it was once per channel: one thread per (channel * taps + tap, pixel)).
-template <typename scalar_t, typename acc_t>
+// kVector: kAtomicChannels channels per atomic (acc_t float, grad_image NHWC with 16-byte
+// aligned pixels, chunks of multiples of kAtomicChannels channels).
+template <typename scalar_t, typename acc_t, bool kVector>
 __global__ void input_grad_atomic_kernel(
     ConvShape s, Strides4 grad_in, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, int64_t b, int64_t pixel0, int64_t count,
@@ -1114,15 +1140,41 @@ __global__ void input_grad_atomic_kernel(
   const BilinearSample<acc_t> sample =
       sample_at<scalar_t, acc_t>(s, offset, b, item.row, pixel0 + j, grad_in.row, grad_in.col);
   const acc_t modulation = modulation_at<scalar_t, acc_t>(s, mask, b, item.row, pixel0 + j);
-  for (int64_t c = item.c_begin; c < item.c_end; ++c) {
-    const acc_t value = grad_columns[(c * s.taps() + item.tap) * count + j] * modulation;
-    acc_t* channel = grad_image + c * grad_in.channel;
-    for (int corner = 0; corner < kBilinearCorners; ++corner) {
-      if (sample.inside & (1u << corner)) {
-        atomicAdd(channel + sample.offset[corner], sample.weight[corner] * value);
+  // grad_columns element of channel c at this thread's tap and pixel
+  const acc_t* column = grad_columns + item.tap * count + j;
+  const int64_t channel_step = s.taps() * count;
+  if constexpr (kVector) {
+    static_assert(std::is_same_v<acc_t, float> && kFillChannels % kAtomicChannels == 0);
+    for (int64_t c = item.c_begin; c < item.c_end; c += kAtomicChannels) {
+      const float v0 = column[c * channel_step] * modulation;
+      const float v1 = column[(c + 1) * channel_step] * modulation;
+      const float v2 = column[(c + 2) * channel_step] * modulation;
+      const float v3 = column[(c + 3) * channel_step] * modulation;
+      for (int corner = 0; corner < kBilinearCorners; ++corner) {
+        if (sample.inside & (1u << corner)) {
+          const float w = sample.weight[corner];
+          atomic_add_channels(grad_image + c + sample.offset[corner],
+                              make_float4(w * v0, w * v1, w * v2, w * v3));
+        }
+      }
+    }
+  } else {
+    for (int64_t c = item.c_begin; c < item.c_end; ++c) {
+      const acc_t value = column[c * channel_step] * modulation;
+      acc_t* channel = grad_image + c * grad_in.channel;
+      for (int corner = 0; corner < kBilinearCorners; ++corner) {
+        if (sample.inside & (1u << corner)) {
+          atomicAdd(channel + sample.offset[corner], sample.weight[corner] * value);
+        }
       }
     }
   }
+}
+
+// The layout the kernels read `input` in (see reads_channels_last), and write its gradient in.
+at::MemoryFormat input_format(const at::Tensor& input) {
+  return reads_channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous;
 }
 
 template <typename scalar_t>
@@ -1146,15 +1198,30 @@ void deform_conv2d_backward_impl(
       weight.to(acc_options.dtype()).contiguous().view({s.out_channels, group_rows});
   at::Tensor grad_weight_acc = kSameType ? grad_weight.view({s.out_channels, group_rows})
                                          : at::zeros({s.out_channels, group_rows}, acc_options);
-  // grad_input of the current image in acc_t, in grad_input's own layout: grad_input itself, or
-  // a one-image fp32 buffer.
-  const at::Tensor grad_image_buffer =
-      kSameType ? at::Tensor() : at::empty_like(grad_input[0], acc_options);
-  Strides4 grad_in = strides_of(grad_input);
-  if constexpr (!kSameType) {
-    TORCH_INTERNAL_ASSERT(grad_image_buffer.strides() == grad_input.strides().slice(1));
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // Step 5 adds kAtomicChannels channels per float4 atomic where the device has them, the
+  // accumulation is fp32 and every channel chunk starts at a multiple of kAtomicChannels; the
+  // input gradient then accumulates with its channels adjacent (NHWC).
+  bool vector_atomics = false;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    vector_atomics = !deterministic && s.offset_group_channels() % kAtomicChannels == 0 &&
+        at::cuda::getCurrentDeviceProperties()->major >= 9;
   }
+  // grad_input accumulates in acc_t in the layout the input is read in, or in NHWC for vector
+  // atomics (the caller converts it to the input's layout after the column tiles are freed):
+  // grad_input itself for fp32/fp64, a one-image fp32 buffer for fp16/bf16, copied into
+  // grad_input after each image.
+  const at::MemoryFormat accumulation_format =
+      vector_atomics ? at::MemoryFormat::ChannelsLast : input_format(input);
+  grad_input = kSameType
+      ? at::empty(input.sizes(), input.options(), accumulation_format).zero_()
+      : at::empty_like(input);
+  const at::Tensor grad_image_buffer = kSameType
+      ? at::Tensor()
+      : at::empty({1, s.in_channels, s.height, s.width}, acc_options, accumulation_format);
+  const Strides4 grad_in = strides_of(kSameType ? grad_input : grad_image_buffer);
   const bool channel_fastest = grad_in.channel == 1 && s.in_channels > 1;
+  TORCH_INTERNAL_ASSERT(!vector_atomics || channel_fastest);
 
   const at::Tensor columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
   const at::Tensor grad_columns_storage = at::empty({s.in_channels * taps * block}, acc_options);
@@ -1187,7 +1254,6 @@ void deform_conv2d_backward_impl(
   // The sorted gather of step 5 (deterministic mode only): the entry list and the boundaries of
   // its lists, one per (offset group, input pixel): list l holds the sorted entries
   // [entry_begin[l], entry_begin[l + 1]).
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const int64_t entries_max = deterministic ? s.sample_rows() * block * kBilinearCorners : 0;
   const at::Tensor keys_storage = at::empty({entries_max}, input.options().dtype(at::kLong));
   const at::Tensor weights_storage = at::empty({entries_max}, acc_options);
@@ -1281,11 +1347,24 @@ void deform_conv2d_backward_impl(
 
       // 5. grad_input: atomics, or the sorted entry list in deterministic mode.
       if (!deterministic) {
-        input_grad_atomic_kernel<scalar_t, acc_t>
-            <<<blocks_for(fill_channel_chunks(s) * sample_threads, kElementThreads),
-               kElementThreads, 0, stream>>>(
-                s, grad_in, offset_data, mask_data, b, pixel0, count,
-                grad_columns.const_data_ptr<acc_t>(), grad_image);
+        const unsigned atomic_blocks =
+            blocks_for(fill_channel_chunks(s) * sample_threads, kElementThreads);
+        bool launched = false;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (vector_atomics) {
+            input_grad_atomic_kernel<scalar_t, float, true>
+                <<<atomic_blocks, kElementThreads, 0, stream>>>(
+                    s, grad_in, offset_data, mask_data, b, pixel0, count,
+                    grad_columns.const_data_ptr<float>(), grad_image);
+            launched = true;
+          }
+        }
+        if (!launched) {
+          input_grad_atomic_kernel<scalar_t, acc_t, false>
+              <<<atomic_blocks, kElementThreads, 0, stream>>>(
+                  s, grad_in, offset_data, mask_data, b, pixel0, count,
+                  grad_columns.const_data_ptr<acc_t>(), grad_image);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         continue;
       }
@@ -1309,7 +1388,7 @@ void deform_conv2d_backward_impl(
               grad_columns.const_data_ptr<acc_t>(), grad_image);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if constexpr (!kSameType) grad_input[b].copy_(grad_image_buffer);
+    if constexpr (!kSameType) grad_input[b].copy_(grad_image_buffer[0]);
   }
   if constexpr (!kSameType) grad_weight.copy_(grad_weight_acc.view(grad_weight.sizes()));
 }
@@ -1331,7 +1410,7 @@ deform_conv2d_backward_cuda(
   const at::Tensor mask = mask_in.has_value() ? mask_in->detach().contiguous() : at::Tensor();
   // grad_input has the layout the kernels read the input in (channels_last stays channels_last);
   // the other gradients are contiguous. Every offset (and mask) element is written by step 4.
-  at::Tensor grad_input = at::zeros_like(input);
+  at::Tensor grad_input;  // allocated by the impl, in the layout it accumulates in
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   at::Tensor grad_offset = at::zeros(offset.sizes(), offset.options());
   // Without a mask there is no mask gradient: an empty tensor stands in for it.
@@ -1341,13 +1420,16 @@ deform_conv2d_backward_cuda(
   at::Tensor grad_bias =
       grad_output.sum({0, 2, 3}, /*keepdim=*/false, at::toOpMathType(input.scalar_type()))
           .to(input.scalar_type());
-  if (s.batch == 0) return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  if (s.batch == 0) return {at::zeros_like(input), grad_weight, grad_offset, grad_mask, grad_bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward_cuda", [&] {
         deform_conv2d_backward_impl<scalar_t>(
             s, grad_output, input, weight, offset, mask, grad_input, grad_weight, grad_offset,
             grad_mask);
       });
+  // NHWC where step 5 used vector atomics: into the input's layout now that the impl's column
+  // tiles are freed (a no-op where it is already).
+  grad_input = grad_input.contiguous(input_format(input));
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
 

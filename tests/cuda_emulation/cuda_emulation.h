@@ -211,16 +211,33 @@ T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
 }
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// The float4 atomic of compute capability 9.0: each element added atomically (CUDA makes no
+// promise of one atomic for all four), the address checked for the 16-byte alignment it needs.
+inline float4 atomicAdd(float4* address, float4 value) {
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(address) % alignof(float4) == 0,
+              "CUDA emulation: misaligned float4 atomicAdd at ", static_cast<void*>(address));
+  float* elements = reinterpret_cast<float*>(address);
+  return {atomicAdd(elements, value.x), atomicAdd(elements + 1, value.y),
+          atomicAdd(elements + 2, value.z), atomicAdd(elements + 3, value.w)};
+}
+
 namespace at::cuda {
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
-// An H100's SM count, so that the host code takes the decisions it takes there; a test may set
-// PEM_EMULATION_SM_COUNT to take those of a smaller GPU (fewer blocks to emulate for the same
-// launch shape).
-// An H100 (compute capability 9.0).
+// An H100 (132 SMs, compute capability 9.0), so that the host code takes the decisions it takes
+// there; a test may set PEM_EMULATION_SM_COUNT to take those of a smaller GPU (fewer blocks to
+// emulate for the same launch shape) and PEM_EMULATION_CC_MAJOR those of another generation
+// (8: an A100's).
 inline cudaDeviceProp* getCurrentDeviceProperties() {
   static cudaDeviceProp properties{132, 9};
   const char* sm_count = std::getenv("PEM_EMULATION_SM_COUNT");
   properties.multiProcessorCount = sm_count != nullptr ? std::atoi(sm_count) : 132;
+  const char* major = std::getenv("PEM_EMULATION_CC_MAJOR");
+  properties.major = major != nullptr ? std::atoi(major) : 9;
   return &properties;
 }
 }  // namespace at::cuda
