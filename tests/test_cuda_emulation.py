@@ -315,8 +315,12 @@ def test_deform_conv2d_rejects_an_unknown_fp32_product_choice(deform, monkeypatc
 
 
 def test_deform_conv2d_gradients_over_several_backward_blocks(deform):
-    """One image's backward in several pixel blocks (32 MiB column tiles: 896-pixel blocks of
-    512 fp64 channels), the last one partial."""
+    """One image's backward in several pixel blocks (column tiles of at most 32 MiB: at most 896
+    pixels of 512 fp64 channels, the image's 1023 split evenly into 512 and 511). The two column
+    tiles are the backward's largest allocations: 2 x 18 MiB with the even split, where blocks of
+    896 and 127 pixels took 2 x 31.5 MiB (a peak of 67.5 MiB, 40.5 with the even split)."""
+    from benchmarks.harness import MIB, measure_peak_memory
+
     conv = Conv(batch=1, in_channels=512, height=31, width=33, out_channels=4, offset_groups=2,
                 groups=2, offset_scale=3.0)
     tensors = make_inputs(conv, torch.float64)
@@ -324,6 +328,10 @@ def test_deform_conv2d_gradients_over_several_backward_blocks(deform):
     actual = emulated_gradients(deform, tensors, conv, grad_output)
     assert_gradients_close(actual, torchvision_gradients(tensors, conv, grad_output),
                            torch.float64)
+    peak = measure_peak_memory(
+        lambda: emulated_gradients(deform, tensors, conv, grad_output), device="cpu"
+    )
+    assert peak < 48 * MIB, f"backward peak {peak / MIB:.1f} MiB"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
