@@ -25,7 +25,7 @@ import torch
 
 # target -> the regular expression of the kernel names ncu profiles for it
 TARGETS = {
-    "select-cuda": "prototype_select_tile_kernel|merge_splits_kernel",
+    "select-cuda": "prototype_select_tile_kernel|merge_and_gather_kernel",
     "select-triton": "_select_kernel|_finalize_kernel",
     "deform-cuda-forward": "deform_conv2d_forward_(mma_)?kernel",
     "deform-cuda-backward": "fill_columns_kernel|coordinate_grads_kernel|input_grad_atomic_kernel",

@@ -442,6 +442,20 @@ def test_prototype_select_matches_the_cpu_kernel(select, official, normalize_key
     torch.testing.assert_close(grad_keys, cpu_grad_keys, equal_nan=True)
 
 
+@pytest.mark.parametrize("official", [False, True], ids=["per_query", "official"])
+def test_prototype_select_more_heads_than_one_merge_pass(select, official):
+    """20 heads of 2 channels: the merge and gather kernel merges 16 heads per pass, so query
+    blocks take two passes; two images, one with an empty query, one all empty."""
+    keys, queries, mask = make_select_inputs(2, 300, 40, 3)
+    mask[0, 2] = False
+    mask[1] = False
+    (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
+        select, keys, queries, mask, 20, official, True
+    )
+    assert torch.equal(indices, cpu_indices)
+    torch.testing.assert_close(prototypes, cpu_prototypes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_prototype_select_dtypes_and_query_blocks(select, dtype):
     """70 queries: two query blocks of 64; fp32 accumulation for fp16/bf16."""

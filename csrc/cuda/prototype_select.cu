@@ -1,6 +1,6 @@
 // prototype_select on CUDA: the same semantics as csrc/cpu/prototype_select.cpp.
 //
-// Forward, three kernels (four with normalize_keys), none of which materializes the
+// Forward, two kernels (three with normalize_keys), none of which materializes the
 // [B, heads, HW, N] similarity or the normalized keys:
 //
 // 1. key_norm_divisors_kernel (normalize_keys only): max(||keys[b, p, :]||, eps) per pixel.
@@ -20,11 +20,11 @@
 //    keeps the GPU busy at batch 1 (B * heads * query blocks = 16 blocks for PEM). With
 //    normalize_keys the keys are divided by their norms as they are staged, so the scores are
 //    those of the normalized keys.
-// 3. merge_splits_kernel, grid (slot blocks, B): merges the partials of every (head, query), 16
-//    lanes per slot (argmax_merge is associative and commutative: the result is deterministic and
+// 3. merge_and_gather_kernel, grid (N, B): merges the partials of every head of its query, 16
+//    lanes per head (argmax_merge is associative and commutative: the result is deterministic and
 //    independent of block timing), applies the empty-mask rule (which needs to know whether any
-//    query of the image has an allowed pixel) and writes the indices.
-// 4. gather_prototypes_kernel: copies (and normalizes) the selected key rows.
+//    query of the image has an allowed pixel), writes the indices, then copies (and normalizes)
+//    the selected key rows.
 //
 // The tie and NaN rules (score_beats, argmax_merge, empty_query_choice) are the host + device
 // helpers the CPU kernel uses. Scores are accumulated in fp32 (fp64 for fp64 inputs). On compute
@@ -468,50 +468,54 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   }
 }
 
-// Grid (slot blocks, B), kMergeSlots (head, query) slots of one image per block, kPixelLanes
-// lanes per slot: the lanes merge every kPixelLanes-th split and then each other (warp shuffles),
-// so the splits' loads run in parallel (one thread per slot took 38 us for PEM's 800 slots and 33
-// splits on an H100). The empty-mask rule needs to know whether any query of the image has an
-// allowed pixel: every block finds out (a query has one iff some split saw one; head 0, slots
-// [0, N), tells), stopping at the first it sees.
+// Grid (N, B): block (n, b) merges the partials of query n of image b in every head, writes its
+// indices, then copies (and normalizes) the selected key rows into its prototype row. One launch
+// for both: at PEM's size the selection's kernels take tens of microseconds, so a launch (and the
+// host's work for it) is a visible part of a call.
+//   * Merge: kMergeSlots heads at a time, kPixelLanes lanes per head; the lanes merge every
+//     kPixelLanes-th split and then each other (warp shuffles), so the splits' loads run in
+//     parallel (one thread per (head, query) took 38 us for PEM's 800 and 33 splits on an H100).
+//     allowed_first_merge is associative and commutative: the result does not depend on timing.
+//   * The empty-mask rule needs to know whether any query of the image has an allowed pixel:
+//     every block finds out (a query has one iff some split saw one; head 0's partials tell),
+//     stopping at the first it sees.
+//   * Gather: threads over the channels read the indices the merge wrote (global writes are
+//     visible to the block after __syncthreads).
 constexpr int kMergeSlots = kMergeThreads / kPixelLanes;
 
-template <typename acc_t>
-__global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMergeThreads) merge_and_gather_kernel(
     Problem pr, int64_t splits, const AllowedFirstArgmax<acc_t>* __restrict__ partials,
-    bool official_empty, int64_t* indices) {
-  const int64_t b = blockIdx.y;
+    bool official_empty, const scalar_t* __restrict__ keys, const acc_t* __restrict__ divisors,
+    int64_t* indices, scalar_t* prototypes) {
+  const int64_t n = blockIdx.x, b = blockIdx.y;
   const int64_t slots = pr.heads * pr.queries, stride = pr.batch * slots;
-  const AllowedFirstArgmax<acc_t>* image = partials + b * slots;
+  const AllowedFirstArgmax<acc_t>* image = partials + b * slots;  // slot h * N + n
   int has_allowed = 0;
   for (int64_t e = threadIdx.x; e < pr.queries * splits && !has_allowed; e += blockDim.x)
     has_allowed = image[(e % splits) * stride + e / splits].allowed;
   const bool image_all_empty = __syncthreads_or(has_allowed) == 0;
-  // Every lane of a slot reaches the shuffles: slots past the end merge nothing.
-  const int64_t slot = blockIdx.x * static_cast<int64_t>(kMergeSlots) + threadIdx.x / kPixelLanes;
-  AllowedFirstArgmax<acc_t> best{0, -1, 0};
-  if (slot < slots) {
-    for (int64_t s = threadIdx.x % kPixelLanes; s < splits; s += kPixelLanes)
-      best = allowed_first_merge(best, image[s * stride + slot]);
-  }
-  best = merge_pixel_lanes(best);
-  if (slot < slots && threadIdx.x % kPixelLanes == 0) {
-    // Not allowed: the query is empty, and `best` is its argmax over every pixel.
-    int64_t index = best.index;
-    if (!best.allowed &&
-        empty_query_choice(official_empty, image_all_empty) == EmptyQueryChoice::kPixelZero) {
-      index = 0;
+  for (int64_t h0 = 0; h0 < pr.heads; h0 += kMergeSlots) {
+    // Every lane of a slot reaches the shuffles: heads past the end merge nothing.
+    const int64_t h = h0 + threadIdx.x / kPixelLanes;
+    const int64_t slot = h * pr.queries + n;
+    AllowedFirstArgmax<acc_t> best{0, -1, 0};
+    if (h < pr.heads) {
+      for (int64_t s = threadIdx.x % kPixelLanes; s < splits; s += kPixelLanes)
+        best = allowed_first_merge(best, image[s * stride + slot]);
     }
-    indices[b * slots + slot] = index;
+    best = merge_pixel_lanes(best);
+    if (h < pr.heads && threadIdx.x % kPixelLanes == 0) {
+      // Not allowed: the query is empty, and `best` is its argmax over every pixel.
+      int64_t index = best.index;
+      if (!best.allowed &&
+          empty_query_choice(official_empty, image_all_empty) == EmptyQueryChoice::kPixelZero) {
+        index = 0;
+      }
+      indices[b * slots + slot] = index;
+    }
   }
-}
-
-// Grid (N, B), threads over channels: copies (and normalizes) the selected key rows.
-template <typename scalar_t, typename acc_t>
-__global__ void gather_prototypes_kernel(
-    Problem pr, const scalar_t* __restrict__ keys, const acc_t* __restrict__ divisors,
-    const int64_t* __restrict__ indices, scalar_t* prototypes) {
-  const int64_t n = blockIdx.x, b = blockIdx.y;
+  __syncthreads();
   for (int64_t c = threadIdx.x; c < pr.channels; c += blockDim.x) {
     const int64_t h = c / pr.head_dim;
     const int64_t row = b * pr.pixels + indices[(b * pr.heads + h) * pr.queries + n];
@@ -619,16 +623,11 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
             std::is_same_v<acc_t, float> ? select_passes(keys.scalar_type(), normalize_keys) : 0,
             normalize_keys, tile_grid, stream, pr, tiles, keys.data_ptr<scalar_t>(),
             queries.data_ptr<scalar_t>(), mask_rows, divisor_ptr, partial_ptr);
-        const int64_t slot_blocks = (pr.heads * pr.queries + kMergeSlots - 1) / kMergeSlots;
-        merge_splits_kernel<acc_t><<<dim3(slot_blocks, pr.batch), kMergeThreads, 0, stream>>>(
-            pr, splits, partial_ptr, official_empty, indices.data_ptr<int64_t>());
+        merge_and_gather_kernel<scalar_t, acc_t>
+            <<<dim3(pr.queries, pr.batch), kMergeThreads, 0, stream>>>(
+                pr, splits, partial_ptr, official_empty, keys.data_ptr<scalar_t>(), divisor_ptr,
+                indices.data_ptr<int64_t>(), prototypes.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (prototypes.numel() > 0) {
-          gather_prototypes_kernel<scalar_t, acc_t><<<dim3(pr.queries, pr.batch), kGatherThreads, 0, stream>>>(
-              pr, keys.data_ptr<scalar_t>(), divisor_ptr, indices.data_ptr<int64_t>(),
-              prototypes.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
       });
   return {prototypes, indices};
 }
