@@ -456,6 +456,23 @@ def test_prototype_select_more_heads_than_one_merge_pass(select, official):
     torch.testing.assert_close(prototypes, cpu_prototypes)
 
 
+@pytest.mark.parametrize("normalize_keys", [False, True])
+@pytest.mark.parametrize("queries", [37, 4100], ids=["flags", "more_slots_than_flags"])
+def test_prototype_select_backward_with_repeated_pixels(select, normalize_keys, queries):
+    """Every pixel chosen by many (head, query) slots (indices drawn from 20 pixels): its
+    gradient is the sum over all of them, written by the block of the first. The backward's
+    blocks flag the slots that chose their pixel in shared memory, up to 4096 slots; with more
+    (4100 queries of one head, 8200 slots of an image) they read the indices again."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 20, 4, generator=generator)
+    indices = torch.randint(0, 20, (1, 2, queries), generator=generator)
+    grad = torch.randn(1, queries, 4, generator=generator)
+    actual = select.prototype_select_backward_cuda(grad, keys, indices, normalize_keys)
+    expected = torch.ops.pem_kernels._prototype_select_backward(grad, keys, indices,
+                                                                normalize_keys)
+    torch.testing.assert_close(actual, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_prototype_select_dtypes_and_query_blocks(select, dtype):
     """70 queries: two query blocks of 64; fp32 accumulation for fp16/bf16."""
