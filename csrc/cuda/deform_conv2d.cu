@@ -35,12 +35,12 @@
 //      grad_input, vary from run to run. With fp32 accumulation on compute capability 9.0 and
 //      channels per offset group a multiple of 4, the input gradient accumulates in NHWC and
 //      each atomic adds 4 channels (a float4 atomic, one L2 operation instead of four); an NCHW
-//      gradient is transposed once at the end. Under torch.use_deterministic_algorithms(True) the scatter is
-//      turned into a gather instead: every (offset group, tap, pixel, corner) of the block is
-//      listed with the corner's input pixel as a sort key; a stable sort and a searchsorted give
-//      each (offset group, input pixel) its list of entries in entry order, and one thread per
-//      (channel, input pixel) adds them up in that order (the order in which the CPU kernel adds
-//      them) onto grad_input.
+//      gradient is transposed once at the end. Under torch.use_deterministic_algorithms(True)
+//      the scatter is turned into a gather instead: every (offset group, tap, pixel, corner) of
+//      the block is listed with the corner's input pixel as a sort key; a stable sort and a
+//      searchsorted give each (offset group, input pixel) its list of entries in entry order, and
+//      one thread per (channel, input pixel) adds them up in that order (the order in which the
+//      CPU kernel adds them) onto grad_input.
 // Every other gradient element is written by one thread per launch with a fixed order of
 // additions, so in deterministic mode the whole backward is bit-identical from run to run (its
 // cuBLAS calls follow torch's rules there, i.e. CUBLAS_WORKSPACE_CONFIG must be set as for any
