@@ -8,12 +8,14 @@ gradcheck.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from pem_kernels.reference.deform_conv import check_deform_conv2d_args, deform_conv2d_ref
+
+# The convolution description and its random inputs are those of the kernels' tests.
+from test_deform_conv import Conv
+from test_deform_conv import make_inputs
 
 torchvision_ops = pytest.importorskip("torchvision.ops")
 torchvision_deform_conv2d = torchvision_ops.deform_conv2d
@@ -24,89 +26,25 @@ TOLERANCES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvConfig:
-    batch: int = 2
-    in_channels: int = 4
-    height: int = 7
-    width: int = 6
-    out_channels: int = 6
-    kernel: tuple[int, int] = (3, 3)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    offset_groups: int = 1
-    # Offsets are uniform in [-offset_scale, offset_scale].
-    offset_scale: float = 1.0
-    with_mask: bool = True
-    with_bias: bool = True
-
-    def output_size(self) -> tuple[int, int]:
-        sizes = []
-        for size, k, s, p, d in zip(
-            (self.height, self.width), self.kernel, self.stride, self.padding, self.dilation
-        ):
-            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-        return sizes[0], sizes[1]
-
-
-def make_inputs(config: ConvConfig, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Random, never-zero tensors for one deformable convolution call."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, low, high):
-        return torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
-
-    kh, kw = config.kernel
-    out_h, out_w = config.output_size()
-    taps = kh * kw
-    # Inputs in [0.5, 1.5] so that a dropped or misplaced sample always changes the result.
-    tensors = dict(
-        input=uniform((config.batch, config.in_channels, config.height, config.width), 0.5, 1.5),
-        offset=uniform(
-            (config.batch, 2 * config.offset_groups * taps, out_h, out_w),
-            -config.offset_scale,
-            config.offset_scale,
-        ),
-        weight=uniform(
-            (config.out_channels, config.in_channels // config.groups, kh, kw), -1.0, 1.0
-        ),
-        bias=uniform((config.out_channels,), -1.0, 1.0) if config.with_bias else None,
-        mask=(
-            uniform((config.batch, config.offset_groups * taps, out_h, out_w), 0.1, 1.0)
-            if config.with_mask
-            else None
-        ),
-    )
-    return {
-        name: (value.to(dtype) if value is not None else None) for name, value in tensors.items()
-    }
-
-
-def call_kwargs(config: ConvConfig) -> dict:
-    return dict(stride=config.stride, padding=config.padding, dilation=config.dilation)
-
-
 FORWARD_CONFIGS = {
-    "fractional_offsets": ConvConfig(),
-    "no_mask_no_bias": ConvConfig(with_mask=False, with_bias=False),
-    "mask_only": ConvConfig(with_bias=False),
-    "bias_only": ConvConfig(with_mask=False),
-    "stride_padding_dilation": ConvConfig(
+    "fractional_offsets": Conv(),
+    "no_mask_no_bias": Conv(with_mask=False, with_bias=False),
+    "mask_only": Conv(with_bias=False),
+    "bias_only": Conv(with_mask=False),
+    "stride_padding_dilation": Conv(
         height=9, width=8, stride=(2, 1), padding=(2, 0), dilation=(1, 2)
     ),
-    "stride2_no_padding": ConvConfig(height=9, width=9, stride=(2, 2), padding=(0, 0)),
-    "groups2": ConvConfig(groups=2),
-    "offset_groups2": ConvConfig(offset_groups=2),
-    "groups2_offset_groups2": ConvConfig(groups=2, offset_groups=2, dilation=(2, 1)),
-    "groups2_offset_groups4": ConvConfig(groups=2, offset_groups=4, out_channels=4),
-    "kernel_3x2_odd_sizes": ConvConfig(
+    "stride2_no_padding": Conv(height=9, width=9, stride=(2, 2), padding=(0, 0)),
+    "groups2": Conv(groups=2),
+    "offset_groups2": Conv(offset_groups=2),
+    "groups2_offset_groups2": Conv(groups=2, offset_groups=2, dilation=(2, 1)),
+    "groups2_offset_groups4": Conv(groups=2, offset_groups=4, out_channels=4),
+    "kernel_3x2_odd_sizes": Conv(
         height=7, width=5, kernel=(3, 2), padding=(1, 0), out_channels=5, in_channels=3
     ),
-    "kernel_1x1": ConvConfig(kernel=(1, 1), padding=(0, 0)),
-    "out_of_image_offsets": ConvConfig(offset_scale=4.0),
-    "large_offsets": ConvConfig(offset_scale=14.0, groups=2, offset_groups=2),
+    "kernel_1x1": Conv(kernel=(1, 1), padding=(0, 0)),
+    "out_of_image_offsets": Conv(offset_scale=4.0),
+    "large_offsets": Conv(offset_scale=14.0, groups=2, offset_groups=2),
 }
 
 
@@ -115,8 +53,8 @@ FORWARD_CONFIGS = {
 def test_forward_matches_torchvision(config_name: str, dtype: torch.dtype) -> None:
     config = FORWARD_CONFIGS[config_name]
     tensors = make_inputs(config, dtype)
-    expected = torchvision_deform_conv2d(**tensors, **call_kwargs(config))
-    actual = deform_conv2d_ref(**tensors, **call_kwargs(config))
+    expected = torchvision_deform_conv2d(**tensors, **config.kwargs())
+    actual = deform_conv2d_ref(**tensors, **config.kwargs())
     assert actual.dtype == dtype
     assert actual.shape == (config.batch, config.out_channels, *config.output_size())
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
@@ -213,51 +151,51 @@ def test_offset_gradient_at_exact_image_border_by_hand() -> None:
 
 
 def test_channels_last_input_matches_contiguous_and_torchvision() -> None:
-    config = ConvConfig(groups=2, offset_groups=2, offset_scale=2.5)
+    config = Conv(groups=2, offset_groups=2, offset_scale=2.5)
     tensors = make_inputs(config, torch.float32)
-    expected = torchvision_deform_conv2d(**tensors, **call_kwargs(config))
+    expected = torchvision_deform_conv2d(**tensors, **config.kwargs())
     channels_last = dict(tensors)
     channels_last["input"] = tensors["input"].to(memory_format=torch.channels_last)
     channels_last["offset"] = tensors["offset"].to(memory_format=torch.channels_last)
     assert not channels_last["input"].is_contiguous()
-    actual = deform_conv2d_ref(**channels_last, **call_kwargs(config))
+    actual = deform_conv2d_ref(**channels_last, **config.kwargs())
     torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
     torch.testing.assert_close(
-        actual, deform_conv2d_ref(**tensors, **call_kwargs(config)), rtol=1e-6, atol=1e-6
+        actual, deform_conv2d_ref(**tensors, **config.kwargs()), rtol=1e-6, atol=1e-6
     )
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_batch_zero_returns_empty_output(with_mask: bool) -> None:
-    config = ConvConfig(batch=0, groups=2, offset_groups=2, with_mask=with_mask)
+    config = Conv(batch=0, groups=2, offset_groups=2, with_mask=with_mask)
     tensors = make_inputs(config, torch.float32)
-    out = deform_conv2d_ref(**tensors, **call_kwargs(config))
+    out = deform_conv2d_ref(**tensors, **config.kwargs())
     assert out.shape == (0, config.out_channels, *config.output_size())
-    assert out.shape == torchvision_deform_conv2d(**tensors, **call_kwargs(config)).shape
+    assert out.shape == torchvision_deform_conv2d(**tensors, **config.kwargs()).shape
 
 
 def test_meta_device_gives_output_shape() -> None:
     """Device-agnostic: the reference runs on the meta device (shape-only)."""
-    config = ConvConfig(stride=(2, 1), groups=2)
+    config = Conv(stride=(2, 1), groups=2)
     tensors = {
         name: (value.to("meta") if value is not None else None)
         for name, value in make_inputs(config, torch.float32).items()
     }
-    out = deform_conv2d_ref(**tensors, **call_kwargs(config))
+    out = deform_conv2d_ref(**tensors, **config.kwargs())
     assert out.device.type == "meta"
     assert out.shape == (config.batch, config.out_channels, *config.output_size())
 
 
 GRADIENT_CONFIGS = {
-    "basic": ConvConfig(batch=1, height=5, width=6, out_channels=3, in_channels=2),
-    "groups_offset_groups_stride_dilation": ConvConfig(
+    "basic": Conv(batch=1, height=5, width=6, out_channels=3, in_channels=2),
+    "groups_offset_groups_stride_dilation": Conv(
         height=8, width=7, kernel=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
         groups=2, offset_groups=2, out_channels=4,
     ),
-    "out_of_image_offsets": ConvConfig(
+    "out_of_image_offsets": Conv(
         batch=1, height=6, width=5, offset_scale=8.0, groups=2, offset_groups=2, out_channels=4
     ),
-    "no_mask": ConvConfig(batch=1, height=5, width=5, with_mask=False, offset_scale=3.0),
+    "no_mask": Conv(batch=1, height=5, width=5, with_mask=False, offset_scale=3.0),
 }
 
 
@@ -282,8 +220,8 @@ def test_gradients_match_torchvision(config_name: str, dtype: torch.dtype) -> No
         config.batch, config.out_channels, out_h, out_w,
         generator=torch.Generator().manual_seed(2), dtype=torch.float64,
     ).to(dtype)
-    expected = _gradients(torchvision_deform_conv2d, tensors, grad_output, call_kwargs(config))
-    actual = _gradients(deform_conv2d_ref, tensors, grad_output, call_kwargs(config))
+    expected = _gradients(torchvision_deform_conv2d, tensors, grad_output, config.kwargs())
+    actual = _gradients(deform_conv2d_ref, tensors, grad_output, config.kwargs())
     assert set(actual) == {"input", "offset", "weight"} | (
         {"bias"} if config.with_bias else set()
     ) | ({"mask"} if config.with_mask else set())
@@ -299,20 +237,20 @@ def test_gradients_at_integer_and_boundary_coordinates_match_torchvision() -> No
     Bilinear interpolation is not differentiable there; torchvision takes the
     derivative towards floor(y) + 1 and zero outside (-1, H). The reference must agree.
     """
-    config = ConvConfig(batch=1, height=5, width=5, in_channels=2, out_channels=2)
+    config = Conv(batch=1, height=5, width=5, in_channels=2, out_channels=2)
     tensors = make_inputs(config, torch.float64, seed=3)
     tensors["offset"] = torch.randint(
         -3, 4, tensors["offset"].shape, generator=torch.Generator().manual_seed(4)
     ).to(torch.float64)
     grad_output = torch.randn(1, 2, *config.output_size(), dtype=torch.float64)
-    expected = _gradients(torchvision_deform_conv2d, tensors, grad_output, call_kwargs(config))
-    actual = _gradients(deform_conv2d_ref, tensors, grad_output, call_kwargs(config))
+    expected = _gradients(torchvision_deform_conv2d, tensors, grad_output, config.kwargs())
+    actual = _gradients(deform_conv2d_ref, tensors, grad_output, config.kwargs())
     for name in actual:
         torch.testing.assert_close(actual[name], expected[name], msg=name)
 
 
 def test_gradcheck_fp64_tiny() -> None:
-    config = ConvConfig(
+    config = Conv(
         batch=1, in_channels=2, height=4, width=4, out_channels=2, kernel=(2, 2),
         padding=(1, 0), groups=2, offset_groups=2, offset_scale=1.5,
     )
@@ -322,7 +260,7 @@ def test_gradcheck_fp64_tiny() -> None:
 
     def function(input, offset, weight, bias, mask):
         return deform_conv2d_ref(
-            input, offset, weight, bias, mask=mask, **call_kwargs(config)
+            input, offset, weight, bias, mask=mask, **config.kwargs()
         )
 
     assert torch.autograd.gradcheck(function, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -335,15 +273,15 @@ def test_half_precision_forward_close_to_fp64(dtype: torch.dtype) -> None:
     Computing natively in half precision would be off by far more (tens of percent on
     outputs that nearly cancel), which this tolerance is chosen to detect.
     """
-    config = ConvConfig(groups=2, offset_groups=2, offset_scale=3.0)
+    config = Conv(groups=2, offset_groups=2, offset_scale=3.0)
     tensors = make_inputs(config, dtype)
-    out = deform_conv2d_ref(**tensors, **call_kwargs(config))
+    out = deform_conv2d_ref(**tensors, **config.kwargs())
     assert out.dtype == dtype
     # Same (already rounded) inputs in fp64: only compute and output rounding differ.
     tensors_fp64 = {
         name: (value.double() if value is not None else None) for name, value in tensors.items()
     }
-    expected = deform_conv2d_ref(**tensors_fp64, **call_kwargs(config))
+    expected = deform_conv2d_ref(**tensors_fp64, **config.kwargs())
     scale = expected.abs().max().item()
     torch.testing.assert_close(
         out.double(), expected, rtol=torch.finfo(dtype).eps, atol=1e-5 * scale
@@ -351,11 +289,11 @@ def test_half_precision_forward_close_to_fp64(dtype: torch.dtype) -> None:
 
 
 def test_half_precision_backward_returns_gradients_in_input_dtype() -> None:
-    config = ConvConfig(batch=1, height=5, width=5)
+    config = Conv(batch=1, height=5, width=5)
     tensors = make_inputs(config, torch.bfloat16)
     grads = _gradients(
         deform_conv2d_ref, tensors, torch.ones(1, config.out_channels, 5, 5, dtype=torch.bfloat16),
-        call_kwargs(config),
+        config.kwargs(),
     )
     for name, grad in grads.items():
         assert grad.dtype == torch.bfloat16, name
