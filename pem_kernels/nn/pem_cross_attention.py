@@ -19,13 +19,10 @@ from pem_kernels.ops.query_projection import (
     fused_query_projection,
 )
 from pem_kernels.ops.prototype_select import _BACKENDS as SELECT_BACKENDS, prototype_select
-from pem_kernels.reference.prototype_attention import AttentionNormAxis
-from pem_kernels.reference.prototype_select import EmptyMaskRule
+from pem_kernels.reference.prototype_attention import ATTENTION_NORM_AXES, AttentionNormAxis
+from pem_kernels.reference.prototype_select import EMPTY_MASK_RULES, EmptyMaskRule
 
 __all__ = ["LocalRepresentation", "PEMCrossAttention"]
-
-_NORM_AXES = ("queries", "channels")
-_EMPTY_RULES = ("official", "per_query")
 
 
 class LocalRepresentation(nn.Module):
@@ -197,12 +194,12 @@ class PEMCrossAttention(nn.Module):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"nhead: expected a divisor of d_model = {d_model}, got {nhead}")
-        if attention_norm not in _NORM_AXES:
+        if attention_norm not in ATTENTION_NORM_AXES:
             raise ValueError(
-                f"attention_norm: expected one of {_NORM_AXES}, got {attention_norm!r}"
+                f"attention_norm: expected one of {ATTENTION_NORM_AXES}, got {attention_norm!r}"
             )
-        if empty not in _EMPTY_RULES:
-            raise ValueError(f"empty: expected one of {_EMPTY_RULES}, got {empty!r}")
+        if empty not in EMPTY_MASK_RULES:
+            raise ValueError(f"empty: expected one of {EMPTY_MASK_RULES}, got {empty!r}")
         self.feature_proj = LocalRepresentation(d_model)
         self.query_proj = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
         self.proj = nn.Linear(d_model, d_model)

@@ -29,7 +29,11 @@ from pem_kernels._backends import (
     triton_kernel,
 )
 from pem_kernels._extension import EXTENSION_LOADED
-from pem_kernels.reference.prototype_attention import AttentionNormAxis, prototype_attention_ref
+from pem_kernels.reference.prototype_attention import (
+    ATTENTION_NORM_AXES,
+    AttentionNormAxis,
+    prototype_attention_ref,
+)
 
 __all__ = ["prototype_attention"]
 
@@ -51,7 +55,6 @@ _BACKENDS = register_op_backends(
         auto_order={"cpu": ("cpu",)},
     )
 )
-_NORM_AXES = ("queries", "channels")
 
 
 def _check_args(
@@ -94,8 +97,10 @@ def _check_args(
             )
     if not prototypes.dtype.is_floating_point:
         raise TypeError(f"prototypes: expected a floating dtype, got {prototypes.dtype}")
-    if normalize not in _NORM_AXES:
-        raise ValueError(f"normalize: expected one of {_NORM_AXES}, got {normalize!r}")
+    if normalize not in ATTENTION_NORM_AXES:
+        raise ValueError(
+            f"normalize: expected one of {ATTENTION_NORM_AXES}, got {normalize!r}"
+        )
 
 
 def prototype_attention(

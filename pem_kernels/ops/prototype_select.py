@@ -27,11 +27,14 @@ from pem_kernels._backends import (
     triton_kernel,
 )
 from pem_kernels._extension import EXTENSION_LOADED
-from pem_kernels.reference.prototype_select import EmptyMaskRule, prototype_select_ref
+from pem_kernels.reference.prototype_select import (
+    EMPTY_MASK_RULES,
+    EmptyMaskRule,
+    prototype_select_ref,
+)
 
 __all__ = ["prototype_select"]
 
-_EMPTY_RULES = ("per_query", "official")
 # Mask logits each compiled backend's kernel reads itself; any others get ~(logits < 0) first.
 MASK_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOGITS_READ = {"triton": MASK_LOGIT_DTYPES, "cuda": MASK_LOGIT_DTYPES, "cpu": (torch.float32,)}
@@ -90,8 +93,8 @@ def _check_args(
         raise ValueError(
             f"num_heads: expected a positive divisor of C = {channels}, got {num_heads!r}"
         )
-    if empty not in _EMPTY_RULES:
-        raise ValueError(f"empty: expected one of {_EMPTY_RULES}, got {empty!r}")
+    if empty not in EMPTY_MASK_RULES:
+        raise ValueError(f"empty: expected one of {EMPTY_MASK_RULES}, got {empty!r}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (
             mask.dtype == torch.bool or mask.dtype.is_floating_point

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prototype_attention_ref", "AttentionNormAxis"]
+__all__ = ["prototype_attention_ref", "AttentionNormAxis", "ATTENTION_NORM_AXES"]
 
 AttentionNormAxis = Literal["queries", "channels"]
+ATTENTION_NORM_AXES: tuple[str, ...] = get_args(AttentionNormAxis)  # what argument checks accept
 
 
 def prototype_attention_ref(

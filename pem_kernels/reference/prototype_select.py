@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prototype_select_ref", "EmptyMaskRule"]
+__all__ = ["prototype_select_ref", "EmptyMaskRule", "EMPTY_MASK_RULES"]
 
 EmptyMaskRule = Literal["per_query", "official"]
+EMPTY_MASK_RULES: tuple[str, ...] = get_args(EmptyMaskRule)  # what argument checks accept
 
 
 def prototype_select_ref(
