@@ -266,13 +266,13 @@ def test_pem_cross_attention_uses_it_for_inference_only(monkeypatch, backend):
         calls.append(a[0] if keys is not None else None)  # None: no fused kernel ran
         return keys
 
-    original_select = pem_cross_attention.prototype_select
-    def recording_select(*a, **kw):
-        normalize_keys.append(kw["normalize_keys"])
-        return original_select(*a, **kw)
+    original_select = pem_cross_attention.run_prototype_select
+    def recording_select(*a):
+        normalize_keys.append(a[-1])  # (chosen, keys, queries, mask, heads, empty, normalize_keys)
+        return original_select(*a)
 
     monkeypatch.setattr(pem_cross_attention, "fused_local_representation", recording)
-    monkeypatch.setattr(pem_cross_attention, "prototype_select", recording_select)
+    monkeypatch.setattr(pem_cross_attention, "run_prototype_select", recording_select)
     with torch.no_grad():
         out = layer(*args)
         expected = reference(*args)

@@ -159,6 +159,12 @@ def test_bad_inputs_and_options_name_the_argument():
         layer(tgt[:, :1], memory, mask, pos, query_pos)
     with pytest.raises(TypeError, match="memory: dtype torch.float64, expected the layer's"):
         layer(tgt, memory.double(), mask, pos, query_pos)
+    # The ops run without checking the layer's tensors again: devices are checked here ("meta"
+    # stands in for a second device on a machine without a GPU).
+    with pytest.raises(ValueError, match="memory: on meta, expected the layer's device cpu"):
+        layer(tgt, memory.to("meta"), mask, pos, query_pos)
+    with pytest.raises(ValueError, match="memory_mask: on meta, expected memory's device cpu"):
+        layer(tgt, memory, mask.to("meta"), pos, query_pos)
     with torch.no_grad():
         expected = layer(tgt, memory, mask, pos[:1].expand_as(pos).contiguous(), query_pos)
         torch.testing.assert_close(layer(tgt, memory, mask, pos[:1], query_pos), expected)

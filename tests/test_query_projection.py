@@ -130,7 +130,7 @@ def test_a_replaced_query_proj_runs_as_it_is(kernel):
     tgt, query_pos = torch.randn(3, 1, 16, device=DEVICE), torch.randn(3, 1, 16, device=DEVICE)
     with torch.no_grad():
         expected = F.normalize(layer.query_proj((tgt + query_pos).transpose(0, 1)), dim=-1)
-        torch.testing.assert_close(layer._project_queries(tgt, query_pos), expected)
+        torch.testing.assert_close(layer._project_queries(tgt, query_pos, "triton"), expected)
 
 
 def test_batch_zero_no_queries_and_strided_inputs(kernel):

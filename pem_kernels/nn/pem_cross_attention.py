@@ -13,12 +13,20 @@ from pem_kernels.ops.local_representation import (
     fused_local_representation,
     normalizes_in_kernel,
 )
-from pem_kernels.ops.prototype_attention import prototype_attention
+from pem_kernels.ops.prototype_attention import (
+    _BACKENDS as ATTENTION_BACKENDS,
+    prototype_attention,
+    run_prototype_attention,
+)
 from pem_kernels.ops.query_projection import (
     FUSED_QUERY_PROJECTION_BACKENDS,
     fused_query_projection,
 )
-from pem_kernels.ops.prototype_select import _BACKENDS as SELECT_BACKENDS, prototype_select
+from pem_kernels.ops.prototype_select import (
+    _BACKENDS as SELECT_BACKENDS,
+    prototype_select,
+    run_prototype_select,
+)
 from pem_kernels.reference.prototype_attention import ATTENTION_NORM_AXES, AttentionNormAxis
 from pem_kernels.reference.prototype_select import EMPTY_MASK_RULES, EmptyMaskRule
 
@@ -72,26 +80,33 @@ class LocalRepresentation(nn.Module):
         return self._project(memory, pos, backend, normalize=True)
 
     def _project(
-        self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str, normalize: bool
+        self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str, normalize: bool,
+        *, resolved: bool = False,
     ) -> tuple[torch.Tensor, bool]:
+        """(keys, normalized) of :meth:`project` (``normalize=False``) or
+        :meth:`project_for_selection`. ``resolved``: ``backend`` is a name that ``resolve`` already
+        returned for these tensors (:class:`PEMCrossAttention` resolves once per call)."""
         # Every parameter and buffer read once per call: each nn.Module attribute lookup costs
         # about a microsecond of host time, and a GPU-sized layer call is host-bound.
         bn, conv, out = self.bn, self.to_query_3x3, self.out
         weights = (conv.weight, conv.bias, out.weight, out.bias)
         bn_sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-        chosen = self._fusable_backend(memory, pos, backend, bn.training, weights, bn_sources)
-        if chosen is not None:
-            # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
-            acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
-            scale, shift = self._bn_affine(acc, bn_sources, bn.eps)
-            normalize = normalize and normalizes_in_kernel(
-                chosen, memory.dtype, out.weight.shape[0]
+        if self._fusable(memory, pos, bn.training, weights, bn_sources):
+            chosen = backend if resolved else SELECT_BACKENDS.resolve(
+                backend, memory.device, memory.dtype
             )
-            keys = fused_local_representation(
-                chosen, memory, pos, scale, shift, *weights, normalize
-            )
-            if keys is not None:
-                return keys, normalize
+            if chosen in FUSED_LOCAL_REPRESENTATION_BACKENDS:
+                # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
+                acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+                scale, shift = self._bn_affine(acc, bn_sources, bn.eps)
+                normalize = normalize and normalizes_in_kernel(
+                    chosen, memory.dtype, weights[2].shape[0]
+                )
+                keys = fused_local_representation(
+                    chosen, memory, pos, scale, shift, *weights, normalize
+                )
+                if keys is not None:
+                    return keys, normalize
         return self(memory + pos if pos is not None else memory), False
 
     def _bn_affine(
@@ -126,26 +141,26 @@ class LocalRepresentation(nn.Module):
         return scale, shift
 
     @staticmethod
-    def _fusable_backend(
-        memory: torch.Tensor, pos: torch.Tensor | None, backend: str, bn_training: bool,
-        weights: tuple, bn_sources: tuple,
-    ) -> str | None:
+    def _fusable(
+        memory: torch.Tensor, pos: torch.Tensor | None, bn_training: bool, weights: tuple,
+        bn_sources: tuple,
+    ) -> bool:
+        """Whether the fused kernel may replace the modules: eval-mode BN with running
+        statistics, no gradient to record, no forward-AD tangent, autocast off, one dtype."""
         running_mean, running_var, bn_weight, bn_bias = bn_sources
-        if bn_training or running_mean is None or running_var is None:
-            return None
-        tensors = [t for t in (memory, pos, *weights, bn_weight, bn_bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None
-        if has_forward_ad_tangent(tensors):  # the modules carry tangents, the kernel does not
-            return None
-        if torch.is_autocast_enabled(memory.device.type) or memory.dim() != 4:
-            return None
-        if any(t.dtype != memory.dtype for t in tensors):
-            return None
+        if bn_training or running_mean is None or running_var is None or memory.dim() != 4:
+            return False
         if pos is not None and pos.shape != memory.shape:
-            return None
-        chosen = SELECT_BACKENDS.resolve(backend, memory.device, memory.dtype)
-        return chosen if chosen in FUSED_LOCAL_REPRESENTATION_BACKENDS else None
+            return False
+        tensors = [t for t in (memory, pos, *weights, bn_weight, bn_bias) if t is not None]
+        grad, dtype = torch.is_grad_enabled(), memory.dtype
+        for tensor in tensors:
+            if tensor.dtype != dtype or (grad and tensor.requires_grad):
+                return False
+        # The modules carry tangents, the kernel does not.
+        return not has_forward_ad_tangent(tensors) and not torch.is_autocast_enabled(
+            memory.device.type
+        )
 
 
 class PEMCrossAttention(nn.Module):
@@ -218,43 +233,51 @@ class PEMCrossAttention(nn.Module):
         pos: torch.Tensor | None,
         query_pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        self._check_inputs(tgt, memory, pos, query_pos)
+        self._check_inputs(tgt, memory, memory_mask, pos, query_pos)
         residual = tgt.transpose(0, 1)
+        # The logits themselves: the selection blocks `logit < 0` as the official code does (a NaN
+        # logit allows), its kernels while they read them (no bool copy: two launches fewer on a
+        # GPU), the reference after a conversion.
+        mask_logits = None if memory_mask is None else memory_mask.detach().flatten(2)
+        if torch.is_autocast_enabled(tgt.device.type):
+            return self._forward_autocast(tgt, memory, mask_logits, pos, query_pos, residual)
+        # The inputs and parameters share a device and dtype (checked), and so do the tensors
+        # the ops get: each backend is resolved once, and the ops run on it without checking
+        # their arguments again (a layer call on a GPU is host-bound at PEM's sizes).
+        device, dtype, backend = memory.device, memory.dtype, self.backend
+        chosen = SELECT_BACKENDS.resolve(backend, device, dtype)
+        keys, normalized = self.feature_proj._project(
+            memory, pos, chosen, normalize=True, resolved=True
+        )
+        queries = self._project_queries(tgt, query_pos, chosen)
+        prototypes, _ = run_prototype_select(
+            chosen, keys, queries, mask_logits, self.num_heads, self.empty, not normalized
+        )
+        proj, final = self.proj, self.final
+        out = run_prototype_attention(
+            ATTENTION_BACKENDS.resolve(backend, device, dtype), prototypes, queries, residual,
+            proj.weight, proj.bias, self.alpha, final.weight, final.bias, self.attention_norm,
+        )
+        return out.transpose(0, 1)
+
+    def _forward_autocast(self, tgt, memory, mask_logits, pos, query_pos, residual):
+        """:meth:`forward` under autocast: the public ops, which run in the autocast dtype."""
         keys, normalized = self.feature_proj.project_for_selection(memory, pos, self.backend)
-        queries = self._project_queries(tgt, query_pos)
-        mask_logits = None
-        if memory_mask is not None:
-            expected = [memory.shape[0], tgt.shape[0], memory.shape[2], memory.shape[3]]
-            if list(memory_mask.shape) != expected:
-                raise ValueError(
-                    f"memory_mask: expected shape [B, Q, H, W] = {expected}, "
-                    f"got {list(memory_mask.shape)}"
-                )
-            if not memory_mask.dtype.is_floating_point:
-                raise TypeError(
-                    f"memory_mask: expected floating mask logits, got {memory_mask.dtype}"
-                )
-            # The logits themselves: the selection blocks `logit < 0` as the official code does
-            # (a NaN logit allows), its kernels while they read them (no bool copy: two launches
-            # fewer on a GPU), the reference after a conversion.
-            mask_logits = memory_mask.detach().flatten(2)
+        queries = self._project_queries(tgt, query_pos, None)
         prototypes, _ = prototype_select(
             keys, queries, mask_logits, self.num_heads, empty=self.empty,
             normalize_keys=not normalized, backend=self.backend,
         )
-        autocast = torch.is_autocast_enabled(tgt.device.type)
         out = prototype_attention(
-            prototypes, queries, torch.zeros_like(residual) if autocast else residual,
-            self.proj.weight, self.proj.bias, self.alpha, self.final.weight, self.final.bias,
-            normalize=self.attention_norm, backend=self.backend,
+            prototypes, queries, torch.zeros_like(residual), self.proj.weight, self.proj.bias,
+            self.alpha, self.final.weight, self.final.bias, normalize=self.attention_norm,
+            backend=self.backend,
         )
-        if autocast:
-            # The ops run in the autocast dtype; the official layer adds its low-precision output
-            # to the residual stream in the stream's dtype (fp32 + fp16 -> fp32), so do the same.
-            out = residual + out
-        return out.transpose(0, 1)
+        # The official layer adds its low-precision output to the residual stream in the
+        # stream's dtype (fp32 + fp16 -> fp32), so do the same.
+        return (residual + out).transpose(0, 1)
 
-    def _check_inputs(self, tgt, memory, pos, query_pos) -> None:
+    def _check_inputs(self, tgt, memory, memory_mask, pos, query_pos) -> None:
         """Errors that name the argument, where the computation would fail deep inside an op
         (or, for a wrong batch, name an internal tensor). pos and query_pos may broadcast to
         memory and tgt, as in the official layer's additions."""
@@ -276,47 +299,73 @@ class PEMCrossAttention(nn.Module):
                     f"{name}: expected {base_name}'s shape {list(base.shape)} (or one that "
                     f"broadcasts to it), got {list(extra.shape)}"
                 )
-        if not torch.is_autocast_enabled(tgt.device.type):
-            dtype = self.alpha.dtype
-            for name, tensor in (("tgt", tgt), ("memory", memory), ("pos", pos),
-                                 ("query_pos", query_pos)):
-                if tensor is not None and tensor.dtype != dtype:
-                    raise TypeError(
-                        f"{name}: dtype {tensor.dtype}, expected the layer's parameter dtype "
-                        f"{dtype} (cast the layer with .to(), or run under torch.autocast)"
-                    )
+        alpha = self.alpha
+        device, dtype = alpha.device, alpha.dtype
+        check_dtype = not torch.is_autocast_enabled(tgt.device.type)
+        for name, tensor in (("tgt", tgt), ("memory", memory), ("pos", pos),
+                             ("query_pos", query_pos)):
+            if tensor is None:
+                continue
+            if tensor.device != device:
+                raise ValueError(
+                    f"{name}: on {tensor.device}, expected the layer's device {device} (move the "
+                    f"layer with .to())"
+                )
+            if check_dtype and tensor.dtype != dtype:
+                raise TypeError(
+                    f"{name}: dtype {tensor.dtype}, expected the layer's parameter dtype "
+                    f"{dtype} (cast the layer with .to(), or run under torch.autocast)"
+                )
+        if memory_mask is not None:
+            expected = [memory.shape[0], tgt.shape[0], memory.shape[2], memory.shape[3]]
+            if list(memory_mask.shape) != expected:
+                raise ValueError(
+                    f"memory_mask: expected shape [B, Q, H, W] = {expected}, "
+                    f"got {list(memory_mask.shape)}"
+                )
+            if not memory_mask.dtype.is_floating_point:
+                raise TypeError(
+                    f"memory_mask: expected floating mask logits, got {memory_mask.dtype}"
+                )
+            if memory_mask.device != memory.device:
+                raise ValueError(
+                    f"memory_mask: on {memory_mask.device}, expected memory's device "
+                    f"{memory.device}"
+                )
 
-    def _project_queries(self, tgt: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
+    def _project_queries(
+        self, tgt: torch.Tensor, query_pos: torch.Tensor | None, chosen: str | None
+    ) -> torch.Tensor:
         """``F.normalize(query_proj(tgt + query_pos))`` [B, Q, C] from tgt [Q, B, C]. For
-        inference on the ``triton`` backend one fused kernel computes it
-        (:mod:`pem_kernels.ops.query_projection`): no gradient needed, autocast off, one dtype,
-        query_pos of tgt's shape; otherwise the modules run (same result up to rounding)."""
+        inference on the ``triton`` backend (``chosen``, the resolved backend of the selection;
+        ``None`` under autocast) one fused kernel computes it
+        (:mod:`pem_kernels.ops.query_projection`): no gradient needed, one dtype, query_pos of
+        tgt's shape; otherwise the modules run (same result up to rounding)."""
+        if chosen not in FUSED_QUERY_PROJECTION_BACKENDS:
+            return self._query_proj_modules(tgt, query_pos)
         modules = list(self.query_proj)
         if len(modules) != 2 or not isinstance(modules[0], nn.LayerNorm) or not isinstance(
             modules[1], nn.Linear
         ):  # a query_proj replaced by something else: run it as it is
             return self._query_proj_modules(tgt, query_pos)
         norm, linear = modules
-        tensors = [tgt, query_pos, norm.weight, norm.bias, linear.weight, linear.bias]
+        ln_weight, ln_bias, weight, bias = norm.weight, norm.bias, linear.weight, linear.bias
+        tensors = [tgt, query_pos, ln_weight, ln_bias, weight, bias]
         fusable = (
-            norm.weight is not None and norm.bias is not None and linear.bias is not None
+            ln_weight is not None and ln_bias is not None and bias is not None
             and norm.normalized_shape == (tgt.shape[-1],)
             and (query_pos is None or query_pos.shape == tgt.shape)
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in tensors))
             and not has_forward_ad_tangent(tensors)
-            and not torch.is_autocast_enabled(tgt.device.type)
             and all(t is None or t.dtype == tgt.dtype for t in tensors)
         )
         if fusable:
-            chosen = SELECT_BACKENDS.resolve(self.backend, tgt.device, tgt.dtype)
-            if chosen in FUSED_QUERY_PROJECTION_BACKENDS:
-                queries = fused_query_projection(
-                    chosen, tgt, query_pos, norm.weight, norm.bias, norm.eps, linear.weight,
-                    linear.bias,
-                )
-                if queries is not None:
-                    return queries
+            queries = fused_query_projection(
+                chosen, tgt, query_pos, ln_weight, ln_bias, norm.eps, weight, bias
+            )
+            if queries is not None:
+                return queries
         return self._query_proj_modules(tgt, query_pos)
 
     def _query_proj_modules(

@@ -16,6 +16,7 @@ future C++/CUDA kernel; the Triton backend registers its own ops,
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -137,13 +138,33 @@ def prototype_attention(
         )
     _check_args(prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
                 normalize)
-    if _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype) == "triton":
+    chosen = _BACKENDS.resolve(backend, prototypes.device, prototypes.dtype)
+    return run_prototype_attention(
+        chosen, prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight,
+        out_bias, normalize,
+    )
+
+
+def run_prototype_attention(
+    chosen: str,
+    prototypes: torch.Tensor,
+    queries: torch.Tensor,
+    residual: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    alpha: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    normalize: AttentionNormAxis,
+) -> torch.Tensor:
+    """:func:`prototype_attention` on the backend ``chosen`` (a name ``resolve`` returned), for
+    callers that checked the arguments themselves and cast them under autocast
+    (:class:`pem_kernels.nn.PEMCrossAttention`, whose own tensors they are)."""
+    if chosen == "triton":
         tensors = (prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight,
                    out_bias)
         refuse_forward_ad("prototype_attention", tensors)
-        from pem_kernels.triton import call_triton_op
-        from pem_kernels.triton.prototype_attention import prototype_attention_triton
-
+        call_triton_op, prototype_attention_triton = _triton_op()
         return call_triton_op(
             prototype_attention_triton, prototypes, queries, residual, proj_weight, proj_bias,
             alpha, out_weight, out_bias, normalize == "queries",
@@ -153,6 +174,16 @@ def prototype_attention(
             prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
             normalize=normalize,
         )
+
+
+@functools.cache
+def _triton_op():
+    """(call_triton_op, the Triton op), imported on first use so that ``import pem_kernels``
+    never imports triton (and once: an import statement costs a microsecond per call)."""
+    from pem_kernels.triton import call_triton_op
+    from pem_kernels.triton.prototype_attention import prototype_attention_triton
+
+    return call_triton_op, prototype_attention_triton
 
 
 if EXTENSION_LOADED:

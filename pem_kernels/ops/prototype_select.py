@@ -14,6 +14,8 @@ registers its own pair, ``pem_kernels::prototype_select_triton`` and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pem_kernels._backends import (
@@ -167,6 +169,22 @@ def prototype_select(
         keys, queries = autocast_inputs(keys.device, keys, queries)
     _check_args(keys, queries, mask, num_heads, empty)
     chosen = _BACKENDS.resolve(backend, keys.device, keys.dtype)
+    return run_prototype_select(chosen, keys, queries, mask, num_heads, empty, normalize_keys)
+
+
+def run_prototype_select(
+    chosen: str,
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_heads: int,
+    empty: EmptyMaskRule,
+    normalize_keys: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prototype_select` on the backend ``chosen`` (a name ``resolve`` returned, not
+    ``"auto"``), for callers that checked the arguments themselves and cast them under autocast:
+    :class:`pem_kernels.nn.PEMCrossAttention`, whose own tensors they are (a layer call is
+    host-bound on a GPU, and checking them again costs about 10 us)."""
     if (
         mask is not None and mask.dtype != torch.bool
         and mask.dtype not in _LOGITS_READ.get(chosen, ())
@@ -179,10 +197,7 @@ def prototype_select(
             )
     refuse_forward_ad("prototype_select", (keys, queries))
     if chosen == "triton":
-        # Imported here so that `import pem_kernels` never imports triton.
-        from pem_kernels.triton import call_triton_op
-        from pem_kernels.triton.prototype_select import prototype_select_triton
-
+        call_triton_op, prototype_select_triton = _triton_op()
         return call_triton_op(
             prototype_select_triton, keys, queries, mask, num_heads, empty == "official",
             normalize_keys,
@@ -191,6 +206,16 @@ def prototype_select(
         torch.ops.pem_kernels.prototype_select.default, keys, queries, mask, num_heads,
         empty == "official", normalize_keys,
     )
+
+
+@functools.cache
+def _triton_op():
+    """(call_triton_op, the Triton op), imported on first use so that ``import pem_kernels``
+    never imports triton (and once: an import statement costs a microsecond per call)."""
+    from pem_kernels.triton import call_triton_op
+    from pem_kernels.triton.prototype_select import prototype_select_triton
+
+    return call_triton_op, prototype_select_triton
 
 
 def autograd_functions(backward_op):
