@@ -192,8 +192,9 @@ def reference_context(device: torch.device) -> contextlib.AbstractContextManager
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain_eager_call(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """Whether an op call on ``tensors`` may skip torch's Python dispatch of custom ops.
+def plain_eager_call(args: Iterable) -> bool:
+    """Whether an op call with arguments ``args`` (the tensors among them matter; anything else,
+    None included, is skipped) may skip torch's Python dispatch of custom ops.
 
     True for an eager call that records no gradient (grad mode off, or no tensor requires grad)
     on plain tensors, with no torch.compile / export / jit tracing, functorch transform or
@@ -206,10 +207,10 @@ def plain_eager_call(tensors: Iterable[torch.Tensor | None]) -> bool:
     if torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None:
         return False
     grad_mode = torch.is_grad_enabled()
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        if type(tensor) not in _PLAIN_TENSOR_TYPES or (grad_mode and tensor.requires_grad):
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and (
+            type(arg) not in _PLAIN_TENSOR_TYPES or (grad_mode and arg.requires_grad)
+        ):
             return False
     return True
 
@@ -219,7 +220,7 @@ def call_op(op: torch._ops.OpOverload, *args):
     autograd (straight to the device kernel: no autograd node is needed when no gradient is
     recorded, and the Python autograd layer of a custom op is skipped); otherwise through the
     full dispatcher."""
-    if plain_eager_call(arg for arg in args if isinstance(arg, torch.Tensor)):
+    if plain_eager_call(args):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             return op(*args)
     return op(*args)

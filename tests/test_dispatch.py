@@ -29,6 +29,9 @@ def test_plain_eager_call_conditions():
     plain, leaf = torch.randn(3), torch.randn(3, requires_grad=True)
     assert plain_eager_call([plain, None, torch.nn.Parameter(torch.randn(2), requires_grad=False)])
     assert not plain_eager_call([plain, leaf])
+    # An op's whole argument list: the non-tensors are skipped, a tensor among them still counts.
+    assert plain_eager_call((plain, 8, True, 1e-5, None))
+    assert not plain_eager_call((plain, 8, leaf, None))
     with torch.no_grad():
         assert plain_eager_call([plain, leaf])
     with torch.inference_mode():

@@ -62,6 +62,8 @@ BN_DEPTHWISE_CONFIG = {"BLOCK_P": 64, "BLOCK_C": 16, "num_warps": 4}
 # sends it through the fused kernel with 3xTF32 products, which `python -m benchmarks tune
 # projection_fp32` times against it.
 FP32_TWO_STEP = True
+# Output channels per program at most (C_out = 256 in PEM: a program holds all of them).
+MAX_BLOCK_N = 256
 
 
 @triton.jit
@@ -163,7 +165,7 @@ def _launch_config(
     dot_dtype, precision = dot_operands(dtype, INTERPRET, device)
     # All output channels of a pixel tile in one program (C_out = 256 in PEM), so the depthwise
     # conv is computed once per pixel; tl.dot needs block dimensions >= 16.
-    block_n = block_size(out_channels, 16, 256)
+    block_n = block_size(out_channels, 16, MAX_BLOCK_N)
     # fp32 without software pipelining: three stages of the nine (eighteen with pos) tap tiles
     # need up to 330 KB of shared memory, more than an H100 block has (227 KiB); the taps are
     # mostly L1/L2 hits, so staging them buys little. 8 warps: with 4, ptxas (sm_90, triton 3.6)
@@ -183,7 +185,7 @@ def normalizes_in_kernel(dtype: torch.dtype, out_channels: int) -> bool:
     (``normalize_keys``: one norm pass, a multiply per key element)."""
     if dtype == torch.float32 and FP32_TWO_STEP and not fp32_matmul_allows_tf32():
         return False
-    return _launch_config(out_channels, dtype)["BLOCK_N"] >= out_channels
+    return out_channels <= MAX_BLOCK_N  # one program holds every output channel of its pixels
 
 
 @pem_triton_op("pem_kernels::local_representation_triton")
@@ -235,7 +237,7 @@ def local_representation_triton(
         return _conv_then_addmm(conv_operands, pos is not None, weight, bias, normalize)
     out = torch.empty(batch, height * width, out_channels, device=x.device, dtype=x.dtype)
     config = _launch_config(out_channels, x.dtype, x.device)
-    in_kernel = normalize and normalizes_in_kernel(x.dtype, out_channels)
+    in_kernel = normalize and config["BLOCK_N"] >= out_channels  # (not the two-step path here)
     grid = (
         height * cdiv(width, config["BLOCK_P"]),
         cdiv(out_channels, config["BLOCK_N"]),
