@@ -499,19 +499,28 @@ def test_prototype_select_wide_heads_and_unaligned_mask_rows(select, normalize_k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_prototype_select_reads_mask_logits(select, dtype):
+@pytest.mark.parametrize("layout", ["203_pixels", "204_pixels", "204_pixels_unaligned"])
+def test_prototype_select_reads_mask_logits(select, dtype, layout):
     """Mask logits (allowed where not < 0: NaN and -0.0 allow) select as their bool mask
-    ``~(logits < 0)`` does on the CPU kernel: 203 pixels (the last tile partial), 70 queries (two
-    query blocks), an empty query in image 1 and image 0's query 3 allowed one pixel of a later
-    tile only."""
-    keys, queries, _ = make_select_inputs(2, 203, 32, 70)
-    logits = torch.randn(2, 70, 203)
+    ``~(logits < 0)`` does on the CPU kernel: 70 queries (two query blocks), an empty query in
+    image 1 and image 0's query 3 allowed one pixel of a later tile only. A thread reads its 4
+    logits of a row as one vector load where the rows allow it (204 pixels, aligned data), else
+    one by one: 203 pixels (rows not aligned, the last tile partial), or 204 pixels whose data
+    starts one element past an aligned address."""
+    pixels = 203 if layout == "203_pixels" else 204
+    keys, queries, _ = make_select_inputs(2, pixels, 32, 70)
+    logits = torch.randn(2, 70, pixels)
     logits[0, 0, :50] = float("nan")
     logits[0, 1] = -0.0
     logits[0, 3] = -1.0
     logits[0, 3, 150] = 0.0
     logits[1, 2] = -1.0
     logits = logits.to(dtype)
+    if layout == "204_pixels_unaligned":
+        storage = torch.empty(logits.numel() + 1, dtype=dtype)
+        storage[1:] = logits.flatten()
+        logits = storage[1:].view(logits.shape)
+        assert logits.data_ptr() % (4 * logits.element_size()) != 0
     allowed = ~(logits < 0)
     for official in (False, True):
         prototypes, indices = select.prototype_select_cuda(keys, queries, logits, 4, official,

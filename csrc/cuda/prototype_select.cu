@@ -223,10 +223,24 @@ struct MaskRows {
   MaskKind kind;
 };
 
+// kMicro consecutive mask elements of one row, read as one load (16 bytes of fp32 logits, 8 of
+// fp16/bf16, 4 of bools) where every row starts aligned to that size (see mask_vector_loads).
+template <typename element_t>
+struct alignas(kMicro * sizeof(element_t)) MaskVector {
+  element_t v[kMicro];
+};
+
 template <typename logit_t>
 __device__ __forceinline__ uint32_t allowed_logit_bits(
-    const logit_t* row, int64_t pixel_first, int64_t pixels, int shift) {
+    const logit_t* row, int64_t pixel_first, int64_t pixels, int shift, bool vector_loads) {
   uint32_t bits = 0;
+  if (vector_loads) {  // pixels % kMicro == 0: the thread's kMicro pixels are all inside
+    const MaskVector<logit_t> logits = *reinterpret_cast<const MaskVector<logit_t>*>(row + pixel_first);
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+      bits |= static_cast<uint32_t>(!(static_cast<float>(logits.v[i]) < 0.0f)) << (shift + i);
+    return bits;
+  }
 #pragma unroll
   for (int i = 0; i < kMicro; ++i)
     if (pixel_first + i < pixels)
@@ -234,13 +248,29 @@ __device__ __forceinline__ uint32_t allowed_logit_bits(
   return bits;
 }
 
+// Whether load_allowed_bits may read a thread's kMicro mask elements of a row as one vector: the
+// rows are whole vectors (HW % kMicro == 0) and the data is aligned to one. A thread's first pixel
+// is a multiple of kMicro, so its vector then never straddles a row's end. Scalar loads were
+// 16 of the tile loop's load instructions per thread for mask logits, the tile's largest read.
+__device__ __forceinline__ bool mask_vector_loads(const MaskRows& mask, int64_t pixels) {
+  int64_t element_bytes = 0;
+  switch (mask.kind) {
+    case MaskKind::kBool: element_bytes = 1; break;
+    case MaskKind::kFloat: element_bytes = 4; break;
+    case MaskKind::kHalf:
+    case MaskKind::kBFloat16: element_bytes = 2; break;
+    default: return false;
+  }
+  return pixels % kMicro == 0 && reinterpret_cast<uintptr_t>(mask.data) % (kMicro * element_bytes) == 0;
+}
+
 // Bit (j * kMicro + i) of the result: whether the thread's pixel i may be selected by its query
 // j (1 where there is no mask). Issued before the tile's products so that the mask's latency
-// overlaps them. Where every row of a bool mask starts 4-byte aligned (HW % 4 == 0), a query's
-// kMicro bytes are one 32-bit load; torch's bools are the bytes 0 and 1.
+// overlaps them. With vector_loads (mask_vector_loads) a query's kMicro elements are one load;
+// torch's bools are the bytes 0 and 1.
 __device__ __forceinline__ uint32_t load_allowed_bits(
     MaskRows mask, int64_t row0, int64_t queries, int64_t query_first, int64_t pixels,
-    int64_t pixel_first, bool word_loads) {
+    int64_t pixel_first, bool vector_loads) {
   static_assert(kMicro == 4, "one 32-bit mask word per query");
   if (mask.kind == MaskKind::kNone) return 0xffffu;
   uint32_t bits = 0;
@@ -252,19 +282,19 @@ __device__ __forceinline__ uint32_t load_allowed_bits(
     switch (mask.kind) {
       case MaskKind::kFloat:
         bits |= allowed_logit_bits(static_cast<const float*>(mask.data) + row_start, pixel_first,
-                                   pixels, j * kMicro);
+                                   pixels, j * kMicro, vector_loads);
         break;
       case MaskKind::kHalf:
         bits |= allowed_logit_bits(static_cast<const at::Half*>(mask.data) + row_start,
-                                   pixel_first, pixels, j * kMicro);
+                                   pixel_first, pixels, j * kMicro, vector_loads);
         break;
       case MaskKind::kBFloat16:
         bits |= allowed_logit_bits(static_cast<const at::BFloat16*>(mask.data) + row_start,
-                                   pixel_first, pixels, j * kMicro);
+                                   pixel_first, pixels, j * kMicro, vector_loads);
         break;
       default: {
         const bool* row = static_cast<const bool*>(mask.data) + row_start;
-        if (word_loads) {
+        if (vector_loads) {
           const uint32_t word = *reinterpret_cast<const uint32_t*>(row + pixel_first);
 #pragma unroll
           for (int i = 0; i < kMicro; ++i) bits |= static_cast<uint32_t>(((word >> (8 * i)) & 0xffu) != 0) << (j * kMicro + i);
@@ -378,7 +408,7 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   const acc_t* image_divisors = divisors == nullptr ? nullptr : divisors + b * pr.pixels;
   const scalar_t* query_base = queries + b * pr.queries * pr.channels + h * pr.head_dim;
   const int64_t query_first = query0 + query_lane * kMicro;
-  const bool word_loads = pr.pixels % 4 == 0 && reinterpret_cast<uintptr_t>(mask.data) % 4 == 0;
+  const bool vector_loads = mask_vector_loads(mask, pr.pixels);
   AllowedFirstArgmax<acc_t> best[kMicro];
   for (int j = 0; j < kMicro; ++j) best[j] = AllowedFirstArgmax<acc_t>{0, -1, 0};
 
@@ -398,7 +428,7 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t pixel0 = tile * kTilePixels, pixel_first = pixel0 + pixel_lane * kMicro;
     const uint32_t allowed_bits = load_allowed_bits(
-        mask, b * pr.queries, pr.queries, query_first, pr.pixels, pixel_first, word_loads);
+        mask, b * pr.queries, pr.queries, query_first, pr.pixels, pixel_first, vector_loads);
     acc_t scores[kMicro][kMicro] = {};
 #ifdef PEM_TENSOR_CORES
     if constexpr (kPasses > 0) clear_scores(fragments);
