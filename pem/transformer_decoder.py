@@ -68,11 +68,15 @@ class PositionEmbeddingSine(nn.Module):
         dim_t = self.temperature ** (
             2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
         )
-        pos_x = x_embed[..., None] / dim_t
-        pos_y = y_embed[..., None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=3).flatten(2)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=3).flatten(2)
-        pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
+        # Channel-first [C, H, W] as it is built (the official code builds [H, W, C] and permutes):
+        # the same values, but a contiguous result that the fused PEM-CA kernels read without a
+        # copy per layer call.
+        dim_t = dim_t[:, None, None]
+        pos_x = x_embed / dim_t
+        pos_y = y_embed / dim_t
+        pos_x = torch.stack((pos_x[0::2].sin(), pos_x[1::2].cos()), dim=1).flatten(0, 1)
+        pos_y = torch.stack((pos_y[0::2].sin(), pos_y[1::2].cos()), dim=1).flatten(0, 1)
+        pos = torch.cat((pos_y, pos_x), dim=0)
         return pos.to(x.dtype).unsqueeze(0).expand(b, -1, -1, -1)
 
 

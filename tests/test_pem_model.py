@@ -113,6 +113,16 @@ def test_position_embedding_sine() -> None:
     torch.testing.assert_close(pos[0, 0, :, 0], y.sin())
     torch.testing.assert_close(pos[0, 128, 0, :], x.sin())
     torch.testing.assert_close(pos[0, 1, :, 0], y.cos())
+    # The official code's construction ([H, W, C], then permuted): the same values, bit for bit.
+    y_embed, x_embed = y[:, None].expand(3, 5), x[None, :].expand(3, 5)
+    dim_t = torch.arange(128, dtype=torch.float32)
+    dim_t = 10000.0 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / 128)
+    pos_x, pos_y = x_embed[..., None] / dim_t, y_embed[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=3).flatten(2)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=3).flatten(2)
+    assert torch.equal(pos[1], torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1))
+    # Built channel-first: a batch-1 encoding is contiguous (no copy in the fused kernels).
+    assert PositionEmbeddingSine(128, normalize=True)(torch.zeros(1, 256, 3, 5)).is_contiguous()
 
 
 def test_padding_keeps_the_padded_canvas() -> None:
