@@ -16,6 +16,12 @@ sm_90 compiler's counts (``sass-stats``) can only suggest. Experiments:
   (``local_representation.BN_DEPTHWISE_CONFIG``) at B=1, C=256, 128 x 256 pixels, with pos.
 * ``projection_fp32``: exact-fp32 keys through the two-step path (that kernel, then cuBLAS's IEEE
   SGEMM) against the fused kernel with 3xTF32 products (``local_representation.FP32_TWO_STEP``).
+* ``layer_fp32_projection``: the same choice where it counts, the whole PEM-CA forward (fp32,
+  ``backend="triton"``, 32768 px, 100 queries, 8 heads, mask logits): the two-step keys leave
+  their L2 normalization to the selection (a norm pass, and each key tile scaled), the fused kernel
+  normalizes them itself, two launches fewer (a latency gain this device time leaves out). One
+  allowed pixel per query, so that both select the same pixels and their outputs compare within
+  fp32 accuracy (random scores have near-ties that either rounding may break differently).
 * ``attention_columns``: the prototype attention's forward (fp32, 100 queries, C = 256, norm over
   the queries, batch 1) with 32 (in use) and 16 output channels per program
   (``prototype_attention.ATTENTION_COLUMNS``): 8 or 16 programs.
@@ -41,7 +47,8 @@ import torch
 from benchmarks import harness
 from pem_kernels.triton import interpreter_requested
 
-EXPERIMENTS = ("bn_depthwise", "projection_fp32", "attention_columns", "select_splits")
+EXPERIMENTS = ("bn_depthwise", "projection_fp32", "layer_fp32_projection", "attention_columns",
+               "select_splits")
 TABLE_COLUMNS = [
     ("experiment", "experiment"),
     ("candidate", "candidate"),
@@ -139,6 +146,39 @@ def _projection_fp32(device: torch.device, small: bool) -> list[tuple[str, Calla
     return [(names[two_step], run_with(two_step), _fp32_close) for two_step in order]
 
 
+def _layer_fp32_projection(
+    device: torch.device, small: bool
+) -> list[tuple[str, Callable, Callable]]:
+    from pem_kernels.nn import PEMCrossAttention
+    from pem_kernels.triton import local_representation as module
+
+    channels, heads, queries, height, width = (32, 4, 5, 5, 19) if small else (256, 8, 100, 128,
+                                                                               256)
+    layer = PEMCrossAttention(channels, heads, backend="triton").to(device).eval()
+    randn = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    tgt, query_pos = randn(queries, 1, channels), randn(queries, 1, channels)
+    memory, pos = randn(1, channels, height, width), randn(1, channels, height, width)
+    logits = torch.full((1, queries, height * width), -1.0, device=device)
+    logits[0, torch.arange(queries, device=device),
+           torch.randperm(height * width, device=device)[:queries]] = 1.0
+    logits = logits.view(1, queries, height, width)
+
+    def run_with(two_step: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            saved, module.FP32_TWO_STEP = module.FP32_TWO_STEP, two_step
+            try:
+                return layer(tgt, memory, logits, pos, query_pos)
+            finally:
+                module.FP32_TWO_STEP = saved
+
+        return run
+
+    order = [module.FP32_TWO_STEP, not module.FP32_TWO_STEP]
+    names = {True: "PEM-CA, two-step keys normalized by the selection",
+             False: "PEM-CA, fused 3xTF32 keys normalized in the kernel"}
+    return [(names[two_step], run_with(two_step), _fp32_close) for two_step in order]
+
+
 def _attention_columns(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
     from pem_kernels.triton import call_triton_op
     from pem_kernels.triton import prototype_attention as module
@@ -220,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.manual_seed(0)
     builders = {"bn_depthwise": _bn_depthwise, "projection_fp32": _projection_fp32,
+                "layer_fp32_projection": _layer_fp32_projection,
                 "attention_columns": _attention_columns, "select_splits": _select_splits}
     rows: list[dict[str, Any]] = []
     failures = skipped = 0

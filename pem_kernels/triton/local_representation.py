@@ -60,7 +60,8 @@ NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 BN_DEPTHWISE_CONFIG = {"BLOCK_P": 64, "BLOCK_C": 16, "num_warps": 4}
 # Exact fp32 (PyTorch's "highest" precision) takes the two-step path (module docstring); False
 # sends it through the fused kernel with 3xTF32 products, which `python -m benchmarks tune
-# projection_fp32` times against it.
+# projection_fp32` times against it (the projection alone) and `... tune layer_fp32_projection`
+# (the whole PEM-CA forward, where the fused kernel also normalizes the keys in two launches fewer).
 FP32_TWO_STEP = True
 # Output channels per program at most (C_out = 256 in PEM: a program holds all of them).
 MAX_BLOCK_N = 256
