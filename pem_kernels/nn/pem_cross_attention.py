@@ -233,13 +233,14 @@ class PEMCrossAttention(nn.Module):
         pos: torch.Tensor | None,
         query_pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        self._check_inputs(tgt, memory, memory_mask, pos, query_pos)
+        autocast = torch.is_autocast_enabled(tgt.device.type)
+        self._check_inputs(tgt, memory, memory_mask, pos, query_pos, autocast)
         residual = tgt.transpose(0, 1)
         # The logits themselves: the selection blocks `logit < 0` as the official code does (a NaN
         # logit allows), its kernels while they read them (no bool copy: two launches fewer on a
         # GPU), the reference after a conversion.
         mask_logits = None if memory_mask is None else memory_mask.detach().flatten(2)
-        if torch.is_autocast_enabled(tgt.device.type):
+        if autocast:
             return self._forward_autocast(tgt, memory, mask_logits, pos, query_pos, residual)
         # The inputs and parameters share a device and dtype (checked), and so do the tensors
         # the ops get: each backend is resolved once, and the ops run on it without checking
@@ -277,10 +278,11 @@ class PEMCrossAttention(nn.Module):
         # stream's dtype (fp32 + fp16 -> fp32), so do the same.
         return (residual + out).transpose(0, 1)
 
-    def _check_inputs(self, tgt, memory, memory_mask, pos, query_pos) -> None:
+    def _check_inputs(self, tgt, memory, memory_mask, pos, query_pos, autocast: bool) -> None:
         """Errors that name the argument, where the computation would fail deep inside an op
         (or, for a wrong batch, name an internal tensor). pos and query_pos may broadcast to
-        memory and tgt, as in the official layer's additions."""
+        memory and tgt, as in the official layer's additions; under autocast (``autocast``) the
+        dtypes may differ from the parameters'."""
         if tgt.dim() != 3 or memory.dim() != 4 or tgt.shape[1:] != memory.shape[:2]:
             raise ValueError(
                 f"tgt [Q, B, C] and memory [B, C, H, W] must share B and C, got tgt "
@@ -301,7 +303,7 @@ class PEMCrossAttention(nn.Module):
                 )
         alpha = self.alpha
         device, dtype = alpha.device, alpha.dtype
-        check_dtype = not torch.is_autocast_enabled(tgt.device.type)
+        check_dtype = not autocast
         for name, tensor in (("tgt", tgt), ("memory", memory), ("pos", pos),
                              ("query_pos", query_pos)):
             if tensor is None:
