@@ -315,10 +315,11 @@ def test_deform_conv2d_rejects_an_unknown_fp32_product_choice(deform, monkeypatc
 
 
 def test_deform_conv2d_gradients_over_several_backward_blocks(deform):
-    """One image's backward in several pixel blocks (column tiles of at most 32 MiB: at most 896
+    """One image's backward in several pixel blocks (column tiles of at most 24 MiB: at most 640
     pixels of 512 fp64 channels, the image's 1023 split evenly into 512 and 511). The two column
     tiles are the backward's largest allocations: 2 x 18 MiB with the even split, where blocks of
-    896 and 127 pixels took 2 x 31.5 MiB (a peak of 67.5 MiB, 40.5 with the even split)."""
+    640 and 383 pixels would take 2 x 22.5 MiB (a peak of about 49.5 MiB, 40.5 with the even
+    split)."""
     from benchmarks.harness import MIB, measure_peak_memory
 
     conv = Conv(batch=1, in_channels=512, height=31, width=33, out_channels=4, offset_groups=2,

@@ -315,8 +315,8 @@ def test_forward_gather_paths(device, dtype, layout, channels, groups, offset_gr
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gradients_over_several_backward_blocks(device, layout):
     """C_in * taps large enough that one image's backward runs in several pixel blocks on every
-    backend (CUDA: column tiles of at most 32 MiB, here 36 KiB per fp64 pixel, so at most 896
-    pixels, the image's 1927 split evenly into 768, 768 and 391; CPU: 2 MiB), the last one
+    backend (CUDA: column tiles of at most 24 MiB, here 36 KiB per fp64 pixel, so at most 640
+    pixels, the image's 1927 split evenly into 3 x 512 and 391; CPU: 2 MiB), the last one
     partial; grad_weight accumulates over the blocks and grad_input over the blocks' entry
     lists."""
     conv = Conv(

@@ -847,8 +847,13 @@ at::Tensor deform_conv2d_cuda(
 }
 
 // Upper bound of each backward column tile (the columns and their gradient): large enough that the
-// GEMMs over a tile fill the GPU, small enough to stay well below torchvision's im2col buffer.
-constexpr int64_t kBackwardTileBytes = 32 << 20;
+// GEMMs over a tile fill the GPU, small enough that the backward's peak stays under half of
+// torchvision's (whose im2col buffer holds a whole image's columns). PEM at (1,128,128,256) fp32:
+// 7 blocks of 4736 pixels, 20.8 MiB per tile, and a backward peak of 67.8 MiB with the 3xTF32
+// split of grad_output; 32 MiB gave 5 blocks of 6656 pixels and 86.6 MiB (measured through
+// tests/cuda_emulation), which with the forward's 16 MiB output made a forward+backward peak of
+// about 0.53x torchvision's 192 MiB.
+constexpr int64_t kBackwardTileBytes = 24 << 20;
 // Pixel blocks are multiples of this (except the last block of an image).
 constexpr int64_t kPixelAlign = 128;
 
@@ -856,8 +861,8 @@ constexpr int64_t kPixelAlign = 128;
 // accumulated in the same order. An image's pixels are split into as many blocks as the tile
 // bound needs, of equal size up to kPixelAlign: the tiles (the largest part of the backward's
 // memory) then hold one even share, not the bound with a short remainder block (PEM at
-// (1,128,128,256) fp32: 5 blocks of 6656 pixels, 29.3 MiB per tile, instead of 4 of 7168 and one
-// of 4096, 31.5 MiB per tile).
+// (1,128,128,256) fp32: 7 blocks of up to 4736 pixels, 20.8 MiB per tile, instead of 6 of 5376
+// and one of 512, 23.6 MiB per tile).
 int64_t backward_block_pixels(const ConvShape& s, int64_t element_size) {
   const int64_t column_bytes = s.in_channels * s.taps() * element_size;
   const int64_t by_size =
