@@ -38,6 +38,7 @@ def test_every_op_schema_is_registered():
 def test_cuda_kernels_were_compiled():
     """With a CUDA torch and nvcc, setup.py must compile csrc/cuda/*.cu, GPU or not."""
     for op in (
-        "prototype_select", "_prototype_select_backward", "deform_conv2d", "_deform_conv2d_backward"
+        "prototype_select", "_prototype_select_backward", "deform_conv2d",
+        "_deform_conv2d_backward", "local_representation",
     ):
         assert has_kernel(op, "CUDA"), op

@@ -36,6 +36,13 @@ def deform():
 
 
 @pytest.fixture(scope="module")
+def local_representation():
+    from cuda_emulation import build
+
+    return build("local_representation")
+
+
+@pytest.fixture(scope="module")
 def select():
     from cuda_emulation import build
 
@@ -641,3 +648,136 @@ def test_prototype_select_nan_and_inf_rules(select, dtype):
     assert indices[0, 0, 0] == 50 and indices[0, 0, 1] != 120
     assert (indices[0, :, 2] == 30).all() and (indices[0, :, 3] == 5).all()
     assert (indices[0, :, 4] == 40).all()
+
+
+def local_representation_operands(channels: int, out_channels: int, dtype: torch.dtype) -> dict:
+    """The fused projection's parameters (an eval BatchNorm with non-trivial statistics as scale
+    and shift in the accumulation dtype, the depthwise conv, the Linear), and the modules that
+    compute the same thing (the expected keys: ``modules(memory + pos)``)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(channels).eval()
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+    linear = torch.nn.Linear(channels, out_channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (torch.rsqrt(bn.running_var.to(acc) + bn.eps) * bn.weight.to(acc)).detach()
+    shift = (bn.bias.to(acc) - bn.running_mean.to(acc) * scale).detach()
+
+    def modules(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = conv.to(x.dtype)(bn.to(x.dtype)(x))
+            return linear.to(x.dtype)(features.flatten(2).transpose(1, 2))
+
+    params = [scale, shift] + [t.detach().to(dtype) for t in
+                               (conv.weight, conv.bias, linear.weight, linear.bias)]
+    return {"params": params, "modules": modules}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 40, 5, 37),  # two row tiles, the second partial; two channel tiles, the second of 8
+     (1, 64, 3, 32),  # full tiles
+     (1, 16, 1, 1),  # every 3x3 tap but the centre in the padding
+     (3, 8, 9, 4)],
+    ids=str,
+)
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
+def test_local_representation_matches_the_modules(local_representation, dtype, shape, with_pos):
+    """The CUDA source's kernel (BN + depthwise conv, pixel-major features) and its addmm against
+    BatchNorm -> depthwise conv -> Linear, and against the CPU kernel it mirrors."""
+    ops = local_representation_operands(shape[1], 24, dtype)
+    memory = torch.randn(shape, dtype=dtype)
+    pos = torch.randn(shape, dtype=dtype) if with_pos else None
+    keys = local_representation.local_representation_cuda(memory, pos, *ops["params"], False)
+    expected = ops["modules"](memory + pos if with_pos else memory)
+    assert keys.shape == (shape[0], shape[2] * shape[3], 24) and keys.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(keys, expected, rtol=tolerance, atol=tolerance)
+    cpu = torch.ops.pem_kernels.local_representation(memory, pos, *ops["params"], False)
+    torch.testing.assert_close(keys, cpu, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_local_representation_half_precision(local_representation, dtype):
+    """fp16/bf16: the features computed in fp32 and rounded once, the GEMM in the input dtype;
+    close to the fp32 modules, as the CPU kernel is."""
+    shape = (2, 40, 6, 35)
+    ops32 = local_representation_operands(shape[1], 16, torch.float32)
+    ops = local_representation_operands(shape[1], 16, dtype)
+    memory, pos = torch.randn(shape), torch.randn(shape)
+    keys = local_representation.local_representation_cuda(
+        memory.to(dtype), pos.to(dtype), *ops["params"], False)
+    assert keys.dtype == dtype
+    expected = ops32["modules"](memory + pos)
+    torch.testing.assert_close(keys.float(), expected, rtol=2e-2, atol=5e-2)
+    cpu = torch.ops.pem_kernels.local_representation(
+        memory.to(dtype), pos.to(dtype), *ops["params"], False)
+    torch.testing.assert_close(keys.float(), cpu.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_local_representation_normalize(local_representation, dtype):
+    """normalize=True: every row divided by max(||row||, 1e-12) in fp32 before one rounding, as
+    F.normalize: a NaN in a pixel's window makes its row NaN, an all-zero row stays zero."""
+    channels = 16
+    ops = local_representation_operands(channels, 12, torch.float32)
+    scale, shift, dw_weight, dw_bias, weight, bias = ops["params"]
+    with torch.no_grad():
+        weight[:, 8:] = 0.0  # rows depend on channels 0-7 only
+        bias.zero_()
+        dw_bias.zero_()
+        shift.zero_()
+    memory = torch.randn(1, channels, 4, 5)
+    memory[0, :8, 1:4, 1:4] = 0.0  # pixels (2, 2) and (3, 2) see zeros in their 3x3 windows
+    memory[0, 3, 0, 0] = float("nan")  # reaches pixels (0, 0), (0, 1), (1, 0), (1, 1)
+    bn = memory * scale[:, None, None] + shift[:, None, None]
+    conv = torch.nn.functional.conv2d(bn, dw_weight, dw_bias, padding=1, groups=channels)
+    raw = torch.nn.functional.linear(conv.flatten(2).transpose(1, 2), weight, bias)
+    expected = torch.nn.functional.normalize(raw, dim=-1)
+    params = [scale, shift] + [t.to(dtype) for t in (dw_weight, dw_bias, weight, bias)]
+    keys = local_representation.local_representation_cuda(memory.to(dtype), None, *params, True)
+    assert keys.dtype == dtype
+    nan_rows = [0, 1, 5, 6]
+    assert keys[0, nan_rows].isnan().all() and expected[0, nan_rows].isnan().all()
+    zero_rows = [12, 17]
+    assert (keys[0, zero_rows] == 0).all() and (expected[0, zero_rows] == 0).all()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(keys.float(), expected, rtol=tolerance, atol=tolerance,
+                               equal_nan=True)
+    finite = [row for row in range(20) if row not in nan_rows + zero_rows]
+    torch.testing.assert_close(keys[0, finite].float().norm(dim=-1), torch.ones(len(finite)),
+                               rtol=tolerance, atol=tolerance)
+
+
+def test_local_representation_empty_and_channel_free_maps(local_representation):
+    """No pixels: an empty result without a launch (an empty grid is an error on a GPU, and in
+    the emulation). No input channels: nothing to convolve, every key is the Linear's bias."""
+    ops = local_representation_operands(8, 5, torch.float32)
+    for shape in [(0, 8, 3, 3), (2, 8, 0, 4)]:
+        keys = local_representation.local_representation_cuda(
+            torch.randn(shape), None, *ops["params"], False)
+        assert keys.shape == (shape[0], shape[2] * shape[3], 5)
+    bias = torch.randn(5)
+    keys = local_representation.local_representation_cuda(
+        torch.randn(2, 0, 3, 4), None, torch.ones(0), torch.zeros(0), torch.randn(0, 1, 3, 3),
+        torch.randn(0), torch.randn(5, 0), bias, False)
+    torch.testing.assert_close(keys, bias.expand(2, 12, 5))
+
+
+def test_local_representation_checks_its_arguments(local_representation):
+    """The CPU kernel's checks (a shared header): the same message for the same mistake."""
+    ops = local_representation_operands(8, 5, torch.float32)
+    params = list(ops["params"])
+    params[2] = torch.randn(8, 1, 5, 5)
+    with pytest.raises(RuntimeError, match=r"dw_weight must be \[C, 1, 3, 3\] = \[8, 1, 3, 3\], "
+                                           r"got shape \[8, 1, 5, 5\]"):
+        local_representation.local_representation_cuda(torch.randn(1, 8, 4, 4), None, *params,
+                                                        False)
+    with pytest.raises(RuntimeError, match=r"pos must have memory's shape"):
+        local_representation.local_representation_cuda(
+            torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 5), *ops["params"], False)

@@ -1,6 +1,7 @@
-"""PEM-CA's fused feature projection (C++ on CPU, Triton) against the modules.
+"""PEM-CA's fused feature projection (C++ on CPU, CUDA, Triton) against the modules.
 
-Triton runs under the interpreter on CPU tensors when there is no GPU.
+Triton runs under the interpreter on CPU tensors when there is no GPU; the CUDA backend's cases
+run where a GPU exists (its source runs on the CPU in tests/test_cuda_emulation.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pem_kernels.nn.pem_cross_attention import LocalRepresentation
 from conftest import HAS_CUDA, assert_compiles_for_sm90
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-BACKENDS = ["cpu", "triton"]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU")),
+            "triton"]
 
 
 def _device(backend: str) -> str:
@@ -37,6 +39,14 @@ def _module(
         module.bn.weight.uniform_(0.5, 1.5)
         module.bn.bias.uniform_(-0.5, 0.5)
     return module.to(device=device, dtype=dtype).eval()
+
+
+def _bn_affine(module: LocalRepresentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in fp32: the eval-mode BatchNorm as the fused op takes it."""
+    bn = module.bn
+    return module._bn_affine(
+        torch.float32, (bn.running_mean, bn.running_var, bn.weight, bn.bias), bn.eps
+    )
 
 
 def _forbid_modules(monkeypatch, module: LocalRepresentation) -> None:
@@ -114,11 +124,37 @@ def test_cpu_op_checks_its_arguments():
             op(*args)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_cpu_op_opcheck(normalize):
+@pytest.mark.skipif(not HAS_CUDA, reason="no GPU")
+def test_cuda_op_checks_devices():
+    """The CUDA kernel is chosen when any tensor is on the GPU: the others must be there too."""
+    op = torch.ops.pem_kernels.local_representation
     c = 8
-    args = (torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
-            torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6), normalize)
+    good = [torch.randn(1, c, 4, 4), torch.randn(1, c, 4, 4), torch.ones(c), torch.zeros(c),
+            torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(5, c), torch.randn(5)]
+    on_gpu = [t.cuda() for t in good]
+    assert op(*on_gpu).shape == (1, 16, 5)
+    device = on_gpu[0].device
+    for index, name in [(1, "pos"), (2, "bn_scale"), (6, "out_weight")]:
+        args = list(on_gpu)
+        args[index] = good[index]
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu, expected memory's device "
+                                               f"{device}"):
+            op(*args)
+    with pytest.raises(RuntimeError, match=f"bn_scale is on {device}, expected memory's device "
+                                           "cpu"):
+        op(good[0], None, *on_gpu[2:])
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
+)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_op_opcheck(device, normalize):
+    c = 8
+    args = tuple(t.to(device) for t in (
+        torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
+        torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6),
+    )) + (normalize,)
     torch.library.opcheck(torch.ops.pem_kernels.local_representation, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
@@ -136,9 +172,9 @@ def test_normalized_keys_match_the_normalized_modules(
     backend, shape, precision, tolerance, matmul_precision, monkeypatch
 ):
     """project_for_selection: where the fused kernel can normalize the keys in its kernel, its
-    keys divided by their L2 norm, as F.normalize; elsewhere (the Triton backend in exact fp32 or
-    with C_out = 272 > 256) the raw keys, which the selection normalizes. The op itself normalizes
-    either way when asked to (after its kernel where it cannot inside)."""
+    keys divided by their L2 norm, as F.normalize; elsewhere (the CUDA backend, the Triton backend
+    in exact fp32 or with C_out = 272 > 256) the raw keys, which the selection normalizes. The op
+    itself normalizes either way when asked to (after its kernel where it cannot inside)."""
     from pem_kernels.ops.local_representation import (
         fused_local_representation,
         normalizes_in_kernel,
@@ -149,17 +185,16 @@ def test_normalized_keys_match_the_normalized_modules(
     module = _module(shape[1], device=device)
     memory, pos = torch.randn(shape, device=device), torch.randn(shape, device=device)
     in_kernel = normalizes_in_kernel(backend, torch.float32, shape[1])
-    assert in_kernel == (backend == "cpu" or (precision == "high" and shape[1] <= 256))
+    assert in_kernel == (
+        backend == "cpu" or (backend == "triton" and precision == "high" and shape[1] <= 256)
+    )
     with torch.no_grad():
         raw = module(memory + pos)
         expected = torch.nn.functional.normalize(raw, dim=-1)
         _forbid_modules(monkeypatch, module)
         keys, normalized = module.project_for_selection(memory, pos, backend)
-        scale, shift = module._bn_affine(torch.float32, (
-            module.bn.running_mean, module.bn.running_var, module.bn.weight, module.bn.bias),
-            module.bn.eps)
         op_keys = fused_local_representation(
-            backend, memory, pos, scale, shift, module.to_query_3x3.weight,
+            backend, memory, pos, *_bn_affine(module), module.to_query_3x3.weight,
             module.to_query_3x3.bias, module.out.weight, module.out.bias, True,
         )
     assert normalized == in_kernel
@@ -174,6 +209,8 @@ def test_normalized_keys_keep_nan_and_zero_rows(backend, matmul_precision, monke
     """A NaN anywhere in a pixel's row makes the whole normalized row NaN and an all-zero row stays
     zero (division by eps), as F.normalize does. (TF32 allowed: the Triton backend's fused kernel,
     which normalizes in the kernel.)"""
+    from pem_kernels.ops.local_representation import fused_local_representation
+
     matmul_precision("high")
     device = _device(backend)
     module = _module(16, device=device)
@@ -191,7 +228,12 @@ def test_normalized_keys_keep_nan_and_zero_rows(backend, matmul_precision, monke
         expected = torch.nn.functional.normalize(module(memory), dim=-1)
         _forbid_modules(monkeypatch, module)
         keys, normalized = module.project_for_selection(memory, None, backend)
-    assert normalized
+        assert normalized == (backend != "cuda")
+        if not normalized:  # the selection would normalize them; the op does when asked to
+            keys = fused_local_representation(
+                backend, memory, None, *_bn_affine(module), module.to_query_3x3.weight,
+                module.to_query_3x3.bias, module.out.weight, module.out.bias, True,
+            )
     nan_rows = [0, 1, 5, 6]
     assert keys[0, nan_rows].isnan().all() and expected[0, nan_rows].isnan().all()
     assert (keys[0, 12] == 0).all() and (expected[0, 12] == 0).all()

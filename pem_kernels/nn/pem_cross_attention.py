@@ -61,7 +61,8 @@ class LocalRepresentation(nn.Module):
 
     def project(self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
         """``self(memory + pos)``; for inference on the ``cpu`` or ``triton`` backend one fused
-        kernel computes it in a single pass (:mod:`pem_kernels.ops.local_representation`).
+        kernel computes it in a single pass, on the ``cuda`` backend one kernel and a cuBLAS GEMM
+        (:mod:`pem_kernels.ops.local_representation`).
 
         The fused kernel runs when BN is in eval mode, no gradient is needed, autocast is off and
         all tensors share one dtype; otherwise the modules run (same result up to rounding).
@@ -171,7 +172,8 @@ class PEMCrossAttention(nn.Module):
     signature, and by default the same computation:
 
     1. ``memory + pos`` -> :class:`LocalRepresentation` -> keys [B, HW, C] (for inference on
-       the ``cpu`` and ``triton`` backends, one fused kernel: :meth:`LocalRepresentation.project`);
+       the ``cpu`` and ``triton`` backends one fused kernel, on ``cuda`` a kernel and a GEMM:
+       :meth:`LocalRepresentation.project`);
        ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C] (for
        inference on the ``triton`` backend, one fused kernel);
     2. per head, the pixel with the largest similarity to the L2-normalized keys among those whose

@@ -1,10 +1,11 @@
-"""PEM-CA's feature projection fused for inference: the dispatch between its two kernels.
+"""PEM-CA's feature projection fused for inference: the dispatch between its kernels.
 
 ``keys [B, H*W, C_out] = Linear(dwconv3x3(BN_eval(memory + pos)))`` in one pass over memory
 (optionally L2-normalized per pixel, as PEM-CA's prototype selection wants them), on
-the ``cpu`` backend (C++, ``csrc/cpu/local_representation.cpp``) or the ``triton`` backend
-(:mod:`pem_kernels.triton.local_representation`). There is no backward: the caller
-(:meth:`pem_kernels.nn.LocalRepresentation.project`) uses it only when no gradient is needed.
+the ``cpu`` backend (C++, ``csrc/cpu/local_representation.cpp``), the ``cuda`` backend (a CUDA
+kernel for the BN + depthwise conv, then cuBLAS: ``csrc/cuda/local_representation.cu``) or the
+``triton`` backend (:mod:`pem_kernels.triton.local_representation`). There is no backward: the
+caller (:meth:`pem_kernels.nn.LocalRepresentation.project`) uses it only when no gradient is needed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 __all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation", "no_backward",
            "no_backward_setup", "normalizes_in_kernel"]
 
-FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "triton")
+FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "cuda", "triton")
 
 
 def fused_local_representation(
@@ -45,7 +46,7 @@ def fused_local_representation(
             norm pass and the normalization of its key tiles (``normalize_keys=False`` there).
     """
     args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias, normalize)
-    if backend == "cpu" and has_kernel("local_representation", "CPU"):
+    if backend in ("cpu", "cuda") and has_kernel("local_representation", backend.upper()):
         return call_op(torch.ops.pem_kernels.local_representation.default, *args)
     if backend == "triton":
         from pem_kernels.triton import call_triton_op
@@ -57,8 +58,9 @@ def fused_local_representation(
 
 def normalizes_in_kernel(backend: str, dtype: torch.dtype, out_channels: int) -> bool:
     """Whether :func:`fused_local_representation` on ``backend`` normalizes the keys inside its
-    kernel (where ``normalize=True`` is free); elsewhere the selection's ``normalize_keys`` costs
-    less than normalizing the keys after the kernel."""
+    kernel (where ``normalize=True`` is free); elsewhere (``cuda``: after its cuBLAS GEMM, in
+    extra passes) the selection's ``normalize_keys`` costs less than normalizing the keys after
+    the kernel."""
     if backend == "triton":
         from pem_kernels.triton.local_representation import (
             normalizes_in_kernel as triton_normalizes_in_kernel,

@@ -45,6 +45,15 @@ ENTRY_POINTS = {
              "int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups"),
         ),
     },
+    "local_representation": {
+        "local_representation_cuda": (
+            "at::Tensor",
+            ("const at::Tensor& memory, const std::optional<at::Tensor>& pos, "
+             "const at::Tensor& bn_scale, const at::Tensor& bn_shift, "
+             "const at::Tensor& dw_weight, const at::Tensor& dw_bias, "
+             "const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize"),
+        ),
+    },
     "prototype_select": {
         "prototype_select_cuda": (
             "std::tuple<at::Tensor, at::Tensor>",
