@@ -42,6 +42,13 @@ TORCH_LIBRARY(pem_kernels, m) {
       "local_representation(Tensor memory, Tensor? pos, Tensor bn_scale, Tensor bn_shift, "
       "Tensor dw_weight, Tensor dw_bias, Tensor out_weight, Tensor out_bias, "
       "bool normalize=False) -> Tensor");
+  // PEM-CA's query projection for inference: queries [B, Q, C_out] = F.normalize(weight @
+  // LayerNorm(tgt + query_pos) + bias) per (query, image) row, from tgt and query_pos [Q, B, C];
+  // ln_weight, ln_bias [C] and ln_eps the LayerNorm; weight [C_out, C], bias [C_out]; at most 1024
+  // channels in and out. Accumulation in fp32 (fp64 for fp64), rounded once. No autograd.
+  m.def(
+      "query_projection(Tensor tgt, Tensor? query_pos, Tensor ln_weight, Tensor ln_bias, "
+      "float ln_eps, Tensor weight, Tensor bias) -> Tensor");
   // Modulated deformable convolution with torchvision.ops.deform_conv2d's semantics.
   m.def(
       "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "

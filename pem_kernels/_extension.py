@@ -36,6 +36,7 @@ _OPS = (
     "deform_conv2d",
     "_deform_conv2d_backward",
     "local_representation",
+    "query_projection",
 )
 _DISPATCH_KEYS = ("CPU", "CUDA")
 # Looked up once: the registrations are static, and a plain set lookup stays traceable by

@@ -43,6 +43,13 @@ def local_representation():
 
 
 @pytest.fixture(scope="module")
+def query_projection():
+    from cuda_emulation import build
+
+    return build("query_projection")
+
+
+@pytest.fixture(scope="module")
 def select():
     from cuda_emulation import build
 
@@ -781,3 +788,95 @@ def test_local_representation_checks_its_arguments(local_representation):
     with pytest.raises(RuntimeError, match=r"pos must have memory's shape"):
         local_representation.local_representation_cuda(
             torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 5), *ops["params"], False)
+
+
+def query_projection_modules(channels: int, out_channels: int, dtype: torch.dtype):
+    """LayerNorm (non-trivial affine) and Linear in ``dtype``, and a function giving what the
+    layer computes unfused: F.normalize(Linear(LayerNorm(tgt + query_pos))) as [B, Q, C_out]."""
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(channels), torch.nn.Linear(channels, out_channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    norm, linear = norm.to(dtype), linear.to(dtype)
+
+    def modules(tgt: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
+        x = tgt + query_pos if query_pos is not None else tgt
+        with torch.no_grad():
+            return torch.nn.functional.normalize(linear(norm(x.transpose(0, 1))), dim=-1)
+
+    params = [t.detach() for t in (norm.weight, norm.bias)] + [norm.eps] + [
+        t.detach() for t in (linear.weight, linear.bias)]
+    return params, modules
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(7, 2, 80, 64),  # fewer channels than threads
+     (6, 1, 256, 256),  # PEM's channels (its 100 queries take 100 blocks of the same code)
+     (5, 3, 600, 20),  # each thread takes three input channels; outputs not a multiple of 8 warps
+     (2, 1, 16, 1024)],  # each warp takes 128 outputs
+    ids=str,
+)
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
+def test_query_projection_matches_the_modules(query_projection, dtype, shape, with_pos):
+    """The CUDA source's kernel (a block per row: LayerNorm, the Linear by warps, the L2 norm)
+    against LayerNorm -> Linear -> F.normalize, and against the CPU kernel it mirrors."""
+    queries, batch, channels, out_channels = shape
+    params, modules = query_projection_modules(channels, out_channels, dtype)
+    tgt = torch.randn(queries, batch, channels, dtype=dtype) * 3 + 1
+    query_pos = torch.randn(queries, batch, channels, dtype=dtype) if with_pos else None
+    out = query_projection.query_projection_cuda(tgt, query_pos, *params)
+    assert out.shape == (batch, queries, out_channels) and out.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, modules(tgt, query_pos), rtol=tolerance, atol=tolerance)
+    cpu = torch.ops.pem_kernels.query_projection(tgt, query_pos, *params)
+    torch.testing.assert_close(out, cpu, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_query_projection_half_precision(query_projection, dtype):
+    """fp16/bf16 rows in fp32 throughout, rounded once: close to the fp32 modules."""
+    params32, modules32 = query_projection_modules(64, 48, torch.float32)
+    params, _ = query_projection_modules(64, 48, dtype)
+    tgt, query_pos = torch.randn(20, 2, 64), torch.randn(20, 2, 64)
+    out = query_projection.query_projection_cuda(tgt.to(dtype), query_pos.to(dtype), *params)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), modules32(tgt, query_pos), rtol=2e-2, atol=2e-2)
+
+
+def test_query_projection_nan_and_zero_rows(query_projection):
+    """A NaN in a row makes that row NaN and no other; a row whose projection is zero stays
+    zero (divided by eps), as F.normalize."""
+    params, modules = query_projection_modules(32, 24, torch.float32)
+    ln_weight, ln_bias, eps, weight, bias = params
+    tgt = torch.randn(6, 2, 32)
+    tgt[4, 1, 7] = float("nan")  # row (query 4, image 1)
+    out = query_projection.query_projection_cuda(tgt, None, *params)
+    assert out[1, 4].isnan().all() and not out[0].isnan().any() and not out[1, :4].isnan().any()
+    torch.testing.assert_close(out, modules(tgt, None), rtol=1e-5, atol=1e-5, equal_nan=True)
+    zero = query_projection.query_projection_cuda(
+        tgt, None, ln_weight, ln_bias, eps, torch.zeros_like(weight), torch.zeros_like(bias))
+    assert (zero[0] == 0).all()
+
+
+def test_query_projection_empty(query_projection):
+    params, _ = query_projection_modules(16, 24, torch.float32)
+    for queries, batch in [(0, 2), (3, 0)]:
+        out = query_projection.query_projection_cuda(torch.randn(queries, batch, 16), None,
+                                                     *params)
+        assert out.shape == (batch, queries, 24)
+
+
+def test_query_projection_checks_its_arguments(query_projection):
+    """The CPU kernel's checks (a shared header): the same message for the same mistake."""
+    params, _ = query_projection_modules(16, 24, torch.float32)
+    with pytest.raises(RuntimeError, match=r"query_pos must have tgt's shape \[3, 2, 16\], "
+                                           r"got \[3, 1, 16\]"):
+        query_projection.query_projection_cuda(torch.randn(3, 2, 16), torch.randn(3, 1, 16),
+                                               *params)
+    wide = [*params[:3], torch.randn(1025, 16), torch.randn(1025)]
+    with pytest.raises(RuntimeError, match="at most 1024 channels in and out, got C = 16 and "
+                                           "C_out = 1025"):
+        query_projection.query_projection_cuda(torch.randn(3, 2, 16), None, *wide)

@@ -175,7 +175,7 @@ class PEMCrossAttention(nn.Module):
        the ``cpu`` and ``triton`` backends one fused kernel, on ``cuda`` a kernel and a GEMM:
        :meth:`LocalRepresentation.project`);
        ``tgt + query_pos`` -> LayerNorm -> Linear -> L2-normalized queries [B, Q, C] (for
-       inference on the ``triton`` backend, one fused kernel);
+       inference one fused op on the ``cpu``, ``cuda`` and ``triton`` backends);
     2. per head, the pixel with the largest similarity to the L2-normalized keys among those whose
        mask logit is not negative (:func:`pem_kernels.prototype_select`; the similarity is never
        materialized, and the keys are normalized by the fused projection's kernel where it ran,
@@ -341,8 +341,8 @@ class PEMCrossAttention(nn.Module):
         self, tgt: torch.Tensor, query_pos: torch.Tensor | None, chosen: str | None
     ) -> torch.Tensor:
         """``F.normalize(query_proj(tgt + query_pos))`` [B, Q, C] from tgt [Q, B, C]. For
-        inference on the ``triton`` backend (``chosen``, the resolved backend of the selection;
-        ``None`` under autocast) one fused kernel computes it
+        inference on the ``cpu``, ``cuda`` or ``triton`` backend (``chosen``, the resolved backend
+        of the selection; ``None`` under autocast) one fused op computes it
         (:mod:`pem_kernels.ops.query_projection`): no gradient needed, one dtype, query_pos of
         tgt's shape; otherwise the modules run (same result up to rounding)."""
         if chosen not in FUSED_QUERY_PROJECTION_BACKENDS:

@@ -1,18 +1,28 @@
-"""PEM-CA's query projection fused for inference: the dispatch to its kernel.
+"""PEM-CA's query projection fused for inference: the dispatch between its kernels.
 
-``queries [B, Q, C_out] = F.normalize(Linear(LayerNorm(tgt + query_pos)))`` in one launch on the
-``triton`` backend (:mod:`pem_kernels.triton.query_projection`); the other backends have no fused
-kernel (on a CPU the six ops cost little). There is no backward: the caller
-(:meth:`pem_kernels.nn.PEMCrossAttention.forward`) uses it only when no gradient is needed.
+``queries [B, Q, C_out] = F.normalize(Linear(LayerNorm(tgt + query_pos)))`` as one op instead of
+six (the add, LayerNorm, the Linear, and F.normalize's norm, clamp and division): one launch on the
+``cuda`` backend (``csrc/cuda/query_projection.cu``) and the ``triton`` backend
+(:mod:`pem_kernels.triton.query_projection`), one C++ op on ``cpu``
+(``csrc/cpu/query_projection.cpp``: the LayerNorm rows, one BLAS GEMM, the normalized rows).
+There is no backward: the caller (:meth:`pem_kernels.nn.PEMCrossAttention.forward`) uses it only
+when no gradient is needed.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["FUSED_QUERY_PROJECTION_BACKENDS", "fused_query_projection"]
+from pem_kernels._backends import call_op
+from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
-FUSED_QUERY_PROJECTION_BACKENDS = ("triton",)
+__all__ = ["FUSED_QUERY_PROJECTION_BACKENDS", "MAX_CHANNELS", "fused_query_projection",
+           "no_backward", "no_backward_setup"]
+
+FUSED_QUERY_PROJECTION_BACKENDS = ("cpu", "cuda", "triton")
+# Channels in and out that the C++ kernels take (csrc/include/pem_kernels/
+# query_projection_checks.h): the CUDA kernel holds a row in shared memory.
+MAX_CHANNELS = 1024
 
 
 def fused_query_projection(
@@ -33,6 +43,11 @@ def fused_query_projection(
         ln_weight, ln_bias: [C] and ln_eps: the LayerNorm; weight [C_out, C], bias [C_out]: the
             Linear.
     """
+    if backend in ("cpu", "cuda"):
+        if not has_kernel("query_projection", backend.upper()) or max(weight.shape) > MAX_CHANNELS:
+            return None
+        return call_op(torch.ops.pem_kernels.query_projection.default, tgt, query_pos, ln_weight,
+                       ln_bias, float(ln_eps), weight, bias)
     if backend != "triton":
         return None
     from pem_kernels.triton import call_triton_op
@@ -43,3 +58,29 @@ def fused_query_projection(
     return call_triton_op(
         query_projection_triton, tgt, query_pos, ln_weight, ln_bias, float(ln_eps), weight, bias
     )
+
+
+def no_backward_setup(ctx, inputs, output) -> None:
+    """setup_context of :func:`no_backward`: nothing to save."""
+
+
+def no_backward(ctx, grad_queries):
+    """The fused query projection's autograd (every backend's op): a clear error instead of a
+    silently missing gradient."""
+    raise RuntimeError(
+        "query_projection: the fused query projection has no backward (it serves inference); "
+        "run PEMCrossAttention's query_proj modules when gradients are needed"
+    )
+
+
+if EXTENSION_LOADED:
+    torch.library.register_autograd(
+        "pem_kernels::query_projection", no_backward, setup_context=no_backward_setup
+    )
+
+    @torch.library.register_fake("pem_kernels::query_projection")
+    def _query_projection_fake(tgt, query_pos, ln_weight, ln_bias, ln_eps, weight, bias):
+        torch._check(tgt.dim() == 3, lambda: "query_projection: tgt must be [Q, B, C]")
+        torch._check(weight.dim() == 2, lambda: "query_projection: weight must be [C_out, C]")
+        queries, batch, _ = tgt.shape
+        return tgt.new_empty(batch, queries, weight.shape[0])

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pem_kernels.ops.query_projection import no_backward, no_backward_setup
 from pem_kernels.triton import (
     block_size,
     cdiv,
@@ -166,16 +167,4 @@ def query_projection_triton(
     return out
 
 
-def _no_backward_setup(ctx, inputs, output) -> None:
-    """setup_context of :func:`_no_backward`: nothing to save."""
-
-
-def _no_backward(ctx, grad_queries):
-    """A clear error instead of a silently missing gradient."""
-    raise RuntimeError(
-        "query_projection_triton: the fused query projection has no backward (it serves "
-        "inference); run PEMCrossAttention's query_proj modules when gradients are needed"
-    )
-
-
-query_projection_triton.register_autograd(_no_backward, setup_context=_no_backward_setup)
+query_projection_triton.register_autograd(no_backward, setup_context=no_backward_setup)

@@ -54,6 +54,14 @@ ENTRY_POINTS = {
              "const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize"),
         ),
     },
+    "query_projection": {
+        "query_projection_cuda": (
+            "at::Tensor",
+            ("const at::Tensor& tgt, const std::optional<at::Tensor>& query_pos, "
+             "const at::Tensor& ln_weight, const at::Tensor& ln_bias, double ln_eps, "
+             "const at::Tensor& weight, const at::Tensor& bias"),
+        ),
+    },
     "prototype_select": {
         "prototype_select_cuda": (
             "std::tuple<at::Tensor, at::Tensor>",
