@@ -17,7 +17,7 @@ def test_extension_is_loaded():
     assert pem_kernels.EXTENSION_LOADED, pem_kernels.EXTENSION_ERROR
     for op in (
         "prototype_select", "_prototype_select_backward", "deform_conv2d",
-        "_deform_conv2d_backward", "local_representation",
+        "_deform_conv2d_backward", "local_representation", "query_projection",
     ):
         assert has_kernel(op, "CPU"), op
 
@@ -25,7 +25,7 @@ def test_extension_is_loaded():
 def test_every_op_schema_is_registered():
     for op in (
         "prototype_select", "_prototype_select_backward", "prototype_attention", "deform_conv2d",
-        "_deform_conv2d_backward", "local_representation",
+        "_deform_conv2d_backward", "local_representation", "query_projection",
     ):
         assert hasattr(torch.ops.pem_kernels, op), op
 
@@ -39,6 +39,7 @@ def test_cuda_kernels_were_compiled():
     """With a CUDA torch and nvcc, setup.py must compile csrc/cuda/*.cu, GPU or not."""
     for op in (
         "prototype_select", "_prototype_select_backward", "deform_conv2d",
-        "_deform_conv2d_backward", "local_representation",
+        "_deform_conv2d_backward", "local_representation", "query_projection",
+        "prototype_attention",
     ):
         assert has_kernel(op, "CUDA"), op

@@ -21,6 +21,7 @@ from test_deform_conv import (
     make_inputs,
     with_non_finite_mask,
 )
+from test_prototype_attention_cuda import make_inputs as make_attention_inputs
 from test_prototype_select import make_inputs as make_select_inputs
 
 pytestmark = pytest.mark.skipif(
@@ -47,6 +48,13 @@ def query_projection():
     from cuda_emulation import build
 
     return build("query_projection")
+
+
+@pytest.fixture(scope="module")
+def attention():
+    from cuda_emulation import build
+
+    return build("prototype_attention")
 
 
 @pytest.fixture(scope="module")
@@ -880,3 +888,76 @@ def test_query_projection_checks_its_arguments(query_projection):
     with pytest.raises(RuntimeError, match="at most 1024 channels in and out, got C = 16 and "
                                            "C_out = 1025"):
         query_projection.query_projection_cuda(torch.randn(3, 2, 16), None, *wide)
+
+
+def attention_inputs(batch: int, rows: int, channels: int, dtype: torch.dtype) -> list:
+    return make_attention_inputs(batch, rows, channels, dtype, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 40), (1, 5, 300), (3, 1, 16)], ids=str)
+@pytest.mark.parametrize("normalize", ["queries", "channels"])
+def test_prototype_attention_matches_the_reference(attention, dtype, shape, normalize):
+    """The CUDA source's two kernels (hidden rows; norms, mix and output Linear) against the
+    ATen composition, for both normalization axes; a residual laid out as the layer's (a
+    transposed [N, B, C] tensor) gives an output of the same layout, as the fake kernel says."""
+    from pem_kernels.reference.prototype_attention import prototype_attention_ref
+
+    inputs = attention_inputs(*shape, dtype)
+    over_queries = normalize == "queries"
+    out = attention.prototype_attention_cuda(*inputs, over_queries)
+    expected = prototype_attention_ref(*inputs, normalize=normalize)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    batch, rows, channels = shape
+    inputs[2] = torch.randn(rows, batch, channels, dtype=dtype).transpose(0, 1)
+    out = attention.prototype_attention_cuda(*inputs, over_queries)
+    assert out.stride() == inputs[2].stride()
+    torch.testing.assert_close(out, prototype_attention_ref(*inputs, normalize=normalize),
+                               rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prototype_attention_half_precision(attention, dtype):
+    """fp32 throughout, rounded once: close to the fp32 reference."""
+    from pem_kernels.reference.prototype_attention import prototype_attention_ref
+
+    inputs = attention_inputs(2, 9, 64, torch.float32)
+    out = attention.prototype_attention_cuda(*[t.to(dtype) for t in inputs], True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), prototype_attention_ref(*inputs), rtol=2e-2,
+                               atol=3e-2)
+
+
+def test_prototype_attention_zero_and_nan_columns(attention):
+    """A column of the hidden rows that is zero over every query stays zero (divided by eps); a
+    NaN in one row spreads as in the ATen composition (over queries: its image's columns)."""
+    from pem_kernels.reference.prototype_attention import prototype_attention_ref
+
+    inputs = attention_inputs(2, 4, 8, torch.float32)
+    inputs[3][2] = 0.0  # W_A row 2 and bias 2: hidden channel 2 is zero everywhere
+    inputs[4][2] = 0.0
+    inputs[0][1, 3, 5] = float("nan")  # image 1, query 3
+    for normalize in ("queries", "channels"):
+        out = attention.prototype_attention_cuda(*inputs, normalize == "queries")
+        expected = prototype_attention_ref(*inputs, normalize=normalize)
+        assert not out[0].isnan().any() and out[1].isnan().any()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_prototype_attention_empty_and_errors(attention):
+    inputs = attention_inputs(2, 0, 8, torch.float32)
+    assert attention.prototype_attention_cuda(*inputs, True).shape == (2, 0, 8)
+    inputs = attention_inputs(1, 3, 8, torch.float32)
+    bad = list(inputs)
+    bad[6] = torch.randn(8, 7)
+    with pytest.raises(RuntimeError, match=r"out_weight must be \[C, C\] = \[8, 8\], got shape "
+                                           r"\[8, 7\]"):
+        attention.prototype_attention_cuda(*bad, True)
+    bad = list(inputs)
+    bad[5] = torch.randn(9)
+    with pytest.raises(RuntimeError, match="alpha must have C = 8 elements"):
+        attention.prototype_attention_cuda(*bad, True)
+    wide = attention_inputs(1, 2, 1025, torch.float32)
+    with pytest.raises(RuntimeError, match="at most 1024 channels, got 1025"):
+        attention.prototype_attention_cuda(*wide, True)

@@ -8,8 +8,8 @@
 // F.normalize's norm, clamp and division), each costing the host more than the GPU; here it is
 // one. A block owns one row (a (query, image) pair): it keeps the row's LayerNorm (two passes:
 // the mean, then the centered squares) and its projection in shared memory, each warp takes
-// output channels w, w + 8, ... with its lanes on consecutive input channels (coalesced weight
-// rows), and the row is divided by its L2 norm (max(norm, 1e-12), a NaN norm kept NaN) and
+// output channels w, w + 8, ... with its lanes on consecutive input channels (row_linear in
+// pem_kernels/block_rows.h), and the row is divided by its L2 norm (max(norm, 1e-12), a NaN norm kept NaN) and
 // rounded once into [B, Q, C_out]. Everything in acc_t with IEEE products, so fp32 matches the
 // Linear under torch's default "highest" precision; every sum is taken in a fixed order.
 
@@ -25,50 +25,33 @@
 #include <cstdint>
 #include <limits>
 
+#include "pem_kernels/block_rows.h"
 #include "pem_kernels/check.h"
 #include "pem_kernels/query_projection_checks.h"
 
 namespace pem_kernels {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 // F.normalize's eps: rows are divided by max(||row||, eps).
 constexpr double kNormalizeEps = 1e-12;
 
-// The sum of every thread's `value`, returned to all threads; `scratch` holds kWarps values. The
-// lanes reduce with shuffles and lane 0's result stands for the warp; the warps' results are
-// then added in warp order, so the rounding is the same on every run.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t value, acc_t* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  }
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
-  __syncthreads();
-  acc_t total = 0;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  __syncthreads();  // the next call writes scratch again
-  return total;
-}
-
 // One block per row r = q * B + b of tgt [Q, B, C]; out [B, Q, C_out].
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) query_projection_kernel(
+__global__ void __launch_bounds__(kRowThreads) query_projection_kernel(
     const scalar_t* __restrict__ tgt, const scalar_t* __restrict__ pos,
     const scalar_t* __restrict__ ln_weight, const scalar_t* __restrict__ ln_bias, acc_t ln_eps,
     const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias, int64_t batch,
     int64_t queries, int64_t channels, int64_t out_channels, scalar_t* __restrict__ out) {
   __shared__ acc_t normed[kQueryProjectionMaxChannels];
   __shared__ acc_t projected[kQueryProjectionMaxChannels];
-  __shared__ acc_t scratch[kWarps];
+  __shared__ acc_t scratch[kRowWarps];
   const int64_t row = blockIdx.x;
   const scalar_t* x = tgt + row * channels;
   const scalar_t* p = pos == nullptr ? nullptr : pos + row * channels;
   // 1. LayerNorm. A thread reads and rewrites the same channels in every pass, so its own
   // normed[] entries need no barrier between the passes.
   acc_t sum = 0;
-  for (int64_t c = threadIdx.x; c < channels; c += kThreads) {
+  for (int64_t c = threadIdx.x; c < channels; c += kRowThreads) {
     acc_t value = static_cast<acc_t>(x[c]);
     if (p != nullptr) value += static_cast<acc_t>(p[c]);
     normed[c] = value;
@@ -76,33 +59,22 @@ __global__ void __launch_bounds__(kThreads) query_projection_kernel(
   }
   const acc_t mean = block_sum(sum, scratch) / static_cast<acc_t>(channels);
   acc_t squares = 0;
-  for (int64_t c = threadIdx.x; c < channels; c += kThreads) {
+  for (int64_t c = threadIdx.x; c < channels; c += kRowThreads) {
     squares += (normed[c] - mean) * (normed[c] - mean);
   }
   const acc_t variance = block_sum(squares, scratch) / static_cast<acc_t>(channels);
   const acc_t rstd = acc_t(1) / std::sqrt(variance + ln_eps);
-  for (int64_t c = threadIdx.x; c < channels; c += kThreads) {
+  for (int64_t c = threadIdx.x; c < channels; c += kRowThreads) {
     normed[c] = (normed[c] - mean) * rstd * static_cast<acc_t>(ln_weight[c]) +
         static_cast<acc_t>(ln_bias[c]);
   }
   __syncthreads();
-  // 2. The Linear: warp w computes outputs w, w + kWarps, ...
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int64_t o = warp; o < out_channels; o += kWarps) {
-    const scalar_t* weight_row = weight + o * channels;
-    acc_t dot = 0;
-    for (int64_t c = lane; c < channels; c += 32) {
-      dot += static_cast<acc_t>(weight_row[c]) * normed[c];
-    }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    }
-    if (lane == 0) projected[o] = dot + static_cast<acc_t>(bias[o]);
-  }
+  // 2. The Linear.
+  row_linear(weight, bias, normed, channels, out_channels, projected);
   __syncthreads();
   // 3. The row over its L2 norm, to row (b, q) of the output.
   acc_t row_squares = 0;
-  for (int64_t o = threadIdx.x; o < out_channels; o += kThreads) {
+  for (int64_t o = threadIdx.x; o < out_channels; o += kRowThreads) {
     row_squares += projected[o] * projected[o];
   }
   const acc_t norm = std::sqrt(block_sum(row_squares, scratch));
@@ -110,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) query_projection_kernel(
   const acc_t divisor = norm < static_cast<acc_t>(kNormalizeEps) ? static_cast<acc_t>(kNormalizeEps) : norm;
   const int64_t q = row / batch, b = row % batch;
   scalar_t* dst = out + (b * queries + q) * out_channels;
-  for (int64_t o = threadIdx.x; o < out_channels; o += kThreads) {
+  for (int64_t o = threadIdx.x; o < out_channels; o += kRowThreads) {
     dst[o] = static_cast<scalar_t>(projected[o] / divisor);
   }
 }
@@ -140,7 +112,7 @@ at::Tensor query_projection_cuda(
       at::kHalf, at::kBFloat16, tgt.scalar_type(), "query_projection_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         query_projection_kernel<scalar_t, acc_t>
-            <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+            <<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
                 tgt.const_data_ptr<scalar_t>(),
                 pos.defined() ? pos.const_data_ptr<scalar_t>() : nullptr,
                 ln_weight.const_data_ptr<scalar_t>(), ln_bias.const_data_ptr<scalar_t>(),

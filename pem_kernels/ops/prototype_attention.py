@@ -1,16 +1,18 @@
 """``prototype_attention``: PEM-CA after the gather (eq. 5-7), ``residual + W_out(alpha *
 l2norm(W_A(P * q)) + P) + b_out``.
 
-Backends: ``reference``; ``cpu`` and ``cuda``, which run the same composition of ATen's kernels
-on that device (two GEMMs dominate; there is nothing a hand-written C++ kernel would fuse away,
-and ``PEMCrossAttention(backend="cuda")`` needs a ``cuda`` name for both of its ops); ``triton``
+Backends: ``reference``; ``cpu``, the same composition of ATen's kernels (two GEMMs dominate;
+there is nothing a hand-written C++ kernel would fuse away on a CPU); ``cuda``, for calls that
+record no gradient a CUDA kernel pair (``csrc/cuda/prototype_attention.cu``: two launches where
+the ATen composition takes eight, which on a GPU cost the host more than the device; at most 1024
+channels) and the ATen composition otherwise; ``triton``
 (:mod:`pem_kernels.triton.prototype_attention`: two launches forward and two backward, spread
 over channel blocks, on CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``;
 fp32/fp16/bf16; it passed the GPU tests of the H200 run of 2026-11-26, but it has not been
 timed alone against the reference, and its fp32 products became 3xTF32 since, so ``"auto"`` does
 not pick it).
-The C++ schema ``pem_kernels::prototype_attention`` is registered (with a fake kernel) for a
-future C++/CUDA kernel; the Triton backend registers its own ops,
+The C++ op ``pem_kernels::prototype_attention`` has the CUDA kernel, a fake kernel and no
+backward (a clear error); the Triton backend registers its own ops,
 ``pem_kernels::prototype_attention_triton`` and its backward.
 """
 
@@ -24,12 +26,14 @@ import torch
 from pem_kernels._backends import (
     OpBackends,
     autocast_inputs,
+    call_op,
+    has_forward_ad_tangent,
     reference_context,
     refuse_forward_ad,
     register_op_backends,
     triton_kernel,
 )
-from pem_kernels._extension import EXTENSION_LOADED
+from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 from pem_kernels.reference.prototype_attention import (
     ATTENTION_NORM_AXES,
     AttentionNormAxis,
@@ -37,6 +41,9 @@ from pem_kernels.reference.prototype_attention import (
 )
 
 __all__ = ["prototype_attention"]
+
+# Channels the CUDA kernel takes (csrc/cuda/prototype_attention.cu: a row in shared memory).
+CUDA_KERNEL_MAX_CHANNELS = 1024
 
 
 def _aten_on(device_type: str) -> Callable[[torch.device, torch.dtype], str | None]:
@@ -169,11 +176,33 @@ def run_prototype_attention(
             prototype_attention_triton, prototypes, queries, residual, proj_weight, proj_bias,
             alpha, out_weight, out_bias, normalize == "queries",
         )[0]
+    if chosen == "cuda":
+        tensors = (prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight,
+                   out_bias)
+        if _cuda_kernel_applies(tensors):
+            return call_op(torch.ops.pem_kernels.prototype_attention.default, *tensors,
+                           normalize == "queries")
     with reference_context(prototypes.device):
         return prototype_attention_ref(
             prototypes, queries, residual, proj_weight, proj_bias, alpha, out_weight, out_bias,
             normalize=normalize,
         )
+
+
+def _cuda_kernel_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the CUDA kernel may serve this call: it is built, the rows fit it, one dtype, and
+    no gradient or forward-AD tangent is recorded (it has no backward; the ATen composition
+    differentiates)."""
+    if not has_kernel("prototype_attention", "CUDA"):
+        return False
+    if tensors[0].shape[-1] > CUDA_KERNEL_MAX_CHANNELS:
+        return False
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not has_forward_ad_tangent(tensors)
 
 
 @functools.cache
@@ -194,3 +223,18 @@ if EXTENSION_LOADED:
         normalize_over_queries,
     ):
         return torch.empty_like(residual)
+
+    def _no_backward_setup(ctx, inputs, output) -> None:
+        """setup_context of :func:`_no_backward`: nothing to save."""
+
+    def _no_backward(ctx, grad_output):
+        """A clear error instead of a silently missing gradient (run_prototype_attention never
+        calls the C++ op where a gradient is recorded)."""
+        raise RuntimeError(
+            "pem_kernels::prototype_attention: the CUDA inference kernel has no backward; call "
+            "pem_kernels.prototype_attention, which differentiates through ATen ops"
+        )
+
+    torch.library.register_autograd(
+        "pem_kernels::prototype_attention", _no_backward, setup_context=_no_backward_setup
+    )

@@ -54,6 +54,16 @@ ENTRY_POINTS = {
              "const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize"),
         ),
     },
+    "prototype_attention": {
+        "prototype_attention_cuda": (
+            "at::Tensor",
+            ("const at::Tensor& prototypes, const at::Tensor& queries, "
+             "const at::Tensor& residual, const at::Tensor& proj_weight, "
+             "const at::Tensor& proj_bias, const at::Tensor& alpha, "
+             "const at::Tensor& out_weight, const at::Tensor& out_bias, "
+             "bool normalize_over_queries"),
+        ),
+    },
     "query_projection": {
         "query_projection_cuda": (
             "at::Tensor",
