@@ -36,8 +36,16 @@ class PositionEmbeddingSine(nn.Module):
     sin / cos are interleaved over even / odd i. Output channels: [y features, x features].
 
     Shapes: x [B, C, H, W] (only its shape, device and dtype are used) ->
-    [B, 2 * num_pos_feats, H, W].
+    [B, 2 * num_pos_feats, H, W] (an expanded view of one [1, 2 * num_pos_feats, H, W] encoding).
+
+    The encoding depends on (H, W, dtype, device) only, and a forward asks for the same three
+    (one per decoder level): eager calls keep up to :attr:`CACHE_SIZE` of them (on a GPU each
+    costs about 17 small launches per level and forward, and the model's forward is host-bound)
+    and return the same values, which no caller writes to. ``.to()`` and friends empty the cache;
+    so does a torch.compile trace, which folds the computation into its graph instead.
     """
+
+    CACHE_SIZE = 8
 
     def __init__(
         self,
@@ -53,18 +61,36 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self._cache: dict[tuple, Tensor] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
+        if torch.compiler.is_compiling():
+            return self._encoding(h, w, x.dtype, x.device).expand(b, -1, -1, -1)
+        # Tensors made under inference mode may not enter autograd later: their own entries.
+        key = (h, w, x.dtype, x.device, torch.is_inference_mode_enabled())
+        encoding = self._cache.get(key)
+        if encoding is None:
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            encoding = self._cache[key] = self._encoding(h, w, x.dtype, x.device)
+        return encoding.expand(b, -1, -1, -1)
+
+    def _apply(self, fn, recurse=True):
+        self._cache.clear()  # a device or dtype change: drop the old device's tensors
+        return super()._apply(fn, recurse)
+
+    def _encoding(self, h: int, w: int, out_dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The encoding [1, 2 * num_pos_feats, H, W] in ``out_dtype``."""
         # Compute in at least fp32 so that low-precision inputs get accurate encodings.
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y_embed = torch.arange(1, h + 1, device=x.device, dtype=dtype)[:, None].expand(h, w)
-        x_embed = torch.arange(1, w + 1, device=x.device, dtype=dtype)[None, :].expand(h, w)
+        dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        y_embed = torch.arange(1, h + 1, device=device, dtype=dtype)[:, None].expand(h, w)
+        x_embed = torch.arange(1, w + 1, device=device, dtype=dtype)[None, :].expand(h, w)
         if self.normalize:
             eps = 1e-6
             y_embed = y_embed / (h + eps) * self.scale
             x_embed = x_embed / (w + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=dtype)
+        dim_t = torch.arange(self.num_pos_feats, device=device, dtype=dtype)
         dim_t = self.temperature ** (
             2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
         )
@@ -76,8 +102,7 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = y_embed / dim_t
         pos_x = torch.stack((pos_x[0::2].sin(), pos_x[1::2].cos()), dim=1).flatten(0, 1)
         pos_y = torch.stack((pos_y[0::2].sin(), pos_y[1::2].cos()), dim=1).flatten(0, 1)
-        pos = torch.cat((pos_y, pos_x), dim=0)
-        return pos.to(x.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        return torch.cat((pos_y, pos_x), dim=0).to(out_dtype).unsqueeze(0)
 
 
 class SelfAttentionLayer(nn.Module):

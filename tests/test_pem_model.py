@@ -125,6 +125,30 @@ def test_position_embedding_sine() -> None:
     assert PositionEmbeddingSine(128, normalize=True)(torch.zeros(1, 256, 3, 5)).is_contiguous()
 
 
+def test_position_embedding_cache() -> None:
+    """Eager calls reuse one encoding per (H, W, dtype, device, inference mode): the same values
+    as a fresh computation, none held across .to(), at most CACHE_SIZE kept, and encodings made
+    under inference mode never handed to autograd-recording code."""
+    layer = PositionEmbeddingSine(16, normalize=True)
+    fresh = PositionEmbeddingSine(16, normalize=True)
+    first = layer(torch.zeros(2, 32, 3, 5))
+    again = layer(torch.zeros(1, 32, 3, 5))
+    assert again.data_ptr() == first.data_ptr()  # the same stored encoding, expanded
+    assert torch.equal(again, fresh._encoding(3, 5, torch.float32, torch.device("cpu")))
+    assert layer(torch.zeros(1, 32, 3, 5, dtype=torch.float64)).dtype == torch.float64
+    assert len(layer._cache) == 2
+    layer.double()
+    assert not layer._cache
+    for size in range(1, PositionEmbeddingSine.CACHE_SIZE + 3):
+        layer(torch.zeros(1, 32, size, 2))
+    assert len(layer._cache) <= PositionEmbeddingSine.CACHE_SIZE
+    with torch.inference_mode():
+        inference = layer(torch.zeros(1, 32, 4, 4))
+    normal = layer(torch.zeros(1, 32, 4, 4))
+    assert inference.is_inference() and not normal.is_inference()
+    assert torch.equal(inference, normal)
+
+
 def test_padding_keeps_the_padded_canvas() -> None:
     model = PEM("stdc1", 19).eval()
     images = _images(1, 50, 70)
