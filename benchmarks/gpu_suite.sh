@@ -187,11 +187,14 @@ run_sanitizer() {
   small+=" and not gradcheck and not random and not low_precision"
   small+=" and not forward_matches_reference_and_torchvision"
   local cuda_tests="tests/test_prototype_select.py tests/test_deform_conv.py"
+  # The row kernels of PEM-CA's projections and attention (one barrier pattern each; the CUDA
+  # emulation runs them under TSan) get memcheck only: racecheck is at its time limit already.
+  local row_kernel_tests="tests/test_query_projection.py tests/test_prototype_attention_cuda.py"
   local triton_tests="tests/test_prototype_select_triton.py tests/test_prototype_attention_triton.py
     tests/test_deform_conv_triton.py tests/test_local_representation.py"
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   RESERVE_S=$((deadline - check_end)) step memcheck_cuda 100 "$sanitizer" --tool memcheck \
-    --error-exitcode 1 $PYTHON -m pytest -q -k "cuda and $small" $cuda_tests
+    --error-exitcode 1 $PYTHON -m pytest -q -k "cuda and $small" $cuda_tests $row_kernel_tests
   # racecheck is the slowest (74 of these 94 cases in 70 s on the 2026-11-26 H200): it skips the
   # float64 cases, whose kernels share their shared-memory code with the float32 ones (54 left).
   RESERVE_S=$((deadline - check_end)) step racecheck_cuda 80 "$sanitizer" --tool racecheck \
