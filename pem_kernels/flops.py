@@ -20,9 +20,10 @@ on the fused ops counts the same FLOPs as the same model run on the reference op
 * ``local_representation`` (C++ op and ``local_representation_triton``, PEM-CA's fused feature
   projection): ``2 * B * H * W * C * (9 + C_out)``, the depthwise conv and the Linear as torch
   counts them unfused (the BN and the pos add are elementwise).
-* ``query_projection_triton`` (PEM-CA's fused query projection): its Linear,
+* ``query_projection`` (C++ op and ``query_projection_triton``, PEM-CA's fused query
+  projection): its Linear,
   ``2 * Q * B * C * C_out`` (the LayerNorm, the pos add and the normalization are elementwise).
-* ``prototype_attention`` (C++ schema and ``prototype_attention_triton``): its two [C, C]
+* ``prototype_attention`` (C++ op and ``prototype_attention_triton``): its two [C, C]
   linear layers, ``2 * 2 * B * N * C * C``; ``_prototype_attention_backward_triton``: the two
   input-side GEMMs, ``2 * 2 * B * N * C * C`` (the weight-gradient GEMMs run as ATen matmuls
   outside the op and are counted by torch).
@@ -126,6 +127,7 @@ FORMULAS: dict[str, Callable[..., int]] = {
     "prototype_attention": _prototype_attention,
     "local_representation": _local_representation,
     "local_representation_triton": _local_representation,
+    "query_projection": _query_projection,
     "query_projection_triton": _query_projection,
     "deform_conv2d_triton": _deform_conv2d,
     "_deform_conv2d_backward_triton": _deform_conv2d_backward,

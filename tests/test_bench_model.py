@@ -187,10 +187,13 @@ def test_fused_and_reference_models_count_the_same_flops():
     custom = sum(flops for op, flops in fused.items() if op.startswith("pem_kernels."))
     assert set(op for op in fused if op.startswith("pem_kernels.")) == {
         "pem_kernels.deform_conv2d", "pem_kernels.prototype_select",
-        "pem_kernels.local_representation",
+        "pem_kernels.local_representation", "pem_kernels.query_projection",
     }
-    assert dense(reference) == dense(fused) + custom
-    assert reference["aten.addmm"] == fused["aten.addmm"]
+    # The query projection replaces a Linear (an addmm); the others dense ops.
+    queries = fused["pem_kernels.query_projection"]
+    assert queries == 6 * 2 * 100 * 256 * 256
+    assert dense(reference) == dense(fused) + custom - queries
+    assert reference["aten.addmm"] == fused["aten.addmm"] + queries
 
 
 def test_count_flops_without_custom_ops_equals_flop_counter_mode():
