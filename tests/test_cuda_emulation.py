@@ -29,39 +29,51 @@ pytestmark = pytest.mark.skipif(
 )
 torchvision_ops = pytest.importorskip("torchvision.ops")
 
-@pytest.fixture(scope="module")
-def deform():
-    from cuda_emulation import build
-
-    return build("deform_conv2d")
-
-
-@pytest.fixture(scope="module")
-def local_representation():
-    from cuda_emulation import build
-
-    return build("local_representation")
+# Fixture name -> the csrc/cuda source its emulation is built from.
+EMULATED_SOURCES = {
+    "deform": "deform_conv2d", "local_representation": "local_representation",
+    "query_projection": "query_projection", "attention": "prototype_attention",
+    "select": "prototype_select",
+}
 
 
 @pytest.fixture(scope="module")
-def query_projection():
-    from cuda_emulation import build
+def emulations(request):
+    """The emulations that the session's selected tests use, built together at first use (in
+    parallel: about half a minute each on this project's 2-core CI machine, one after another
+    before)."""
+    from cuda_emulation import build_all
 
-    return build("query_projection")
+    wanted = {
+        EMULATED_SOURCES[name] for item in request.session.items if item.path == request.path
+        for name in getattr(item, "fixturenames", ()) if name in EMULATED_SOURCES
+    }
+    return build_all(sorted(wanted))
 
 
 @pytest.fixture(scope="module")
-def attention():
-    from cuda_emulation import build
-
-    return build("prototype_attention")
+def deform(emulations):
+    return emulations["deform_conv2d"]
 
 
 @pytest.fixture(scope="module")
-def select():
-    from cuda_emulation import build
+def local_representation(emulations):
+    return emulations["local_representation"]
 
-    return build("prototype_select")
+
+@pytest.fixture(scope="module")
+def query_projection(emulations):
+    return emulations["query_projection"]
+
+
+@pytest.fixture(scope="module")
+def attention(emulations):
+    return emulations["prototype_attention"]
+
+
+@pytest.fixture(scope="module")
+def select(emulations):
+    return emulations["prototype_select"]
 
 
 def conv_arguments(conv: Conv) -> tuple[int, ...]:
