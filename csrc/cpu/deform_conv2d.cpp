@@ -37,6 +37,7 @@
 
 #include "pem_kernels/deform_conv_checks.h"
 #include "pem_kernels/deform_conv_common.h"
+#include "pem_kernels/parallel.h"
 
 namespace pem_kernels {
 namespace {
@@ -91,7 +92,7 @@ class TaskQueue {
 // sums in the same order whatever the number of threads.
 template <typename Worker>
 void run_workers(const Worker& worker) {
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { worker(); });
+  pem_kernels::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { worker(); });
 }
 
 // Runs task(i) for every i in [0, count) on all threads (see run_workers).

@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "pem_kernels/local_representation_checks.h"
+#include "pem_kernels/parallel.h"
 
 namespace pem_kernels {
 namespace {
@@ -77,7 +77,7 @@ void local_representation_cpu_impl(
   const int64_t row_blocks = (height + rows_per_task - 1) / rows_per_task;
   const int64_t plane = height * width;
 
-  at::parallel_for(0, batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
+  pem_kernels::parallel_for(0, batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile_pixels = rows_per_task * width;
     at::Tensor tile = at::empty({channels + 1, tile_pixels}, acc_options);
     tile[channels].fill_(1);  // the bias row (see weight_t); never overwritten

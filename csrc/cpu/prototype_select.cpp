@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "pem_kernels/check.h"
+#include "pem_kernels/parallel.h"
 #include "pem_kernels/prototype_select_checks.h"
 #include "pem_kernels/prototype_select_common.h"
 
@@ -137,7 +138,7 @@ template <typename scalar_t, typename acc_t>
 at::Tensor key_norm_divisors(const scalar_t* keys, int64_t rows, int64_t channels) {
   at::Tensor divisors = at::empty({rows}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* out = divisors.data_ptr<acc_t>();
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  pem_kernels::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       acc_t sum_sq = 0;
       for (int64_t c = 0; c < channels; ++c) {
@@ -194,7 +195,7 @@ void tiled_argmax(
       pr.queries * pr.head_dim + pr.queries * kPixelTile + key_tile_size;
   at::Tensor scratch = at::empty({at::get_num_threads(), scratch_per_thread}, acc_options);
 
-  at::parallel_for(0, heads_total * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
+  pem_kernels::parallel_for(0, heads_total * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
     const at::Tensor thread_scratch = scratch[at::get_thread_num()];
     at::Tensor query_block = thread_scratch.narrow(0, 0, pr.queries * pr.head_dim)
                                  .view({pr.queries, pr.head_dim});
@@ -338,7 +339,7 @@ void prototype_select_cpu_impl(
   resolve_unselected<scalar_t, acc_t>(
       pr, keys_tensor, queries_tensor, mask, divisor_tensor, official_empty, indices);
 
-  at::parallel_for(0, pr.batch * pr.queries, 16, [&](int64_t begin, int64_t end) {
+  pem_kernels::parallel_for(0, pr.batch * pr.queries, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bn = begin; bn < end; ++bn) {
       const int64_t b = bn / pr.queries, n = bn % pr.queries;
       for (int64_t h = 0; h < pr.heads; ++h) {
@@ -393,7 +394,7 @@ void prototype_select_backward_cpu_impl(
     const Problem& pr, const scalar_t* grad, const scalar_t* keys, const int64_t* indices,
     bool normalize_keys, scalar_t* grad_keys) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, pr.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+  pem_kernels::parallel_for(0, pr.batch, 1, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t* image_indices = indices + b * pr.heads * pr.queries;
       std::vector<int64_t> pixels(image_indices, image_indices + pr.heads * pr.queries);

@@ -12,11 +12,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 
+#include "pem_kernels/parallel.h"
 #include "pem_kernels/query_projection_checks.h"
 
 namespace pem_kernels {
@@ -47,7 +47,7 @@ void query_projection_cpu_impl(
   // 1. normed[r, :] = LayerNorm(tgt + query_pos)[r, :], row r = q * B + b of tgt.
   at::Tensor normed = at::empty({rows, channels}, tgt.options().dtype(acc_dtype));
   acc_t* normed_data = normed.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+  pem_kernels::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* x_row = x + r * channels;
       const scalar_t* p_row = p == nullptr ? nullptr : p + r * channels;
@@ -72,7 +72,7 @@ void query_projection_cpu_impl(
   // 3. Each row over its L2 norm, rounded once, to row (b, q) of the output.
   const acc_t* projected_data = projected.const_data_ptr<acc_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+  pem_kernels::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* row = projected_data + r * out_channels;
       acc_t squares = 0;
