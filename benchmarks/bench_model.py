@@ -5,7 +5,7 @@ Run from the repository root::
     python -m benchmarks model [--device cpu|cuda] [--dtype float32|bfloat16]
         [--sizes 512x512,1024x2048] [--backbone r50|stdc1|stdc2] [--num-classes 19] [--batch 1]
         [--providers fused,reference,compiled] [--fused-backend NAME] [--repeats N]
-        [--no-flops] [--out-dir DIR]
+        [--no-flops] [--profile] [--out-dir DIR]
 
 (also ``python -m benchmarks.bench_model``). One :class:`pem.model.PEM` (random weights, eval
 mode, ``requires_grad_(False)``, run under ``torch.no_grad()``: inference) on images of
@@ -46,6 +46,9 @@ Per size and provider the table and the files report:
   (which then select over all pixels). The weights are random, and a randomly initialized PEM
   predicts masks that allow almost nothing (R50, seed 0: 99.5% of the queries empty on average),
   unlike a trained one; kernels whose speed depends on the mask see that case.
+* with ``--profile``, ``host_ms``, ``device_ms``, ``launches``, ``host_syncs`` and the slowest
+  kernels of one forward (:func:`benchmarks.harness.profile_call`, over 5 forwards): a forward
+  whose latency is near its host time, or that synchronizes, is host-bound.
 
 Every provider's first forward (the FLOP count, or the compile) is untimed and also warms it up.
 CPU defaults: R50 at 512x512 and 1024x2048, fused and reference: about 3.5 minutes on 2 cores
@@ -80,6 +83,9 @@ DEFAULTS = {
 # The untimed first forward (FLOP count or compile) and the peak-memory forward warm up already.
 REPEAT_POLICY = {"cpu": (15.0, 3, 20, 0), "cuda": (2.0, 10, 200, 3)}
 INPUT_SETS = 2
+# Forwards timed back to back for the host time, then profiled, with --profile: a model forward
+# takes 20-40 ms on a GPU and about a second on the 2-core CPU.
+PROFILE_CALLS = 5
 
 TABLE_COLUMNS = [
     ("size", "size"),
@@ -138,6 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--flops", action=argparse.BooleanOptionalAction, default=True,
         help="count FLOPs with torch.utils.flop_counter in the first forward (default: yes)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="also split each forward into host and device time, count its launches and host "
+        "syncs, and list its slowest kernels (benchmarks.harness.profile_call)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -370,6 +381,11 @@ def run(
                         )
                     )
                     row["warmup"] = warmup
+                    if args.profile:
+                        row.update(harness.profile_call(
+                            step, device=device, inputs=inputs, host_calls=PROFILE_CALLS,
+                            profiled_calls=PROFILE_CALLS,
+                        ))
                     if "flops" in row:
                         row["gflop_per_s"] = row["flops"] / (row["median_ms"] * 1e-3) / 1e9
                 except Exception as error:  # noqa: BLE001 - report it, keep sweeping
@@ -458,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, failures, skipped = run(args, meta, on_progress=save)
     return harness.report(
-        rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS, out_dir=out_dir,
+        rows, failures, meta=meta, started=started,
+        columns=TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []), out_dir=out_dir,
         name="model", what="provider run", skipped=skipped,
     )
 

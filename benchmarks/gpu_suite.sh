@@ -298,9 +298,12 @@ bench_deform() {  # every shape of issue #4 (B = 1 and 8): each backend vs torch
 
 bench_model() {  # the whole PEM (R50, 512x512 and 1024x2048, batch 1)
   if [ "$1" = 1 ]; then
-    # As users get it by default: backend "auto" (the ops "auto" picks on a GPU).
+    # As users get it by default: backend "auto" (the ops "auto" picks on a GPU). --profile:
+    # host vs device time and host syncs per forward (the H200 run's fused model took 32.9 ms at
+    # 512x512 and 21.2 at 1024x2048, unexplained).
     step bench_model_float32_auto 120 $PYTHON -m benchmarks.bench_model --device cuda \
-      --fused-backend auto --providers fused,reference --out-dir "$results/model_float32_auto"
+      --fused-backend auto --providers fused,reference --profile \
+      --out-dir "$results/model_float32_auto"
   else
     step bench_model_bfloat16_auto 120 $PYTHON -m benchmarks.bench_model --device cuda \
       --dtype bfloat16 --fused-backend auto --providers fused,reference \

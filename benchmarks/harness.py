@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -147,6 +148,7 @@ PROFILE_COLUMNS = [
     ("host_ms", "host ms", ".3f"),
     ("device_ms", "device ms", ".3f"),
     ("launches", "launches"),
+    ("host_syncs", "syncs"),
     ("top_kernels", "slowest kernels (ms per call, launches)"),
 ]
 
@@ -167,7 +169,9 @@ def profile_call(
     is host-bound), ``device_ms`` (CUDA only: the summed time of its device kernels per call, from
     ``torch.profiler``), ``launches`` (kernels per call; on a CPU, ATen ops), ``kernels`` (every
     kernel, on a CPU every ATen op by self time, as ``{"name", "ms", "launches"}`` per call,
-    slowest first) and ``top_kernels`` (the ``top`` slowest as one line of text).
+    slowest first), ``top_kernels`` (the ``top`` slowest as one line of text) and, on CUDA,
+    ``host_syncs`` (:func:`count_host_syncs` of one call: a call that synchronizes is host time
+    plus device time, however fast its kernels).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -217,7 +221,24 @@ def profile_call(
     }
     if on_cuda:
         result["device_ms"] = sum(k["ms"] for k in kernels)
+        result["host_syncs"] = count_host_syncs(fn, inputs[0])
     return result
+
+
+def count_host_syncs(fn: Callable[..., Any], args: Sequence[Any]) -> int:
+    """How many times ``fn(*args)`` makes the host wait for the GPU, as counted by
+    ``torch.cuda.set_sync_debug_mode("warn")`` (device-to-host copies, ``.item()``, blocking
+    host-to-device copies, stream and device synchronizations that go through torch). CUDA
+    only; restores the previous debug mode."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def measure_graph_time(

@@ -259,6 +259,15 @@ def _check_tiny_run(out_dir: Path, device: str, fused_backend: str) -> None:
     assert any(op.startswith("pem_kernels.deform_conv2d") for op in by_op["fused"])
     assert sum(by_op["fused"].values()) == sum(by_op["reference"].values()) == fused["flops"]
     assert "--sizes" in meta["environment"]["command"]
+    for row in rows:  # --profile
+        assert row["host_ms"] > 0 and row["launches"] > 0 and row["top_kernels"]
+        assert row["kernels"][0]["ms"] >= row["kernels"][-1]["ms"] >= 0
+        if device == "cuda":
+            assert row["device_ms"] > 0
+        else:
+            assert "device_ms" not in row and "host_syncs" not in row
+    if device == "cuda":
+        assert fused["host_syncs"] == 0  # tests/test_host_syncs.py names the culprit
 
     with open(out_dir / "model.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
@@ -276,9 +285,9 @@ def _check_tiny_run(out_dir: Path, device: str, fused_backend: str) -> None:
 @needs_extension
 def test_model_cli_tiny_run_writes_json_csv_and_plot(tmp_path):
     done = _run_cli("--device", "cpu", "--backbone", "stdc1", "--sizes", "64x96", "--repeats", "1",
-                    "--out-dir", str(tmp_path))
+                    "--profile", "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "median ms" in done.stdout and "GFLOP/img" in done.stdout
+    assert "median ms" in done.stdout and "GFLOP/img" in done.stdout and "host ms" in done.stdout
     assert "wrote" in done.stdout
     _check_tiny_run(tmp_path, "cpu", "cpu")
 
@@ -287,7 +296,7 @@ def test_model_cli_tiny_run_writes_json_csv_and_plot(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_cli_tiny_run_cuda(tmp_path):
     done = _run_cli("--device", "cuda", "--backbone", "stdc1", "--sizes", "64x96", "--repeats", "1",
-                    "--providers", "fused,reference", "--out-dir", str(tmp_path))
+                    "--providers", "fused,reference", "--profile", "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     _check_tiny_run(tmp_path, "cuda", "triton")
 
