@@ -355,7 +355,8 @@ def test_triton_fp32_under_tf32_precision_is_close(fused, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batchnorm_changes_reach_the_fused_kernel(backend, monkeypatch):
-    """project() reuses the BatchNorm affine between calls; every change must still show."""
+    """Every change of the BatchNorm reaches the fused kernel, also those that leave the tensors'
+    versions as they were (a version-keyed cache of the BN affine once missed the last two)."""
     device = _device(backend)
     module = _module(16, device=device)
     memory = torch.randn(1, 16, 5, 6, device=device)
@@ -379,6 +380,22 @@ def test_batchnorm_changes_reach_the_fused_kernel(backend, monkeypatch):
     module.bn.eps = 0.5
     check()
     module.bn.weight = torch.nn.Parameter(torch.full((16,), 2.0, device=device))  # a new tensor
+    check()
+    # A training forward updates the running statistics without a new version.
+    versions = (module.bn.running_mean._version, module.bn.running_var._version)
+    mean = module.bn.running_mean.clone()
+    module.bn.train()
+    module.bn(torch.randn(2, 16, 5, 6, device=device) * 3 + 2)
+    module.bn.eval()
+    assert not torch.equal(module.bn.running_mean, mean)
+    assert (module.bn.running_mean._version, module.bn.running_var._version) == versions
+    check()
+    # So does a fused optimizer step on the affine parameters (BatchNorm frozen in eval mode).
+    optimizer = torch.optim.Adam([module.bn.weight, module.bn.bias], lr=0.1, fused=True)
+    module.bn(torch.randn(2, 16, 5, 6, device=device)).square().sum().backward()
+    weight, version = module.bn.weight.detach().clone(), module.bn.weight._version
+    optimizer.step()
+    assert not torch.equal(module.bn.weight, weight) and module.bn.weight._version == version
     check()
 
 

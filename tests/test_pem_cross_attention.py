@@ -126,6 +126,28 @@ def test_fused_equals_reference_outputs_and_gradients(device, training, options)
 
 
 @requires_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_inference_follows_training_steps(device):
+    """Evaluate, train a few steps (BatchNorm statistics, fused Adam), evaluate again: the fused
+    layer's inference matches the reference's every time (its BatchNorm affine once came from a
+    cache that these steps left stale)."""
+    reference = randomize(PEMCrossAttention(32, 4, backend="reference")).to(device)
+    fused = PEMCrossAttention(32, 4, backend="auto").to(device)
+    fused.load_state_dict(reference.state_dict())
+    optimizer = torch.optim.Adam(fused.parameters(), lr=0.05, fused=True)
+    for step in range(3):
+        inputs = layer_inputs(channels=32, device=device, dtype=torch.float32)
+        reference.load_state_dict(fused.state_dict())
+        reference.eval(), fused.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(*inputs), reference(*inputs), rtol=1e-4, atol=1e-4)
+        fused.train()
+        optimizer.zero_grad()
+        fused(*inputs).square().mean().backward()
+        optimizer.step()
+
+
+@requires_extension
 def test_layer_compiles_fullgraph():
     layer = randomize(PEMCrossAttention(32, 4, backend="cpu")).eval()
     inputs = layer_inputs(dtype=torch.float32)

@@ -52,8 +52,6 @@ class LocalRepresentation(nn.Module):
         self.bn = nn.BatchNorm2d(d_model)
         self.out = nn.Linear(d_model, d_model)
         self.d_model = d_model
-        # (the tensors and versions it was computed from, (scale, shift)): see _bn_affine.
-        self._bn_affine_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.to_query_3x3(self.bn(x))
@@ -110,36 +108,25 @@ class LocalRepresentation(nn.Module):
                     return keys, normalize
         return self(memory + pos if pos is not None else memory), False
 
+    @staticmethod
     def _bn_affine(
-        self, acc: torch.dtype, sources: tuple, eps: float
+        acc: torch.dtype, sources: tuple, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode BatchNorm as (scale, shift) [C] in ``acc``, from ``sources`` = (running_mean,
         running_var, weight, bias) (the affine ones may be None).
 
-        Eager calls reuse the last result while those are the same tensors at the same versions
-        (every in-place change, ``load_state_dict`` included, bumps a version; ``.to()`` makes new
-        tensors) and eps is unchanged: in inference they never change, and recomputing takes six
-        small kernel launches per layer call.
+        Computed every call (four small launches on a GPU). A cache keyed on the tensors'
+        versions went stale: BatchNorm's training forward updates its running statistics, and
+        fused optimizers (``Adam(fused=True)``) its parameters, without bumping their versions,
+        so a fused eval after training used the old statistics.
         """
         mean, var, weight, bias = sources
-        eager = not torch.compiler.is_compiling()  # compiled, inductor fuses these ops anyway
-        if eager:
-            key = (acc, eps) + tuple(t._version if t is not None else None for t in sources)
-            cached = self._bn_affine_cache
-            if cached is not None and cached[1] == key and all(
-                a is b for a, b in zip(cached[0], sources)
-            ):
-                return cached[2]
         scale = torch.rsqrt(var.to(acc) + eps)
         if weight is not None:
             scale = scale * weight.to(acc)
-        shift = -mean.to(acc) * scale
-        if bias is not None:
-            shift = shift + bias.to(acc)
-        if eager:
-            # Holding the source tensors keeps their ids from being reused by new tensors.
-            self._bn_affine_cache = (sources, key, (scale, shift))
-        return scale, shift
+        if bias is None:
+            return scale, -mean.to(acc) * scale
+        return scale, torch.addcmul(bias.to(acc), mean.to(acc), scale, value=-1)
 
     @staticmethod
     def _fusable(
