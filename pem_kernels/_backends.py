@@ -18,7 +18,8 @@ import torch.autograd.forward_ad as forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "available_backends", "call_op",
-           "has_forward_ad_tangent", "plain_eager_call", "refuse_forward_ad"]
+           "has_forward_ad_tangent", "inference_only_autograd", "plain_eager_call",
+           "refuse_forward_ad"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _logger = logging.getLogger("pem_kernels")
@@ -244,3 +245,17 @@ def refuse_forward_ad(op_name: str, tensors: Iterable[torch.Tensor | None]) -> N
             f"{op_name}: forward-mode AD (dual tensors) is not supported by the fused kernels; "
             "use reverse mode (backward) or backend='reference'"
         )
+
+
+def inference_only_autograd(message: str) -> tuple[Callable, Callable]:
+    """(backward, setup_context) for ``register_autograd`` of an op that serves inference only:
+    its backward raises ``RuntimeError(message)``, a clear error instead of a silently missing
+    gradient when someone differentiates through it."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        """Nothing to save."""
+
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(message)
+
+    return backward, setup_context

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import call_op
+from pem_kernels._backends import call_op, inference_only_autograd
 from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
 __all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation", "no_backward",
@@ -70,17 +70,11 @@ def normalizes_in_kernel(backend: str, dtype: torch.dtype, out_channels: int) ->
     return backend == "cpu"
 
 
-def no_backward_setup(ctx, inputs, output) -> None:
-    """setup_context of :func:`no_backward`: nothing to save."""
-
-
-def no_backward(ctx, grad_keys):
-    """The fused feature projection's autograd: a clear error instead of a silently missing
-    gradient when someone differentiates through it."""
-    raise RuntimeError(
-        "local_representation: the fused feature projection has no backward (it serves "
-        "inference); run LocalRepresentation's modules (its forward) when gradients are needed"
-    )
+# The fused feature projection's autograd, on every backend's op.
+no_backward, no_backward_setup = inference_only_autograd(
+    "local_representation: the fused feature projection has no backward (it serves "
+    "inference); run LocalRepresentation's modules (its forward) when gradients are needed"
+)
 
 
 if EXTENSION_LOADED:

@@ -28,6 +28,7 @@ from pem_kernels._backends import (
     autocast_inputs,
     call_op,
     has_forward_ad_tangent,
+    inference_only_autograd,
     reference_context,
     refuse_forward_ad,
     register_op_backends,
@@ -224,17 +225,11 @@ if EXTENSION_LOADED:
     ):
         return torch.empty_like(residual)
 
-    def _no_backward_setup(ctx, inputs, output) -> None:
-        """setup_context of :func:`_no_backward`: nothing to save."""
-
-    def _no_backward(ctx, grad_output):
-        """A clear error instead of a silently missing gradient (run_prototype_attention never
-        calls the C++ op where a gradient is recorded)."""
-        raise RuntimeError(
-            "pem_kernels::prototype_attention: the CUDA inference kernel has no backward; call "
-            "pem_kernels.prototype_attention, which differentiates through ATen ops"
-        )
-
+    # run_prototype_attention never calls the C++ op where a gradient is recorded.
+    _no_backward, _no_backward_setup = inference_only_autograd(
+        "pem_kernels::prototype_attention: the CUDA inference kernel has no backward; call "
+        "pem_kernels.prototype_attention, which differentiates through ATen ops"
+    )
     torch.library.register_autograd(
         "pem_kernels::prototype_attention", _no_backward, setup_context=_no_backward_setup
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import call_op
+from pem_kernels._backends import call_op, inference_only_autograd
 from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
 __all__ = ["FUSED_QUERY_PROJECTION_BACKENDS", "MAX_CHANNELS", "fused_query_projection",
@@ -60,17 +60,11 @@ def fused_query_projection(
     )
 
 
-def no_backward_setup(ctx, inputs, output) -> None:
-    """setup_context of :func:`no_backward`: nothing to save."""
-
-
-def no_backward(ctx, grad_queries):
-    """The fused query projection's autograd (every backend's op): a clear error instead of a
-    silently missing gradient."""
-    raise RuntimeError(
-        "query_projection: the fused query projection has no backward (it serves inference); "
-        "run PEMCrossAttention's query_proj modules when gradients are needed"
-    )
+# The fused query projection's autograd, on every backend's op.
+no_backward, no_backward_setup = inference_only_autograd(
+    "query_projection: the fused query projection has no backward (it serves inference); "
+    "run PEMCrossAttention's query_proj modules when gradients are needed"
+)
 
 
 if EXTENSION_LOADED:
