@@ -79,13 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _feature_inputs(device: torch.device, small: bool) -> dict[str, torch.Tensor]:
+def _feature_inputs(device: torch.device, small: bool) -> dict[str, Any]:
     """The feature projection's operands: memory and pos [B, C, H, W] fp32 and its weights."""
     channels, height, width = (16, 5, 19) if small else (256, 128, 256)
     randn = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
     return {
         "memory": randn(1, channels, height, width), "pos": randn(1, channels, height, width),
-        "scale": randn(channels).abs() + 0.5, "shift": randn(channels),
+        "bn": (randn(channels), randn(channels).abs() + 0.5, randn(channels).abs() + 0.5,
+               randn(channels), 1e-5),  # running mean and var, weight, bias, eps
         "dw_weight": randn(channels, 1, 3, 3) / 3, "dw_bias": randn(channels),
         "weight": randn(channels, channels) / channels**0.5, "bias": randn(channels),
     }
@@ -97,8 +98,8 @@ def _bn_depthwise(device: torch.device, small: bool) -> list[tuple[str, Callable
 
     x = _feature_inputs(device, small)
     _, channels, height, width = x["memory"].shape
-    operands = (x["memory"], x["pos"], x["scale"], x["shift"],
-                x["dw_weight"].reshape(channels, 9), x["dw_bias"])
+    operands = (x["memory"], x["pos"], *x["bn"], x["dw_weight"].reshape(channels, 9),
+                x["dw_bias"])
     out = torch.empty(1, height * width, channels, device=device)
 
     def run_with(config: dict) -> Callable[[], torch.Tensor]:
@@ -134,8 +135,8 @@ def _projection_fp32(device: torch.device, small: bool) -> list[tuple[str, Calla
         def run() -> torch.Tensor:
             saved, module.FP32_TWO_STEP = module.FP32_TWO_STEP, two_step
             try:
-                return body(x["memory"], x["pos"], x["scale"], x["shift"], x["dw_weight"],
-                            x["dw_bias"], x["weight"], x["bias"], False)
+                return body(x["memory"], x["pos"], *x["bn"], x["dw_weight"], x["dw_bias"],
+                            x["weight"], x["bias"], False)
             finally:
                 module.FP32_TWO_STEP = saved
 

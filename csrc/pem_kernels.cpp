@@ -33,15 +33,18 @@ TORCH_LIBRARY(pem_kernels, m) {
       "Tensor proj_bias, Tensor alpha, Tensor out_weight, Tensor out_bias, "
       "bool normalize_over_queries) -> Tensor");
   // PEM-CA's feature projection for inference: keys [B, H*W, C_out] = out_weight @
-  // dwconv3x3(bn_scale * (memory + pos) + bn_shift, zero padding 1) + out_bias, per pixel.
-  // memory and pos [B, C, H, W]; bn_scale, bn_shift [C] (eval BatchNorm, fp32 or fp64); dw_weight
-  // [C, 1, 3, 3], dw_bias [C]; out_weight [C_out, C], out_bias [C_out]. With normalize, every
-  // pixel's row is divided by max(||row||_2, 1e-12) (F.normalize), the norm taken before
-  // rounding to the output dtype. No autograd.
+  // dwconv3x3(BN(memory + pos), zero padding 1) + out_bias, per pixel, with BN in eval mode:
+  // (x - bn_mean) / sqrt(bn_var + bn_eps) * bn_weight + bn_bias, computed by the kernels in acc_t
+  // (no launches for the affine, nothing cached between calls). memory and pos [B, C, H, W];
+  // bn_mean, bn_var, bn_weight, bn_bias (the last two optional: BatchNorm without affine) [C];
+  // dw_weight [C, 1, 3, 3], dw_bias [C]; out_weight [C_out, C], out_bias [C_out]; every
+  // parameter in memory's dtype. With normalize, every pixel's row is divided by
+  // max(||row||_2, 1e-12) (F.normalize), the norm taken before rounding to the output dtype. No
+  // autograd.
   m.def(
-      "local_representation(Tensor memory, Tensor? pos, Tensor bn_scale, Tensor bn_shift, "
-      "Tensor dw_weight, Tensor dw_bias, Tensor out_weight, Tensor out_bias, "
-      "bool normalize=False) -> Tensor");
+      "local_representation(Tensor memory, Tensor? pos, Tensor bn_mean, Tensor bn_var, "
+      "Tensor? bn_weight, Tensor? bn_bias, float bn_eps, Tensor dw_weight, Tensor dw_bias, "
+      "Tensor out_weight, Tensor out_bias, bool normalize=False) -> Tensor");
   // PEM-CA's query projection for inference: queries [B, Q, C_out] = F.normalize(weight @
   // LayerNorm(tgt + query_pos) + bias) per (query, image) row, from tgt and query_pos [Q, B, C];
   // ln_weight, ln_bias [C] and ln_eps the LayerNorm; weight [C_out, C], bias [C_out]; at most 1024

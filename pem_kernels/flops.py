@@ -93,9 +93,9 @@ def local_representation_flops(memory_shape: Shape, out_weight_shape: Shape) -> 
     return 2 * batch * height * width * channels * (9 + out_weight_shape[0])
 
 
-def _local_representation(memory_shape, pos_shape, bn_scale_shape, bn_shift_shape,
-                          dw_weight_shape, dw_bias_shape, out_weight_shape, *args,
-                          out_shape=None, **kwargs) -> int:
+def _local_representation(memory_shape, pos_shape, bn_mean_shape, bn_var_shape,
+                          bn_weight_shape, bn_bias_shape, bn_eps, dw_weight_shape, dw_bias_shape,
+                          out_weight_shape, *args, out_shape=None, **kwargs) -> int:
     return local_representation_flops(memory_shape, out_weight_shape)
 
 

@@ -678,9 +678,9 @@ def test_prototype_select_nan_and_inf_rules(select, dtype):
 
 
 def local_representation_operands(channels: int, out_channels: int, dtype: torch.dtype) -> dict:
-    """The fused projection's parameters (an eval BatchNorm with non-trivial statistics as scale
-    and shift in the accumulation dtype, the depthwise conv, the Linear), and the modules that
-    compute the same thing (the expected keys: ``modules(memory + pos)``)."""
+    """The fused projection's parameters (an eval BatchNorm with non-trivial statistics, the
+    depthwise conv, the Linear, in ``dtype``), and the modules that compute the same thing (the
+    expected keys: ``modules(memory + pos)``)."""
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(channels).eval()
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
@@ -690,17 +690,15 @@ def local_representation_operands(channels: int, out_channels: int, dtype: torch
         bn.running_var.uniform_(0.5, 2)
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = (torch.rsqrt(bn.running_var.to(acc) + bn.eps) * bn.weight.to(acc)).detach()
-    shift = (bn.bias.to(acc) - bn.running_mean.to(acc) * scale).detach()
-
     def modules(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = conv.to(x.dtype)(bn.to(x.dtype)(x))
             return linear.to(x.dtype)(features.flatten(2).transpose(1, 2))
 
-    params = [scale, shift] + [t.detach().to(dtype) for t in
-                               (conv.weight, conv.bias, linear.weight, linear.bias)]
+    bn_params = [t.detach().to(dtype) for t in (bn.running_mean, bn.running_var, bn.weight,
+                                                bn.bias)]
+    params = bn_params + [bn.eps] + [t.detach().to(dtype) for t in
+                                     (conv.weight, conv.bias, linear.weight, linear.bias)]
     return {"params": params, "modules": modules}
 
 
@@ -753,20 +751,22 @@ def test_local_representation_normalize(local_representation, dtype):
     F.normalize: a NaN in a pixel's window makes its row NaN, an all-zero row stays zero."""
     channels = 16
     ops = local_representation_operands(channels, 12, torch.float32)
-    scale, shift, dw_weight, dw_bias, weight, bias = ops["params"]
+    mean, var, bn_weight, bn_bias, eps, dw_weight, dw_bias, weight, bias = ops["params"]
     with torch.no_grad():
         weight[:, 8:] = 0.0  # rows depend on channels 0-7 only
         bias.zero_()
         dw_bias.zero_()
-        shift.zero_()
+        mean.zero_()  # BN maps 0 to 0
+        bn_bias.zero_()
     memory = torch.randn(1, channels, 4, 5)
     memory[0, :8, 1:4, 1:4] = 0.0  # pixels (2, 2) and (3, 2) see zeros in their 3x3 windows
     memory[0, 3, 0, 0] = float("nan")  # reaches pixels (0, 0), (0, 1), (1, 0), (1, 1)
-    bn = memory * scale[:, None, None] + shift[:, None, None]
+    bn = torch.nn.functional.batch_norm(memory, mean, var, bn_weight, bn_bias, False, 0.0, eps)
     conv = torch.nn.functional.conv2d(bn, dw_weight, dw_bias, padding=1, groups=channels)
     raw = torch.nn.functional.linear(conv.flatten(2).transpose(1, 2), weight, bias)
     expected = torch.nn.functional.normalize(raw, dim=-1)
-    params = [scale, shift] + [t.to(dtype) for t in (dw_weight, dw_bias, weight, bias)]
+    params = [t.to(dtype) for t in (mean, var, bn_weight, bn_bias)] + [eps] + [
+        t.to(dtype) for t in (dw_weight, dw_bias, weight, bias)]
     keys = local_representation.local_representation_cuda(memory.to(dtype), None, *params, True)
     assert keys.dtype == dtype
     nan_rows = [0, 1, 5, 6]
@@ -791,16 +791,37 @@ def test_local_representation_empty_and_channel_free_maps(local_representation):
         assert keys.shape == (shape[0], shape[2] * shape[3], 5)
     bias = torch.randn(5)
     keys = local_representation.local_representation_cuda(
-        torch.randn(2, 0, 3, 4), None, torch.ones(0), torch.zeros(0), torch.randn(0, 1, 3, 3),
-        torch.randn(0), torch.randn(5, 0), bias, False)
+        torch.randn(2, 0, 3, 4), None, torch.zeros(0), torch.ones(0), None, None, 1e-5,
+        torch.randn(0, 1, 3, 3), torch.randn(0), torch.randn(5, 0), bias, False)
     torch.testing.assert_close(keys, bias.expand(2, 12, 5))
+
+
+def test_local_representation_batchnorm_without_affine_and_large_eps(local_representation):
+    """bn_weight and bn_bias None (a BatchNorm without affine) and an eps that matters: the
+    kernel's per-block BN prologue against the modules and the CPU kernel."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(40, affine=False, eps=0.3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    conv = torch.nn.Conv2d(40, 40, 3, padding=1, groups=40)
+    linear = torch.nn.Linear(40, 12)
+    memory = torch.randn(2, 40, 5, 37)
+    params = [bn.running_mean, bn.running_var, None, None, bn.eps] + [
+        t.detach() for t in (conv.weight, conv.bias, linear.weight, linear.bias)]
+    keys = local_representation.local_representation_cuda(memory, None, *params, False)
+    with torch.no_grad():
+        expected = linear(conv(bn(memory)).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-5)
+    cpu = torch.ops.pem_kernels.local_representation(memory, None, *params, False)
+    torch.testing.assert_close(keys, cpu, rtol=1e-5, atol=1e-5)
 
 
 def test_local_representation_checks_its_arguments(local_representation):
     """The CPU kernel's checks (a shared header): the same message for the same mistake."""
     ops = local_representation_operands(8, 5, torch.float32)
     params = list(ops["params"])
-    params[2] = torch.randn(8, 1, 5, 5)
+    params[5] = torch.randn(8, 1, 5, 5)
     with pytest.raises(RuntimeError, match=r"dw_weight must be \[C, 1, 3, 3\] = \[8, 1, 3, 3\], "
                                            r"got shape \[8, 1, 5, 5\]"):
         local_representation.local_representation_cuda(torch.randn(1, 8, 4, 4), None, *params,

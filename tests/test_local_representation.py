@@ -41,12 +41,11 @@ def _module(
     return module.to(device=device, dtype=dtype).eval()
 
 
-def _bn_affine(module: LocalRepresentation) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) in fp32: the eval-mode BatchNorm as the fused op takes it."""
+def _bn_operands(module: LocalRepresentation) -> tuple:
+    """(running_mean, running_var, weight, bias, eps): the eval-mode BatchNorm as the fused op
+    takes it."""
     bn = module.bn
-    return module._bn_affine(
-        torch.float32, (bn.running_mean, bn.running_var, bn.weight, bn.bias), bn.eps
-    )
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
 
 
 def _forbid_modules(monkeypatch, module: LocalRepresentation) -> None:
@@ -105,17 +104,21 @@ def test_half_precision_is_close_to_fp32(backend, dtype, monkeypatch):
 def test_cpu_op_checks_its_arguments():
     op = torch.ops.pem_kernels.local_representation
     c = 8
-    good = [torch.randn(1, c, 4, 4), None, torch.ones(c), torch.zeros(c), torch.randn(c, 1, 3, 3),
-            torch.randn(c), torch.randn(5, c), torch.randn(5)]
+    good = [torch.randn(1, c, 4, 4), None, torch.zeros(c), torch.ones(c), torch.ones(c),
+            torch.zeros(c), 1e-5, torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(5, c),
+            torch.randn(5)]
     assert op(*good).shape == (1, 16, 5)
     cases = [
         (0, torch.randn(c, 4, 4), "memory must be \\[B, C, H, W\\]"),
         (1, torch.randn(1, c, 4, 5), "pos must have memory's shape"),
-        (2, torch.ones(c, dtype=torch.int32), "bn_scale must be a floating tensor"),
-        (4, torch.randn(c, 1, 5, 5), "dw_weight must be \\[C, 1, 3, 3\\]"),
-        (6, torch.randn(5, c + 1), "out_weight must be \\[C_out, C\\]"),
-        (7, torch.randn(4), "out_bias must be \\[C_out\\]"),
-        (5, torch.randn(c, dtype=torch.float64), "dw_bias dtype"),
+        (2, torch.zeros(c + 1), "bn_mean must be \\[C\\] = \\[8\\], got shape \\[9\\]"),
+        (3, torch.ones(c, dtype=torch.float64), "bn_var dtype Double must equal memory dtype"),
+        (4, torch.ones(2, c), "bn_weight must be \\[C\\]"),
+        (5, torch.zeros(c, dtype=torch.int32), "bn_bias dtype Int must equal memory dtype"),
+        (7, torch.randn(c, 1, 5, 5), "dw_weight must be \\[C, 1, 3, 3\\]"),
+        (9, torch.randn(5, c + 1), "out_weight must be \\[C_out, C\\]"),
+        (10, torch.randn(4), "out_bias must be \\[C_out\\]"),
+        (8, torch.randn(c, dtype=torch.float64), "dw_bias dtype"),
     ]
     for index, value, match in cases:
         args = list(good)
@@ -129,18 +132,19 @@ def test_cuda_op_checks_devices():
     """The CUDA kernel is chosen when any tensor is on the GPU: the others must be there too."""
     op = torch.ops.pem_kernels.local_representation
     c = 8
-    good = [torch.randn(1, c, 4, 4), torch.randn(1, c, 4, 4), torch.ones(c), torch.zeros(c),
-            torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(5, c), torch.randn(5)]
-    on_gpu = [t.cuda() for t in good]
+    good = [torch.randn(1, c, 4, 4), torch.randn(1, c, 4, 4), torch.zeros(c), torch.ones(c),
+            torch.ones(c), torch.zeros(c), 1e-5, torch.randn(c, 1, 3, 3), torch.randn(c),
+            torch.randn(5, c), torch.randn(5)]
+    on_gpu = [t.cuda() if isinstance(t, torch.Tensor) else t for t in good]
     assert op(*on_gpu).shape == (1, 16, 5)
     device = on_gpu[0].device
-    for index, name in [(1, "pos"), (2, "bn_scale"), (6, "out_weight")]:
+    for index, name in [(1, "pos"), (3, "bn_var"), (5, "bn_bias"), (9, "out_weight")]:
         args = list(on_gpu)
         args[index] = good[index]
         with pytest.raises(RuntimeError, match=f"{name} is on cpu, expected memory's device "
                                                f"{device}"):
             op(*args)
-    with pytest.raises(RuntimeError, match=f"bn_scale is on {device}, expected memory's device "
+    with pytest.raises(RuntimeError, match=f"bn_mean is on {device}, expected memory's device "
                                            "cpu"):
         op(good[0], None, *on_gpu[2:])
 
@@ -151,10 +155,12 @@ def test_cuda_op_checks_devices():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_op_opcheck(device, normalize):
     c = 8
-    args = tuple(t.to(device) for t in (
-        torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.rand(c) + 0.5, torch.randn(c),
-        torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(6, c), torch.randn(6),
-    )) + (normalize,)
+    tensors = [t.to(device) for t in (
+        torch.randn(2, c, 3, 5), torch.randn(2, c, 3, 5), torch.randn(c), torch.rand(c) + 0.5,
+        torch.rand(c) + 0.5, torch.randn(c), torch.randn(c, 1, 3, 3), torch.randn(c),
+        torch.randn(6, c), torch.randn(6),
+    )]
+    args = (*tensors[:6], 1e-5, *tensors[6:], normalize)
     torch.library.opcheck(torch.ops.pem_kernels.local_representation, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
@@ -194,7 +200,7 @@ def test_normalized_keys_match_the_normalized_modules(
         _forbid_modules(monkeypatch, module)
         keys, normalized = module.project_for_selection(memory, pos, backend)
         op_keys = fused_local_representation(
-            backend, memory, pos, *_bn_affine(module), module.to_query_3x3.weight,
+            backend, memory, pos, *_bn_operands(module), module.to_query_3x3.weight,
             module.to_query_3x3.bias, module.out.weight, module.out.bias, True,
         )
     assert normalized == in_kernel
@@ -231,7 +237,7 @@ def test_normalized_keys_keep_nan_and_zero_rows(backend, matmul_precision, monke
         assert normalized == (backend != "cuda")
         if not normalized:  # the selection would normalize them; the op does when asked to
             keys = fused_local_representation(
-                backend, memory, None, *_bn_affine(module), module.to_query_3x3.weight,
+                backend, memory, None, *_bn_operands(module), module.to_query_3x3.weight,
                 module.to_query_3x3.bias, module.out.weight, module.out.bias, True,
             )
     nan_rows = [0, 1, 5, 6]
@@ -252,20 +258,22 @@ def test_modules_path_leaves_normalization_to_the_selection():
 
 def test_triton_op_checks_its_arguments(fused):
     c = 8
-    good = [torch.randn(1, c, 4, 4, device=DEVICE), None, torch.ones(c, device=DEVICE),
-            torch.zeros(c, device=DEVICE), torch.randn(c, 1, 3, 3, device=DEVICE),
+    good = [torch.randn(1, c, 4, 4, device=DEVICE), None, torch.zeros(c, device=DEVICE),
+            torch.ones(c, device=DEVICE), torch.ones(c, device=DEVICE),
+            torch.zeros(c, device=DEVICE), 1e-5, torch.randn(c, 1, 3, 3, device=DEVICE),
             torch.randn(c, device=DEVICE), torch.randn(5, c, device=DEVICE),
             torch.randn(5, device=DEVICE)]
     assert fused.local_representation_triton(*good).shape == (1, 16, 5)
     cases = [
         (0, torch.randn(c, 4, 4, device=DEVICE), r"memory must be \[B, C, H, W\]"),
         (1, torch.randn(1, c, 4, 5, device=DEVICE), r"pos must have shape \[1, 8, 4, 4\]"),
-        (2, torch.ones(c + 1, device=DEVICE), r"bn_scale must have shape \[8\]"),
-        (3, torch.zeros(c, device=DEVICE, dtype=torch.float16), "bn_shift must be torch.float32"),
-        (4, torch.randn(c, 1, 5, 5, device=DEVICE), r"dw_weight must have shape \[8, 1, 3, 3\]"),
-        (6, torch.randn(5, c + 1, device=DEVICE), r"weight must have shape \[5, 8\]"),
-        (7, torch.randn(4, device=DEVICE), r"bias must have shape \[5\]"),
-        (5, torch.randn(c, device=DEVICE, dtype=torch.float64), "dw_bias must be torch.float32"),
+        (2, torch.ones(c + 1, device=DEVICE), r"bn_mean must have shape \[8\]"),
+        (3, torch.ones(c, device=DEVICE, dtype=torch.float16), "bn_var must be torch.float32"),
+        (4, torch.ones(c, 1, device=DEVICE), r"bn_weight must have shape \[8\]"),
+        (7, torch.randn(c, 1, 5, 5, device=DEVICE), r"dw_weight must have shape \[8, 1, 3, 3\]"),
+        (9, torch.randn(5, c + 1, device=DEVICE), r"weight must have shape \[5, 8\]"),
+        (10, torch.randn(4, device=DEVICE), r"bias must have shape \[5\]"),
+        (8, torch.randn(c, device=DEVICE, dtype=torch.float64), "dw_bias must be torch.float32"),
     ]
     for index, value, match in cases:
         args = list(good)
@@ -280,7 +288,8 @@ def test_differentiating_through_the_kernel_is_a_clear_error(backend):
 
     device, c = _device(backend), 8
     memory = torch.randn(1, c, 3, 4, device=device, requires_grad=True)
-    params = [torch.rand(c, device=device) + 0.5, torch.randn(c, device=device),
+    params = [torch.randn(c, device=device), torch.rand(c, device=device) + 0.5,
+              torch.rand(c, device=device) + 0.5, torch.randn(c, device=device), 1e-5,
               torch.randn(c, 1, 3, 3, device=device), torch.randn(c, device=device),
               torch.randn(5, c, device=device), torch.randn(5, device=device)]
     keys = fused_local_representation(backend, memory, None, *params)
@@ -400,6 +409,32 @@ def test_batchnorm_changes_reach_the_fused_kernel(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("precision, tolerance", PRECISIONS)
+def test_kernels_apply_batchnorm_statistics_eps_and_affine(
+    backend, affine, precision, tolerance, matmul_precision, monkeypatch
+):
+    """The kernels apply the BatchNorm from its running statistics, eps and optional affine as
+    the module does: a large eps (it matters), and a BatchNorm without affine (weight and bias
+    None). On the Triton backend both its kernels: exact fp32 and TF32 allowed."""
+    matmul_precision(precision)
+    device = _device(backend)
+    module = _module(16, device=device)
+    if not affine:
+        module.bn = torch.nn.BatchNorm2d(16, affine=False).to(device).eval()
+        with torch.no_grad():
+            module.bn.running_mean.uniform_(-1, 1)
+            module.bn.running_var.uniform_(0.5, 2)
+    module.bn.eps = 0.3
+    memory, pos = torch.randn(2, 16, 5, 6, device=device), torch.randn(2, 16, 5, 6, device=device)
+    with torch.no_grad():
+        expected = LocalRepresentation.forward(module, memory + pos)
+        _forbid_modules(monkeypatch, module)
+        out = module.project(memory, pos, backend)
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance / 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     module = _module(16, device=_device(backend))
     with torch.no_grad():
@@ -417,17 +452,19 @@ fn = K._local_representation_kernel
 # at 256), with pos. fp32 reaches the fused kernel only where TF32 is allowed.
 torch.set_float32_matmul_precision("high")
 for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
-    pointers = {n: "*" + name for n in ("x_ptr", "pos_ptr", "dw_weight_ptr", "dw_bias_ptr",
-                                         "weight_ptr", "bias_ptr", "out_ptr")}
-    pointers.update(scale_ptr="*fp32", shift_ptr="*fp32")
+    pointers = {n: "*" + name for n in ("x_ptr", "pos_ptr", "mean_ptr", "var_ptr",
+                                         "bn_weight_ptr", "bn_bias_ptr", "dw_weight_ptr",
+                                         "dw_bias_ptr", "weight_ptr", "bias_ptr", "out_ptr")}
+    pointers.update(bn_eps="fp32")
     for out_channels, normalize in ((16, False), (128, False), (256, False), (256, True)):
         constants = K._launch_config(out_channels, dtype)
         options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
         constants.update(HAS_POS=True, NORMALIZE=normalize)
         compile_sm90(fn, lambda n: pointers.get(n, "i32"), constants, **options)
 # The exact-fp32 path's conv kernel in the configuration in use, with and without pos.
-pointers = {n: "*fp32" for n in ("x_ptr", "pos_ptr", "scale_ptr", "shift_ptr", "dw_weight_ptr",
-                                  "dw_bias_ptr", "out_ptr")}
+pointers = {n: "*fp32" for n in ("x_ptr", "pos_ptr", "mean_ptr", "var_ptr", "bn_weight_ptr",
+                                  "bn_bias_ptr", "dw_weight_ptr", "dw_bias_ptr", "out_ptr")}
+pointers.update(bn_eps="fp32")
 constants = dict(K.BN_DEPTHWISE_CONFIG)
 options = {"num_warps": constants.pop("num_warps")}
 for has_pos in (True, False):

@@ -45,10 +45,32 @@ void normalize_row(acc_t* row, int64_t n) {
   for (int64_t i = 0; i < n; ++i) row[i] /= divisor;
 }
 
+// Eval-mode BatchNorm as x * scale[c] + shift[c] in acc_t: scale = weight / sqrt(var + eps),
+// shift = bias - mean * scale (the CUDA and Triton kernels compute the same per channel).
+template <typename scalar_t, typename acc_t>
+void bn_affine(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+               const at::Tensor& bias, double eps, std::vector<acc_t>& scale,
+               std::vector<acc_t>& shift) {
+  const int64_t channels = mean.size(0);
+  const scalar_t* m = mean.const_data_ptr<scalar_t>();
+  const scalar_t* v = var.const_data_ptr<scalar_t>();
+  const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  scale.resize(channels);
+  shift.resize(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    acc_t s = acc_t(1) / std::sqrt(static_cast<acc_t>(v[c]) + static_cast<acc_t>(eps));
+    if (w != nullptr) s *= static_cast<acc_t>(w[c]);
+    scale[c] = s;
+    shift[c] = (b != nullptr ? static_cast<acc_t>(b[c]) : acc_t(0)) - static_cast<acc_t>(m[c]) * s;
+  }
+}
+
 template <typename scalar_t>
 void local_representation_cpu_impl(
-    const at::Tensor& memory, const at::Tensor& pos, const at::Tensor& bn_scale,
-    const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
+    const at::Tensor& memory, const at::Tensor& pos, const at::Tensor& bn_mean,
+    const at::Tensor& bn_var, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    double bn_eps, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
     const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize, at::Tensor& keys) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
@@ -59,10 +81,8 @@ void local_representation_cpu_impl(
   const scalar_t* x = memory.data_ptr<scalar_t>();
   const scalar_t* p = pos.defined() ? pos.data_ptr<scalar_t>() : nullptr;
   // Small parameters in acc_t once, so the inner loops do not convert (and fp64 stays fp64).
-  const at::Tensor scale_acc = bn_scale.to(acc_options.dtype()).contiguous();
-  const at::Tensor shift_acc = bn_shift.to(acc_options.dtype()).contiguous();
-  const acc_t* scale = scale_acc.data_ptr<acc_t>();
-  const acc_t* shift = shift_acc.data_ptr<acc_t>();
+  std::vector<acc_t> scale, shift;
+  bn_affine<scalar_t>(bn_mean, bn_var, bn_weight, bn_bias, bn_eps, scale, shift);
   const at::Tensor dw_w = dw_weight.reshape({channels, 9}).to(acc_options.dtype()).contiguous();
   const at::Tensor dw_b = dw_bias.to(acc_options.dtype()).contiguous();
   // [C + 1, C_out]: out_weight^T with out_bias as an extra row, matched by a row of ones under
@@ -138,11 +158,13 @@ void local_representation_cpu_impl(
 }
 
 at::Tensor local_representation_cpu(
-    const at::Tensor& memory_in, const std::optional<at::Tensor>& pos_in, const at::Tensor& bn_scale,
-    const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-    const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize) {
-  check_local_representation_inputs(
-      memory_in, pos_in, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias);
+    const at::Tensor& memory_in, const std::optional<at::Tensor>& pos_in, const at::Tensor& bn_mean,
+    const at::Tensor& bn_var, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double bn_eps, const at::Tensor& dw_weight,
+    const at::Tensor& dw_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,
+    bool normalize) {
+  check_local_representation_inputs(memory_in, pos_in, bn_mean, bn_var, bn_weight, bn_bias,
+                                    dw_weight, dw_bias, out_weight, out_bias);
   // ATen ops run on these internally (views, addmm_out); detached inputs keep them out of autograd.
   const at::Tensor memory = memory_in.detach().contiguous();
   const at::Tensor pos = pos_in.has_value() ? pos_in->detach().contiguous() : at::Tensor();
@@ -152,8 +174,11 @@ at::Tensor local_representation_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, memory.scalar_type(), "local_representation_cpu", [&] {
         local_representation_cpu_impl<scalar_t>(
-            memory, pos, bn_scale.contiguous(), bn_shift.contiguous(), dw_weight.detach(),
-            dw_bias.detach(), out_weight.detach(), out_bias.detach(), normalize, keys);
+            memory, pos, bn_mean.detach().contiguous(), bn_var.detach().contiguous(),
+            bn_weight.has_value() ? bn_weight->detach().contiguous() : at::Tensor(),
+            bn_bias.has_value() ? bn_bias->detach().contiguous() : at::Tensor(), bn_eps,
+            dw_weight.detach(), dw_bias.detach(), out_weight.detach(), out_bias.detach(), normalize,
+            keys);
       });
   return keys;
 }

@@ -49,21 +49,35 @@ constexpr double kNormalizeEps = 1e-12;
 
 // features[b, h * W + w, c] = dw_bias[c] + sum over the 3x3 window of dw_weight[c] times
 // BN(memory + pos)[b, c] (zero outside the image), for the block's row tile and channel tile.
-// blockIdx.x = (b * H + h) * row_tiles + tile, blockIdx.y = channel tile.
+// BN in eval mode from its running statistics and optional affine (bn_weight, bn_bias may be
+// null), as the CPU kernel computes it: scale = weight / sqrt(var + eps), shift = bias -
+// mean * scale, in acc_t. blockIdx.x = (b * H + h) * row_tiles + tile, blockIdx.y = channel tile.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) bn_depthwise_conv_kernel(
     const scalar_t* __restrict__ memory, const scalar_t* __restrict__ pos,
-    const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+    const scalar_t* __restrict__ bn_mean, const scalar_t* __restrict__ bn_var,
+    const scalar_t* __restrict__ bn_weight, const scalar_t* __restrict__ bn_bias, acc_t bn_eps,
     const scalar_t* __restrict__ dw_weight, const scalar_t* __restrict__ dw_bias,
     int64_t channels, int64_t height, int64_t width, int64_t row_tiles,
     scalar_t* __restrict__ features) {
   __shared__ acc_t lines[kTileChannels * kChannelStride];
+  __shared__ acc_t scale[kTileChannels], shift[kTileChannels];
   const int64_t tile = blockIdx.x % row_tiles;
   const int64_t h = (blockIdx.x / row_tiles) % height;
   const int64_t b = blockIdx.x / row_tiles / height;
   const int64_t w0 = tile * kTilePixels;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileChannels;
   const int64_t plane = height * width;
+  if (threadIdx.x < kTileChannels && c0 + threadIdx.x < channels) {
+    const int64_t channel = c0 + threadIdx.x;
+    // IEEE division and square root (nvcc's defaults without fast math), as on the CPU.
+    acc_t s = acc_t(1) / std::sqrt(static_cast<acc_t>(bn_var[channel]) + bn_eps);
+    if (bn_weight != nullptr) s *= static_cast<acc_t>(bn_weight[channel]);
+    scale[threadIdx.x] = s;
+    shift[threadIdx.x] = (bn_bias != nullptr ? static_cast<acc_t>(bn_bias[channel]) : acc_t(0)) -
+        static_cast<acc_t>(bn_mean[channel]) * s;
+  }
+  __syncthreads();
   // Consecutive threads read consecutive pixels of one (channel, source row).
   for (int i = threadIdx.x; i < kTileChannels * 3 * kLine; i += kThreads) {
     const int c = i / (3 * kLine), r = (i / kLine) % 3, x = i % kLine;
@@ -74,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) bn_depthwise_conv_kernel(
       const int64_t at = (b * channels + channel) * plane + source_h * width + source_w;
       acc_t sum = static_cast<acc_t>(memory[at]);
       if (pos != nullptr) sum += static_cast<acc_t>(pos[at]);
-      value = sum * scale[channel] + shift[channel];
+      value = sum * scale[c] + shift[c];
     }
     lines[c * kChannelStride + r * kLine + x] = value;
   }
@@ -100,11 +114,13 @@ __global__ void __launch_bounds__(kThreads) bn_depthwise_conv_kernel(
 }
 
 at::Tensor local_representation_cuda(
-    const at::Tensor& memory_in, const std::optional<at::Tensor>& pos_in, const at::Tensor& bn_scale,
-    const at::Tensor& bn_shift, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-    const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize) {
-  check_local_representation_inputs(
-      memory_in, pos_in, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias);
+    const at::Tensor& memory_in, const std::optional<at::Tensor>& pos_in, const at::Tensor& bn_mean,
+    const at::Tensor& bn_var, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double bn_eps, const at::Tensor& dw_weight,
+    const at::Tensor& dw_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,
+    bool normalize) {
+  check_local_representation_inputs(memory_in, pos_in, bn_mean, bn_var, bn_weight, bn_bias,
+                                    dw_weight, dw_bias, out_weight, out_bias);
   const c10::cuda::CUDAGuard device_guard(memory_in.device());
   // ATen ops run on these internally (addmm, views); detached inputs keep them out of autograd.
   const at::Tensor memory = memory_in.detach().contiguous();
@@ -126,8 +142,10 @@ at::Tensor local_representation_cuda(
   const auto acc_dtype = at::toOpMathType(memory.scalar_type());
   at::Tensor features = at::empty({pixels, channels}, memory.options());
   if (channels > 0) {
-    const at::Tensor scale = bn_scale.detach().to(acc_dtype).contiguous();
-    const at::Tensor shift = bn_shift.detach().to(acc_dtype).contiguous();
+    // Contiguous already in a module (no copy then); optional affine as null pointers.
+    const at::Tensor mean = bn_mean.detach().contiguous(), var = bn_var.detach().contiguous();
+    const at::Tensor bn_w = bn_weight.has_value() ? bn_weight->detach().contiguous() : at::Tensor();
+    const at::Tensor bn_b = bn_bias.has_value() ? bn_bias->detach().contiguous() : at::Tensor();
     const at::Tensor weight9 = dw_weight.detach().reshape({channels, 9}).contiguous();
     const at::Tensor bias = dw_bias.detach().contiguous();
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -139,8 +157,10 @@ at::Tensor local_representation_cuda(
                  kThreads, 0, stream>>>(
                   memory.const_data_ptr<scalar_t>(),
                   pos.defined() ? pos.const_data_ptr<scalar_t>() : nullptr,
-                  scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-                  weight9.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), channels,
+                  mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
+                  bn_w.defined() ? bn_w.const_data_ptr<scalar_t>() : nullptr,
+                  bn_b.defined() ? bn_b.const_data_ptr<scalar_t>() : nullptr,
+                  static_cast<acc_t>(bn_eps), weight9.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), channels,
                   height, width, row_tiles, features.mutable_data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });

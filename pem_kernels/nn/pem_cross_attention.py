@@ -95,38 +95,18 @@ class LocalRepresentation(nn.Module):
                 backend, memory.device, memory.dtype
             )
             if chosen in FUSED_LOCAL_REPRESENTATION_BACKENDS:
-                # The kernels' accumulation dtype: fp64 for fp64, fp32 otherwise.
-                acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
-                scale, shift = self._bn_affine(acc, bn_sources, bn.eps)
                 normalize = normalize and normalizes_in_kernel(
                     chosen, memory.dtype, weights[2].shape[0]
                 )
+                # The kernels apply the BatchNorm from its statistics: nothing computed here,
+                # nothing cached (BatchNorm's training forward and fused optimizers change these
+                # tensors without bumping their versions).
                 keys = fused_local_representation(
-                    chosen, memory, pos, scale, shift, *weights, normalize
+                    chosen, memory, pos, *bn_sources, bn.eps, *weights, normalize
                 )
                 if keys is not None:
                     return keys, normalize
         return self(memory + pos if pos is not None else memory), False
-
-    @staticmethod
-    def _bn_affine(
-        acc: torch.dtype, sources: tuple, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode BatchNorm as (scale, shift) [C] in ``acc``, from ``sources`` = (running_mean,
-        running_var, weight, bias) (the affine ones may be None).
-
-        Computed every call (four small launches on a GPU). A cache keyed on the tensors'
-        versions went stale: BatchNorm's training forward updates its running statistics, and
-        fused optimizers (``Adam(fused=True)``) its parameters, without bumping their versions,
-        so a fused eval after training used the old statistics.
-        """
-        mean, var, weight, bias = sources
-        scale = torch.rsqrt(var.to(acc) + eps)
-        if weight is not None:
-            scale = scale * weight.to(acc)
-        if bias is None:
-            return scale, -mean.to(acc) * scale
-        return scale, torch.addcmul(bias.to(acc), mean.to(acc), scale, value=-1)
 
     @staticmethod
     def _fusable(
@@ -135,12 +115,12 @@ class LocalRepresentation(nn.Module):
     ) -> bool:
         """Whether the fused kernel may replace the modules: eval-mode BN with running
         statistics, no gradient to record, no forward-AD tangent, autocast off, one dtype."""
-        running_mean, running_var, bn_weight, bn_bias = bn_sources
+        running_mean, running_var = bn_sources[:2]
         if bn_training or running_mean is None or running_var is None or memory.dim() != 4:
             return False
         if pos is not None and pos.shape != memory.shape:
             return False
-        tensors = [t for t in (memory, pos, *weights, bn_weight, bn_bias) if t is not None]
+        tensors = [t for t in (memory, pos, *weights, *bn_sources) if t is not None]
         grad, dtype = torch.is_grad_enabled(), memory.dtype
         for tensor in tensors:
             if tensor.dtype != dtype or (grad and tensor.requires_grad):

@@ -25,8 +25,11 @@ def fused_local_representation(
     backend: str,
     memory: torch.Tensor,
     pos: torch.Tensor | None,
-    bn_scale: torch.Tensor,
-    bn_shift: torch.Tensor,
+    bn_mean: torch.Tensor,
+    bn_var: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    bn_eps: float,
     dw_weight: torch.Tensor,
     dw_bias: torch.Tensor,
     out_weight: torch.Tensor,
@@ -38,14 +41,17 @@ def fused_local_representation(
 
     Args:
         memory, pos: [B, C, H, W] (pos optional), one dtype.
-        bn_scale, bn_shift: [C], eval-mode BatchNorm as ``scale * x + shift``, in the
-            accumulation dtype (fp64 for fp64 memory, fp32 otherwise).
+        bn_mean, bn_var, bn_weight, bn_bias: [C] and bn_eps: the eval-mode BatchNorm (its
+            running statistics and optional affine), which the kernels apply as
+            ``x * scale + shift`` with ``scale = weight / sqrt(var + eps)`` and ``shift = bias -
+            mean * scale`` in the accumulation dtype (fp64 for fp64 memory, fp32 otherwise).
         dw_weight: [C, 1, 3, 3], dw_bias: [C]; out_weight: [C_out, C], out_bias: [C_out].
         normalize: divide every pixel's row by ``max(||row||_2, 1e-12)`` (``F.normalize`` over
             C_out), with the norm of the unrounded accumulator; saves prototype_select its key
             norm pass and the normalization of its key tiles (``normalize_keys=False`` there).
     """
-    args = (memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias, normalize)
+    args = (memory, pos, bn_mean, bn_var, bn_weight, bn_bias, float(bn_eps), dw_weight, dw_bias,
+            out_weight, out_bias, normalize)
     if backend in ("cpu", "cuda") and has_kernel("local_representation", backend.upper()):
         return call_op(torch.ops.pem_kernels.local_representation.default, *args)
     if backend == "triton":
@@ -84,7 +90,8 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("pem_kernels::local_representation")
     def _local_representation_fake(
-        memory, pos, bn_scale, bn_shift, dw_weight, dw_bias, out_weight, out_bias, normalize=False
+        memory, pos, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, dw_weight, dw_bias, out_weight,
+        out_bias, normalize=False,
     ):
         torch._check(memory.dim() == 4, lambda: "memory must be [B, C, H, W]")
         batch, _, height, width = memory.shape

@@ -1,7 +1,8 @@
 """PEM-CA's feature projection fused into one Triton kernel (inference).
 
 ``keys[b, p, :] = W_out @ dwconv3x3(BN(memory + pos))[b, :, p] + b_out`` for every pixel p, with
-BN in eval mode (a per-channel affine ``scale * x + shift`` from the running statistics) and the
+BN in eval mode (a per-channel affine ``scale * x + shift`` from the running statistics, computed
+in the kernel) and the
 depthwise conv's zero padding applied *after* BN, exactly as ``nn.Conv2d(padding=1)`` pads its
 BN-normalized input. Unfused, this chain reads and writes the [B, C, H, W] feature map four times
 (add, BN, depthwise conv, the Linear over a transposed view) and is the largest memory cost of a
@@ -78,13 +79,18 @@ def _row_tile(pid, W, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _bn_depthwise_tile(
-    x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, b, c, c_ok, h, w, p_ok, C,
-    H, W, HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, pos_ptr, mean_ptr, var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps, dw_weight_ptr,
+    dw_bias_ptr, b, c, c_ok, h, w, p_ok, C, H, W, HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """[BLOCK_P, BLOCK_C] fp32 tile of dwconv3x3(BN(x + pos)) + dw_bias: pixels (h, w) of image b
-    (w a run of one row), channels c."""
-    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    (w a run of one row), channels c. BN from its running statistics as the C++ kernels apply it:
+    ``x * scale + shift``, ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``."""
+    var = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+    scale = tl.div_rn(1.0, tl.sqrt_rn(var + bn_eps))
+    scale *= tl.load(bn_weight_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.load(bn_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
     plane = (b * C + c) * (H * W)  # start of channel c of image b, [BLOCK_C]
     conv = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for tap in tl.static_range(9):
@@ -105,8 +111,8 @@ def _bn_depthwise_tile(
 
 @triton.jit
 def _local_representation_kernel(
-    x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, weight_ptr, bias_ptr,
-    out_ptr, C, H, W, C_OUT,
+    x_ptr, pos_ptr, mean_ptr, var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps, dw_weight_ptr,
+    dw_bias_ptr, weight_ptr, bias_ptr, out_ptr, C, H, W, C_OUT,
     HAS_POS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -122,8 +128,8 @@ def _local_representation_kernel(
         c = k0 + tl.arange(0, BLOCK_K)
         c_ok = c < C
         conv = _bn_depthwise_tile(
-            x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, b, c, c_ok, h, w,
-            p_ok, C, H, W, HAS_POS, BLOCK_P, BLOCK_K,
+            x_ptr, pos_ptr, mean_ptr, var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps, dw_weight_ptr,
+            dw_bias_ptr, b, c, c_ok, h, w, p_ok, C, H, W, HAS_POS, BLOCK_P, BLOCK_K,
         )
         # rhs[k, j] = W_out[n_j, c_k]
         rhs = tl.load(
@@ -143,8 +149,9 @@ def _local_representation_kernel(
 
 @triton.jit
 def _bn_depthwise_conv_kernel(
-    x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, out_ptr, C, H, W,
-    HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, pos_ptr, mean_ptr, var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps, dw_weight_ptr,
+    dw_bias_ptr, out_ptr, C, H, W, HAS_POS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # The fused kernel's depthwise-conv tiles, stored [B, H*W, C]: BLOCK_P pixels of one image
     # row x BLOCK_C channels (coalesced pixel-major stores).
@@ -153,8 +160,8 @@ def _bn_depthwise_conv_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     conv = _bn_depthwise_tile(
-        x_ptr, pos_ptr, scale_ptr, shift_ptr, dw_weight_ptr, dw_bias_ptr, b, c, c_ok, h, w, p_ok,
-        C, H, W, HAS_POS, BLOCK_P, BLOCK_C,
+        x_ptr, pos_ptr, mean_ptr, var_ptr, bn_weight_ptr, bn_bias_ptr, bn_eps, dw_weight_ptr,
+        dw_bias_ptr, b, c, c_ok, h, w, p_ok, C, H, W, HAS_POS, BLOCK_P, BLOCK_C,
     )
     out_offsets = (b * (H * W) + h * W + w)[:, None] * C + c[None, :]
     tl.store(out_ptr + out_offsets, conv, mask=p_ok[:, None] & c_ok[None, :])
@@ -193,8 +200,11 @@ def normalizes_in_kernel(dtype: torch.dtype, out_channels: int) -> bool:
 def local_representation_triton(
     memory: torch.Tensor,
     pos: torch.Tensor | None,
-    bn_scale: torch.Tensor,
-    bn_shift: torch.Tensor,
+    bn_mean: torch.Tensor,
+    bn_var: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    bn_eps: float,
     dw_weight: torch.Tensor,
     dw_bias: torch.Tensor,
     weight: torch.Tensor,
@@ -204,8 +214,8 @@ def local_representation_triton(
     """keys [B, H*W, C_out] from memory [B, C, H, W] (+ pos, same shape, optional).
 
     Args:
-        bn_scale, bn_shift: [C] fp32 (the Triton kernels take no fp64), the eval-mode BatchNorm
-            as ``scale * x + shift``.
+        bn_mean, bn_var, bn_weight, bn_bias: [C] in memory's dtype (the affine ones optional)
+            and bn_eps: the eval-mode BatchNorm, applied from its statistics in the kernel.
         dw_weight: [C, 1, 3, 3] depthwise weights; dw_bias: [C].
         weight: [C_out, C] and bias: [C_out], the Linear.
         normalize: L2-normalize every pixel's row (``F.normalize``, eps 1e-12): in the kernel
@@ -219,8 +229,10 @@ def local_representation_triton(
     out_channels = weight.shape[0]
     check_operands(name, memory, {
         "pos": (pos, tuple(memory.shape), None),
-        "bn_scale": (bn_scale, (channels,), torch.float32),
-        "bn_shift": (bn_shift, (channels,), torch.float32),
+        "bn_mean": (bn_mean, (channels,), None),
+        "bn_var": (bn_var, (channels,), None),
+        "bn_weight": (bn_weight, (channels,), None),
+        "bn_bias": (bn_bias, (channels,), None),
         "dw_weight": (dw_weight, (channels, 1, 3, 3), None),
         "dw_bias": (dw_bias, (channels,), None),
         "weight": (weight, (out_channels, channels), None),
@@ -229,10 +241,13 @@ def local_representation_triton(
     x = memory.contiguous()
     if batch * height * width * out_channels == 0:
         return x.new_empty(batch, height * width, out_channels)
-    # The operands of the BN + depthwise-conv part, as both kernels take them.
+    # The operands of the BN + depthwise-conv part, as both kernels take them. A BatchNorm
+    # without affine (rare) gets the identity's.
     conv_operands = (
-        x, pos.contiguous() if pos is not None else x, bn_scale.contiguous(),
-        bn_shift.contiguous(), dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
+        x, pos.contiguous() if pos is not None else x, bn_mean.contiguous(), bn_var.contiguous(),
+        bn_weight.contiguous() if bn_weight is not None else torch.ones_like(bn_mean),
+        bn_bias.contiguous() if bn_bias is not None else torch.zeros_like(bn_mean), float(bn_eps),
+        dw_weight.reshape(channels, 9).contiguous(), dw_bias.contiguous(),
     )
     if x.dtype == torch.float32 and FP32_TWO_STEP and not fp32_matmul_allows_tf32():
         return _conv_then_addmm(conv_operands, pos is not None, weight, bias, normalize)

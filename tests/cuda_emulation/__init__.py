@@ -50,7 +50,9 @@ ENTRY_POINTS = {
         "local_representation_cuda": (
             "at::Tensor",
             ("const at::Tensor& memory, const std::optional<at::Tensor>& pos, "
-             "const at::Tensor& bn_scale, const at::Tensor& bn_shift, "
+             "const at::Tensor& bn_mean, const at::Tensor& bn_var, "
+             "const std::optional<at::Tensor>& bn_weight, "
+             "const std::optional<at::Tensor>& bn_bias, double bn_eps, "
              "const at::Tensor& dw_weight, const at::Tensor& dw_bias, "
              "const at::Tensor& out_weight, const at::Tensor& out_bias, bool normalize"),
         ),
