@@ -38,11 +38,12 @@ class PositionEmbeddingSine(nn.Module):
     Shapes: x [B, C, H, W] (only its shape, device and dtype are used) ->
     [B, 2 * num_pos_feats, H, W] (an expanded view of one [1, 2 * num_pos_feats, H, W] encoding).
 
-    The encoding depends on (H, W, dtype, device) only, and a forward asks for the same three
-    (one per decoder level): eager calls keep up to :attr:`CACHE_SIZE` of them (on a GPU each
-    costs about 17 small launches per level and forward, and the model's forward is host-bound)
-    and return the same values, which no caller writes to. ``.to()`` and friends empty the cache;
-    so does a torch.compile trace, which folds the computation into its graph instead.
+    The encoding depends on (H, W, dtype, device) and the settings only, and a forward asks for
+    the same three (one per decoder level): eager calls keep up to :attr:`CACHE_SIZE` of them
+    (keyed by all of those; on a GPU each costs about 17 small launches per level and forward,
+    and the model's forward is host-bound) and return the same values, which no caller writes to.
+    ``.to()`` and friends empty the cache; so does a torch.compile trace, which folds the
+    computation into its graph instead.
     """
 
     CACHE_SIZE = 8
@@ -67,8 +68,10 @@ class PositionEmbeddingSine(nn.Module):
         b, _, h, w = x.shape
         if torch.compiler.is_compiling():
             return self._encoding(h, w, x.dtype, x.device).expand(b, -1, -1, -1)
-        # Tensors made under inference mode may not enter autograd later: their own entries.
-        key = (h, w, x.dtype, x.device, torch.is_inference_mode_enabled())
+        # Tensors made under inference mode may not enter autograd later: their own entries. The
+        # settings too, should someone change one after a forward.
+        key = (h, w, x.dtype, x.device, torch.is_inference_mode_enabled(), self.num_pos_feats,
+               self.temperature, self.normalize, self.scale)
         encoding = self._cache.get(key)
         if encoding is None:
             if len(self._cache) >= self.CACHE_SIZE:

@@ -147,6 +147,10 @@ def test_position_embedding_cache() -> None:
     normal = layer(torch.zeros(1, 32, 4, 4))
     assert inference.is_inference() and not normal.is_inference()
     assert torch.equal(inference, normal)
+    layer.temperature = 100.0  # a setting changed after a forward: not the stored encoding
+    changed = PositionEmbeddingSine(16, temperature=100.0, normalize=True).double()
+    assert torch.equal(layer(torch.zeros(1, 32, 4, 4)), changed(torch.zeros(1, 32, 4, 4)))
+    assert not torch.equal(layer(torch.zeros(1, 32, 4, 4)), normal)
 
 
 def test_padding_keeps_the_padded_canvas() -> None:
