@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pem_kernels
 from pem_kernels.nn import PEMCrossAttention
 from pem_kernels.nn.pem_cross_attention import LocalRepresentation
 
@@ -477,3 +478,19 @@ print("compiled for sm_90")
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernel is compiled and run by the tests")
 def test_triton_kernel_compiles_for_sm90_without_a_gpu(fused):
     assert_compiles_for_sm90(_SM90_COMPILE)
+
+
+def test_auto_takes_only_validated_projection_kernels(monkeypatch):
+    """'auto' resolves the layer's projections to the C++ kernel on the CPU and to the modules
+    ('reference') on a GPU, where the CUDA projection kernels have run only in the CUDA
+    emulation; an explicit backend, or PEM_KERNELS_BACKEND, still runs them."""
+    from pem_kernels.ops.local_representation import PROJECTION_BACKENDS
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert PROJECTION_BACKENDS.resolve("auto", cpu, torch.float32) == "cpu"
+    assert PROJECTION_BACKENDS.resolve("auto", cuda, torch.float32) == "reference"
+    monkeypatch.setenv("PEM_KERNELS_BACKEND", "cuda")
+    if pem_kernels._extension.has_kernel("local_representation", "CUDA"):
+        assert PROJECTION_BACKENDS.resolve("auto", cuda, torch.float32) == "cuda"
+    with pytest.raises(pem_kernels.BackendUnavailableError, match="runs on cuda tensors"):
+        PROJECTION_BACKENDS.resolve("auto", cpu, torch.float32)

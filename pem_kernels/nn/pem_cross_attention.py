@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pem_kernels._backends import backend_property, has_forward_ad_tangent
 from pem_kernels.ops.local_representation import (
     FUSED_LOCAL_REPRESENTATION_BACKENDS,
+    PROJECTION_BACKENDS,
     fused_local_representation,
     normalizes_in_kernel,
 )
@@ -60,7 +61,8 @@ class LocalRepresentation(nn.Module):
     def project(self, memory: torch.Tensor, pos: torch.Tensor | None, backend: str) -> torch.Tensor:
         """``self(memory + pos)``; for inference on the ``cpu`` or ``triton`` backend one fused
         kernel computes it in a single pass, on the ``cuda`` backend one kernel and a cuBLAS GEMM
-        (:mod:`pem_kernels.ops.local_representation`).
+        (:mod:`pem_kernels.ops.local_representation`). ``"auto"`` resolves through
+        ``PROJECTION_BACKENDS`` there: the modules on a GPU until the CUDA kernel is validated.
 
         The fused kernel runs when BN is in eval mode, no gradient is needed, autocast is off and
         all tensors share one dtype; otherwise the modules run (same result up to rounding).
@@ -91,7 +93,7 @@ class LocalRepresentation(nn.Module):
         weights = (conv.weight, conv.bias, out.weight, out.bias)
         bn_sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
         if self._fusable(memory, pos, bn.training, weights, bn_sources):
-            chosen = backend if resolved else SELECT_BACKENDS.resolve(
+            chosen = backend if resolved else PROJECTION_BACKENDS.resolve(
                 backend, memory.device, memory.dtype
             )
             if chosen in FUSED_LOCAL_REPRESENTATION_BACKENDS:
@@ -216,10 +218,11 @@ class PEMCrossAttention(nn.Module):
         # their arguments again (a layer call on a GPU is host-bound at PEM's sizes).
         device, dtype, backend = memory.device, memory.dtype, self.backend
         chosen = SELECT_BACKENDS.resolve(backend, device, dtype)
+        projection = PROJECTION_BACKENDS.resolve(backend, device, dtype)
         keys, normalized = self.feature_proj._project(
-            memory, pos, chosen, normalize=True, resolved=True
+            memory, pos, projection, normalize=True, resolved=True
         )
-        queries = self._project_queries(tgt, query_pos, chosen)
+        queries = self._project_queries(tgt, query_pos, projection)
         prototypes, _ = run_prototype_select(
             chosen, keys, queries, mask_logits, self.num_heads, self.empty, not normalized
         )
@@ -308,8 +311,8 @@ class PEMCrossAttention(nn.Module):
         self, tgt: torch.Tensor, query_pos: torch.Tensor | None, chosen: str | None
     ) -> torch.Tensor:
         """``F.normalize(query_proj(tgt + query_pos))`` [B, Q, C] from tgt [Q, B, C]. For
-        inference on the ``cpu``, ``cuda`` or ``triton`` backend (``chosen``, the resolved backend
-        of the selection; ``None`` under autocast) one fused op computes it
+        inference on the ``cpu``, ``cuda`` or ``triton`` backend (``chosen``, the projections'
+        resolved backend, ``PROJECTION_BACKENDS``; ``None`` under autocast) one fused op computes it
         (:mod:`pem_kernels.ops.query_projection`): no gradient needed, one dtype, query_pos of
         tgt's shape; otherwise the modules run (same result up to rounding)."""
         if chosen not in FUSED_QUERY_PROJECTION_BACKENDS:

@@ -12,13 +12,36 @@ from __future__ import annotations
 
 import torch
 
-from pem_kernels._backends import call_op, inference_only_autograd
+from pem_kernels._backends import (
+    OpBackends,
+    call_op,
+    compiled_kernel,
+    inference_only_autograd,
+    triton_kernel,
+)
 from pem_kernels._extension import EXTENSION_LOADED, has_kernel
 
-__all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "fused_local_representation", "no_backward",
-           "no_backward_setup", "normalizes_in_kernel"]
+__all__ = ["FUSED_LOCAL_REPRESENTATION_BACKENDS", "PROJECTION_BACKENDS",
+           "fused_local_representation", "no_backward", "no_backward_setup",
+           "normalizes_in_kernel"]
 
 FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "cuda", "triton")
+
+# The backend of PEM-CA's fused projections (this op and the query projection) for a layer's
+# ``backend``. "auto" takes only kernels validated on the device, as for every op: the C++
+# kernels on the CPU; on a GPU the CUDA projection kernels have run only in the CUDA emulation
+# (tests/cuda_emulation), so "auto" keeps the modules there ("reference") until they pass the
+# GPU tests. backend="cuda" or "triton" runs the kernels. (Not in the public op registry: the
+# projections are internal ops of the layer.)
+PROJECTION_BACKENDS = OpBackends(
+    "PEM-CA projections",
+    availability={
+        "cpu": compiled_kernel("local_representation", "CPU", "cpu"),
+        "cuda": compiled_kernel("local_representation", "CUDA", "cuda"),
+        "triton": triton_kernel,
+    },
+    auto_order={"cpu": ("cpu",)},
+)
 
 
 def fused_local_representation(
