@@ -114,3 +114,15 @@ def test_model():
     same_under_inference_mode(
         lambda: tuple(model(images)[key] for key in ("pred_logits", "pred_masks"))
     )
+
+
+def test_cpu_kernels_run_their_ranges_through_pem_kernels_parallel_for():
+    """A CPU kernel that called at::parallel_for directly would bring the failure back for its
+    op (and a test of that op under inference mode might not exist yet)."""
+    from pathlib import Path
+
+    sources = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cpu").glob("*.cpp"))
+    assert sources
+    for source in sources:
+        text = source.read_text()
+        assert "at::parallel_for(" not in text, f"{source.name}: use pem_kernels::parallel_for"
