@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from pem.backbones import build_backbone
 from pem.pixel_decoder import PEMPixelDecoder
 from pem.transformer_decoder import PEMTransformerDecoder
-from pem_kernels._backends import BACKENDS
+from pem_kernels._backends import BACKENDS, autocast_enabled
 
 __all__ = ["PEM", "PIXEL_MEAN", "PIXEL_STD", "SIZE_DIVISIBILITY"]
 
@@ -88,7 +88,7 @@ class PEM(nn.Module):
             raise ValueError(f"images: expected a floating-point tensor, got {images.dtype}")
         if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
             raise ValueError(f"images: expected a non-empty batch, got {list(images.shape)}")
-        if not torch.is_autocast_enabled(images.device.type):
+        if not autocast_enabled(images.device.type):
             dtype = next(self.parameters()).dtype
             if images.dtype != dtype:
                 raise TypeError(

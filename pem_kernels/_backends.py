@@ -17,9 +17,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "available_backends", "call_op",
-           "has_forward_ad_tangent", "inference_only_autograd", "plain_eager_call",
-           "refuse_forward_ad"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "OpBackends", "autocast_enabled",
+           "available_backends", "call_op", "functorch_differentiating", "has_forward_ad_tangent",
+           "inference_only_autograd", "plain_eager_call", "refuse_forward_ad"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _logger = logging.getLogger("pem_kernels")
@@ -69,14 +69,20 @@ class OpBackends:
                 raise ValueError(
                     f"PEM_KERNELS_BACKEND: expected one of {BACKENDS}, got {backend!r}"
                 )
+        differentiating = functorch_differentiating()
         if backend == "auto":
             chosen = "reference"
-            for candidate in self.auto_order.get(device.type, ()):
+            for candidate in () if differentiating else self.auto_order.get(device.type, ()):
                 if self.unavailable_reason(candidate, device, dtype) is None:
                     chosen = candidate
                     break
         else:
             reason = self.unavailable_reason(backend, device, dtype)
+            if reason is None and differentiating and backend != "reference":
+                reason = (
+                    "torch.func's grad and jvp transforms cannot differentiate the compiled "
+                    "kernels; 'auto' runs the reference under them"
+                )
             if reason is not None:
                 available = [
                     name for name in self.availability
@@ -159,6 +165,30 @@ def available_backends(
     ]
 
 
+def functorch_differentiating() -> bool:
+    """Whether a torch.func transform that differentiates (``grad``, ``vjp``, ``jacrev``,
+    ``jvp``, ``jacfwd``, ``hessian``) is active. Custom ops have no functorch autograd rule, so
+    under these only the reference (plain ATen ops) can run; ``vmap`` alone works with the
+    kernels."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(
+        interpreter.key() in (TransformType.Grad, TransformType.Jvp)
+        for interpreter in retrieve_all_functorch_interpreters()
+    )
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False on devices autocast does not exist for
+    (``meta``, where torch raises instead: a meta-device dry run must not fail on the check)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+        device_type
+    )
+
+
 def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
     """The op's floating-point tensors in the autocast dtype when autocast is on for ``device``.
 
@@ -168,7 +198,7 @@ def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tupl
     official code does for its deformable conv (it casts the weight to the input dtype).
     Outside autocast the tensors come back unchanged.
     """
-    if not torch.is_autocast_enabled(device.type):
+    if not autocast_enabled(device.type):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     return tuple(
@@ -184,7 +214,7 @@ def reference_context(device: torch.device) -> contextlib.AbstractContextManager
     left on, CUDA autocast would run parts of it (``F.normalize``'s norm) in fp32, so the op's
     result under autocast would differ from the op on the cast inputs.
     """
-    if torch.is_autocast_enabled(device.type):
+    if autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -248,9 +278,10 @@ def refuse_forward_ad(op_name: str, tensors: Iterable[torch.Tensor | None]) -> N
 
 
 def inference_only_autograd(message: str) -> tuple[Callable, Callable]:
-    """(backward, setup_context) for ``register_autograd`` of an op that serves inference only:
-    its backward raises ``RuntimeError(message)``, a clear error instead of a silently missing
-    gradient when someone differentiates through it."""
+    """(backward, setup_context) for ``register_autograd`` of an op that must not be
+    differentiated (an op that serves inference only, or a backward op, whose own derivative
+    the kernels do not give): its backward raises ``RuntimeError(message)``, a clear error
+    instead of a silently missing gradient when someone differentiates through it."""
 
     def setup_context(ctx, inputs, output) -> None:
         """Nothing to save."""

@@ -372,26 +372,35 @@ def test_offset_gradient_at_exactly_minus_one_is_the_right_hand_slope():
     torch.testing.assert_close(grad, expected)
 
 
-def test_samples_outside_the_image_never_read_it():
-    """Corners outside the image are skipped, not multiplied by 0: a NaN there cannot leak."""
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_samples_outside_the_image_never_read_it(backend, value):
+    """Corners outside the image are skipped, not multiplied by 0: a NaN or inf pixel (here the
+    one next to every outside sample) cannot leak into the output or the gradients."""
     image = torch.randn(1, 2, 5, 5, dtype=torch.float64)
-    image[:, :, 0, 0] = float("nan")
-    weight = torch.randn(3, 2, 1, 1, dtype=torch.float64)
+    image[:, :, 0, 0] = value
+    weight = torch.randn(3, 2, 1, 1, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64)
-    offset = torch.full((1, 2, 5, 5), -7.5, dtype=torch.float64)  # every sample far outside
-    out = pem_kernels.deform_conv2d(image, offset, weight, bias, backend="cpu")
+    # every sample far outside, above and left of pixel (0, 0)
+    offset = torch.full((1, 2, 5, 5), -7.5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = pem_kernels.deform_conv2d(image, offset, weight, bias, mask=mask, backend=backend)
     torch.testing.assert_close(out, bias.view(1, 3, 1, 1).expand_as(out))
+    grads = torch.autograd.grad(out.sum(), (weight, offset, mask))
+    for name, grad in zip(("weight", "offset", "mask"), grads):
+        assert (grad == 0).all(), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_finite_and_huge_offsets_give_zero_samples(device):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "reference"])
+def test_non_finite_and_huge_offsets_give_zero_samples(device, kernel):
     conv = CONFIGS["fractional_offsets"]
     tensors = make_inputs(conv, torch.float64, device)
     far = tensors["offset"].clone()
     far[0, 0, 0, 0] = far[1, 5, 2, 3] = far[0, 9, 4, 1] = 1e6  # samples far outside the image
     odd = tensors["offset"].clone()
     odd[0, 0, 0, 0], odd[1, 5, 2, 3], odd[0, 9, 4, 1] = float("nan"), float("inf"), 1e30
-    backend = backend_for(device)
+    backend = backend_for(device) if kernel else "reference"
     expected = call(backend, {**tensors, "offset": far}, conv)
     torch.testing.assert_close(call(backend, {**tensors, "offset": odd}, conv), expected)
     torch.testing.assert_close(expected, call_torchvision({**tensors, "offset": far}, conv))
@@ -680,19 +689,39 @@ def test_backward_is_deterministic(device, monkeypatch):
             assert torch.equal(default[name], first[name]), name
 
 
-def test_cpu_backward_does_not_depend_on_the_thread_count():
+def test_cpu_backward_is_repeatable_at_each_thread_count():
+    """Bit-identical run to run at 1 and at 2 threads; across the two the GEMMs' last bits may
+    differ (MKL splits a long reduction by the thread count)."""
     conv = CONFIGS["many_pixels"]
     tensors = make_inputs(conv, torch.float32)
     grad_output = torch.randn(conv.output_shape())
     threads = torch.get_num_threads()
+    runs = {}
     try:
-        torch.set_num_threads(1)
-        single = gradients(lambda t: call("cpu", t, conv), tensors, grad_output)
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs[count] = [
+                gradients(lambda t: call("cpu", t, conv), tensors, grad_output) for _ in range(2)
+            ]
     finally:
         torch.set_num_threads(threads)
-    several = gradients(lambda t: call("cpu", t, conv), tensors, grad_output)
-    for name in single:
-        assert torch.equal(single[name], several[name]), name
+    for count, (first, second) in runs.items():
+        for name in first:
+            assert torch.equal(first[name], second[name]), (count, name)
+    for name, single in runs[1][0].items():
+        torch.testing.assert_close(single, runs[2][0][name], rtol=1e-5, atol=1e-5)
+
+
+def test_meta_device_dry_run_gives_the_output_shape():
+    """On the meta device (shapes only) "auto" runs the reference, module included, as
+    torchvision's op runs there; it once failed on autocast's device check."""
+    conv = CONFIGS["groups2"]
+    tensors = {k: v.to("meta") if v is not None else None
+               for k, v in make_inputs(conv, torch.float32).items()}
+    out = call("auto", tensors, conv)
+    assert out.device.type == "meta" and out.shape == conv.output_shape()
+    module = pem_kernels.nn.ModulatedDeformConv2d(8, 6).to("meta")
+    assert module(torch.empty(2, 8, 5, 7, device="meta")).shape == (2, 6, 5, 7)
 
 
 def test_auto_backend_picks_cpu_and_matches_reference(monkeypatch):

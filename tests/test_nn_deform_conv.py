@@ -56,6 +56,23 @@ def test_modulated_offset_layout_is_pems_chunk_and_concatenate():
     assert layer.offset_conv.weight.grad.abs().sum() > 0
 
 
+def test_modulated_reset_parameters_restores_the_starting_point():
+    """reset_parameters re-initializes the deformable conv and zeroes the trained offset conv
+    again, so the module is once more 0.5 * conv2d; the repr shows every constructor setting."""
+    layer = ModulatedDeformConv2d(4, 6, 3, padding=1, offset_groups=2).double()
+    with torch.no_grad():
+        layer.offset_conv.weight.normal_()
+        layer.offset_conv.bias.normal_()
+        layer.weight.fill_(7.0)
+    layer.reset_parameters()
+    assert (layer.offset_conv.weight == 0).all() and (layer.offset_conv.bias == 0).all()
+    assert (layer.weight != 7.0).all()
+    x = torch.randn(1, 4, 5, 6, dtype=torch.float64)
+    expected = 0.5 * torch.nn.functional.conv2d(x, layer.weight, padding=1)
+    torch.testing.assert_close(layer(x), expected)
+    assert "offset_groups=2" in repr(layer)
+
+
 def test_bad_groups_is_a_clear_error():
     with pytest.raises(ValueError, match="groups"):
         DeformConv2d(4, 6, 3, groups=3)

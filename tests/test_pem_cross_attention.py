@@ -155,6 +155,53 @@ def test_layer_compiles_fullgraph():
     torch.testing.assert_close(compiled(*inputs), layer(*inputs))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_layer_runs_on_the_meta_device(backend):
+    """A meta-device dry run (shapes only, as model-sizing tools do) works like the modules."""
+    layer = PEMCrossAttention(32, 4, backend=backend).to("meta").eval()
+    inputs = [t.to("meta") for t in layer_inputs(dtype=torch.float32)]
+    out = layer(*inputs)
+    assert out.device.type == "meta" and out.shape == inputs[0].shape
+
+
+def replace_submodule(layer, change):
+    if change == "query_proj_identity":
+        layer.query_proj = nn.Identity()
+    elif change == "query_proj_layernorm_subclass":
+        class ScaledLayerNorm(nn.LayerNorm):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        layer.query_proj = nn.Sequential(ScaledLayerNorm(32), nn.Linear(32, 32))
+    elif change == "conv_without_bias":
+        layer.feature_proj.to_query_3x3 = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+    elif change == "conv_5x5":
+        layer.feature_proj.to_query_3x3 = nn.Conv2d(32, 32, 5, padding=2, groups=32)
+    elif change == "out_without_bias":
+        layer.feature_proj.out = nn.Linear(32, 32, bias=False)
+    elif change == "bn_identity":
+        layer.feature_proj.bn = nn.Identity()
+
+
+@requires_extension
+@pytest.mark.parametrize("change", ["query_proj_identity", "query_proj_layernorm_subclass",
+                                    "conv_without_bias", "conv_5x5", "out_without_bias",
+                                    "bn_identity"])
+def test_replaced_submodules_run_as_modules(change):
+    """A submodule the user replaced (or rebuilt without a bias) is not what the fused projection
+    kernels compute: the fused layer runs it as a module, and equals the reference layer."""
+    reference = PEMCrossAttention(32, 4, backend="reference")
+    replace_submodule(reference, change)
+    reference = randomize(reference).double().eval()
+    fused = PEMCrossAttention(32, 4, backend="cpu")
+    replace_submodule(fused, change)
+    fused = fused.double().eval()
+    fused.load_state_dict(reference.state_dict())
+    inputs = layer_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), reference(*inputs), rtol=1e-10, atol=1e-10)
+
+
 def test_bad_mask_shape_or_dtype_is_a_clear_error():
     layer = PEMCrossAttention(32, 4)
     tgt, memory, mask, pos, query_pos = layer_inputs(dtype=torch.float32)
@@ -187,6 +234,14 @@ def test_bad_inputs_and_options_name_the_argument():
         layer(tgt, memory.to("meta"), mask, pos, query_pos)
     with pytest.raises(ValueError, match="memory_mask: on meta, expected memory's device cpu"):
         layer(tgt, memory, mask.to("meta"), pos, query_pos)
+    # tgt on meta with the layer on the CPU: the device check, not autocast's meta error
+    with pytest.raises(ValueError, match="tgt: on meta, expected the layer's device cpu"):
+        layer(tgt.to("meta"), memory, mask, pos, query_pos)
+    with pytest.raises(ValueError, match=r"memory: 16 channels .* expected the layer's d_model "
+                                         r"= 32"):
+        layer(tgt[..., :16], memory[:, :16], mask, pos[:, :16], query_pos[..., :16])
+    with pytest.raises(ValueError, match="memory: expected at least one pixel"):
+        layer(tgt, memory[:, :, :0], mask[:, :, :0], pos[:, :, :0], query_pos)
     with torch.no_grad():
         expected = layer(tgt, memory, mask, pos[:1].expand_as(pos).contiguous(), query_pos)
         torch.testing.assert_close(layer(tgt, memory, mask, pos[:1], query_pos), expected)

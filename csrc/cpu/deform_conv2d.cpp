@@ -18,10 +18,14 @@
 //
 // Backward runs one image and one pixel block at a time, each step parallel inside the block,
 // with a split of work that does not depend on the thread count, so that all five gradients are
-// bit-identical from run to run (and for any number of threads): grad_weight is accumulated block
-// after block by GEMMs over fixed row chunks, grad_input is scattered with each input channel
-// owned by one task (taps and pixels in a fixed order), and the offset and mask gradients of a
-// (group, tap, pixel) sum their channels in order. fp16/bf16 are computed in fp32
+// bit-identical from run to run: grad_weight is accumulated block after block by GEMMs over fixed
+// row chunks, grad_input is scattered with each input channel owned by one task (taps and pixels
+// in a fixed order), and the offset and mask gradients of a (group, tap, pixel) sum their
+// channels in order, at a given number of threads. Across thread counts the GEMMs' last bits
+// may differ: MKL splits a long reduction by the process's thread count even inside ATen's
+// parallel region (grad_weight, whose GEMMs reduce over the pixels, rounds four ways with 1, 2,
+// 3 and 4 threads at input [1, 16, 33, 29]).
+// fp16/bf16 are computed in fp32
 // (at::opmath_type) throughout and rounded once at the end.
 
 #include <ATen/ATen.h>
@@ -87,9 +91,8 @@ class TaskQueue {
 // Runs worker() once on each of ATen's threads; workers take their tasks from a shared TaskQueue,
 // so a thread that is slowed down (the machine is shared, or its tasks cost more) simply takes
 // fewer. Which thread runs a task never changes its result. The region always spans every
-// thread, even for fewer tasks than threads, so that with more than one thread the tasks run
-// inside a parallel region, where BLAS is single-threaded: each GEMM of the backward pass then
-// sums in the same order whatever the number of threads.
+// thread, even for fewer tasks than threads, so that the tasks' GEMMs run inside a parallel
+// region, where OpenMP does not nest: no BLAS threads on top of ATen's.
 template <typename Worker>
 void run_workers(const Worker& worker) {
   pem_kernels::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { worker(); });

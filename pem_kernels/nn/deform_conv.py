@@ -129,6 +129,16 @@ class ModulatedDeformConv2d(DeformConv2d):
             self.dilation,
         )
         self.offset_groups = offset_groups
+        self._zero_offset_conv()
+
+    def reset_parameters(self) -> None:
+        """The deformable conv's default initialization, and the offset conv back to zero."""
+        super().reset_parameters()
+        # DeformConv2d's constructor calls this before the offset conv exists.
+        if "offset_conv" in self._modules:
+            self._zero_offset_conv()
+
+    def _zero_offset_conv(self) -> None:
         nn.init.zeros_(self.offset_conv.weight)
         nn.init.zeros_(self.offset_conv.bias)
 
@@ -136,3 +146,6 @@ class ModulatedDeformConv2d(DeformConv2d):
         first, second, modulation = self.offset_conv(input).chunk(3, dim=1)
         offset = torch.cat((first, second), dim=1)
         return super().forward(input, offset, modulation.sigmoid())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, offset_groups={self.offset_groups}"

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pem_kernels._backends import backend_property, has_forward_ad_tangent
+from pem_kernels._backends import autocast_enabled, backend_property, has_forward_ad_tangent
 from pem_kernels.ops.local_representation import (
     FUSED_LOCAL_REPRESENTATION_BACKENDS,
     PROJECTION_BACKENDS,
@@ -90,6 +90,8 @@ class LocalRepresentation(nn.Module):
         # Every parameter and buffer read once per call: each nn.Module attribute lookup costs
         # about a microsecond of host time, and a GPU-sized layer call is host-bound.
         bn, conv, out = self.bn, self.to_query_3x3, self.out
+        if not self._kernel_modules(bn, conv, out):
+            return self(memory + pos if pos is not None else memory), False
         weights = (conv.weight, conv.bias, out.weight, out.bias)
         bn_sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
         if self._fusable(memory, pos, bn.training, weights, bn_sources):
@@ -111,14 +113,32 @@ class LocalRepresentation(nn.Module):
         return self(memory + pos if pos is not None else memory), False
 
     @staticmethod
+    def _kernel_modules(bn: nn.Module, conv: nn.Module, out: nn.Module) -> bool:
+        """Whether the modules are still those the fused kernel computes (a user may replace
+        one, or rebuild it without a bias): BatchNorm2d (or SyncBatchNorm), a biased depthwise
+        3x3 conv with padding 1, a biased Linear. Exact types: a subclass may change forward."""
+        return (
+            type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+            and type(conv) is nn.Conv2d and conv.bias is not None
+            and conv.in_channels == conv.out_channels == conv.groups
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros"
+            and type(out) is nn.Linear and out.bias is not None
+        )
+
+    @staticmethod
     def _fusable(
         memory: torch.Tensor, pos: torch.Tensor | None, bn_training: bool, weights: tuple,
         bn_sources: tuple,
     ) -> bool:
         """Whether the fused kernel may replace the modules: eval-mode BN with running
-        statistics, no gradient to record, no forward-AD tangent, autocast off, one dtype."""
+        statistics, memory [B, C, H, W] with the modules' C, no gradient to record, no
+        forward-AD tangent, autocast off, one dtype."""
         running_mean, running_var = bn_sources[:2]
         if bn_training or running_mean is None or running_var is None or memory.dim() != 4:
+            return False
+        if memory.shape[1] != weights[0].shape[0]:  # the modules raise their own error
             return False
         if pos is not None and pos.shape != memory.shape:
             return False
@@ -128,9 +148,7 @@ class LocalRepresentation(nn.Module):
             if tensor.dtype != dtype or (grad and tensor.requires_grad):
                 return False
         # The modules carry tangents, the kernel does not.
-        return not has_forward_ad_tangent(tensors) and not torch.is_autocast_enabled(
-            memory.device.type
-        )
+        return not has_forward_ad_tangent(tensors) and not autocast_enabled(memory.device.type)
 
 
 class PEMCrossAttention(nn.Module):
@@ -204,7 +222,7 @@ class PEMCrossAttention(nn.Module):
         pos: torch.Tensor | None,
         query_pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(tgt.device.type)
+        autocast = autocast_enabled(tgt.device.type)
         self._check_inputs(tgt, memory, memory_mask, pos, query_pos, autocast)
         residual = tgt.transpose(0, 1)
         # The logits themselves: the selection blocks `logit < 0` as the official code does (a NaN
@@ -274,6 +292,16 @@ class PEMCrossAttention(nn.Module):
                     f"broadcasts to it), got {list(extra.shape)}"
                 )
         alpha = self.alpha
+        if memory.shape[1] != alpha.shape[-1]:
+            raise ValueError(
+                f"memory: {memory.shape[1]} channels (shape {list(memory.shape)}), expected the "
+                f"layer's d_model = {alpha.shape[-1]}"
+            )
+        if memory.shape[2] * memory.shape[3] == 0:
+            raise ValueError(
+                f"memory: expected at least one pixel to select prototypes from, got shape "
+                f"{list(memory.shape)}"
+            )
         device, dtype = alpha.device, alpha.dtype
         check_dtype = not autocast
         for name, tensor in (("tgt", tgt), ("memory", memory), ("pos", pos),
@@ -315,12 +343,13 @@ class PEMCrossAttention(nn.Module):
         resolved backend, ``PROJECTION_BACKENDS``; ``None`` under autocast) one fused op computes it
         (:mod:`pem_kernels.ops.query_projection`): no gradient needed, one dtype, query_pos of
         tgt's shape; otherwise the modules run (same result up to rounding)."""
+        query_proj = self.query_proj
         if chosen not in FUSED_QUERY_PROJECTION_BACKENDS:
             return self._query_proj_modules(tgt, query_pos)
-        modules = list(self.query_proj)
-        if len(modules) != 2 or not isinstance(modules[0], nn.LayerNorm) or not isinstance(
-            modules[1], nn.Linear
-        ):  # a query_proj replaced by something else: run it as it is
+        modules = list(query_proj) if isinstance(query_proj, nn.Sequential) else ()
+        if len(modules) != 2 or type(modules[0]) is not nn.LayerNorm or type(
+            modules[1]
+        ) is not nn.Linear:  # a query_proj replaced by something else: run it as it is
             return self._query_proj_modules(tgt, query_pos)
         norm, linear = modules
         ln_weight, ln_bias, weight, bias = norm.weight, norm.bias, linear.weight, linear.bias

@@ -28,6 +28,7 @@ from pem_kernels._backends import (
     autocast_inputs,
     call_op,
     compiled_kernel,
+    inference_only_autograd,
     reference_context,
     refuse_forward_ad,
     register_op_backends,
@@ -73,11 +74,12 @@ def deform_conv2d(
     ``offset_groups = offset.shape[1] / (2 * kh * kw)`` are inferred from the shapes. A sample
     reads only the bilinear corners inside the image, so a non-finite value elsewhere never
     leaks into it; a non-finite offset gives a zero sample. Backward gives all five gradients
-    (first order only), bit-identical from run to run on the ``cpu`` backend (for any number of
-    threads); the ``cuda`` and ``triton`` backends' input gradients use atomics, as
-    torchvision's, and are bit-identical only under ``torch.use_deterministic_algorithms(True)``
-    (where the ``cuda`` backend's GEMMs need ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in
-    PyTorch does).
+    (first order only: double backward is an error on the kernels), bit-identical from run to
+    run on the ``cpu`` backend at a given number of threads (across thread counts the last bits
+    may differ, as MKL's GEMMs do); the ``cuda`` and ``triton`` backends' input gradients use
+    atomics, as torchvision's, and are bit-identical only under
+    ``torch.use_deterministic_algorithms(True)`` (where the ``cuda`` backend's GEMMs need
+    ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in PyTorch does).
 
     fp32 products: IEEE on the ``cpu`` and ``reference`` backends; on the ``cuda`` backend (its
     forward where the channels per group and per offset group are multiples of 32, and its
@@ -217,4 +219,15 @@ if EXTENSION_LOADED:
     )
     torch.library.register_autograd(
         "pem_kernels::deform_conv2d", _backward, setup_context=_setup_context
+    )
+    # Without a registration torch would differentiate the backward as a constant (zero second
+    # derivatives with only a warning); the kernels give first-order gradients only.
+    _no_double_backward, _no_double_backward_setup = inference_only_autograd(
+        "pem_kernels.deform_conv2d: double backward (differentiating its gradients, as "
+        "create_graph=True does) is not supported by the fused kernels; use "
+        "backend='reference'"
+    )
+    torch.library.register_autograd(
+        "pem_kernels::_deform_conv2d_backward", _no_double_backward,
+        setup_context=_no_double_backward_setup,
     )

@@ -23,6 +23,7 @@ from pem_kernels._backends import (
     autocast_inputs,
     call_op,
     compiled_kernel,
+    inference_only_autograd,
     reference_context,
     refuse_forward_ad,
     register_op_backends,
@@ -261,4 +262,15 @@ if EXTENSION_LOADED:
     )
     torch.library.register_autograd(
         "pem_kernels::prototype_select", _backward, setup_context=_setup_context
+    )
+    # Without a registration torch would differentiate the backward as a constant (zero second
+    # derivatives with only a warning); the kernels give first-order gradients only.
+    _no_double_backward, _no_double_backward_setup = inference_only_autograd(
+        "pem_kernels.prototype_select: double backward (differentiating its keys gradient, "
+        "as create_graph=True does) is not supported by the fused kernels; use "
+        "backend='reference'"
+    )
+    torch.library.register_autograd(
+        "pem_kernels::_prototype_select_backward", _no_double_backward,
+        setup_context=_no_double_backward_setup,
     )

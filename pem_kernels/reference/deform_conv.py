@@ -350,15 +350,15 @@ def deform_conv2d_ref(
             & (corner_x >= 0)
             & (corner_x <= in_w - 1)
         )
-        # torch.where, not multiplication by the mask, so that a non-finite
-        # weight of a zeroed sample cannot leak NaN into the result.
+        # torch.where, not multiplication by the mask, so that neither a non-finite weight
+        # (a NaN offset) nor a non-finite pixel (read at index 0 for an outside corner) leaks
+        # NaN into the result or the gradients. The position goes through torch.where before
+        # the integer cast, as a huge or NaN position has no int64 value.
         corner_weight = torch.where(corner_inside, weight_y * weight_x, 0.0)
-        # Clamp in floating point before the integer cast: a huge offset would
-        # otherwise overflow int64. Clamped indices only serve zero-weight corners.
-        flat_index = (
-            corner_y.clamp(0, in_h - 1) * in_w + corner_x.clamp(0, in_w - 1)
-        ).long()
-        corner_values = torch.gather(image, 3, flat_index.expand(gather_shape))
+        row = torch.where(corner_inside, corner_y, 0.0).long()
+        col = torch.where(corner_inside, corner_x, 0.0).long()
+        corner_values = torch.gather(image, 3, (row * in_w + col).expand(gather_shape))
+        corner_values = torch.where(corner_inside, corner_values, 0.0)
         sampled = sampled + corner_weight * corner_values
 
     if mask is not None:
