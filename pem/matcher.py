@@ -242,6 +242,11 @@ class HungarianMatcher(nn.Module):
         logits, pred_masks = check_outputs(outputs)
         batch, _, k_plus_1 = logits.shape
         check_targets(targets, batch, k_plus_1 - 1)
+        # The point coordinates refer to the batch's padded canvas, as in the criterion's mask
+        # losses (and Mask2Former, whose targets arrive padded): an image smaller than the
+        # largest has its masks zero-padded right and bottom.
+        pad_h = max(int(t["masks"].shape[-2]) for t in targets)
+        pad_w = max(int(t["masks"].shape[-1]) for t in targets)
         indices: list[tuple[Tensor, Tensor]] = []
         for b in range(batch):
             labels, masks = targets[b]["labels"], targets[b]["masks"]
@@ -249,6 +254,9 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
+            height, width = masks.shape[-2:]
+            if (height, width) != (pad_h, pad_w):
+                masks = F.pad(masks.to(torch.float32), (0, pad_w - width, 0, pad_h - height))
             cost = self.cost_matrix(logits[b], pred_masks[b], labels.to(logits.device), masks)
             cost = cost.cpu()
             if not bool(torch.isfinite(cost).all()):

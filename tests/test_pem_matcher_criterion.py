@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pem.criterion import (
     SetCriterion,
@@ -400,6 +401,31 @@ def test_criterion_pads_targets_to_the_batch_canvas():
     losses = SetCriterion(num_classes=K, num_points=2048)(outputs, targets)
     assert float(losses["loss_dice"]) < 0.05
     assert float(losses["loss_mask"]) < 0.2
+
+
+def test_matcher_pads_targets_to_the_batch_canvas_as_the_criterion():
+    """Image 1 is half as tall as image 0: its masks are zero-padded to the batch canvas before
+    the points are sampled (as in the mask losses), so matching them unpadded or padded by hand
+    assigns the same queries. Query 1 predicts the canvas's top quarter: image 1's top half."""
+    top = torch.zeros(2, 64, 64, dtype=torch.bool)
+    top[0, :32], top[1, 32:] = True, True
+    short = torch.zeros(2, 32, 64, dtype=torch.bool)
+    short[0, :16], short[1, 16:] = True, True
+    labels = torch.tensor([0, 1])
+    pred_masks = torch.full((2, 6, 16, 16), -10.0)
+    pred_masks[:, 0, :8] = 10.0  # top half of the canvas
+    pred_masks[:, 1, :4] = 10.0  # top quarter
+    pred_masks[:, 2, 4:8] = 10.0  # second quarter
+    outputs = {"pred_logits": torch.zeros(2, 6, K + 1), "pred_masks": pred_masks}
+    matcher = HungarianMatcher(cost_class=0.0, num_points=4000)
+    point_results = []
+    for masks in (short, F.pad(short, (0, 0, 0, 32))):
+        torch.manual_seed(0)
+        point_results.append(matcher(outputs, [{"labels": labels, "masks": top},
+                                               {"labels": labels, "masks": masks}]))
+    (rows, cols), (rows_padded, cols_padded) = point_results[0][1], point_results[1][1]
+    assert torch.equal(rows, rows_padded) and torch.equal(cols, cols_padded)
+    assert rows[cols == 0].item() == 1  # image 1's top half is the canvas's top quarter
 
 
 def test_criterion_errors_name_the_argument():
