@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.bench_deform_conv",
         description="Deformable convolution: pem_kernels backends vs torchvision and reference.",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--mode", choices=MODES, default="forward")
     parser.add_argument(
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "backend of the device",
     )
     args = parser.parse_args(argv)
-    device_type = torch.device(args.device).type
+    device_type = harness.checked_device(parser, args.device).type
     default_sizes = DEFAULT_CPU_SIZES if device_type == "cpu" else ALL_SIZES
     args.sizes_given = args.sizes is not None
     args.batch_given = args.batch is not None
@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch: every batch size must be >= 1")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.channels < 1:
+        parser.error(f"--channels {args.channels}: expected >= 1")
     return args
 
 
@@ -402,10 +404,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {args.device}: only cpu and cuda are supported")
     if args.deterministic:
         # cuBLAS reads this when its handle is created: before the first GEMM.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

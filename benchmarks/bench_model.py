@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Whole PEM model: inference latency, peak memory and FLOPs, fused vs "
         "reference.",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument(
         "--sizes", default=None, help="comma-separated image sizes HxW (default: 512x512,1024x2048)"
@@ -155,14 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir", default=None, help="default: benchmarks/results/<date>-<device>"
     )
     args = parser.parse_args(argv)
-    try:
-        device_type = torch.device(args.device).type
-    except RuntimeError:
-        device_type = args.device
-    if device_type not in DEFAULTS:
-        parser.error(f"--device {args.device}: expected cpu or cuda")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    device_type = harness.checked_device(parser, args.device).type
     sizes, providers = DEFAULTS[device_type]
     args.sizes_given = args.sizes is not None
     try:

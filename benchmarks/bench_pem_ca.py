@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.bench_pem_ca",
         description="PEM-CA (fused, reference, compiled) vs Mask2Former masked cross-attention.",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--sizes", default=None, help="pixel counts HW (comma-separated)")
     parser.add_argument("--batch", type=int, default=1)
@@ -94,11 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     harness.add_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
-    device_type = torch.device(args.device).type
-    if device_type not in DEFAULTS:
-        parser.error(f"--device {args.device}: expected cpu or cuda")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    device_type = harness.checked_device(parser, args.device).type
     sizes, providers, *_ = DEFAULTS[device_type]
     args.sizes = harness.parse_positive_ints(parser, "--sizes", args.sizes or sizes)
     for size in args.sizes:
@@ -106,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if 2 * height * height != size:
             parser.error(f"--sizes {size}: expected 2*h*h pixels (e.g. 2048, 8192, 32768)")
     args.fused_backend = args.fused_backend or ("triton" if device_type == "cuda" else "cpu")
+    from pem_kernels import BACKENDS
+
+    if args.fused_backend not in BACKENDS:
+        parser.error(f"--fused-backend {args.fused_backend}: expected one of {BACKENDS}")
     args.providers = [p.strip() for p in (args.providers or providers).split(",") if p.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for name, values, allowed in (

@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.bench_prototype_select",
         description="Prototype selection: pem_kernels backends vs the eager reference.",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="pixel counts HW, comma-separated")
     parser.add_argument("--batch", type=int, default=1, help="B")
@@ -114,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     harness.add_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
+    harness.checked_device(parser, args.device)
     args.sizes = harness.parse_positive_ints(parser, "--sizes", args.sizes)
     for option in ("batch", "queries", "channels", "heads"):
         if getattr(args, option) < 1:
@@ -319,10 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.apply_matmul_precision(args)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {args.device}: only cpu and cuda are supported")
     started = time.perf_counter()
     meta = {
         "benchmark": "prototype_select",

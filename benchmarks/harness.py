@@ -18,6 +18,7 @@ scripts convert to MiB for display), bandwidth in GB/s (1e9 bytes per second).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -45,9 +46,11 @@ __all__ = [
     "MIB",
     "REPO_ROOT",
     "adaptive_repeats",
+    "add_device_argument",
     "add_matmul_precision_argument",
     "add_ratios",
     "apply_matmul_precision",
+    "checked_device",
     "choose_repeats",
     "default_out_dir",
     "device_slug",
@@ -291,6 +294,34 @@ def parse_positive_ints(parser: Any, option: str, text: str) -> list[int]:
     if not values or min(values) < 1:
         parser.error(f"{option} {text}: expected integers >= 1")
     return values
+
+
+def _device_text(text: str) -> str:
+    """argparse type of ``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    try:
+        device_type = torch.device(text).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def add_device_argument(parser: Any) -> None:
+    """``--device`` (default cuda when torch sees a GPU, else cpu); check it with
+    :func:`checked_device` after parsing."""
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", type=_device_text,
+        help="cpu, cuda or cuda:N (default: cuda when available)",
+    )
+
+
+def checked_device(parser: Any, text: str) -> torch.device:
+    """The parsed ``--device``, or ``parser.error`` when it names CUDA on a machine without."""
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: CUDA is not available")
+    return device
 
 
 def add_matmul_precision_argument(parser: Any) -> None:
@@ -709,8 +740,14 @@ def report(
     if skipped:
         meta["skipped_at_deadline"] = skipped
     print_table(rows, columns)
+    replaced = (Path(out_dir) / f"{name}.json").exists()
     json_path, csv_path = write_results(rows, out_dir, name, meta)
     print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)", flush=True)
+    if replaced:
+        # The default folder is per date and device: a second run of the same benchmark that
+        # day (another --dtype, say) replaces the first one's files.
+        print(f"note: this replaced the {name} results of an earlier run in {out_dir}; pass "
+              "--out-dir to keep runs apart", file=sys.stderr)
     if failures:
         print(f"{failures} {what}(s) failed", file=sys.stderr)
     if skipped:

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.profile_pem_ca",
         description="Host vs device time of one PEM-CA layer call, and its slowest kernels.",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_device_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--sizes", default="32768", help="comma-separated pixel counts HW")
     parser.add_argument("--batch", type=int, default=1)
@@ -57,9 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    device = harness.checked_device(parser, args.device)
     if args.variants is None:
         args.variants = (
             "triton,cuda,reference,compiled" if device.type == "cuda" else "cpu,reference"

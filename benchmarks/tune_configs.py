@@ -66,13 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("experiments", nargs="*",
                         help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_device_argument(parser)
     parser.add_argument("--small", action="store_true",
                         help="small shapes, for a check under the Triton interpreter")
     parser.add_argument("--repeats", type=int, default=50, help="CUDA-graph replays timed")
     parser.add_argument("--out-dir", default=None,
                         help="default: benchmarks/results/<date>-<device>")
     args = parser.parse_args(argv)
+    harness.checked_device(parser, args.device)
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
         parser.error(f"experiments: expected any of {EXPERIMENTS}, got {unknown}")

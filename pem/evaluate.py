@@ -10,7 +10,6 @@ at test time); predictions are then resized back and scored at the original reso
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -21,9 +20,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pem.data.build import build_dataset
+from pem.cli import DEVICES, check_device, check_ints, dumps
+from pem.data.build import build_dataset, parse_data_spec
 from pem.inference import postprocess
 from pem.metrics import PanopticQuality, PanopticResult, SemSegMetric, SemSegResult
+from pem_kernels import BACKENDS
 
 __all__ = ["EvalResult", "evaluate", "format_table", "main", "resized_shape"]
 
@@ -173,23 +174,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--short-side", type=int, default=None, help="test-time resize short side")
     p.add_argument("--max-size", type=int, default=4096)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=DEVICES)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     args = p.parse_args(argv)
+    check_ints(p, args, {"images": 1, "short_side": 1, "max_size": 1})
+    check_device(p, args.device)
 
-    state = load_checkpoint(args.checkpoint)
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        p.error(f"--{error}")
     train_args = state.get("train_args", {})
     task = args.task or state.get("task", "panoptic")
     spec = args.data or train_args.get("data", "synthetic")
-    dataset = build_dataset(
-        spec, "val", task,
-        synthetic_size=train_args.get("synthetic_size", 128),
-        synthetic_images=args.images or train_args.get("eval_images", 50),
-        seed=train_args.get("seed", 0),
-    )
+    try:
+        parse_data_spec(spec)
+    except ValueError as error:
+        p.error(f"--{error}")
+    try:
+        dataset = build_dataset(
+            spec, "val", task,
+            synthetic_size=train_args.get("synthetic_size", 128),
+            synthetic_images=(
+                args.images if args.images is not None else train_args.get("eval_images", 50)
+            ),
+            seed=train_args.get("seed", 0),
+        )
+    except (FileNotFoundError, ValueError) as error:
+        p.error(f"--data: {error}")
     if dataset.info.num_classes != state["model_config"]["num_classes"]:
-        raise ValueError(
+        p.error(
             f"--data: {spec!r} has {dataset.info.num_classes} classes, the checkpoint's model "
             f"{state['model_config']['num_classes']}"
         )
@@ -200,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "data": spec, "task": task,
-                       **result.summary()}, f, indent=2)
+            f.write(dumps({"checkpoint": args.checkpoint, "data": spec, "task": task,
+                           **result.summary()}, indent=2) + "\n")
     return 0
 
 

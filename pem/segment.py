@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from pem.cli import DEVICES, check_device, check_ints
+from pem_kernels import BACKENDS
+
 __all__ = ["colorize", "main", "overlay"]
 
 
@@ -86,20 +89,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default=None, choices=("panoptic", "semantic"))
     p.add_argument("--short-side", type=int, default=None, help="test-time resize short side")
     p.add_argument("--max-size", type=int, default=4096)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=DEVICES)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     args = p.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha: expected a value in [0, 1], got {args.alpha}")
+    check_ints(p, args, {"short_side": 1, "max_size": 1})
+    check_device(p, args.device)
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in Image.registered_extensions():
+        p.error(f"--out: expected an image file name (.png, .jpg, ...), got {args.out!r}")
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        p.error(f"--image: no file at {str(image_path)!r}")
+    try:
+        image = read_image(image_path)
+    except OSError as error:  # PIL's UnidentifiedImageError included
+        p.error(f"--image: {str(image_path)!r} is not an image PIL can read ({error})")
 
-    state = load_checkpoint(args.checkpoint)
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        p.error(f"--{error}")
     info = state["dataset_info"]
     task = args.task or state.get("task", "panoptic")
     model = model_from_checkpoint(state, args.backend).to(args.device)
-    image_path = Path(args.image)
-    if not image_path.is_file():
-        raise FileNotFoundError(f"--image: no file at {str(image_path)!r}")
-    image = read_image(image_path)
     with torch.no_grad():
         result = predict(model, image, info["thing_ids"], task, torch.device(args.device),
                          short_side=args.short_side, max_size=args.max_size)

@@ -21,9 +21,9 @@ Real data (see :mod:`pem.data.folders` for the folder layouts)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -39,12 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from pem.cli import DEVICES, check_device, check_ints, dumps
 from pem.criterion import SetCriterion
 from pem.matcher import HungarianMatcher
 from pem.data import collate, instance_targets, train_transforms
 from pem.data.build import build_dataset, parse_data_spec
 from pem.distributed import DistributedContext, convert_sync_batchnorm, init_distributed
 from pem.model import PEM, SIZE_DIVISIBILITY
+from pem_kernels import BACKENDS
 
 __all__ = [
     "NORM_TYPES",
@@ -208,7 +210,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        raise ValueError(
+            f"checkpoint: {str(path)!r} is not a pem.train checkpoint (torch.load: {error})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise ValueError(
             f"checkpoint: {str(path)!r} is not a pem.train checkpoint (missing model/model_config)"
@@ -256,10 +263,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=4096)
     p.add_argument("--synthetic-size", type=int, default=128)
     p.add_argument("--synthetic-images", type=int, default=2000)
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--device", default=None, choices=DEVICES)
     p.add_argument("--amp", default=None, choices=("off", "fp16", "bf16"),
                    help="mixed precision (default fp16 on CUDA, off on CPU)")
-    p.add_argument("--backend", default="auto", help="pem_kernels backend of the model")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="pem_kernels backend of the model")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--checkpoint-period", type=int, default=250)
     p.add_argument("--eval-period", type=int, default=0, help="evaluate every N iterations")
@@ -270,15 +278,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this iteration (resume later with --resume)")
     args = p.parse_args(argv)
-    for name in ("iters", "batch", "num_queries", "num_points", "checkpoint_period", "log_period"):
-        if getattr(args, name) < 1:
-            p.error(
-                f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}"
-            )
+    check_ints(p, args, {
+        "iters": 1, "batch": 1, "num_queries": 1, "num_points": 1, "checkpoint_period": 1,
+        "log_period": 1, "eval_images": 1, "synthetic_images": 1, "synthetic_size": 2,
+        "base_short_side": 2, "max_size": 1, "stop_after": 1, "eval_period": 0, "workers": 0,
+    })
+    check_device(p, args.device)
+    # The pixel decoder's BatchNorms over 1x1 pooled maps need two values per channel in
+    # training: two images per process, or in all under torchrun (SyncBatchNorm).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch * world_size < 2:
+        p.error(
+            f"--batch: expected at least 2 images per iteration in all (the BatchNorms of the "
+            f"pixel decoder's pooled 1x1 maps need them), got {args.batch} on {world_size} "
+            "process(es)"
+        )
     if args.lr <= 0 or args.lr_end < 0 or args.lr_end > args.lr:
         p.error(
             f"--lr / --lr-end: expected 0 <= lr_end <= lr, lr > 0; got {args.lr}, {args.lr_end}"
         )
+    for name, value in (("clip", args.clip), ("backbone_multiplier", args.backbone_multiplier),
+                        ("weight_decay", args.weight_decay)):
+        # clip_grad_norm_ with a negative limit flips every gradient, with 0 zeroes them.
+        if not (value > 0 if name == "clip" else value >= 0):
+            relation = "> 0" if name == "clip" else ">= 0"
+            p.error(f"--{name.replace('_', '-')}: expected a number {relation}, got {value}")
     try:
         args.crop = _parse_size("--crop", args.crop) if args.crop else None
     except ValueError as e:
@@ -327,6 +351,11 @@ def train(args: argparse.Namespace) -> dict:
         # Before the optimizer is built, so that it holds the converted layers' parameters.
         model = convert_sync_batchnorm(model, ctx.device)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.backbone_multiplier)
+    # The group that trains at --lr (the backbone's trains at --backbone-multiplier times it).
+    head_group = next(
+        (g for g in optimizer.param_groups if not g["name"].startswith("backbone")),
+        optimizer.param_groups[0],
+    )
     end_ratio = args.lr_end / args.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: cosine_factor(it, args.iters, end_ratio)
@@ -405,7 +434,7 @@ def train(args: argparse.Namespace) -> dict:
     if val_dataset is not None and start_iter == 0:
         # The untrained model's scores: the chance level the training run is measured against.
         _log(log_path, {"iteration": 0,
-                        "eval": _evaluate(model, val_dataset, args.task, ctx.device)})
+                        "eval": _evaluate(model, val_dataset, args, ctx.device)})
     if ctx.distributed and args.eval_period > 0 and start_iter == 0:
         dist.barrier()
     ddp.train()
@@ -432,6 +461,7 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         scaler.step(optimizer)
         scaler.update()
+        step_lr = head_group["lr"]  # this iteration's --lr schedule, before the scheduler moves
         with warnings.catch_warnings():
             # The schedule counts iterations, as the official training's does: it advances
             # also when the fp16 GradScaler skipped an overflowing step (often the first), for
@@ -450,7 +480,7 @@ def train(args: argparse.Namespace) -> dict:
                 **{k: _mean_over_processes(v.detach(), ctx) for k, v in losses.items()
                    if k in ("loss_ce", "loss_mask", "loss_dice")},
                 "grad_norm": float(grad_norm),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": step_lr,
                 "seconds": round(time.perf_counter() - tic, 2),
             }
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
@@ -461,7 +491,7 @@ def train(args: argparse.Namespace) -> dict:
             checkpoint(done)
         if args.eval_period > 0 and (done % args.eval_period == 0 or done == args.iters):
             if ctx.is_main:
-                last["eval"] = _evaluate(model, val_dataset, args.task, ctx.device)
+                last["eval"] = _evaluate(model, val_dataset, args, ctx.device)
                 _log(log_path, {"iteration": done, "eval": last["eval"]})
                 bar.write(f"iteration {done}: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in last["eval"].items()))
@@ -476,11 +506,13 @@ def train(args: argparse.Namespace) -> dict:
     return last
 
 
-def _evaluate(model: nn.Module, dataset, task: str, device: torch.device) -> dict:
+def _evaluate(model: nn.Module, dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    """The periodic evaluation: the first ``--eval-images`` validation images."""
     from pem.evaluate import evaluate
 
     model.eval()
-    result = evaluate(model, dataset, task, device, progress=False)
+    result = evaluate(model, dataset, args.task, device, progress=False,
+                      max_images=args.eval_images)
     return result.summary()
 
 
@@ -507,7 +539,7 @@ def _mean_over_processes(value: Tensor, ctx: DistributedContext) -> float:
 
 def _log(path: Path, record: dict) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

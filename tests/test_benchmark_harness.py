@@ -317,7 +317,9 @@ def test_report_exit_status_counts_failures_then_skips(tmp_path, capsys):
         return rc, meta.get("skipped_at_deadline")
 
     assert status(0, 0) == (0, None)
+    assert "replaced" not in capsys.readouterr().err
     assert status(0, 3) == (3, 3)
+    assert "note: this replaced the r results of an earlier run" in capsys.readouterr().err
     assert status(1, 3) == (1, 3)
     assert "3 case(s) not run: PEM_BENCH_DEADLINE passed" in capsys.readouterr().err
     assert json.loads((tmp_path / "r.json").read_text())["meta"]["skipped_at_deadline"] == 3
@@ -479,6 +481,11 @@ def test_tune_stops_at_the_suite_deadline(tmp_path, monkeypatch):
         ("bench_prototype_select", ["--sizes", "-5"], "--sizes -5: expected integers >= 1"),
         ("bench_prototype_select", ["--heads", "0"], "--heads 0: expected >= 1"),
         ("bench_prototype_select", ["--density", "2"], "--density 2.0: expected a fraction"),
+        ("bench_pem_ca", ["--fused-backend", "gpu"], "--fused-backend gpu: expected one of"),
+        ("bench_deform_conv", ["--channels", "0"], "--channels 0: expected >= 1"),
+        *[(module, ["--device", "foo"], "--device: expected cpu, cuda or cuda:N, got 'foo'")
+          for module in ("bench_pem_ca", "bench_prototype_select", "bench_deform_conv",
+                         "bench_model", "profile_pem_ca", "tune_configs")],
     ],
 )
 def test_bad_benchmark_options_are_usage_errors(module, argv, message, capsys):

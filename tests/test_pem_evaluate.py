@@ -3,6 +3,7 @@ commands."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,42 @@ def test_segment_command_writes_an_overlay(tiny_checkpoint: Path, capsys, tmp_pa
     differs = (overlay != image).any(-1)
     assert (overlay[differs] == 255).all()
     assert "segments" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="--image"):
-        segment_main(["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "nope.png"),
-                      "--out", str(out_png)])
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
-        segment_main(["--checkpoint", str(tmp_path / "nope.pt"), "--image",
-                      str(tmp_path / "in.png"), "--out", str(out_png)])
+    (tmp_path / "not_an_image.png").write_text("text")
+    for argv, message in [
+        (["--image", str(tmp_path / "nope.png")], "--image: no file at"),
+        (["--image", str(tmp_path / "not_an_image.png")], "is not an image PIL can read"),
+        (["--checkpoint", str(tmp_path / "nope.pt")], "--checkpoint: no file at"),
+        (["--checkpoint", str(tmp_path / "in.png")], "is not a pem.train checkpoint"),
+        (["--out", str(tmp_path / "overlay.xyz")], "--out: expected an image file name"),
+        (["--short-side", "-3"], "--short-side: expected an int >= 1, got -3"),
+        (["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+    ]:
+        defaults = {"--checkpoint": str(tiny_checkpoint), "--image": str(tmp_path / "in.png"),
+                    "--out": str(out_png)}
+        defaults.update(zip(argv[::2], argv[1::2]))
+        with pytest.raises(SystemExit):
+            segment_main([item for pair in defaults.items() for item in pair])
+        assert message in capsys.readouterr().err, argv
+
+
+def test_evaluate_command_bad_arguments(tiny_checkpoint: Path, capsys, tmp_path: Path) -> None:
+    """Usage errors naming the option, not tracebacks from deep inside (and --images 0 no longer
+    scores nothing with NaN results)."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for argv, message in [
+        (["--images", "0"], "--images: expected an int >= 1, got 0"),
+        (["--short-side", "0"], "--short-side: expected an int >= 1, got 0"),
+        (["--data", "bogus"], "--data: expected 'synthetic', 'cityscapes:ROOT'"),
+        (["--data", f"ade20k:{tmp_path / 'missing'}"], "--data: ADE20KDataset:"),
+        (["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+        (["--checkpoint", str(tmp_path / "nope.pt")], "--checkpoint: no file at"),
+        (["--checkpoint", str(tmp_path / "junk.pt")], "is not a pem.train checkpoint"),
+    ]:
+        defaults = {"--checkpoint": str(tiny_checkpoint)}
+        defaults.update(zip(argv[::2], argv[1::2]))
+        with pytest.raises(SystemExit):
+            evaluate_main([item for pair in defaults.items() for item in pair])
+        assert message in capsys.readouterr().err, argv
 
 
 def test_predict_feeds_the_image_in_the_models_dtype() -> None:
@@ -156,3 +187,13 @@ def test_predict_feeds_the_image_in_the_models_dtype() -> None:
     with torch.no_grad():
         result = predict(model, image, [], "semantic", torch.device("cpu"))
     assert result["sem_seg"].shape == (5, 40, 56)
+
+
+def test_json_output_of_the_commands_is_strict() -> None:
+    """NaN scores (a class never seen) are written as null: Python's json writes bare NaN, which
+    strict parsers reject."""
+    from pem.cli import dumps
+
+    text = dumps({"PQ": float("nan"), "rows": [1.5, float("inf")], "name": "x"})
+    assert text == '{"PQ": null, "rows": [1.5, null], "name": "x"}'
+    assert json.loads(text)["PQ"] is None

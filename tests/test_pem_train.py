@@ -183,6 +183,10 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     losses_a = [m["loss"] for m in _metrics(straight) if "loss" in m]
     losses_b = [m["loss"] for m in _metrics(resumed) if "loss" in m]
     assert losses_b == pytest.approx(losses_a, rel=1e-4)
+    # The logged lr is the one each step used in the group that trains at --lr (1e-4), not the
+    # backbone's (0.1x) nor the next step's.
+    lrs = [m["lr"] for m in _metrics(straight) if "loss" in m]
+    assert lrs == pytest.approx([1e-4 * cosine_factor(i, 4, 0.0) for i in range(4)])
 
 
 def test_rng_state_round_trip_and_older_checkpoints() -> None:
@@ -204,7 +208,14 @@ def test_train_bad_arguments(capsys) -> None:
     from deep in the dataset code, and a folder dataset without --crop asked for --crop first
     even when --data itself was wrong)."""
     for argv, message in [
-        (["--iters", "0"], "--iters: expected a positive int"),
+        (["--iters", "0"], "--iters: expected an int >= 1, got 0"),
+        (["--batch", "1"], "--batch: expected at least 2 images per iteration in all"),
+        (["--clip", "-1"], "--clip: expected a number > 0, got -1.0"),
+        (["--clip", "0"], "--clip: expected a number > 0, got 0.0"),
+        (["--backbone-multiplier", "-1"], "--backbone-multiplier: expected a number >= 0"),
+        (["--eval-images", "0"], "--eval-images: expected an int >= 1, got 0"),
+        (["--synthetic-size", "-1"], "--synthetic-size: expected an int >= 2, got -1"),
+        (["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
         (["--crop", "12by3"], "--crop"),
         (["--data", "imagenet:/x"],
          "--data: expected 'synthetic', 'cityscapes:ROOT' or 'ade20k:ROOT'"),
@@ -215,6 +226,28 @@ def test_train_bad_arguments(capsys) -> None:
         with pytest.raises(SystemExit):
             train_main(argv)
         assert message in capsys.readouterr().err, argv
+
+
+def test_periodic_evaluation_scores_eval_images(monkeypatch) -> None:
+    """--eval-images bounds every periodic evaluation, also on a folder dataset (it was only the
+    size of the synthetic validation set: Cityscapes scored all 500 images each time)."""
+    import pem.evaluate
+    from pem.train import _evaluate, parse_args
+
+    seen = {}
+
+    class Result:
+        def summary(self):
+            return {"mIoU": 1.0}
+
+    def fake_evaluate(model, dataset, task, device, **kwargs):
+        seen.update(kwargs)
+        return Result()
+
+    monkeypatch.setattr(pem.evaluate, "evaluate", fake_evaluate)
+    args = parse_args(["--data", "ade20k:/data", "--crop", "64x64", "--eval-images", "3"])
+    assert _evaluate(nn.Identity(), None, args, torch.device("cpu")) == {"mIoU": 1.0}
+    assert seen["max_images"] == 3
 
 
 def test_torchrun_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
