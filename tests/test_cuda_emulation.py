@@ -292,6 +292,25 @@ def test_deform_conv2d_tensor_core_non_finite_mask_as_torchvision(deform, layout
                                equal_nan=True, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deform_conv2d_tensor_core_inf_weight_as_torchvision(deform, dtype):
+    """An inf weight (1x1, 32 channels: the tensor-core path) on samples that are not exact in
+    bf16: the output is inf, as in torchvision, not inf + -inf = NaN from the cross term (bf16
+    splits only the samples, so the weight's remainder is no NaN that would drop it)."""
+    image = torch.zeros(1, 32, 2, 2, dtype=dtype)
+    image[0, 0] = torch.tensor([[1.0, 1.0078125], [1.0, 1.0078125]])
+    weight = torch.zeros(1, 32, 1, 1, dtype=dtype)
+    weight[0, 0] = float("inf")
+    offset = torch.zeros(1, 2, 2, 2, dtype=dtype)
+    offset[0, 1] = 0.25  # x + 0.25: samples 1.00195 and 0.7559, not bf16 values
+    mask = torch.ones(1, 1, 2, 2, dtype=dtype)
+    expected = torchvision_ops.deform_conv2d(image.float(), offset.float(), weight.float(),
+                                             mask=mask.float())
+    assert (expected == float("inf")).all()
+    out = deform.deform_conv2d_cuda(image, weight, offset, mask, None, 1, 1, 0, 0, 1, 1, 1, 1)
+    assert (out.float() == float("inf")).all(), out
+
+
 @pytest.mark.parametrize("name", ["groups_stride_padding_dilation", "shared_samples"])
 def test_deform_conv2d_backward_3xtf32_gemms(deform, name):
     """The backward's GEMMs in 3xTF32 (cuBLAS TF32 GEMMs on split operands; the emulated cuBLAS
@@ -605,6 +624,19 @@ def test_prototype_select_products_follow_the_fp32_rules(select, monkeypatch):
     assert tf32 == 10
     monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
     assert select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item() == 20
+
+
+@pytest.mark.parametrize("pixels", [67, 68], ids=["scalar_reads", "vector_reads"])
+def test_prototype_select_bool_mask_bytes_other_than_one_allow(select, pixels):
+    """A bool mask viewed from 0/255 bytes: any nonzero byte allows, on the vector and on the
+    scalar read path (a shifted 255 once set the bits of seven other pixels), as on the CPU."""
+    keys, queries, _ = make_select_inputs(1, pixels, 16, 4)
+    raw = torch.zeros(1, 4, pixels, dtype=torch.uint8)
+    raw[..., 10] = raw[..., 40] = 255
+    mask = raw.view(torch.bool)
+    (_, indices), (_, cpu_indices) = select_both(select, keys, queries, mask, 2, False, False)
+    assert torch.equal(indices, cpu_indices)
+    assert ((indices == 10) | (indices == 40)).all()
 
 
 def test_prototype_select_ties_and_no_mask(select):

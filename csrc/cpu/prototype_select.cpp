@@ -62,7 +62,9 @@ constexpr int64_t kFoldBlock = 32;
 // a logit is not < 0, the PEM code's rule: NaN allows; PEM-CA passes its logits, so no bool copy
 // is made), or neither (every pixel allowed). `offset` moves both to a row or pixel.
 struct MaskView {
-  const bool* bytes = nullptr;
+  // Bytes, not bool: a bool tensor viewed from other bytes (a 0/255 uint8 mask) may hold any
+  // nonzero value, which allows.
+  const uint8_t* bytes = nullptr;
   const float* logits = nullptr;
 
   bool any() const { return bytes != nullptr || logits != nullptr; }
@@ -71,7 +73,7 @@ struct MaskView {
             logits == nullptr ? nullptr : logits + elements};
   }
   bool allowed(int64_t p) const {
-    return bytes != nullptr ? bytes[p] : logits == nullptr || !(logits[p] < 0.0f);
+    return bytes != nullptr ? bytes[p] != 0 : logits == nullptr || !(logits[p] < 0.0f);
   }
 };
 
@@ -371,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cpu(
   MaskView mask_view;
   if (mask.defined()) {
     if (mask.scalar_type() == at::kBool) {
-      mask_view.bytes = mask.data_ptr<bool>();
+      mask_view.bytes = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
     } else {
       mask_view.logits = mask.data_ptr<float>();
     }

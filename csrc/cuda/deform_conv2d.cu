@@ -722,8 +722,12 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
       if constexpr (kPasses > 1) {
 #pragma unroll
         for (int e = 0; e < Accumulator::num_elements; ++e) {
-          const float cross = acc_cross[i][j].x[e];
-          acc[i][j].x[e] += std::isnan(cross) ? 0.0f : cross;
+          // The cross terms correct a finite sum only. Where the big products are inf or NaN,
+          // so is the exact sum, and a cross term may be the opposite inf (an inf weight times
+          // a negative bf16 remainder): inf + -inf would turn the right inf into NaN. A NaN
+          // cross term (3xTF32: an inf operand's remainder is NaN) comes with such a sum too.
+          const float sum = acc[i][j].x[e];
+          if (std::isfinite(sum)) acc[i][j].x[e] = sum + acc_cross[i][j].x[e];
         }
       }
       wmma::store_matrix_sync(&tiles.output[warp_n + j * kFragment][warp_m + i * kFragment],

@@ -293,7 +293,9 @@ __device__ __forceinline__ uint32_t load_allowed_bits(
                                    pixel_first, pixels, j * kMicro, vector_loads);
         break;
       default: {
-        const bool* row = static_cast<const bool*>(mask.data) + row_start;
+        // Bytes, not bool: a bool tensor viewed from other bytes (a 0/255 uint8 mask) may hold
+        // any nonzero value, which allows, as on the CPU kernel.
+        const uint8_t* row = static_cast<const uint8_t*>(mask.data) + row_start;
         if (vector_loads) {
           const uint32_t word = *reinterpret_cast<const uint32_t*>(row + pixel_first);
 #pragma unroll
@@ -301,7 +303,7 @@ __device__ __forceinline__ uint32_t load_allowed_bits(
         } else {
 #pragma unroll
           for (int i = 0; i < kMicro; ++i)
-            if (pixel_first + i < pixels) bits |= static_cast<uint32_t>(row[pixel_first + i]) << (j * kMicro + i);
+            if (pixel_first + i < pixels) bits |= static_cast<uint32_t>(row[pixel_first + i] != 0) << (j * kMicro + i);
         }
       }
     }
