@@ -301,7 +301,9 @@ def make_step(backend: str, mode: str) -> Callable[[dict[str, torch.Tensor]], An
     return step
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+def run(
+    args: argparse.Namespace, rows: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
     """Runs the sweep; returns (rows, number of backend runs that failed, number skipped at the
     deadline)."""
     device = torch.device(args.device)
@@ -313,7 +315,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
     with_grad = args.mode == "forward+backward"
     c = args.channels
     problems = [(b, label, h, w) for b in args.batch for label, h, w in args.sizes]
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows  # the caller's list keeps the rows of an interrupted run
     failures = skipped = 0
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the default CPU sweep runs batch 1 only; pass --batch 1,8 for more")
     if device.type == "cpu" and not args.sizes_given:
         print(f"note: the default CPU sweep skips {ALL_SIZES[-1]}; pass --sizes to include it")
-    rows, failures, skipped = run(args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args)
     return harness.report(
         rows, failures, meta=meta, started=started,
         columns=TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []),

@@ -183,7 +183,9 @@ def graph_time(step, device, inputs, hw: int, provider: str) -> dict[str, Any]:
         return {"graph_error": f"{type(error).__name__}: {error}"}
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+def run(
+    args: argparse.Namespace, rows: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
     """Runs the sweep; returns (rows, failed provider runs, provider runs skipped at the
     deadline)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
     layers = make_layers(device, dtype, args.fused_backend)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows  # the caller's list keeps the rows of an interrupted run
     failures = skipped = 0
     total = len(args.sizes) * len(args.modes) * len(args.providers)
     with harness.progress(total=total, desc="pem_ca") as bar:
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.fused_backend!r}; available backends {meta['backends']}",
         flush=True,
     )
-    rows, failures, skipped = run(args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args)
     return harness.report(
         rows, failures, meta=meta, started=started,
         # graph_ms exists on CUDA only: no column of dashes on a CPU

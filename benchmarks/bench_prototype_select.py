@@ -198,7 +198,9 @@ def make_op(backend: str, heads: int, empty: str, normalize_keys: bool) -> Calla
     return op
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+def run(
+    args: argparse.Namespace, rows: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
     """Runs the sweep; returns (rows, number of backend runs that failed, number skipped at the
     deadline)."""
     device = torch.device(args.device)
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
     if not backends:
         raise SystemExit("no backend to run")
     b, n, c, heads = args.batch, args.queries, args.channels, args.heads
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows  # the caller's list keeps the rows of an interrupted run
     failures = skipped = 0
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         f"N={args.queries} C={args.channels} heads={args.heads} density={args.density}",
         flush=True,
     )
-    rows, failures, skipped = run(args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="prototype_select",

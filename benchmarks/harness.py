@@ -60,6 +60,7 @@ __all__ = [
     "note",
     "out_of_time",
     "print_table",
+    "run_until_interrupted",
     "progress",
     "synchronize",
     "time_scale",
@@ -378,6 +379,22 @@ def out_of_time() -> bool:
     the rest (counted, reported by :func:`report`), so a time-boxed run keeps what it measured."""
     deadline = _positive_float_from_env("PEM_BENCH_DEADLINE")
     return deadline is not None and time.time() >= deadline
+
+
+def run_until_interrupted(
+    run: Callable[..., tuple[list[dict[str, Any]], int, int]], args: Any
+) -> tuple[list[dict[str, Any]], int, int]:
+    """``run(args, rows)`` -> (rows, failures, skipped), where ``run`` adds every finished row to
+    the list ``rows``. A SIGINT (Ctrl-C, or the GPU suite's ``timeout -s INT`` at a step's limit)
+    in the middle of a row ends the sweep with the rows finished so far, counted as one run
+    skipped: the benchmark still writes them (exit status 3, partial) instead of losing them."""
+    rows: list[dict[str, Any]] = []
+    try:
+        return run(args, rows)
+    except KeyboardInterrupt:
+        print(f"interrupted: writing the {len(rows)} rows finished so far", file=sys.stderr,
+              flush=True)
+        return rows, 0, 1
 
 
 def adaptive_repeats(

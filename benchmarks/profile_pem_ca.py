@@ -86,13 +86,15 @@ def make_variant(name: str, device: torch.device, dtype: torch.dtype) -> torch.n
     return torch.compile(layer) if name == "compiled" else layer
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int, int]:
+def run(
+    args: argparse.Namespace, rows: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
     """Profiles every (size, variant, mode); returns (rows, failed runs, runs skipped at the
     deadline)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows  # the caller's list keeps the rows of an interrupted run
     failures = skipped = 0
     total = len(args.sizes) * len(args.modes) * len(args.variants)
     with harness.progress(total=total, desc="profile pem_ca") as bar:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         f"B={args.batch}: host vs device time per call",
         flush=True,
     )
-    rows, failures, skipped = run(args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="pem_ca_profile",

@@ -498,3 +498,16 @@ def test_bad_benchmark_options_are_usage_errors(module, argv, message, capsys):
         parse_args([*argv, "--device", "cpu"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_until_interrupted_keeps_the_finished_rows(capsys):
+    """A SIGINT in the middle of a sweep (the GPU suite's timeout at a step's limit) keeps the
+    rows finished before it, counted as one skipped run (exit status 3 from report)."""
+
+    def sweep(args, rows):
+        rows.append({"row": 1})
+        raise KeyboardInterrupt
+
+    assert harness.run_until_interrupted(sweep, None) == ([{"row": 1}], 0, 1)
+    assert "interrupted: writing the 1 rows finished so far" in capsys.readouterr().err
+    assert harness.run_until_interrupted(lambda args, rows: (rows, 2, 0), None) == ([], 2, 0)
