@@ -315,7 +315,7 @@ def test_model_cli_tiny_run_cuda(tmp_path):
         (["--batch", "0"], "--batch must be >= 1"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--num-classes", "0"], "--num-classes must be >= 1"),
-        (["--device", "tpu"], "expected cpu or cuda"),
+        (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
     ],
 )
 def test_bad_arguments_give_a_clear_error(argv, message, capsys):
