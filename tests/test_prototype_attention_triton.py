@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -176,6 +178,35 @@ def test_too_many_queries_is_a_clear_error():
     args = make_args(1, triton_attention.MAX_QUERIES + 1, 16)
     with pytest.raises(RuntimeError, match="at most 512 queries per image"):
         run_triton(args, "queries")
+
+
+@pytest.mark.parametrize("position, bad, message", [
+    (1, lambda c: torch.randn(2, 5, c // 2), "queries must have shape [2, 5, 16], got [2, 5, 8]"),
+    (3, lambda c: torch.randn(c, c // 2), "proj_weight must have shape [16, 16], got [16, 8]"),
+    (5, lambda c: torch.ones(4), "alpha must have shape [16], got [4]"),
+    (7, lambda c: torch.randn(4), "out_bias must have shape [16], got [4]"),
+    (2, lambda c: torch.randn(2, 5, c).half(), "residual must be torch.float32"),
+])
+def test_the_op_checks_its_operands(position, bad, message):
+    """Called directly (the layer skips the public op's checks), the kernels would index a
+    wrong operand out of bounds: each is a clear error naming it."""
+    args = make_args(2, 5, 16)
+    args[position] = bad(16).to(DEVICE)
+    with pytest.raises(RuntimeError, match=re.escape(f"prototype_attention_triton: {message}")):
+        run_triton(args, "queries")
+
+
+@pytest.mark.parametrize("normalize", NORMS)
+def test_no_queries_give_zero_gradients(normalize):
+    """N = 0: no kernel runs, and every gradient, alpha's included, is zero (alpha's was the
+    uninitialized memory of its buffer)."""
+    args = [a.requires_grad_(True) for a in make_args(2, 0, 16)]
+    out = run_triton(args, normalize)
+    assert out.shape == (2, 0, 16)
+    grads = torch.autograd.grad(out.sum(), args, allow_unused=True)
+    for grad in grads:
+        assert grad is None or (grad == 0).all()
+    assert grads[5] is not None and grads[5].shape == args[5].shape
 
 
 def test_clamped_norm_uses_the_constant_divisor():

@@ -51,6 +51,7 @@ from pem_kernels.triton import (
     call_triton_op,
     cdiv,
     check,
+    check_operands,
     dot_operands,
     interpreter_requested,
     launcher,
@@ -330,7 +331,20 @@ def prototype_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [B, N, C], X, An, M [B, N, C] fp32, divisors [B, C] or [B, N] fp32); the last
     four are saved for the backward."""
+    name = "prototype_attention_triton"
+    check(prototypes.dim() == 3,
+          lambda: f"{name}: prototypes must be [B, N, C], got shape {list(prototypes.shape)}")
     batch, num_queries, channels = prototypes.shape
+    # The kernels index every operand by these shapes: a wrong one would be read out of bounds.
+    check_operands(name, prototypes, {
+        "queries": (queries, prototypes.shape, None),
+        "residual": (residual, prototypes.shape, None),
+        "proj_weight": (proj_weight, (channels, channels), None),
+        "proj_bias": (proj_bias, (channels,), None),
+        "alpha": (alpha.reshape(-1), (channels,), None),
+        "out_weight": (out_weight, (channels, channels), None),
+        "out_bias": (out_bias, (channels,), None),
+    })
     check(
         num_queries <= MAX_QUERIES,
         lambda: f"prototype_attention_triton: at most {MAX_QUERIES} queries per image (all N rows "
@@ -371,8 +385,20 @@ def prototype_attention_backward_triton(
     """Returns (dP, dq, dA [B, N, C] fp32, dalpha per image [B, C] fp32)."""
     batch, num_queries, channels = prototypes.shape
     f32 = dict(device=prototypes.device, dtype=torch.float32)
+    check_operands("_prototype_attention_backward_triton", prototypes, {
+        "grad_out": (grad_out, prototypes.shape, None),
+        "queries": (queries, prototypes.shape, None),
+        "proj_weight": (proj_weight, (channels, channels), None),
+        "alpha": (alpha.reshape(-1), (channels,), None),
+        "out_weight": (out_weight, (channels, channels), None),
+        "normalized": (normalized, prototypes.shape, torch.float32),
+        "divisors": (divisors, (batch, channels if normalize_over_queries else num_queries),
+                     torch.float32),
+    })
     dp, dq, da = (torch.empty(batch, num_queries, channels, **f32) for _ in range(3))
-    dalpha = torch.empty(batch, channels, **f32)
+    # Zeros: with no queries (N = 0) no kernel runs, and alpha's gradient is 0, not whatever
+    # the allocation held.
+    dalpha = torch.zeros(batch, channels, **f32)
     if dp.numel():
         config, blocks, dan, partial = _plan(prototypes, normalize_over_queries)
         p, q = prototypes.contiguous(), queries.contiguous()
