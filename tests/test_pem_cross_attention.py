@@ -268,6 +268,25 @@ def test_masked_attention_matches_manual_mask2former():
     torch.testing.assert_close(out, layer.norm(tgt + attended))
 
 
+def test_masked_attention_calls_mha_as_mask2former_does(monkeypatch):
+    """Mask2Former passes no need_weights (default True: MHA's explicit attention path); False
+    would time PyTorch's SDPA kernel instead, a different baseline (the benchmark's Mask2Former
+    rows once did, see the README)."""
+    calls = []
+    forward = nn.MultiheadAttention.forward
+
+    def recording_forward(self, *args, **kwargs):
+        calls.append(kwargs)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", recording_forward)
+    layer = MaskedCrossAttention(32, 4).eval()
+    with torch.no_grad():
+        layer(*layer_inputs(dtype=torch.float32))
+    assert len(calls) == 1 and calls[0].get("need_weights", True) is True
+    assert set(calls[0]) == {"attn_mask"}
+
+
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_sdpa_baseline_equals_mha_baseline(with_mask):
     mha = MaskedCrossAttention(32, 4).double()

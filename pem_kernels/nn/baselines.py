@@ -46,7 +46,11 @@ class MaskedCrossAttention(nn.Module):
 
     def _attend(self, query, key, value, blocked):
         mask = blocked.repeat_interleave(self.num_heads, dim=0)  # [B * heads, Q, HW]
-        return self.multihead_attn(query, key, value, attn_mask=mask, need_weights=False)[0]
+        # Called exactly as Mask2Former calls it: need_weights left at its default (True), which
+        # runs MHA's explicit baddbmm + softmax + bmm path (and averages the weights over heads).
+        # need_weights=False would route the attention through scaled_dot_product_attention, a
+        # different kernel with different speed (that is SDPAMaskedCrossAttention's role).
+        return self.multihead_attn(query, key, value, attn_mask=mask)[0]
 
     def forward(
         self,
