@@ -67,7 +67,6 @@ KERNEL = 3
 # Per device type: (seconds of timing per size and backend, min repeats, max repeats, warmup calls).
 REPEAT_POLICY = {"cpu": (4.0, 3, 100, 1), "cuda": (1.0, 20, 1000, 10)}
 ROTATION_BYTES = 64 * harness.MIB
-MAX_INPUT_SETS = 8
 TORCHVISION = "torchvision"
 # The tensors of one call, in the positional order of torchvision.ops.deform_conv2d.
 CONV_TENSORS = ("input", "offset", "weight", "bias", "mask")
@@ -329,9 +328,7 @@ def run(
                 continue
             bar.set_postfix_str(f"{label}: inputs")
             per_set = (b * c * h * w * (2 if with_grad else 1) + b * 27 * h * w) * itemsize
-            sets = args.input_sets or max(
-                2, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / per_set))
-            )
+            sets = args.input_sets or harness.input_set_count(per_set, ROTATION_BYTES)
             inputs = [
                 (make_inputs(b, c, h, w, dtype, device, generator, with_grad, args.channels_last),)
                 for _ in range(sets)

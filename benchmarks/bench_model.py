@@ -64,6 +64,7 @@ import contextlib
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -460,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the CPU default leaves out 'compiled' (R50: about 150 s of compile per size "
               "on 2 cores); pass --providers fused,reference,compiled to include it")
     out_dir = args.out_dir or harness.default_out_dir(device)
+    replaced = (Path(out_dir) / "model.json").exists()  # before save() writes it
 
     def save(rows: list[dict[str, Any]]) -> tuple[Any, Any]:
         meta["elapsed_s"] = time.perf_counter() - started
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     return harness.report(
         rows, failures, meta=meta, started=started,
         columns=TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []), out_dir=out_dir,
-        name="model", what="provider run", skipped=skipped,
+        name="model", what="provider run", skipped=skipped, replaced=replaced,
     )
 
 

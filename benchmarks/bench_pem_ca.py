@@ -25,7 +25,8 @@ allowed per query). Providers (same inputs, same layer interface):
 * ``mask2former``: Mask2Former's masked cross-attention (``nn.MultiheadAttention`` + LayerNorm);
 * ``sdpa``: the same with ``F.scaled_dot_product_attention`` and a boolean mask.
 
-Each row: median / p20 / p80 ms over repeats (inputs rotate over two sets), peak extra memory,
+Each row: median / p20 / p80 ms over repeats (inputs rotate over ``input_sets`` sets that hold
+at least 128 MiB together, 2 to 8, so that no provider meets a warm cache), peak extra memory,
 and the speedup of every provider against ``mask2former`` and ``reference`` of the same run; on
 CUDA the forward rows also give ``graph_ms``, the device time of the forward replayed from a CUDA
 graph (the host's Python, dispatch and launch work removed).
@@ -47,6 +48,7 @@ import torch
 from benchmarks import harness
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ROTATION_BYTES = 128 * harness.MIB  # input sets rotate until they hold at least this much
 PROVIDERS = ("fused", "reference", "compiled", "fused_compiled", "mask2former", "sdpa")
 CPU_PROVIDERS = ("fused", "reference", "compiled", "mask2former", "sdpa")
 MODES = ("forward", "forward+backward")
@@ -202,7 +204,12 @@ def run(
                 skipped += len(args.modes) * len(args.providers)
                 bar.update(len(args.modes) * len(args.providers))
                 continue
-            inputs = [make_inputs(args.batch, hw, device, dtype, generator) for _ in range(2)]
+            first = make_inputs(args.batch, hw, device, dtype, generator)
+            per_set = sum(t.numel() * t.element_size() for t in first)
+            sets = harness.input_set_count(per_set, ROTATION_BYTES)
+            inputs = [first] + [
+                make_inputs(args.batch, hw, device, dtype, generator) for _ in range(sets - 1)
+            ]
             if "compiled" in args.providers or "fused_compiled" in args.providers:
                 # A fresh compile per size keeps dynamic-shape guards out of the measurement.
                 torch._dynamo.reset()
@@ -220,6 +227,7 @@ def run(
                         "op": "pem_ca", "device": str(device), "dtype": args.dtype,
                         "batch": args.batch, "hw": hw, "queries": QUERIES, "channels": D_MODEL,
                         "heads": HEADS, "mode": mode, "provider": provider,
+                        "input_sets": sets,
                     }
                     try:
                         step = make_step(layers[provider], mode)

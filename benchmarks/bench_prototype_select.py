@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 import time
 from typing import Any, Callable
@@ -66,7 +65,6 @@ DEFAULT_SIZES = "2048,8192,32768,131072"
 # Per device type: (seconds of timing per size and backend, min repeats, max repeats, warmup calls).
 REPEAT_POLICY = {"cpu": (6.0, 3, 200, 1), "cuda": (1.0, 20, 1000, 10)}
 ROTATION_BYTES = 128 * harness.MIB  # input sets rotate until they hold at least this much
-MAX_INPUT_SETS = 8
 
 TABLE_COLUMNS = [
     ("hw", "HW"),
@@ -225,9 +223,7 @@ def run(
             bar.set_postfix_str(f"HW={hw}: inputs")
             floor = floor_bytes(b, hw, n, c, heads, itemsize)
             per_set = b * hw * c * itemsize + b * n * c * itemsize + b * n * hw
-            sets = args.input_sets or max(
-                2, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / per_set))
-            )
+            sets = args.input_sets or harness.input_set_count(per_set, ROTATION_BYTES)
             inputs = [
                 make_inputs(b, hw, n, c, args.density, dtype, device, generator)
                 for _ in range(sets)

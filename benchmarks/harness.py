@@ -55,6 +55,7 @@ __all__ = [
     "default_out_dir",
     "device_slug",
     "environment_info",
+    "input_set_count",
     "measure_peak_memory",
     "measure_time",
     "note",
@@ -379,6 +380,13 @@ def out_of_time() -> bool:
     the rest (counted, reported by :func:`report`), so a time-boxed run keeps what it measured."""
     deadline = _positive_float_from_env("PEM_BENCH_DEADLINE")
     return deadline is not None and time.time() >= deadline
+
+
+def input_set_count(per_set_bytes: int, least_bytes: int, most: int = 8) -> int:
+    """How many input sets a benchmark rotates over: enough that together they hold at least
+    ``least_bytes`` (more than the GPU's L2 or the CPU's last-level cache, so that no provider
+    is timed on a warm cache), at least 2 and at most ``most``."""
+    return max(2, min(most, math.ceil(least_bytes / max(per_set_bytes, 1))))
 
 
 def run_until_interrupted(
@@ -747,17 +755,20 @@ def report(
     name: str,
     what: str = "run",
     skipped: int = 0,
+    replaced: bool | None = None,
 ) -> int:
     """The end of every benchmark command: the elapsed time into ``meta``, the table, the JSON and
     CSV files (:func:`write_results`), where they went, and the exit status: 1 when any of the
     ``failures`` (``what``-s, e.g. backend runs) failed, else 3 when ``skipped`` of them were
     left out at the deadline (:func:`out_of_time`; recorded as ``meta["skipped_at_deadline"]``),
-    else 0."""
+    else 0. ``replaced``: whether the files existed before this run (default: checked here;
+    a benchmark that saves as it goes checks before its first save)."""
     meta["elapsed_s"] = time.perf_counter() - started
     if skipped:
         meta["skipped_at_deadline"] = skipped
     print_table(rows, columns)
-    replaced = (Path(out_dir) / f"{name}.json").exists()
+    if replaced is None:
+        replaced = (Path(out_dir) / f"{name}.json").exists()
     json_path, csv_path = write_results(rows, out_dir, name, meta)
     print(f"wrote {json_path} and {csv_path} ({meta['elapsed_s']:.0f} s)", flush=True)
     if replaced:

@@ -26,10 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _title(meta: dict, what: str) -> str:
     env = meta.get("environment", {})
     config = meta.get("config", {})
-    return (
-        f"{what} on {env.get('device_name', '?')} "
-        f"({config.get('dtype', '?')}, B={config.get('batch', '?')})"
-    )
+    batch = config.get("batch", "?")
+    if isinstance(batch, list):  # the deformable-conv sweep's batch sizes
+        batch = ", ".join(str(b) for b in batch)
+    details = f"{config.get('dtype', '?')}, B={batch}"
+    if config.get("fused_backend"):  # which kernels the PEM-CA and model "fused" rows ran
+        details += f", fused on {config['fused_backend']}"
+    return f"{what} on {env.get('device_name', '?')} ({details})"
 
 
 def plot_latency_vs_pixels(json_path: Path, series_key: str, what: str) -> Path:

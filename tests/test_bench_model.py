@@ -289,6 +289,8 @@ def test_model_cli_tiny_run_writes_json_csv_and_plot(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "median ms" in done.stdout and "GFLOP/img" in done.stdout and "host ms" in done.stdout
     assert "wrote" in done.stdout
+    # A fresh folder: no note about replacing an earlier run (the saves as it goes are its own).
+    assert "replaced" not in done.stderr
     _check_tiny_run(tmp_path, "cpu", "cpu")
 
 

@@ -511,3 +511,10 @@ def test_run_until_interrupted_keeps_the_finished_rows(capsys):
     assert harness.run_until_interrupted(sweep, None) == ([{"row": 1}], 0, 1)
     assert "interrupted: writing the 1 rows finished so far" in capsys.readouterr().err
     assert harness.run_until_interrupted(lambda args, rows: (rows, 2, 0), None) == ([], 2, 0)
+
+
+def test_input_set_count_fills_the_rotation_bytes():
+    mib = harness.MIB
+    assert harness.input_set_count(5 * mib, 128 * mib) == 8  # small sets: up to 8
+    assert harness.input_set_count(40 * mib, 128 * mib) == 4
+    assert harness.input_set_count(512 * mib, 128 * mib) == 2  # never fewer than 2
