@@ -252,19 +252,18 @@ def _fp32_close(result: torch.Tensor, expected: torch.Tensor) -> str:
     return f"{'ok' if error < 1e-5 else 'DIFFERS'} (max rel. error {error:.1e})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(
+    args: argparse.Namespace, rows: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Times every candidate of the experiments asked for; returns (rows, failed candidates or
+    experiments, candidates skipped at the deadline). Rows are added to ``rows`` as they finish
+    (the caller's list keeps them when the run is interrupted)."""
     device = torch.device(args.device)
-    if device.type == "cpu" and not interpreter_requested():
-        print("tune: CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)",
-              file=sys.stderr)
-        return 2
-    started = time.perf_counter()
     torch.manual_seed(0)
     builders = {"bn_depthwise": _bn_depthwise, "projection_fp32": _projection_fp32,
                 "layer_fp32_projection": _layer_fp32_projection,
                 "attention_columns": _attention_columns, "select_splits": _select_splits}
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows
     failures = skipped = 0
     with torch.no_grad():
         for experiment in args.experiments or EXPERIMENTS:
@@ -275,17 +274,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs = builders[experiment](device, args.small)
                 expected = runs[0][1]().clone()
                 in_use_ms = None
-                for index, (name, run, check) in enumerate(runs):
+                for index, (name, call, check) in enumerate(runs):
                     if index and harness.out_of_time():
                         skipped += len(runs) - index
                         break
                     row: dict[str, Any] = {"experiment": experiment, "candidate": name,
                                            "in_use": index == 0}
-                    row["check"] = check(run(), expected)
+                    row["check"] = check(call(), expected)
                     failures += "DIFFERS" in row["check"]
                     if device.type == "cuda":
                         row["device_ms"] = harness.measure_graph_time(
-                            run, device=device, repeats=args.repeats)
+                            call, device=device, repeats=args.repeats)
                         if index == 0:
                             in_use_ms = row["device_ms"]
                         row["vs_in_use"] = in_use_ms / row["device_ms"]
@@ -294,6 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 rows.append({"experiment": experiment, "check": f"ERROR: {error!r}"[:200]})
                 print(f"ERROR: {experiment}: {error!r}", file=sys.stderr)
+    return rows, failures, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu" and not interpreter_requested():
+        print("tune: CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    rows, failures, skipped = harness.run_until_interrupted(run, args)
     meta = {"command": " ".join(sys.argv), "small": args.small,
             "environment": harness.environment_info(device)}
     return harness.report(
