@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the default CPU sweep runs batch 1 only; pass --batch 1,8 for more")
     if device.type == "cpu" and not args.sizes_given:
         print(f"note: the default CPU sweep skips {ALL_SIZES[-1]}; pass --sizes to include it")
-    rows, failures, skipped = harness.run_until_interrupted(run, args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args, meta)
     return harness.report(
         rows, failures, meta=meta, started=started,
         columns=TABLE_COLUMNS + (harness.PROFILE_COLUMNS if args.profile else []),

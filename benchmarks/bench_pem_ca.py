@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.fused_backend!r}; available backends {meta['backends']}",
         flush=True,
     )
-    rows, failures, skipped = harness.run_until_interrupted(run, args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args, meta)
     return harness.report(
         rows, failures, meta=meta, started=started,
         # graph_ms exists on CUDA only: no column of dashes on a CPU

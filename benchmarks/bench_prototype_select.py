@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         f"N={args.queries} C={args.channels} heads={args.heads} density={args.density}",
         flush=True,
     )
-    rows, failures, skipped = harness.run_until_interrupted(run, args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args, meta)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="prototype_select",

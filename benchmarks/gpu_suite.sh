@@ -24,8 +24,8 @@
 #   * The benchmarks run in two tiers: first the rows the issues set goals for (fp32, batch 1:
 #     prototype selection, PEM-CA forward and forward+backward, the deformable conv, the model on
 #     the ops "auto" picks, one profile), then the rest (bf16, batch 2 and 8 where not in tier 1,
-#     the deterministic deform backward, the compiled model, more profiles, and last the fp32
-#     goal rows with TF32 allowed).
+#     the compiled fused layer, the deterministic deform backward, the compiled model, more
+#     profiles, and last the fp32 goal rows with TF32 allowed).
 #   * PEM_BENCH_TIME_SCALE (default here 0.4) scales every benchmark's timing budget per row;
 #     each row still gets its minimum repeats and records how many it got.
 #   * SUITE_DEADLINE_S (default 570; 0 = none): no step runs past it. A step's limit is cut to
@@ -68,11 +68,11 @@
 #
 # The build. pip's editable build compiles everything in a fresh temporary folder, about a
 # minute, so "build" is skipped (recorded "cached") when the extension loads with its CUDA
-# kernels and the sources, the GPU's arch and torch are those of the last build here
+# kernels and the sources, the GPU's arch and torch are those of the last successful build here
 # (SUITE_BUILD_STAMP, default build/.gpu_suite_build_stamp). Whatever the groups, a call whose
-# extension does not load with its CUDA kernels builds it first (a machine handed back between
-# calls comes back bare), and if it still does not, "extension FAILED" is recorded: the
-# benchmarks would silently lose their cuda rows.
+# extension does not load with its CUDA kernels (a machine handed back between calls comes back
+# bare) or was built from other sources builds first; if it still does not load, "extension
+# FAILED" is recorded: the benchmarks would silently lose their cuda rows or time old kernels.
 set -u
 cd "$(dirname "$0")/.."
 known=" build tests sanitize diagnose select pemca profile deform model tune plots ncu check bench "
@@ -158,8 +158,10 @@ step() {
   # SIGINT first: pytest then still prints the summary of the tests it ran, Python programs
   # unwind; whatever is left 15 s later is killed.
   env -u RESERVE_S -u STEP_MIN_S -u BENCHMARK -u SUITE_ONLY -u SUITE_TIERS \
-    "${bench_deadline[@]}" timeout -s INT -k 15 "$limit" "$@" > "$results/$name.log" 2>&1
+    "${bench_deadline[@]}" timeout -s INT -k 15 "$limit" "$@" > "$results/$name.log" 2>&1 \
+    < /dev/null
   local rc=$?
+  last_rc=$rc
   tail -n 3 "$results/$name.log"
   local status="rc=$rc"
   [ "$rc" -eq 3 ] && [ "${BENCHMARK:-0}" = 1 ] && status="partial"
@@ -178,20 +180,22 @@ sys.exit(0 if pem_kernels.EXTENSION_LOADED and has_kernel('prototype_select', 'C
 build_stamp_file=${SUITE_BUILD_STAMP:-build/.gpu_suite_build_stamp}
 build_stamp=$({ find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum
   echo "arch $arch"; $PYTHON -c "import torch; print(torch.__version__)"; } | sha1sum)
-extension_loads=0
-extension_ok && extension_loads=1
-if wants build || [ "$extension_loads" = 0 ]; then
-  if [ "$extension_loads" = 1 ] && [ "$(cat "$build_stamp_file" 2>/dev/null)" = "$build_stamp" ]; then
+if extension_ok && [ "$(cat "$build_stamp_file" 2>/dev/null)" = "$build_stamp" ]; then
+  if wants build; then
     record build cached 0 "the extension loads, built here from these sources for sm_$arch"
-  else
-    # Never left out by SUITE_ONLY: every later step needs the extension.
-    SUITE_ONLY=build step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
-      PEM_KERNELS_CUDA=1 $PYTHON -m pip install -v --no-build-isolation --no-deps -e .
-    if extension_ok; then
-      mkdir -p "$(dirname "$build_stamp_file")" && echo "$build_stamp" > "$build_stamp_file"
-    else
-      record extension FAILED 0 "pem_kernels._C does not load with its CUDA kernels (see build.log): the benchmarks' cuda rows will be missing"
-    fi
+  fi
+else
+  # Never left out by SUITE_ONLY: every later step needs the extension.
+  last_rc=1
+  SUITE_ONLY=build step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+    PEM_KERNELS_CUDA=1 $PYTHON -m pip install -v --no-build-isolation --no-deps -e .
+  # Stamped only after a successful build: a failed one may leave an older extension that
+  # still loads, which must not pass for this build the next time.
+  rm -f "$build_stamp_file"
+  if ! extension_ok; then
+    record extension FAILED 0 "pem_kernels._C does not load with its CUDA kernels (see build.log): the benchmarks' cuda rows will be missing"
+  elif [ "$last_rc" = 0 ]; then
+    mkdir -p "$(dirname "$build_stamp_file")" && echo "$build_stamp" > "$build_stamp_file"
   fi
 fi
 

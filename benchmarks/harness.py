@@ -390,19 +390,20 @@ def input_set_count(per_set_bytes: int, least_bytes: int, most: int = 8) -> int:
 
 
 def run_until_interrupted(
-    run: Callable[..., tuple[list[dict[str, Any]], int, int]], args: Any
+    run: Callable[..., tuple[list[dict[str, Any]], int, int]], args: Any, meta: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], int, int]:
     """``run(args, rows)`` -> (rows, failures, skipped), where ``run`` adds every finished row to
     the list ``rows``. A SIGINT (Ctrl-C, or the GPU suite's ``timeout -s INT`` at a step's limit)
-    in the middle of a row ends the sweep with the rows finished so far, counted as one run
-    skipped: the benchmark still writes them (exit status 3, partial) instead of losing them."""
+    in the middle of a row ends the sweep with the rows finished so far: ``meta["interrupted"]``
+    is set, the failures are the rows with an ``error``, and :func:`report` writes the rows and
+    exits 3 (1 with a failure) instead of the benchmark losing them. (Under ``timeout`` the step
+    is still recorded as timed out: timeout reports its own status.)"""
     rows: list[dict[str, Any]] = []
     try:
         return run(args, rows)
     except KeyboardInterrupt:
-        print(f"interrupted: writing the {len(rows)} rows finished so far", file=sys.stderr,
-              flush=True)
-        return rows, 0, 1
+        meta["interrupted"] = True
+        return rows, sum("error" in row for row in rows), 0
 
 
 def adaptive_repeats(
@@ -767,6 +768,9 @@ def report(
     if skipped:
         meta["skipped_at_deadline"] = skipped
     print_table(rows, columns)
+    if meta.get("interrupted"):
+        print(f"interrupted (SIGINT): wrote the {len(rows)} rows finished before it",
+              file=sys.stderr)
     if replaced is None:
         replaced = (Path(out_dir) / f"{name}.json").exists()
     json_path, csv_path = write_results(rows, out_dir, name, meta)
@@ -780,7 +784,7 @@ def report(
         print(f"{failures} {what}(s) failed", file=sys.stderr)
     if skipped:
         print(f"{skipped} {what}(s) not run: PEM_BENCH_DEADLINE passed", file=sys.stderr)
-    return 1 if failures else 3 if skipped else 0
+    return 1 if failures else 3 if skipped or meta.get("interrupted") else 0
 
 
 def _format_cell(value: Any, fmt: str | Callable[[Any], str] | None) -> str:

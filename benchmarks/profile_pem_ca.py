@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         f"B={args.batch}: host vs device time per call",
         flush=True,
     )
-    rows, failures, skipped = harness.run_until_interrupted(run, args)
+    rows, failures, skipped = harness.run_until_interrupted(run, args, meta)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="pem_ca_profile",

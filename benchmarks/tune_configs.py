@@ -304,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    rows, failures, skipped = harness.run_until_interrupted(run, args)
     meta = {"command": " ".join(sys.argv), "small": args.small,
             "environment": harness.environment_info(device)}
+    rows, failures, skipped = harness.run_until_interrupted(run, args, meta)
     return harness.report(
         rows, failures, meta=meta, started=started, columns=TABLE_COLUMNS,
         out_dir=args.out_dir or harness.default_out_dir(device), name="tune", what="candidate",

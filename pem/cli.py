@@ -10,9 +10,20 @@ import math
 
 import torch
 
-__all__ = ["DEVICES", "check_device", "check_ints", "dumps", "strict_json"]
+__all__ = ["DEVICES", "check_device", "check_ints", "device_text", "dumps", "strict_json"]
 
 DEVICES = ("cpu", "cuda")
+
+
+def device_text(text: str) -> str:
+    """argparse type of the evaluation commands' ``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    try:
+        device_type = torch.device(text).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in DEVICES:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def check_ints(
@@ -27,9 +38,9 @@ def check_ints(
 
 
 def check_device(parser: argparse.ArgumentParser, device: str | None) -> None:
-    """``parser.error`` for ``--device cuda`` on a machine without a CUDA device."""
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device: 'cuda' was requested but no CUDA device is available")
+    """``parser.error`` for ``--device cuda`` (or ``cuda:N``) on a machine without a CUDA device."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {device!r} was requested but no CUDA device is available")
 
 
 def strict_json(value: object) -> object:

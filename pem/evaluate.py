@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pem.cli import DEVICES, check_device, check_ints, dumps
+from pem.cli import check_device, check_ints, device_text, dumps
 from pem.data.build import build_dataset, parse_data_spec
 from pem.inference import postprocess
 from pem.metrics import PanopticQuality, PanopticResult, SemSegMetric, SemSegResult
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-side", type=int, default=None, help="test-time resize short side")
     p.add_argument("--max-size", type=int, default=4096)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=DEVICES)
+                   type=device_text, help="cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     args = p.parse_args(argv)

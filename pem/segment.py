@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pem.cli import DEVICES, check_device, check_ints
+from pem.cli import check_device, check_ints, device_text
 from pem_kernels import BACKENDS
 
 __all__ = ["colorize", "main", "overlay"]
@@ -90,16 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-side", type=int, default=None, help="test-time resize short side")
     p.add_argument("--max-size", type=int, default=4096)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=DEVICES)
+                   type=device_text, help="cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     args = p.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha: expected a value in [0, 1], got {args.alpha}")
     check_ints(p, args, {"short_side": 1, "max_size": 1})
     check_device(p, args.device)
-    suffix = Path(args.out).suffix.lower()
-    if suffix not in Image.registered_extensions():
-        p.error(f"--out: expected an image file name (.png, .jpg, ...), got {args.out!r}")
+    # An extension PIL can write (it reads more formats than it writes: .psd, .pcd, ...).
+    if Image.registered_extensions().get(Path(args.out).suffix.lower()) not in Image.SAVE:
+        p.error(f"--out: expected an image file name PIL can write (.png, .jpg, ...), got "
+                f"{args.out!r}")
     image_path = Path(args.image)
     if not image_path.is_file():
         p.error(f"--image: no file at {str(image_path)!r}")

@@ -286,7 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_device(p, args.device)
     # The pixel decoder's BatchNorms over 1x1 pooled maps need two values per channel in
     # training: two images per process, or in all under torchrun (SyncBatchNorm).
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        p.error(f"WORLD_SIZE: expected the number of processes, got {os.environ['WORLD_SIZE']!r}")
     if args.batch * world_size < 2:
         p.error(
             f"--batch: expected at least 2 images per iteration in all (the BatchNorms of the "

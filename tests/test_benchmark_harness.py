@@ -500,17 +500,33 @@ def test_bad_benchmark_options_are_usage_errors(module, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_run_until_interrupted_keeps_the_finished_rows(capsys):
+def test_run_until_interrupted_keeps_the_finished_rows(tmp_path, capsys):
     """A SIGINT in the middle of a sweep (the GPU suite's timeout at a step's limit) keeps the
-    rows finished before it, counted as one skipped run (exit status 3 from report)."""
+    rows finished before it; a failed one among them still fails the run, and report says it
+    was interrupted (not that a deadline passed)."""
 
     def sweep(args, rows):
         rows.append({"row": 1})
+        rows.append({"row": 2, "error": "RuntimeError: boom"})
         raise KeyboardInterrupt
 
-    assert harness.run_until_interrupted(sweep, None) == ([{"row": 1}], 0, 1)
-    assert "interrupted: writing the 1 rows finished so far" in capsys.readouterr().err
-    assert harness.run_until_interrupted(lambda args, rows: (rows, 2, 0), None) == ([], 2, 0)
+    meta: dict = {}
+    rows, failures, skipped = harness.run_until_interrupted(sweep, None, meta)
+    assert (rows, failures, skipped) == ([{"row": 1}, {"row": 2, "error": "RuntimeError: boom"}],
+                                         1, 0)
+    assert meta["interrupted"] is True
+    rc = harness.report(rows, failures, meta=meta, started=time.perf_counter(), columns=["row"],
+                        out_dir=tmp_path, name="r", skipped=skipped)
+    err = capsys.readouterr().err
+    assert rc == 1 and "interrupted (SIGINT): wrote the 2 rows" in err
+    assert "PEM_BENCH_DEADLINE" not in err
+    assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 2
+    meta = {}
+    rc = harness.report([{"row": 1}], 0, meta={"interrupted": True}, started=time.perf_counter(),
+                        columns=["row"], out_dir=tmp_path, name="s")
+    assert rc == 3
+    assert harness.run_until_interrupted(lambda args, rows: (rows, 2, 0), None, meta) == ([], 2, 0)
+    assert "interrupted" not in meta
 
 
 def test_input_set_count_fills_the_rotation_bytes():

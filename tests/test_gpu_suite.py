@@ -78,13 +78,25 @@ SUITE_VARIABLES = ("RESERVE_S", "STEP_MIN_S", "BENCHMARK", "PEM_BENCH_DEADLINE",
                    "PEM_BENCH_TIME_SCALE")
 
 
+def current_build_stamp() -> str:
+    """The stamp the suite writes after building these sources for the stand-in's GPU (sm_90)
+    and torch (2.11.0): the script's recipe."""
+    recipe = ("{ find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum; "
+              "echo 'arch 9.0'; echo 2.11.0; } | sha1sum")
+    return subprocess.run(["bash", "-c", recipe], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def run_suite(
-    tmp_path: Path, *groups: str, extension: bool = True, **env: str
+    tmp_path: Path, *groups: str, extension: bool = True, stamped: bool = True, **env: str
 ) -> tuple[subprocess.CompletedProcess, list[dict], list[list[str]]]:
-    """Runs the suite with the stand-in Python; ``extension``: the machine already has the
-    compiled extension (else it is bare, as a machine handed back between calls)."""
+    """Runs the suite with the stand-in Python. ``extension``: the machine already has the
+    compiled extension (else it is bare, as a machine handed back between calls); ``stamped``:
+    built by the suite from these sources (else the suite builds it again)."""
     if extension:
         (tmp_path / "built").touch()
+        if stamped and not (tmp_path / "build_stamp").exists():
+            (tmp_path / "build_stamp").write_text(current_build_stamp())
     python = tmp_path / "python"
     python.write_text(STAND_IN.format(python=sys.executable))
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
@@ -111,7 +123,8 @@ def run_suite(
 
 def test_suite_runs_every_step_in_priority_order(tmp_path):
     done, calls, steps = run_suite(
-        tmp_path, SUITE_DEADLINE_S="0", STUB_RC=json.dumps({"benchmarks.bench_model": 3}),
+        tmp_path, stamped=False, SUITE_DEADLINE_S="0",
+        STUB_RC=json.dumps({"benchmarks.bench_model": 3}),
     )
     names = [name for name, _ in steps]
     # build, then the checks (at the same time: any order), the two benchmark tiers, the plots.
@@ -168,7 +181,8 @@ def test_suite_keeps_its_deadline(tmp_path):
     # GPU suite runs (14 pytest workers beside the sanitizer) with build or plots skipped (the
     # assertion did not say which; now it prints the steps).
     done, calls, steps = run_suite(
-        tmp_path, "build", "check", "diagnose", "bench", "plots", SUITE_DEADLINE_S="45",
+        tmp_path, "build", "check", "diagnose", "bench", "plots", stamped=False,
+        SUITE_DEADLINE_S="45",
         SUITE_CHECK_S="20", SUITE_MIN_STEP_S="12",
         STUB_SLEEP=json.dumps({"pytest": 60, "benchmarks.diagnose_cpp_errors": 60}),
     )
@@ -241,14 +255,30 @@ def test_build_is_cached_and_a_bare_machine_builds_first(tmp_path):
     """A second call with the same sources, arch and torch skips the minute-long build; a call
     on a bare machine (no extension) builds first even when "build" was not named, and one whose
     build does not give a loading extension says so instead of benchmarking without it."""
-    done, calls, steps = run_suite(tmp_path, "build", SUITE_DEADLINE_S="0")
+    done, calls, steps = run_suite(tmp_path, "build", stamped=False, SUITE_DEADLINE_S="0")
     assert steps == [["build", "rc=0"]], done.stdout + done.stderr
+    assert (tmp_path / "build_stamp").read_text() == current_build_stamp()
     done, calls, steps = run_suite(tmp_path, "build", SUITE_DEADLINE_S="0")
     assert steps[-1] == ["build", "cached"] and done.returncode == 0
     assert sum(c["module"] == "pip" for c in calls) == 1  # the second call built nothing
+    # Sources changed since that build: rebuilt before the benchmarks even when not named.
+    (tmp_path / "build_stamp").write_text("a stamp of other sources\n")
+    only = "bench_model_float32_auto"
+    done, calls, steps = run_suite(tmp_path, "model", SUITE_DEADLINE_S="0", SUITE_TIERS="1",
+                                   SUITE_ONLY=only)
+    assert steps[-2:] == [["build", "rc=0"], [only, "rc=0"]], done.stdout + done.stderr
+    # A failed build that leaves an older extension loading is not stamped: the next call
+    # builds again instead of calling it cached.
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    done, calls, steps = run_suite(failed, "build", stamped=False, SUITE_DEADLINE_S="0",
+                                   STUB_RC=json.dumps({"pip": 1}))
+    assert steps == [["build", "rc=1"]] and done.returncode == 1
+    assert not (failed / "build_stamp").exists()
+    done, calls, steps = run_suite(failed, "build", stamped=False, SUITE_DEADLINE_S="0")
+    assert steps[-1] == ["build", "rc=0"], steps
     bare = tmp_path / "bare"
     bare.mkdir()
-    only = "bench_model_float32_auto"
     done, calls, steps = run_suite(bare, "model", extension=False, SUITE_DEADLINE_S="0",
                                    SUITE_TIERS="1", SUITE_ONLY=only)
     assert steps == [["build", "rc=0"], [only, "rc=0"]], done.stdout + done.stderr

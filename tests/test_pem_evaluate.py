@@ -144,6 +144,8 @@ def test_segment_command_writes_an_overlay(tiny_checkpoint: Path, capsys, tmp_pa
         (["--checkpoint", str(tmp_path / "nope.pt")], "--checkpoint: no file at"),
         (["--checkpoint", str(tmp_path / "in.png")], "is not a pem.train checkpoint"),
         (["--out", str(tmp_path / "overlay.xyz")], "--out: expected an image file name"),
+        (["--out", str(tmp_path / "overlay.psd")], "--out: expected an image file name"),
+        (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
         (["--short-side", "-3"], "--short-side: expected an int >= 1, got -3"),
         (["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
     ]:

@@ -328,3 +328,20 @@ def test_torchrun_on_cuda_uses_nccl_and_sync_batchnorm(tmp_path: Path) -> None:
     assert records[0]["world_size"] == torch.cuda.device_count()
     assert [m["iteration"] for m in records if "loss" in m] == [1, 2]
     assert all(math.isfinite(m["loss"]) for m in records if "loss" in m)
+
+
+def test_batch_counts_the_processes_of_torchrun(monkeypatch, capsys) -> None:
+    """--batch 1 needs a second process (WORLD_SIZE, as torchrun sets it); an empty WORLD_SIZE
+    is one process, a malformed one a usage error, not a traceback."""
+    from pem.train import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "")
+    with pytest.raises(SystemExit):
+        parse_args(["--batch", "1"])
+    assert parse_args(["--batch", "2"]).batch == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_args(["--batch", "1"]).batch == 1
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(SystemExit):
+        parse_args(["--batch", "2"])
+    assert "WORLD_SIZE: expected the number of processes, got 'two'" in capsys.readouterr().err

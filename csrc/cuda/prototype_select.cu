@@ -266,8 +266,9 @@ __device__ __forceinline__ bool mask_vector_loads(const MaskRows& mask, int64_t 
 
 // Bit (j * kMicro + i) of the result: whether the thread's pixel i may be selected by its query
 // j (1 where there is no mask). Issued before the tile's products so that the mask's latency
-// overlaps them. With vector_loads (mask_vector_loads) a query's kMicro elements are one load;
-// torch's bools are the bytes 0 and 1.
+// overlaps them. With vector_loads (mask_vector_loads) a query's kMicro elements are one load.
+// A bool mask is read as bytes, any nonzero byte allowing (a bool tensor viewed from a 0/255
+// uint8 mask holds 255).
 __device__ __forceinline__ uint32_t load_allowed_bits(
     MaskRows mask, int64_t row0, int64_t queries, int64_t query_first, int64_t pixels,
     int64_t pixel_first, bool vector_loads) {

@@ -94,7 +94,10 @@ class LocalRepresentation(nn.Module):
             return self(memory + pos if pos is not None else memory), False
         weights = (conv.weight, conv.bias, out.weight, out.bias)
         bn_sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-        if self._fusable(memory, pos, bn.training, weights, bn_sources):
+        # (Biases rebuilt away: the kernel adds them.)
+        if weights[1] is not None and weights[3] is not None and self._fusable(
+            memory, pos, bn.training, weights, bn_sources
+        ):
             chosen = backend if resolved else PROJECTION_BACKENDS.resolve(
                 backend, memory.device, memory.dtype
             )
@@ -114,17 +117,17 @@ class LocalRepresentation(nn.Module):
 
     @staticmethod
     def _kernel_modules(bn: nn.Module, conv: nn.Module, out: nn.Module) -> bool:
-        """Whether the modules are still those the fused kernel computes (a user may replace
-        one, or rebuild it without a bias): BatchNorm2d (or SyncBatchNorm), a biased depthwise
-        3x3 conv with padding 1, a biased Linear. Exact types: a subclass may change forward."""
+        """Whether the modules are still of the kinds the fused kernel computes (a user may
+        replace one): BatchNorm2d (or SyncBatchNorm), a depthwise 3x3 conv with padding 1, a
+        Linear (their biases are checked with the weights). Exact types: a subclass may change
+        forward. Only plain attributes are read here: a layer call on a GPU is host-bound."""
         return (
             type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
-            and type(conv) is nn.Conv2d and conv.bias is not None
+            and type(conv) is nn.Conv2d and type(out) is nn.Linear
             and conv.in_channels == conv.out_channels == conv.groups
             and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
             and conv.stride == (1, 1) and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros"
-            and type(out) is nn.Linear and out.bias is not None
         )
 
     @staticmethod

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "block_size",
     "call_triton_op",
+    "called_directly",
     "check",
     "check_operands",
     "cdiv",
@@ -230,6 +231,12 @@ def pem_triton_op(name: str):
         return op
 
     return register
+
+
+def called_directly() -> bool:
+    """Whether the op body running now was called by :func:`call_triton_op` directly (from a
+    public op or a layer, which checked the arguments), not dispatched as ``torch.ops...``."""
+    return getattr(_DIRECT, "active", False)
 
 
 def call_triton_op(op, *args):
