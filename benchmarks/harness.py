@@ -18,7 +18,6 @@ scripts convert to MiB for display), bandwidth in GB/s (1e9 bytes per second).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -38,6 +37,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from pem.cli import device_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024**2
@@ -298,22 +299,11 @@ def parse_positive_ints(parser: Any, option: str, text: str) -> list[int]:
     return values
 
 
-def _device_text(text: str) -> str:
-    """argparse type of ``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
-    try:
-        device_type = torch.device(text).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
 def add_device_argument(parser: Any) -> None:
     """``--device`` (default cuda when torch sees a GPU, else cpu); check it with
     :func:`checked_device` after parsing."""
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", type=_device_text,
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_text,
         help="cpu, cuda or cuda:N (default: cuda when available)",
     )
 

@@ -16,7 +16,8 @@ DEVICES = ("cpu", "cuda")
 
 
 def device_text(text: str) -> str:
-    """argparse type of the evaluation commands' ``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    """argparse type of a ``--device`` (the evaluation commands', the benchmarks'): ``cpu``,
+    ``cuda`` or ``cuda:N``."""
     try:
         device_type = torch.device(text).type
     except RuntimeError:
