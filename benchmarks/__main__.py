@@ -13,6 +13,8 @@ all of which take ``--device``, ``--dtype`` and ``--sizes``):
     tune              candidate launch configurations of the Triton kernels timed (on a GPU)
                       against the ones in use, each checked against them
     plots             PNG plots from the JSON results in a folder
+    goals             the issues' performance goals checked against the JSON results in a
+                      folder, met or not (goals.md, goals.json)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ COMMANDS = {
     "sass-stats": "benchmarks.sass_stats",
     "tune": "benchmarks.tune_configs",
     "plots": "benchmarks.plots",
+    "goals": "benchmarks.goals",
 }
 
 

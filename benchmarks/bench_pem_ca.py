@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     started = time.perf_counter()
     import pem_kernels
+    from pem_kernels.nn import MaskedCrossAttention
 
     meta = {
         "benchmark": "pem_ca",
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             op: pem_kernels.available_backends(op, device, DTYPES[args.dtype])
             for op in ("prototype_select", "prototype_attention")
         },
+        # True: the mask2former rows made Mask2Former's own call (benchmarks.goals counts only
+        # those); runs before 2026-11-27 timed need_weights=False, the SDPA kernel.
+        "mask2former_need_weights": MaskedCrossAttention.need_weights,
         "units": {"*_ms": "milliseconds", "graph_ms": "median device time of a forward replayed "
                   "from a CUDA graph (CUDA, forward rows)", "peak_mib": "MiB",
                   "speedup_vs_*": "baseline median / median",

@@ -13,11 +13,12 @@
 # Groups: build; tests, sanitize (the correctness checks, run at the same time: pytest spread over
 # the cores, the sanitizer beside it); the benchmarks select, pemca, profile, deform, model and
 # tune (candidate launch configurations timed against the ones in use, benchmarks/tune_configs.py;
-# tier 1 only); plots. "check" stands for tests sanitize, "bench" for the six benchmarks. Two groups run only
-# when named: diagnose (the diagnosis of C++ argument errors, benchmarks/diagnose_cpp_errors.py;
-# its question is answered, see the README) and ncu (Nsight Compute on the kernels the issues set
-# goals for, benchmarks/ncu_targets.py: why they take what the benchmarks measure). Later calls on
-# the same day add to the same folder.
+# tier 1 only); plots (the plots, then the goals report: every goal of the issues against the
+# results, benchmarks/goals.py). "check" stands for tests sanitize, "bench" for the six
+# benchmarks. Two groups run only when named: diagnose (the diagnosis of C++ argument errors,
+# benchmarks/diagnose_cpp_errors.py; its question is answered, see the README) and ncu (Nsight
+# Compute on the kernels the issues set goals for, benchmarks/ncu_targets.py: why they take what
+# the benchmarks measure). Later calls on the same day add to the same folder.
 #
 # The time box. The suite must fit one 10-minute command on a lent H100 (its time counted from
 # the start), so:
@@ -50,8 +51,8 @@
 #     SUITE_TIERS=2 bash benchmarks/gpu_suite.sh bench plots.
 #   * SUITE_ONLY (space-separated step names, as summary.txt names them) runs only those steps
 #     of the groups asked for, the others silently left out: a later call runs what an earlier
-#     one had no time for, e.g. SUITE_TIERS=2 SUITE_ONLY="bench_deform_conv_deterministic plots"
-#     bash benchmarks/gpu_suite.sh bench plots.
+#     one had no time for, e.g. SUITE_TIERS=2 SUITE_ONLY="bench_deform_conv_deterministic plots
+#     goals" bash benchmarks/gpu_suite.sh bench plots.
 #   * Measured on the H200 run of 2026-11-26 (compute-sanitizer ran there): build 61 s; checks
 #     about 140 s (pytest with 14 workers 110 s: 814 passed, 2 failed; the sanitizer beside it
 #     31 + 70 + 38 s, racecheck stopped at its 70 s limit after 74 of its 94 cases, now 54 cases
@@ -435,6 +436,9 @@ if wants ncu; then RESERVE_S=$PLOTS_RESERVE_S run_ncu; fi
 if wants plots; then
   # A few seconds draw them: the plots start with any time left (MIN_STEP_S does not apply).
   RESERVE_S=0 STEP_MIN_S=5 step plots 60 $PYTHON -m benchmarks plots "$results"
+  # Every goal of the issues against the files, met or not (goals.md, goals.json): JSON only,
+  # about a second.
+  RESERVE_S=0 STEP_MIN_S=2 step goals 30 $PYTHON -m benchmarks goals "$results"
 fi
 nvidia-smi > "$results/nvidia-smi.txt" 2>&1
 count() { grep -cx "$1" "$statuses"; }

@@ -623,8 +623,9 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
     ``device`` defaults to the first CUDA GPU when one is available, else the CPU. Keys:
     ``device``, ``device_name`` (GPU name or CPU model), ``cpu_model``, ``cpu_cores``
     (``os.cpu_count()``), ``torch_threads``, ``torch``, ``triton`` (None when absent), ``cuda``
-    (torch's CUDA version, None on CPU builds), ``gpu_capability`` / ``gpu_memory_bytes`` (CUDA
-    only), ``float32_matmul_precision``, ``triton_fp32_dot`` (CUDA only: see
+    (torch's CUDA version, None on CPU builds), ``gpu_capability`` / ``gpu_memory_bytes`` /
+    ``gpu_peak_bandwidth_gbps`` (CUDA only; the last where torch reports the memory clock),
+    ``float32_matmul_precision``, ``triton_fp32_dot`` (CUDA only: see
     :func:`pem_kernels.triton.fp32_dot_precision`), ``python``, ``platform``, ``git_commit``
     (short sha, ``-dirty`` with uncommitted changes to tracked files, None without git or
     commits), ``command`` (exact command line, shell-quoted), ``argv`` (the list),
@@ -665,6 +666,12 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         props = torch.cuda.get_device_properties(device)
         info["gpu_capability"] = f"{props.major}.{props.minor}"
         info["gpu_memory_bytes"] = int(props.total_memory)
+        # Peak memory bandwidth in GB/s: two transfers per memory clock (kHz) over the bus
+        # (bits), the CUDA samples' formula; what benchmarks.goals holds achieved GB/s against.
+        clock_khz = getattr(props, "memory_clock_rate", 0)
+        bus_bits = getattr(props, "memory_bus_width", 0)
+        if clock_khz and bus_bits:
+            info["gpu_peak_bandwidth_gbps"] = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
     return info
 
 

@@ -164,6 +164,24 @@ def test_environment_info_has_the_essentials():
     assert all(ch.isalnum() or ch == "-" for ch in harness.device_slug("cpu"))
 
 
+def test_environment_info_records_the_gpus_peak_bandwidth(monkeypatch):
+    """On CUDA: 2 transfers per memory clock over the bus, what benchmarks.goals holds GB/s
+    against (an H100 SXM's 2619 MHz x 5120 bits: 3352 GB/s, its datasheet's 3.35 TB/s). The
+    device queries are stood in for here; a GPU run records the real ones."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(major=9, minor=0, total_memory=80 << 30,
+                            memory_clock_rate=2_619_000, memory_bus_width=5120)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(harness, "_triton_fp32_dot", lambda: "tf32x3")
+    info = harness.environment_info("cuda:0")
+    assert info["gpu_peak_bandwidth_gbps"] == pytest.approx(3352.3, abs=0.1)
+    assert info["gpu_capability"] == "9.0"
+    del props.memory_clock_rate  # a torch without the field: no figure rather than a wrong one
+    assert "gpu_peak_bandwidth_gbps" not in harness.environment_info("cuda:0")
+
+
 def test_progress_bar_counts_and_never_breaks():
     assert list(harness.progress(range(4), desc="x", disable=True)) == [0, 1, 2, 3]
     with harness.progress(total=2, desc="y") as bar:  # stderr is not a TTY under pytest

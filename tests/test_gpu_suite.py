@@ -127,11 +127,12 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
         STUB_RC=json.dumps({"benchmarks.bench_model": 3}),
     )
     names = [name for name, _ in steps]
-    # build, then the checks (at the same time: any order), the two benchmark tiers, the plots.
+    # build, then the checks (at the same time: any order), the two benchmark tiers, the plots
+    # and the goals report.
     assert names[0] == "build"
     # (The diagnosis of C++ argument errors runs only when named.)
     assert set(names[1:3]) == {"tests", "sanitize"}
-    assert names[3:] == TIER_1 + TIER_2 + ["plots"], names
+    assert names[3:] == TIER_1 + TIER_2 + ["plots", "goals"], names
     status = dict(steps)
     # No compute-sanitizer here: a skip. A benchmark that stopped at its deadline (exit 3) is
     # "partial"; everything else passed. Skips and partials are reported, not failures.
@@ -188,6 +189,7 @@ def test_suite_keeps_its_deadline(tmp_path):
     )
     status = dict(steps)
     assert status["build"] == "rc=0" and status["plots"] == "rc=0", steps
+    assert status["goals"] == "rc=0", steps
     assert status["tests"] == "timeout" and status["diagnose_cpp_errors"] == "timeout"
     assert all(status[name] == "SKIPPED" for name in TIER_1 + TIER_2)
     assert not any(c["module"].startswith("benchmarks.bench") for c in calls)
@@ -201,7 +203,7 @@ def test_suite_tiers_pick_the_benchmark_tiers(tmp_path):
     # A second call for what did not fit the first: tier 2 and the plots only.
     done, calls, steps = run_suite(tmp_path, "bench", "plots", SUITE_DEADLINE_S="0",
                                    SUITE_TIERS="2")
-    assert [name for name, _ in steps] == TIER_2 + ["plots"]
+    assert [name for name, _ in steps] == TIER_2 + ["plots", "goals"]
     assert done.returncode == 0, done.stdout + done.stderr
 
 

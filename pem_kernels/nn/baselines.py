@@ -34,6 +34,12 @@ class MaskedCrossAttention(nn.Module):
     :class:`pem_kernels.nn.PEMCrossAttention`; the memory is flattened to [HW, B, C] inside.
     """
 
+    # Mask2Former leaves need_weights at its default, True: MHA's explicit baddbmm + softmax +
+    # bmm path (the weights averaged over heads). False would route the attention through
+    # scaled_dot_product_attention, a different kernel with different speed (that is
+    # SDPAMaskedCrossAttention's role). The benchmarks record it with their results.
+    need_weights = True
+
     def __init__(self, d_model: int = 256, nhead: int = 8, normalize_before: bool = False) -> None:
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
@@ -46,11 +52,9 @@ class MaskedCrossAttention(nn.Module):
 
     def _attend(self, query, key, value, blocked):
         mask = blocked.repeat_interleave(self.num_heads, dim=0)  # [B * heads, Q, HW]
-        # Called exactly as Mask2Former calls it: need_weights left at its default (True), which
-        # runs MHA's explicit baddbmm + softmax + bmm path (and averages the weights over heads).
-        # need_weights=False would route the attention through scaled_dot_product_attention, a
-        # different kernel with different speed (that is SDPAMaskedCrossAttention's role).
-        return self.multihead_attn(query, key, value, attn_mask=mask)[0]
+        return self.multihead_attn(
+            query, key, value, attn_mask=mask, need_weights=self.need_weights
+        )[0]
 
     def forward(
         self,
