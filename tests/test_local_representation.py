@@ -87,6 +87,22 @@ def test_cpu_fp64_matches_the_modules_tightly(monkeypatch):
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 61, 40), (1, 4, 700, 3)], ids=str)
+def test_cpu_row_blocks_match_the_modules(shape, monkeypatch):
+    """Maps of several row blocks per image (the CPU kernel's tasks hold about 1024 pixels of
+    whole rows) with a partial last block: every block reads the rows above and below it,
+    zero beyond the image. fp64, so that a row read from the wrong block cannot hide in the
+    tolerance."""
+    module = _module(shape[1], torch.float64, "cpu")
+    memory = torch.randn(shape, dtype=torch.float64)
+    pos = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        expected = module(memory + pos)
+        _forbid_modules(monkeypatch, module)
+        torch.testing.assert_close(module.project(memory, pos, "cpu"), expected,
+                                   rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_close_to_fp32(backend, dtype, monkeypatch):

@@ -22,15 +22,9 @@
 #include "pem_kernels/parallel.h"
 #include "pem_kernels/prototype_select_checks.h"
 #include "pem_kernels/prototype_select_common.h"
+#include "pem_kernels/simd.h"
 
-// The mask-and-max scan is compiled twice (AVX2 and baseline x86-64) and picked at load time, so
-// the package gets SIMD speed without requiring AVX2 from every machine that installs it.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PEM_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PEM_SIMD_CLONES
-#endif
-#define PEM_ALWAYS_INLINE __attribute__((always_inline)) inline
+// The mask-and-max scan is compiled for AVX2 and for baseline x86-64 (PEM_SIMD_CLONES).
 
 namespace pem_kernels {
 namespace {
