@@ -231,6 +231,28 @@ def test_deform_conv2d_tensor_core_forward_3xtf32(deform, name, layout):
     assert not torch.equal(out, ieee)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deform_conv2d_without_tensor_core_code_takes_the_fma_kernel(deform, monkeypatch, dtype):
+    """A build that reaches the GPU only through older PTX (PEM_EMULATION_PTX_VERSION=75 on
+    compute capability 9.0) has the tensor-core kernel as a trap: the host takes the FMA kernel,
+    whose results PEM_KERNELS_FP32_DOT=ieee gives on a normal build, bit for bit."""
+    conv = TENSOR_CORE_CASES["one_group"]
+    tensors = make_inputs(conv, dtype)
+    tensor_cores = emulated_forward(deform, tensors, conv)
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
+    ieee = emulated_forward(deform, tensors, conv) if dtype == torch.float32 else None
+    monkeypatch.delenv("PEM_KERNELS_FP32_DOT")
+    monkeypatch.setenv("PEM_EMULATION_PTX_VERSION", "75")
+    fallback = emulated_forward(deform, tensors, conv)
+    assert not torch.equal(fallback, tensor_cores)
+    if ieee is not None:
+        assert torch.equal(fallback, ieee)
+    expected = torchvision_ops.deform_conv2d(
+        **{k: None if v is None else v.double() for k, v in tensors.items()}, **conv.kwargs())
+    tolerance = TOLERANCES[dtype] if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fallback.double(), expected, **tolerance)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_unaligned"])
 @pytest.mark.parametrize("name", ["one_block", "groups_and_offset_groups",
                                   "two_channel_blocks_stride_padding"])
@@ -624,6 +646,16 @@ def test_prototype_select_products_follow_the_fp32_rules(select, monkeypatch):
     assert tf32 == 10
     monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
     assert select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item() == 20
+    # A build without tensor-core code for the device (only sm_75 PTX): FMAs even where torch
+    # allows TF32, instead of the tensor-core kernel's trap.
+    monkeypatch.delenv("PEM_KERNELS_FP32_DOT")
+    monkeypatch.setenv("PEM_EMULATION_PTX_VERSION", "75")
+    torch.set_float32_matmul_precision("high")
+    try:
+        fallback = select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert fallback == 20
 
 
 @pytest.mark.parametrize("pixels", [67, 68], ids=["scalar_reads", "vector_reads"])

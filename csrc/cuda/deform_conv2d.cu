@@ -745,7 +745,7 @@ __global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
         static_cast<scalar_t>(tiles.output[e / kTileM][e % kTileM] + add);
   }
 #else
-  __trap();  // never launched: the host takes the kernel above below compute capability 8.0
+  __trap();  // never launched: the host takes the kernel above (see tensor_core_code)
 #endif
 }
 
@@ -783,7 +783,8 @@ at::Tensor deform_conv2d_cuda(
       reinterpret_cast<uintptr_t>(input.const_data_ptr()) %
               (kVectorChannels * input.element_size()) == 0;
   // The tensor-core kernel: fp32 unless PEM_KERNELS_FP32_DOT=ieee, and bf16, on compute
-  // capability 8.0 and newer, with K-stages within one tap and offset group. It reads the weight
+  // capability 8.0 and newer (code built for it: tensor_core_code), with K-stages within one tap
+  // and offset group. It reads the weight
   // rows as 16-byte vectors (a weight given as a view can stay a view through the permute and
   // contiguous above), and a channels_last input as 16-byte vectors where aligned.
   const Fp32Products products =
@@ -793,7 +794,7 @@ at::Tensor deform_conv2d_cuda(
   if (mma_dtype && s.group_channels() % kMmaTileK == 0 &&
       s.offset_group_channels() % kMmaTileK == 0 &&
       reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % 16 == 0 &&
-      at::cuda::getCurrentDeviceProperties()->major >= 8) {
+      tensor_core_code(deform_conv2d_forward_mma_kernel<float, 3, false>)) {
     const bool vector_loads = in.channel == 1 &&
         s.in_channels * input.element_size() % 16 == 0 &&
         reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 == 0;

@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kTileThreads) prototype_select_tile_kernel(
 #ifdef PEM_TENSOR_CORES
   ScoreFragments fragments;
 #else
-  if constexpr (kPasses > 0) __trap();  // never launched below compute capability 8.0
+  if constexpr (kPasses > 0) __trap();  // never launched: see select_passes
 #endif
 
   const scalar_t* key_base = keys + b * pr.pixels * pr.channels + h * pr.head_dim;
@@ -560,7 +560,8 @@ __global__ void __launch_bounds__(kMergeThreads) merge_and_gather_kernel(
 
 // The tile kernel's products for fp32-accumulated scores: 0 (FMAs), 1 (TF32) or 3 (3xTF32).
 int select_passes(at::ScalarType dtype, bool normalize_keys) {
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;
+  // (every instantiation of the tile kernel comes from the same code, built for the same targets)
+  if (!tensor_core_code(prototype_select_tile_kernel<float, float, false, 3>)) return 0;
   const Fp32Products products = fp32_products();
   if (products == Fp32Products::kIeee) return 0;
   if (products == Fp32Products::kTf32) return 1;

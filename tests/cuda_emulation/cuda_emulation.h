@@ -242,6 +242,25 @@ inline cudaDeviceProp* getCurrentDeviceProperties() {
 }
 }  // namespace at::cuda
 
+// cudaFuncGetAttributes: every kernel's code compiled for the device's own generation
+// (ptxVersion = 10 * the emulated compute capability's major), unless PEM_EMULATION_PTX_VERSION
+// names another, e.g. 75 for a build that reaches the GPU only through sm_75 PTX.
+enum cudaError_t { cudaSuccess = 0 };
+struct cudaFuncAttributes {
+  int ptxVersion;
+  int binaryVersion;
+};
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
+  const char* ptx = std::getenv("PEM_EMULATION_PTX_VERSION");
+  const int generation = 10 * at::cuda::getCurrentDeviceProperties()->major;
+  attributes->ptxVersion = ptx != nullptr ? std::atoi(ptx) : generation;
+  attributes->binaryVersion = generation;
+  return cudaSuccess;
+}
+#define C10_CUDA_CHECK(expr) \
+  TORCH_CHECK((expr) == cudaSuccess, "CUDA emulation: CUDA call failed: " #expr)
+
 // WMMA (<mma.h>) with TF32 operands (m16n16k8) and bf16 operands (m16n16k16), the shapes the
 // kernels use, fp32 accumulators. A fragment's element-to-lane mapping is unspecified in CUDA, so
 // kernels may only load, store, fill, multiply and apply the same operation to every element;
@@ -249,8 +268,10 @@ inline cudaDeviceProp* getCurrentDeviceProperties() {
 // every lane, and store_matrix_sync writes from lane 0 of the warp only (a real store is a warp
 // collective; readers wait at a barrier either way). __float_to_tf32 rounds as cvt.rna.tf32.f32:
 // to nearest, ties away from zero, keeping 10 mantissa bits. Products of two TF32 or two bf16
-// values are exact in fp32 and sums are fp32, as on the GPU (where the order of the sums within
-// an mma differs).
+// values are exact in fp32 and sums are fp32 rounded to nearest; the GPU's tensor cores (A100,
+// H100) add each mma's products in another order and with truncation (Fasi et al., PeerJ CS
+// 2021), so GPU results differ from these by up to about an ulp of the accumulator per mma step:
+// tests compare within tolerances, never bit for bit against the emulation.
 using __nv_bfloat16 = c10::BFloat16;
 
 namespace nvcuda::wmma {

@@ -4,13 +4,17 @@
 // PEM_TENSOR_CORES is defined where those fragments exist: in host passes, in device passes for
 // sm_80 and newer, and in the CPU emulation of the CUDA sources (tests/cuda_emulation, which
 // provides nvcuda::wmma itself). Kernels that use them compile to a trap for older targets, and
-// the host launches them only on devices of compute capability 8.0 or newer.
+// the host launches them only where tensor_core_code() says their code has the tensor cores.
 #pragma once
 
 #ifndef PEM_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <mma.h>
 #endif
+
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define PEM_TENSOR_CORES 1
@@ -19,6 +23,34 @@
 namespace pem_kernels {
 
 namespace wmma = nvcuda::wmma;
+
+// Whether `kernel`, a kernel using the fragments below, runs with them on the current device:
+// compute capability 8.0 or newer, and the binary's code for this device compiled for a virtual
+// architecture of 8.0 or newer. A build whose only code for the device is an older
+// architecture's PTX (say TORCH_CUDA_ARCH_LIST="7.5+PTX" on an H100) JIT-compiles the kernel from
+// code without PEM_TENSOR_CORES, whose launch would trap and lose the CUDA context; the callers
+// take their FMA kernels instead. Asked of the driver once per kernel and device generation (in
+// the CPU emulation every time, so that a test can change the emulated build).
+template <typename Kernel>
+bool tensor_core_code(Kernel* kernel) {
+  const int major = at::cuda::getCurrentDeviceProperties()->major;
+  if (major < 8) return false;
+  const auto ask = [&] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    return attributes.ptxVersion >= 80;
+  };
+#ifdef PEM_CUDA_EMULATION
+  return ask();
+#else
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int>, bool> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), major);
+  const auto found = known.find(key);
+  return found != known.end() ? found->second : known[key] = ask();
+#endif
+}
 
 // x rounded to TF32 (to nearest, ties away from zero, 10 mantissa bits kept).
 __device__ __forceinline__ float round_to_tf32(float x) {
