@@ -626,7 +626,8 @@ def test_prototype_select_splits_of_several_tiles(select, monkeypatch):
     torch.testing.assert_close(prototypes, cpu_prototypes, equal_nan=True)
 
 
-def test_prototype_select_products_follow_the_fp32_rules(select, monkeypatch):
+def test_prototype_select_products_follow_the_fp32_rules(select, monkeypatch,
+                                                         matmul_precision):
     """Pixel 20's key is 1 + 2^-14 where pixel 10's is 1 (all channels; the query is all ones):
     exact products score 8 + 2^-11 against 8, and pixel 20 wins. 3xTF32 (the default) and IEEE
     FMAs (PEM_KERNELS_FP32_DOT=ieee) see that; one TF32 product (where torch allows TF32) rounds
@@ -636,26 +637,20 @@ def test_prototype_select_products_follow_the_fp32_rules(select, monkeypatch):
     keys[0, 10] = 1.0
     keys[0, 20] = 1.0 + 2.0**-14
     queries = torch.ones(1, 1, 8)
-    assert select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item() == 20
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        tf32 = select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item()
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert tf32 == 10
-    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
-    assert select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item() == 20
+    def selected() -> int:
+        return select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item()
+
+    assert selected() == 20
+    matmul_precision("high")
+    assert selected() == 10
     # A build without tensor-core code for the device (only sm_75 PTX): FMAs even where torch
     # allows TF32, instead of the tensor-core kernel's trap.
-    monkeypatch.delenv("PEM_KERNELS_FP32_DOT")
     monkeypatch.setenv("PEM_EMULATION_PTX_VERSION", "75")
-    torch.set_float32_matmul_precision("high")
-    try:
-        fallback = select.prototype_select_cuda(keys, queries, None, 1, False, False)[1].item()
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert fallback == 20
+    assert selected() == 20
+    monkeypatch.delenv("PEM_EMULATION_PTX_VERSION")
+    matmul_precision("highest")
+    monkeypatch.setenv("PEM_KERNELS_FP32_DOT", "ieee")
+    assert selected() == 20
 
 
 @pytest.mark.parametrize("pixels", [67, 68], ids=["scalar_reads", "vector_reads"])
