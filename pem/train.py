@@ -354,10 +354,11 @@ def train(args: argparse.Namespace) -> dict:
         # Before the optimizer is built, so that it holds the converted layers' parameters.
         model = convert_sync_batchnorm(model, ctx.device)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.backbone_multiplier)
-    # The group that trains at --lr (the backbone's trains at --backbone-multiplier times it).
-    head_group = next(
-        (g for g in optimizer.param_groups if not g["name"].startswith("backbone")),
-        optimizer.param_groups[0],
+    # The group that trains at --lr (the backbone's trains at --backbone-multiplier times it), by
+    # position: a resume's optimizer.load_state_dict replaces the group dicts.
+    head_index = next(
+        (i for i, g in enumerate(optimizer.param_groups) if not g["name"].startswith("backbone")),
+        0,
     )
     end_ratio = args.lr_end / args.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -464,7 +465,8 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         scaler.step(optimizer)
         scaler.update()
-        step_lr = head_group["lr"]  # this iteration's --lr schedule, before the scheduler moves
+        # this iteration's --lr schedule, before the scheduler moves
+        step_lr = optimizer.param_groups[head_index]["lr"]
         with warnings.catch_warnings():
             # The schedule counts iterations, as the official training's does: it advances
             # also when the fp16 GradScaler skipped an overflowing step (often the first), for
