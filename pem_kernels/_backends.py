@@ -124,9 +124,11 @@ def backend_property() -> property:
 
 def compiled_kernel(op_name: str, dispatch_key: str, device_type: str):
     """Availability check of a backend that is ``op_name``'s C++ kernel for ``dispatch_key``."""
-    from pem_kernels._extension import has_kernel
+    from pem_kernels._extension import EXTENSION_ERROR, EXTENSION_LOADED, has_kernel
 
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+        if not EXTENSION_LOADED:
+            return f"the compiled extension is not loaded: {EXTENSION_ERROR}"
         if not has_kernel(op_name, dispatch_key):
             return f"pem_kernels._C was built without the {dispatch_key} kernel"
         if device.type != device_type:

@@ -6,6 +6,7 @@ into it. Without it the package still imports and runs the pure-PyTorch referenc
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -13,17 +14,26 @@ import torch
 __all__ = ["EXTENSION_LOADED", "EXTENSION_ERROR", "has_kernel"]
 
 EXTENSION_ERROR: str | None = None
-try:
-    from pem_kernels import _C  # noqa: F401  (imported for its op registrations)
-
-    EXTENSION_LOADED = True
-except ImportError as error:  # not built, or built against another torch
+if importlib.util.find_spec("pem_kernels._C") is None:
+    # Python's own error for a module that is not there blames a circular import here.
     EXTENSION_LOADED = False
-    EXTENSION_ERROR = str(error)
+    EXTENSION_ERROR = (
+        "it was not built (no pem_kernels/_C*.so: installed with PEM_KERNELS_SKIP_EXT=1, or "
+        "its build failed)"
+    )
+else:
+    try:
+        from pem_kernels import _C  # noqa: F401  (imported for its op registrations)
+
+        EXTENSION_LOADED = True
+    except ImportError as error:  # built against another torch, or a missing library
+        EXTENSION_LOADED = False
+        EXTENSION_ERROR = str(error)
+if not EXTENSION_LOADED:
     warnings.warn(
-        f"pem_kernels: the compiled extension pem_kernels._C could not be loaded ({error}); "
-        "only the pure-PyTorch 'reference' backend is available. Reinstall with "
-        "`pip install --no-build-isolation .` to build it.",
+        f"pem_kernels: the compiled extension pem_kernels._C could not be loaded "
+        f"({EXTENSION_ERROR}); only the pure-PyTorch 'reference' backend is available. "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
         RuntimeWarning,
         stacklevel=2,
     )

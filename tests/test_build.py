@@ -43,3 +43,41 @@ def test_cuda_kernels_were_compiled():
         "prototype_attention",
     ):
         assert has_kernel(op, "CUDA"), op
+
+
+def test_package_without_the_extension_says_it_was_not_built(tmp_path):
+    """A copy of the package without _C (as PEM_KERNELS_SKIP_EXT=1 installs it) imports with one
+    warning that says the extension was not built (Python's own message blamed a circular
+    import), runs the reference backend, and a compiled backend's error gives the same reason
+    (it said the extension was built without the kernel)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(pem_kernels.__file__).parent
+    shutil.copytree(source, tmp_path / "pem_kernels",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    script = (
+        # An editable install's finder would map pem_kernels._C to the checkout's build.
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pem_kernels\n"
+        "print('WARNING', [str(w.message) for w in caught])\n"
+        "k, q = torch.randn(1, 6, 8), torch.randn(1, 2, 8)\n"
+        "print('REFERENCE', tuple(pem_kernels.prototype_select(k, q, None, num_heads=2)[0].shape))\n"
+        "try:\n"
+        "    pem_kernels.prototype_select(k, q, None, num_heads=2, backend='cpu')\n"
+        "except pem_kernels.BackendUnavailableError as error:\n"
+        "    print('ERROR', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "it was not built" in out.split("REFERENCE")[0] and "circular" not in out, out
+    assert "REFERENCE (1, 2, 8)" in out
+    error = out.split("ERROR", 1)[1]
+    assert "not loaded: it was not built" in error and "built without" not in error, out
