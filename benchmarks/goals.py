@@ -126,9 +126,14 @@ def load_results(folder: Path) -> list[tuple[Path, dict]]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and isinstance(data.get("meta"), dict) and "rows" in data:
-            if data["meta"].get("benchmark"):
-                found.append((path, data))
+        if (isinstance(data, dict) and isinstance(data.get("meta"), dict)
+                and isinstance(data.get("rows"), list) and data["meta"].get("benchmark")):
+            data["rows"] = [row for row in data["rows"] if isinstance(row, dict)]
+            if not isinstance(data["meta"].get("environment"), dict):
+                data["meta"]["environment"] = {}
+            if not isinstance(data["meta"].get("config"), dict):
+                data["meta"]["config"] = {}
+            found.append((path, data))
     return found
 
 
@@ -143,6 +148,16 @@ def peak_bandwidth_gbps(environment: dict) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+def _number(row: dict, key: str) -> float:
+    """``row[key]`` for a format string: NaN where the file has no number (missing or null)."""
+    value = row.get(key)
+    return float("nan") if value is None else value
+
+
+def _device_type(environment: dict) -> str:
+    return str(environment.get("device") or "").split(":")[0]
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
@@ -150,8 +165,14 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _precision_note(meta: dict) -> str:
-    precision = meta.get("environment", {}).get("float32_matmul_precision", "highest")
-    return "" if precision == "highest" else f", TF32 allowed (matmul precision {precision})"
+    """The fp32 product rules a file ran under, where they are not the defaults."""
+    environment = meta.get("environment", {})
+    precision = environment.get("float32_matmul_precision") or "highest"
+    note = "" if precision == "highest" else f", TF32 allowed (matmul precision {precision})"
+    products = environment.get("triton_fp32_dot")
+    if products not in (None, "tf32x3"):  # PEM_KERNELS_FP32_DOT, the kernels' fp32 products
+        note += f", kernel products {products}"
+    return note
 
 
 def _device_note(environment: dict) -> str:
@@ -165,7 +186,7 @@ def _device_note(environment: dict) -> str:
 def select_goal(path: str, data: dict) -> Iterator[Evaluation]:
     meta, env = data["meta"], data["meta"].get("environment", {})
     config = meta.get("config", {})
-    if env.get("device", "").split(":")[0] != "cuda" or config.get("dtype") != "float32":
+    if _device_type(env) != "cuda" or config.get("dtype") != "float32":
         return
     peak, source = peak_bandwidth_gbps(env)
     for row in data["rows"]:
@@ -185,7 +206,7 @@ def select_goal(path: str, data: dict) -> Iterator[Evaluation]:
             f"{_device_note(env)}",
             measured=f"{row['median_ms']:.3f} ms vs reference "
             + (f"{ref_ms:.3f} ms" if ref_ms else "not measured")
-            + f"; {row.get('gbps', float('nan')):.0f} GB/s of "
+            + f"; {_number(row, 'gbps'):.0f} GB/s of "
             + (f"{peak:.0f} ({source})" if peak else "an unknown peak")
             # the device time's bandwidth, for reading: the goal counts the latency's
             + (f", {row['graph_gbps']:.0f} GB/s on the device alone ({row['graph_ms']:.3f} ms)"
@@ -202,7 +223,7 @@ def select_goal(path: str, data: dict) -> Iterator[Evaluation]:
 def pem_ca_forward_goal(path: str, data: dict) -> Iterator[Evaluation]:
     meta, env = data["meta"], data["meta"].get("environment", {})
     config = meta.get("config", {})
-    if (env.get("device", "").split(":")[0] != "cuda" or config.get("dtype") != "float32"
+    if (_device_type(env) != "cuda" or config.get("dtype") != "float32"
             or config.get("batch") != 1):
         return
     rows = {
@@ -244,7 +265,7 @@ def _deform_goal(name: str, mode: str, device: str, speedup: float, memory_op: s
     def evaluate(path: str, data: dict) -> Iterator[Evaluation]:
         meta, env = data["meta"], data["meta"].get("environment", {})
         config = meta.get("config", {})
-        if (env.get("device", "").split(":")[0] != device or config.get("mode") != mode
+        if (_device_type(env) != device or config.get("mode") != mode
                 or config.get("dtype") != "float32"):
             return
         layout = ", channels_last" if config.get("channels_last") else ""
@@ -265,7 +286,7 @@ def _deform_goal(name: str, mode: str, device: str, speedup: float, memory_op: s
                 + (_device_note(env) if device == "cuda" else ""),
                 measured=f"{row['median_ms']:.3f} ms vs torchvision "
                 + (f"{tv['median_ms']:.3f} ms" if tv.get("median_ms") else "not measured")
-                + f"; peak {row.get('peak_mib', float('nan')):.1f} vs "
+                + f"; peak {_number(row, 'peak_mib'):.1f} vs "
                 + (f"{tv['peak_mib']:.1f} MiB" if tv.get("peak_mib") is not None else "? MiB"),
                 checks=[
                     Check("speedup vs torchvision", _ratio(tv.get("median_ms"),
@@ -335,7 +356,9 @@ def summary_lines(evaluations: list[Evaluation]) -> list[str]:
             lines.append(f"{title}: not measured in this folder")
             continue
         met = sum(e.verdict == "met" for e in rows)
-        lines.append(f"{title}: met in {met} of {len(rows)} rows")
+        undecided = sum(e.verdict != "met" and e.verdict != "not met" for e in rows)
+        lines.append(f"{title}: met in {met} of {len(rows)} rows"
+                     + (f" ({undecided} unknown or not counted)" if undecided else ""))
     return lines
 
 

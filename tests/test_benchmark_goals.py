@@ -208,3 +208,45 @@ def test_command_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert goals.main([str(tmp_path)]) == 2
     assert "no benchmark JSON files" in capsys.readouterr().err
+
+
+def test_cpu_deform_goal_reads_only_its_shape(tmp_path):
+    rows = (deform_rows(10.0, 20.0, 5, 10, shape="(1,128,64,128)")
+            + deform_rows(1.0, 20.0, 1, 10, shape="(1,128,32,64)")
+            + [dict(r, batch=8) for r in deform_rows(1.0, 20.0, 1, 10, shape="(8,128,64,128)")])
+    write_result(tmp_path, "d", "deform_conv2d", rows, {"dtype": "float32", "mode": "forward"},
+                 environment={"device": "cpu", "device_name": "Some CPU"})
+    (evaluation,) = goals.evaluate_folder(tmp_path)
+    assert evaluation.goal == "deform_cpu_forward" and "(1,128,64,128)" in evaluation.conditions
+    assert evaluation.checks[0].value == pytest.approx(2.0) and evaluation.verdict == "met"
+
+
+def test_null_fields_are_unknown_not_a_crash(tmp_path):
+    """A benchmark writes null for what it could not measure (non-finite values become null):
+    the report says unknown there instead of failing on the whole folder."""
+    rows = select_rows(0.05, 2100.0)
+    rows[1]["gbps"] = None
+    write_result(tmp_path, "s", "prototype_select", rows, {"dtype": "float32"},
+                 environment={"device": None})
+    write_result(tmp_path, "t", "prototype_select", rows, {"dtype": "float32"})
+    deform = deform_rows(0.2, 1.0, 10, 100)
+    deform[1]["peak_mib"] = None
+    write_result(tmp_path, "d", "deform_conv2d", deform, {"dtype": "float32", "mode": "forward"})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.json").write_text('{"meta": {"benchmark": "pem_ca"}, "rows": null}')
+    evaluations = goals.evaluate_folder(tmp_path)
+    assert sorted(e.goal for e in evaluations) == ["deform_forward", "select"]
+    select = only(evaluations, "select")
+    assert select.checks[1].value is None and select.verdict == "unknown"
+    assert "nan GB/s" in select.measured
+    assert "met in 0 of 1 rows (1 unknown or not counted)" in goals.summary_lines(evaluations)[0]
+
+
+def test_conditions_name_non_default_fp32_products(tmp_path):
+    write_result(tmp_path, "ieee", "prototype_select", select_rows(0.05, 2100.0),
+                 {"dtype": "float32"}, environment={"triton_fp32_dot": "ieee"})
+    write_result(tmp_path, "default", "prototype_select", select_rows(0.05, 2100.0),
+                 {"dtype": "float32"}, environment={"triton_fp32_dot": "tf32x3"})
+    by_file = {e.file.split("/")[0]: e for e in goals.evaluate_folder(tmp_path)}
+    assert "kernel products ieee" in by_file["ieee"].conditions
+    assert "kernel products" not in by_file["default"].conditions

@@ -6,9 +6,9 @@
 // with BN in eval mode as a per-channel affine and the depthwise conv's zero padding applied after
 // BN (nn.Conv2d pads its BN-normalized input). Unfused, the chain makes four full passes over the
 // [B, C, H, W] map (add, BN, conv, a Linear over a transposed view). Here each task takes a block
-// of image rows: it builds the depthwise-conv tile [C, rows * W] in acc_t from the NCHW input (the
-// three source rows of a channel are read once, BN'd into a padded line buffer) and multiplies it
-// by out_weight^T with one BLAS call straight into the output rows. Intermediates stay in acc_t, so
+// of image rows: it builds the depthwise-conv tile [C, rows * W] in acc_t from the NCHW input (per
+// channel the block's rows and the one above and below it are read once, BN'd into padded line
+// buffers) and multiplies it by out_weight^T with one BLAS call straight into the output rows. Intermediates stay in acc_t, so
 // fp16/bf16 results are rounded once. With normalize, each output row is L2-normalized in acc_t
 // while it is still in cache (what prototype_select's normalize_keys would otherwise do per key tile).
 
@@ -157,7 +157,11 @@ void local_representation_cpu_impl(
   const acc_t* dww = dw_w.data_ptr<acc_t>();
   const acc_t* dwb = dw_b.data_ptr<acc_t>();
 
-  const int64_t rows_per_task = std::clamp<int64_t>(kTilePixels / width, 1, height);
+  // Fewer rows on small maps, so that every thread gets a task (PEM's maps at strides 32 and 16
+  // hold 1-2 tasks of 1024 pixels).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows_per_task = std::clamp<int64_t>(
+      std::min(kTilePixels / width, (batch * height + threads - 1) / threads), 1, height);
   const int64_t row_blocks = (height + rows_per_task - 1) / rows_per_task;
   const int64_t plane = height * width;
   const int64_t line_size = width + 2;  // a zero on each side: the conv's padding

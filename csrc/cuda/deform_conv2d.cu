@@ -784,9 +784,9 @@ at::Tensor deform_conv2d_cuda(
               (kVectorChannels * input.element_size()) == 0;
   // The tensor-core kernel: fp32 unless PEM_KERNELS_FP32_DOT=ieee, and bf16, on compute
   // capability 8.0 and newer (code built for it: tensor_core_code), with K-stages within one tap
-  // and offset group. It reads the weight
-  // rows as 16-byte vectors (a weight given as a view can stay a view through the permute and
-  // contiguous above), and a channels_last input as 16-byte vectors where aligned.
+  // and offset group. It reads the weight rows as 16-byte vectors (a weight given as a view can
+  // stay a view through the permute and contiguous above), and a channels_last input as 16-byte
+  // vectors where aligned.
   const Fp32Products products =
       input.scalar_type() == at::kFloat ? fp32_products() : Fp32Products::kIeee;
   const bool mma_dtype = (input.scalar_type() == at::kFloat && products != Fp32Products::kIeee) ||
@@ -1261,8 +1261,9 @@ void deform_conv2d_backward_impl(
   // own (block x C_out and C_out x C_in / groups x taps, twice each).
   bool split_products = false;
   if constexpr (std::is_same_v<acc_t, float>) {
+    // The split kernels round with cvt.rna.tf32, compiled only in code for 8.0 and newer.
     split_products = fp32_products() == Fp32Products::kTf32x3 &&
-        at::cuda::getCurrentDeviceProperties()->major >= 8;
+        tensor_core_code(split_tf32_kernel<float>);
   }
   // Each split keeps its two parts one after the other (the weight's small part first,
   // grad_output's big part first), so that with one convolution group the column gradient's

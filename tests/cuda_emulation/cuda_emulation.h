@@ -57,6 +57,7 @@ using cudaStream_t = void*;
 struct cudaDeviceProp {
   int multiProcessorCount;
   int major;
+  int minor;
 };
 
 namespace pem_emulation {
@@ -233,7 +234,7 @@ inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 // emulate for the same launch shape) and PEM_EMULATION_CC_MAJOR those of another generation
 // (8: an A100's).
 inline cudaDeviceProp* getCurrentDeviceProperties() {
-  static cudaDeviceProp properties{132, 9};
+  static cudaDeviceProp properties{132, 9, 0};
   const char* sm_count = std::getenv("PEM_EMULATION_SM_COUNT");
   properties.multiProcessorCount = sm_count != nullptr ? std::atoi(sm_count) : 132;
   const char* major = std::getenv("PEM_EMULATION_CC_MAJOR");

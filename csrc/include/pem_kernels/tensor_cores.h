@@ -29,12 +29,14 @@ namespace wmma = nvcuda::wmma;
 // architecture of 8.0 or newer. A build whose only code for the device is an older
 // architecture's PTX (say TORCH_CUDA_ARCH_LIST="7.5+PTX" on an H100) JIT-compiles the kernel from
 // code without PEM_TENSOR_CORES, whose launch would trap and lose the CUDA context; the callers
-// take their FMA kernels instead. Asked of the driver once per kernel and device generation (in
-// the CPU emulation every time, so that a test can change the emulated build).
+// take their FMA kernels instead. Asked of the driver once per kernel and compute capability
+// (the code a device runs depends on its minor too: sm_86 code does not run on an sm_80 GPU, which
+// may fall back to older PTX); in the CPU emulation every time, so that a test can change the
+// emulated build.
 template <typename Kernel>
 bool tensor_core_code(Kernel* kernel) {
-  const int major = at::cuda::getCurrentDeviceProperties()->major;
-  if (major < 8) return false;
+  const cudaDeviceProp* properties = at::cuda::getCurrentDeviceProperties();
+  if (properties->major < 8) return false;
   const auto ask = [&] {
     cudaFuncAttributes attributes{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
@@ -46,7 +48,8 @@ bool tensor_core_code(Kernel* kernel) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int>, bool> known;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), major);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel),
+                                   10 * properties->major + properties->minor);
   const auto found = known.find(key);
   return found != known.end() ? found->second : known[key] = ask();
 #endif
