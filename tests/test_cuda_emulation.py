@@ -508,6 +508,16 @@ def select_both(select, keys, queries, mask, heads, official, normalize_keys):
     return emulated, cpu
 
 
+def test_prototype_select_heads_without_channels(select):
+    """C = 0 (every score 0, several pixel tiles): as the CPU kernel, on the FMA kernel, whose
+    empty chunk loop touches no shared memory."""
+    keys, queries = torch.zeros(1, 150, 0), torch.zeros(1, 5, 0)
+    mask = torch.rand(1, 5, 150) < 0.3
+    (prototypes, indices), (cpu_prototypes, cpu_indices) = select_both(
+        select, keys, queries, mask, 1, False, False)
+    assert torch.equal(indices, cpu_indices) and prototypes.shape == (1, 5, 0)
+
+
 @pytest.mark.parametrize("official", [False, True], ids=["per_query", "official"])
 @pytest.mark.parametrize("normalize_keys", [False, True])
 def test_prototype_select_matches_the_cpu_kernel(select, official, normalize_keys):

@@ -653,8 +653,12 @@ std::tuple<at::Tensor, at::Tensor> prototype_select_cuda(
             reinterpret_cast<AllowedFirstArgmax<acc_t>*>(partials.data_ptr<uint8_t>());
         const dim3 tile_grid(splits, query_blocks, pr.batch * pr.heads);
         const MaskRows mask_rows{mask.defined() ? mask.data_ptr() : nullptr, mask_kind(mask)};
+        // Heads without channels score 0 everywhere: the FMA kernel, whose empty chunk loop
+        // touches no shared memory (the tensor-core one would write and read its score tile with
+        // no barrier between tiles: a race, if only of zeros).
+        const bool tensor_cores = std::is_same_v<acc_t, float> && pr.head_dim > 0;
         launch_tile_kernel<scalar_t, acc_t>(
-            std::is_same_v<acc_t, float> ? select_passes(keys.scalar_type(), normalize_keys) : 0,
+            tensor_cores ? select_passes(keys.scalar_type(), normalize_keys) : 0,
             normalize_keys, tile_grid, stream, pr, tiles, keys.data_ptr<scalar_t>(),
             queries.data_ptr<scalar_t>(), mask_rows, divisor_ptr, partial_ptr);
         merge_and_gather_kernel<scalar_t, acc_t>
