@@ -8,8 +8,8 @@
 // [B, C, H, W] map (add, BN, conv, a Linear over a transposed view). Here each task takes a block
 // of image rows: it builds the depthwise-conv tile [C, rows * W] in acc_t from the NCHW input (per
 // channel the block's rows and the one above and below it are read once, BN'd into padded line
-// buffers) and multiplies it by out_weight^T with one BLAS call straight into the output rows. Intermediates stay in acc_t, so
-// fp16/bf16 results are rounded once. With normalize, each output row is L2-normalized in acc_t
+// buffers) and multiplies it by out_weight^T with one BLAS call straight into the output rows.
+// Intermediates stay in acc_t, so fp16/bf16 results are rounded once. With normalize, each output row is L2-normalized in acc_t
 // while it is still in cache (what prototype_select's normalize_keys would otherwise do per key tile).
 
 #include <ATen/ATen.h>
@@ -39,9 +39,9 @@ constexpr int64_t kTilePixels = 1024;
 constexpr double kNormalizeEps = 1e-12;
 
 // row[0:n] /= max(||row||_2, eps), in acc_t. The squares are summed in 8 interleaved partial
-// sums (lane l takes the elements i with i % 8 == l), then the partial sums in order: a fixed order,
-// so the result is the same on every run and in both clones, and no chain of n dependent adds
-// (one sum was half of this op's time at PEM's 256 channels).
+// sums (lane l takes the elements i with i % 8 == l), then the partial sums in order: a fixed
+// order, so the result is the same on every run and in both clones, and no chain of n dependent
+// adds (one sum was half of this op's time at PEM's 256 channels).
 template <typename acc_t>
 PEM_ALWAYS_INLINE void normalize_row_body(acc_t* row, int64_t n) {
   constexpr int64_t kLanes = 8;
