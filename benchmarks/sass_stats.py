@@ -144,8 +144,10 @@ for logits in (False, True):
                 stride_mp=1)
             compile_launch(K._select_kernel, args, dict(
                 HAS_MASK=True, MASK_LOGITS=logits, NORMALIZE=normalize, OFFICIAL=True,
-                INTERPRETED=False, DOT_PRECISION=precision, BLOCK_P=block_p, BLOCK_N=block_n,
-                BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
+                INTERPRETED=False, DOT_PRECISION=precision,
+                SCALE_KEYS=K.scales_key_tiles(normalize, precision, dtype == "fp32"),
+                BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc),
+                num_warps=num_warps)
 """
 
 # The constexprs shown in the table (the others are in the JSON).

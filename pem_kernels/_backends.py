@@ -185,10 +185,14 @@ def functorch_differentiating() -> bool:
 
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False on devices autocast does not exist for
-    (``meta``, where torch raises instead: a meta-device dry run must not fail on the check)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
-        device_type
-    )
+    (``meta``, where torch raises instead: a meta-device dry run must not fail on the check).
+
+    Under torch.compile the availability check is left out: Dynamo of torch 2.11 cannot trace
+    ``torch._C._is_autocast_available`` (a graph break, an error with ``fullgraph=True``; seen on
+    an H200), and the devices it compiles for have autocast."""
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tuple:

@@ -4,13 +4,17 @@ the CPU in tests/test_cuda_emulation.py."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import pem_kernels
-from pem_kernels.ops import prototype_attention as attention_ops
 
 from conftest import HAS_CUDA
+
+# The op's module, not the function pem_kernels.ops exports under the same name.
+attention_ops = importlib.import_module("pem_kernels.ops.prototype_attention")
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

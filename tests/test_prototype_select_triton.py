@@ -438,7 +438,8 @@ for dtype, mask, head_dim, precision in cases:
     pointers = select_pointers(dtype, mask)
     compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
         HAS_MASK=mask is not None, MASK_LOGITS=mask not in (None, "i1"), NORMALIZE=True,
-        OFFICIAL=True, INTERPRETED=False, DOT_PRECISION=precision, BLOCK_P=block_p,
+        OFFICIAL=True, INTERPRETED=False, DOT_PRECISION=precision,
+        SCALE_KEYS=K.scales_key_tiles(True, precision, dtype == "fp32"), BLOCK_P=block_p,
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc), num_warps=num_warps)
 finalize = {"keys_ptr": "*bf16", "inverse_ptr": "*fp32", "partials_ptr": "*i64",
             "allowed_seen_ptr": "*i32", "indices_ptr": "*i64", "prototypes_ptr": "*bf16"}

@@ -135,7 +135,7 @@ pointers = {"keys_ptr": "*fp32", "queries_ptr": "*fp32", "mask_ptr": "*i1",
             "inverse_ptr": "*fp32", "partials_ptr": "*i64", "allowed_seen_ptr": "*i32"}
 kernel = compile_sm90(K._select_kernel, lambda n: pointers.get(n, "i32"), dict(
     HAS_MASK=True, MASK_LOGITS=False, NORMALIZE=False, OFFICIAL=True, INTERPRETED=False,
-    DOT_PRECISION="tf32x3", BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d,
+    DOT_PRECISION="tf32x3", SCALE_KEYS=False, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d,
     BLOCK_DC=block_dc), num_warps=num_warps)
 ttgir = kernel.asm["ttgir"]
 layouts = set(re.findall(r"^(#mma\\d*) = #ttg.nvidia_mma", ttgir, re.M))

@@ -159,17 +159,18 @@ def _allowed(values, MASK_LOGITS: tl.constexpr):
 
 @triton.jit
 def _normalized(keys, inverse):
-    """The key tile [BLOCK_P, channels] times its pixels' inverse norms, in the keys' dtype: what
-    the reference multiplies (F.normalize's keys, rounded to their dtype), up to an ulp of the
-    rounded reciprocal.
+    """The fp32 key tile [BLOCK_P, channels] times its pixels' inverse norms: what the reference
+    multiplies (F.normalize's keys), up to an ulp of the rounded reciprocal.
 
-    Tensor-core products scale the keys before the product (a quarter of the multiplies of
-    scaling the scores after it: 32 channels vs 128 queries per pixel); on sm_90 that removed the
-    44-byte spill of fp32 3xTF32 with mask logits (1130 -> 1120 instructions per tile) and cut
-    TF32 from 707 to 652, bf16 from 684 to 663. IEEE products scale the scores: their operands
-    go through shared memory for the FMA layout, and scaled keys took two more barriers per tile
-    and spilled 8 bytes."""
-    return (keys.to(tl.float32) * inverse[:, None]).to(keys.dtype)
+    fp32 tensor-core products scale the keys before the product (SCALE_KEYS; a quarter of the
+    multiplies of scaling the scores after it: 32 channels vs 128 queries per pixel); on sm_90
+    that removed the 44-byte spill of fp32 3xTF32 with mask logits (1130 -> 1120 instructions per
+    tile) and cut TF32 from 707 to 652. The others scale the scores: IEEE products' operands go
+    through shared memory for the FMA layout, where scaled keys took two more barriers per tile
+    and spilled 8 bytes; and bf16/fp16 keys scaled before their product would be rounded to
+    their dtype, 2^-9 relative for bf16, which moved PEM-size argmaxes on an H200 by score gaps
+    of 1e-3 relative (the CUDA and CPU kernels keep divided keys in fp32)."""
+    return keys * inverse[:, None]
 
 
 @triton.jit
@@ -181,6 +182,7 @@ def _select_kernel(
     stride_mb, stride_mn, stride_mp,
     HAS_MASK: tl.constexpr, MASK_LOGITS: tl.constexpr, NORMALIZE: tl.constexpr,
     OFFICIAL: tl.constexpr, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE_KEYS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
     """The allowed-first argmax of one pixel range for ``BLOCK_N`` queries of one (image, head).
@@ -246,14 +248,14 @@ def _select_kernel(
                 mask_rows, stride_mp, n_ok, tile + 1, tile_end, pixels, BLOCK_P, MASK_LOGITS
             )
         key_rows = keys_ptr + b * stride_kb + offs_p.to(tl.int64)[:, None] * stride_kp
-        if NORMALIZE and DOT_PRECISION != "ieee":
+        if SCALE_KEYS:
             inverse = tl.load(inverse_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
         if BLOCK_DC == BLOCK_D:
             k = tl.load(
                 key_rows + channel[None, :] * stride_kc, mask=p_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )  # [BLOCK_P, BLOCK_D]
-            if NORMALIZE and DOT_PRECISION != "ieee":
+            if SCALE_KEYS:
                 k = _normalized(k, inverse)
             if INTERPRETED:
                 k = k.to(tl.float32)
@@ -276,13 +278,13 @@ def _select_kernel(
                     query_base + channel_c[:, None] * stride_qc,
                     mask=dc_ok[:, None] & n_ok[None, :], other=0.0,
                 )  # [BLOCK_DC, BLOCK_N]
-                if NORMALIZE and DOT_PRECISION != "ieee":
+                if SCALE_KEYS:
                     k = _normalized(k, inverse)
                 if INTERPRETED:
                     k = k.to(tl.float32)
                     q = q.to(tl.float32)
                 scores += dot_product(k, q, k.dtype, DOT_PRECISION)
-        if NORMALIZE and DOT_PRECISION == "ieee":
+        if NORMALIZE and not SCALE_KEYS:
             inverse = tl.load(inverse_ptr + b * pixels + offs_p, mask=p_ok, other=1.0)
             scores = scores * inverse[:, None]
         # Rows past the image never win: INT32_MIN beats nothing, not even the start.
@@ -522,6 +524,12 @@ def _check_inputs(keys, queries, mask, num_heads):
     )
 
 
+def scales_key_tiles(normalize_keys: bool, precision: str, fp32_keys: bool) -> bool:
+    """The select kernel's SCALE_KEYS: whether the key tiles are scaled by the inverse norms
+    before the product, or the scores after it (see :func:`_normalized`)."""
+    return normalize_keys and precision != "ieee" and fp32_keys
+
+
 @pem_triton_op("pem_kernels::prototype_select_triton")
 def prototype_select_triton(
     keys: torch.Tensor,
@@ -576,6 +584,7 @@ def prototype_select_triton(
         HAS_MASK=mask is not None, MASK_LOGITS=mask is not None and mask.dtype != torch.bool,
         NORMALIZE=normalize_keys, OFFICIAL=official_empty,
         INTERPRETED=INTERPRET, DOT_PRECISION=precision,
+        SCALE_KEYS=scales_key_tiles(normalize_keys, precision, keys.dtype == torch.float32),
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DC=block_dc,
         num_warps=num_warps,
     )
