@@ -497,16 +497,18 @@ def test_triton_kernel_compiles_for_sm90_without_a_gpu(fused):
 
 
 def test_auto_takes_only_validated_projection_kernels(monkeypatch):
-    """'auto' resolves the layer's projections to the C++ kernel on the CPU and to the modules
-    ('reference') on a GPU, where the CUDA projection kernels have run only in the CUDA
-    emulation; an explicit backend, or PEM_KERNELS_BACKEND, still runs them."""
+    """'auto' resolves the layer's projections to the C++ kernel of the device (validated on it)
+    where the extension has one, else to the modules ('reference'), never to Triton's;
+    PEM_KERNELS_BACKEND overrides it."""
     from pem_kernels.ops.local_representation import PROJECTION_BACKENDS
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert PROJECTION_BACKENDS.resolve("auto", cpu, torch.float32) == "cpu"
-    assert PROJECTION_BACKENDS.resolve("auto", cuda, torch.float32) == "reference"
+    has_cuda_kernel = pem_kernels._extension.has_kernel("local_representation", "CUDA")
+    assert PROJECTION_BACKENDS.resolve("auto", cuda, torch.float32) == (
+        "cuda" if has_cuda_kernel else "reference")
     monkeypatch.setenv("PEM_KERNELS_BACKEND", "cuda")
-    if pem_kernels._extension.has_kernel("local_representation", "CUDA"):
+    if has_cuda_kernel:
         assert PROJECTION_BACKENDS.resolve("auto", cuda, torch.float32) == "cuda"
     with pytest.raises(pem_kernels.BackendUnavailableError, match="runs on cuda tensors"):
         PROJECTION_BACKENDS.resolve("auto", cpu, torch.float32)

@@ -29,10 +29,8 @@ FUSED_LOCAL_REPRESENTATION_BACKENDS = ("cpu", "cuda", "triton")
 
 # The backend of PEM-CA's fused projections (this op and the query projection) for a layer's
 # ``backend``. "auto" takes only kernels validated on the device, as for every op: the C++
-# kernels on the CPU; on a GPU the CUDA projection kernels have run only in the CUDA emulation
-# (tests/cuda_emulation), so "auto" keeps the modules there ("reference") until they pass the
-# GPU tests. backend="cuda" or "triton" runs the kernels. (Not in the public op registry: the
-# projections are internal ops of the layer.)
+# kernels (their GPU tests passed on an H200 on 2026-11-27). backend="triton" runs the Triton
+# kernels. (Not in the public op registry: the projections are internal ops of the layer.)
 PROJECTION_BACKENDS = OpBackends(
     "PEM-CA projections",
     availability={
@@ -40,7 +38,7 @@ PROJECTION_BACKENDS = OpBackends(
         "cuda": compiled_kernel("local_representation", "CUDA", "cuda"),
         "triton": triton_kernel,
     },
-    auto_order={"cpu": ("cpu",)},
+    auto_order={"cpu": ("cpu",), "cuda": ("cuda",)},
 )
 
 

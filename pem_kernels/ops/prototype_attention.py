@@ -61,7 +61,7 @@ _BACKENDS = register_op_backends(
     OpBackends(
         "prototype_attention",
         availability={"cpu": _aten_on("cpu"), "cuda": _aten_on("cuda"), "triton": triton_kernel},
-        auto_order={"cpu": ("cpu",)},
+        auto_order={"cpu": ("cpu",), "cuda": ("cuda",)},
     )
 )
 
