@@ -12,8 +12,8 @@ mode, ``requires_grad_(False)``, run under ``torch.no_grad()``: inference) on im
 ``--batch`` x 3 x H x W, uniform in [0, 255), at each ``--sizes`` entry ``HxW`` (512x512: ADE20K,
 1024x2048: Cityscapes). Providers, all with the same weights:
 
-* ``fused``: the model with ``backend=--fused-backend`` (default ``cpu`` on a CPU, ``triton`` on
-  a GPU, as the other benchmarks): PEM-CA and the deformable convs on pem_kernels' fused ops;
+* ``fused``: the model with ``backend=--fused-backend`` (default ``auto``, what a user gets, as
+  in the PEM-CA benchmark): PEM-CA and the deformable convs on pem_kernels' fused ops;
 * ``reference``: ``backend="reference"``, the pure-PyTorch ops (the official computation);
 * ``compiled``: ``torch.compile`` of the reference model (inductor, default mode; compiled
   afresh per size, the compile is not timed but reported as ``compile_s``). Default on a GPU
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated from {PROVIDERS} (default: fused,reference on CPU, all on CUDA)",
     )
     parser.add_argument(
-        "--fused-backend", default=None, help="backend of the fused model (default: cpu / triton)"
+        "--fused-backend", default="auto", help="backend of the fused model (default: auto)"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: adaptive)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
@@ -179,7 +179,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    args.fused_backend = args.fused_backend or ("triton" if device_type == "cuda" else "cpu")
     if "fused" in args.providers:
         problem = fused_backend_problem(
             args.fused_backend, torch.device(args.device), DTYPES[args.dtype]

@@ -14,8 +14,9 @@ levels of a 1024x2048 image). Inputs: tgt [Q, B, C], memory and pos [B, C, H, W]
 [Q, B, C] standard normal; mask logits [B, Q, H, W] normal with mean -0.52 (about 30% of pixels
 allowed per query). Providers (same inputs, same layer interface):
 
-* ``fused``: :class:`pem_kernels.nn.PEMCrossAttention` on ``--fused-backend`` (default: ``cpu``
-  on a CPU, ``triton`` on a GPU);
+* ``fused``: :class:`pem_kernels.nn.PEMCrossAttention` on ``--fused-backend`` (default
+  ``auto``, what a user gets: the C++ kernels on a CPU and on a GPU; the backend each of the
+  layer's ops resolves to is recorded in the results' meta as ``fused_backends``);
 * ``reference``: the same layer with ``backend="reference"`` (eager pure PyTorch, which is the
   official PEM computation);
 * ``compiled``: ``torch.compile`` of ``reference`` (inductor, compiled once per size, not timed);
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="forward", help=f"comma-separated from {MODES}")
     parser.add_argument("--providers", default=None, help=f"comma-separated from {PROVIDERS}")
     parser.add_argument(
-        "--fused-backend", default=None, help="backend of the fused layer (default: cpu / triton)"
+        "--fused-backend", default="auto", help="backend of the fused layer (default: auto)"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: adaptive)")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,7 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         height = math.isqrt(size // 2)
         if 2 * height * height != size:
             parser.error(f"--sizes {size}: expected 2*h*h pixels (e.g. 2048, 8192, 32768)")
-    args.fused_backend = args.fused_backend or ("triton" if device_type == "cuda" else "cpu")
     from pem_kernels import BACKENDS
 
     if args.fused_backend not in BACKENDS:
@@ -121,6 +121,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
     return args
+
+
+def fused_backends(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """The backend each op of the fused layer's inference forward runs on for ``backend`` (what
+    ``"auto"`` resolves to on this machine), or why it cannot run."""
+    from pem_kernels import BackendUnavailableError
+    from pem_kernels.nn import pem_cross_attention as layer_module
+
+    resolved = {}
+    for name, backends in (("prototype_select", layer_module.SELECT_BACKENDS),
+                           ("projections", layer_module.PROJECTION_BACKENDS),
+                           ("prototype_attention", layer_module.ATTENTION_BACKENDS)):
+        try:
+            resolved[name] = backends.resolve(backend, device, dtype)
+        except BackendUnavailableError as error:
+            resolved[name] = f"unavailable: {error}"
+    return resolved
 
 
 def make_layers(
@@ -281,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             op: pem_kernels.available_backends(op, device, DTYPES[args.dtype])
             for op in ("prototype_select", "prototype_attention")
         },
+        "fused_backends": fused_backends(args.fused_backend, device, DTYPES[args.dtype]),
         # True: the mask2former rows made Mask2Former's own call (benchmarks.goals counts only
         # those); runs before 2026-11-27 timed need_weights=False, the SDPA kernel.
         "mask2former_need_weights": MaskedCrossAttention.need_weights,
@@ -293,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"PEM-CA vs masked cross-attention on {env['device_name']} ({device}), dtype={args.dtype} "
         f"B={args.batch} Q={QUERIES} C={D_MODEL} heads={HEADS}; fused layer on backend "
-        f"{args.fused_backend!r}; available backends {meta['backends']}",
+        f"{args.fused_backend!r} ({meta['fused_backends']}); available backends "
+        f"{meta['backends']}",
         flush=True,
     )
     rows, failures, skipped = harness.run_until_interrupted(run, args, meta)

@@ -247,9 +247,13 @@ def pem_ca_forward_goal(path: str, data: dict) -> Iterator[Evaluation]:
     m2f_what = "speedup vs Mask2Former" if real_m2f else (
         "speedup vs Mask2Former (this file's baseline passed need_weights=False: not its call)"
     )
+    layer = f"fused on {config.get('fused_backend', '?')}"
+    resolved = meta.get("fused_backends")
+    if isinstance(resolved, dict) and resolved:  # what "auto" ran (files since 2026-11-27)
+        layer += " (" + ", ".join(f"{op} {backend}" for op, backend in resolved.items()) + ")"
     yield Evaluation(
         goal="pem_ca_forward", issue=3, file=path, device_name=env.get("device_name", "?"),
-        conditions=f"fused on {config.get('fused_backend', '?')}, {PEM_CA_PIXELS} px, fp32, B=1, "
+        conditions=f"{layer}, {PEM_CA_PIXELS} px, fp32, B=1, "
         f"forward{_precision_note(meta)}{_device_note(env)}",
         measured="; ".join(parts),
         checks=[

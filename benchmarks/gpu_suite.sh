@@ -62,6 +62,10 @@
 #     tier 2 (deform bf16 and deterministic, the bf16, Triton and compiled models, the TF32 rows)
 #     has not run yet. Since then tier 2's bf16, batch-2 and TF32 PEM-CA rows run at 32768 and
 #     131072 px only (tier 1 keeps all four sizes), an estimated 100 s less: not yet measured.
+#   * Measured on the H200 run of 2026-11-27: build 65 s; checks 150 s (pytest 145 s: 1009
+#     passed, 19 failed; racecheck stopped at its 80 s limit after 48 cases); tier 1 259 s
+#     (select 15, PEM-CA 103 + 12, deform 38 + 66, model 25); then tune and the profile were
+#     skipped with 29 s left of the 570 s deadline, and tier 2 with them: 525 s in all.
 #
 # For a machine lent by the command (results fetched from $OUT): with OUT=DIR the results folder
 # is also written to DIR/gpu-suite-results.tgz after every step, so a command killed from outside
@@ -293,14 +297,16 @@ bench_pemca() {  # the main job: PEM-CA vs masked cross-attention over resolutio
     # torch.compile's compiles (every size and mode) were most of these steps' time on the H100
     # (PEM-CA 100 s, its CUDA-backend rows 41 s): torch.compile of the fused layer runs only at
     # two sizes, forward only (bench_pem_ca_float32_both_compiled below).
+    # The fused layer on "auto" (every op on its CUDA C++ kernel since 2026-11-27), what a user
+    # gets; the issue's goal is read from this file, baselines of the same call.
     step bench_pem_ca_float32 200 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
       --dtype float32 --providers fused,reference,compiled,mask2former,sdpa \
       --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1"
-    # The layer on the CUDA C++ prototype_select + cuBLAS attention, against the Triton one
-    # above: which of the two "auto" should pick.
-    step bench_pem_ca_cuda_backend 90 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
-      --fused-backend cuda --providers fused,mask2former \
-      --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1_cuda_backend"
+    # The layer on the Triton kernels, against the C++ one above: on the H200 on 2026-11-27 it
+    # was the faster on the device and the slower per call up to 32768 px (host time).
+    step bench_pem_ca_triton_backend 90 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
+      --fused-backend triton --providers fused,mask2former \
+      --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1_triton_backend"
   else
     # Both layers compiled, at the goal's size and the largest: the fused layer's latency was
     # host-bound on the H200 (1.005 ms per call, 0.557 ms on the device), and compiled in bf16

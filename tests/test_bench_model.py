@@ -291,7 +291,7 @@ def test_model_cli_tiny_run_writes_json_csv_and_plot(tmp_path):
     assert "wrote" in done.stdout
     # A fresh folder: no note about replacing an earlier run (the saves as it goes are its own).
     assert "replaced" not in done.stderr
-    _check_tiny_run(tmp_path, "cpu", "cpu")
+    _check_tiny_run(tmp_path, "cpu", "auto")
 
 
 @pytest.mark.cuda
@@ -300,7 +300,7 @@ def test_model_cli_tiny_run_cuda(tmp_path):
     done = _run_cli("--device", "cuda", "--backbone", "stdc1", "--sizes", "64x96", "--repeats", "1",
                     "--providers", "fused,reference", "--profile", "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
-    _check_tiny_run(tmp_path, "cuda", "triton")
+    _check_tiny_run(tmp_path, "cuda", "auto")
 
 
 @pytest.mark.parametrize(
@@ -337,7 +337,7 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
 def test_cpu_defaults():
     args = bench_model.parse_args(["--device", "cpu"])
     assert args.sizes == [(512, 512), (1024, 2048)]
-    assert args.providers == ["fused", "reference"] and args.fused_backend == "cpu"
+    assert args.providers == ["fused", "reference"] and args.fused_backend == "auto"
     assert args.backbone == "r50" and args.num_classes == 19 and args.batch == 1
     assert args.dtype == "float32" and args.flops
 

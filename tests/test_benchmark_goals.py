@@ -66,6 +66,17 @@ def test_pem_ca_goal_needs_both_ratios_and_mask2formers_own_call(tmp_path):
     assert only(goals.evaluate_folder(tmp_path), "pem_ca_forward").verdict == "unknown"
 
 
+def test_pem_ca_goal_names_the_backends_auto_ran(tmp_path):
+    """A file recording what the fused layer's ops resolved to names them in the conditions."""
+    resolved = {"prototype_select": "cuda", "projections": "cuda", "prototype_attention": "cuda"}
+    write_result(tmp_path, "a", "pem_ca", pem_ca_rows(1.0, 3.2, 1.6),
+                 {**PEM_CA_CONFIG, "fused_backend": "auto"}, mask2former_need_weights=True,
+                 fused_backends=resolved)
+    conditions = only(goals.evaluate_folder(tmp_path), "pem_ca_forward").conditions
+    assert conditions.startswith(
+        "fused on auto (prototype_select cuda, projections cuda, prototype_attention cuda), ")
+
+
 def test_pem_ca_goal_reads_only_fp32_batch_1_cuda_files(tmp_path):
     write_result(tmp_path, "bf16", "pem_ca", pem_ca_rows(1.0, 9.0, 9.0),
                  {**PEM_CA_CONFIG, "dtype": "bfloat16"}, mask2former_need_weights=True)

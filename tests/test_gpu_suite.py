@@ -58,7 +58,7 @@ sys.exit(json.loads(os.environ.get("STUB_RC", "{{}}")).get(module, 0))
 """
 
 TIER_1 = [  # the goal rows first, then the investigations
-    "bench_prototype_select_float32", "bench_pem_ca_float32", "bench_pem_ca_cuda_backend",
+    "bench_prototype_select_float32", "bench_pem_ca_float32", "bench_pem_ca_triton_backend",
     "bench_deform_conv_float32_forward", "bench_deform_conv_float32_forward_backward",
     "bench_model_float32_auto", "tune", "profile_pem_ca_float32",
 ]
