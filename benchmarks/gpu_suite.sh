@@ -23,8 +23,9 @@
 # The time box. The suite must fit one 10-minute command on a lent H100 (its time counted from
 # the start), so:
 #   * The benchmarks run in two tiers: first the rows the issues set goals for (fp32, batch 1:
-#     prototype selection, PEM-CA forward and forward+backward, the deformable conv, the model on
-#     the ops "auto" picks, one profile), then the rest (bf16, batch 2 and 8 where not in tier 1,
+#     prototype selection, also with IEEE products at 32768 px, PEM-CA forward and
+#     forward+backward, the deformable conv, the model on the ops "auto" picks, one profile),
+#     then the rest (bf16, batch 2 and 8 where not in tier 1,
 #     the compiled fused layer, the deterministic deform backward, the compiled model, more
 #     profiles, and last the fp32 goal rows with TF32 allowed).
 #   * PEM_BENCH_TIME_SCALE (default here 0.4) scales every benchmark's timing budget per row;
@@ -284,11 +285,15 @@ bench_select() {  # the prototype selection alone: every backend vs the eager re
   [ "$1" = 1 ] || dtype=bfloat16
   step "bench_prototype_select_$dtype" 120 $PYTHON -m benchmarks.bench_prototype_select \
     --device cuda --dtype "$dtype" --out-dir "$results/prototype_select_$dtype"
-  if [ "$1" = 2 ]; then
-    # fp32 with the kernels' IEEE products (FMAs) instead of their default 3xTF32: what it gains.
-    step bench_prototype_select_float32_ieee 90 env PEM_KERNELS_FP32_DOT=ieee \
+  if [ "$1" = 1 ]; then
+    # fp32 with the kernels' IEEE products (FMAs) instead of their default 3xTF32, at the goal's
+    # size (tier 1: about 10 s): on the H200 the CUDA selection's device time went from 0.187 ms
+    # with FMAs (2026-11-26) to 0.217 with 3xTF32 on tensor cores (2026-11-27), where the
+    # Triton one went from 0.185 to 0.111; this row tells the products' share from the rest.
+    step bench_prototype_select_float32_ieee 60 env PEM_KERNELS_FP32_DOT=ieee \
       $PYTHON -m benchmarks.bench_prototype_select --device cuda --dtype float32 \
-      --backends reference,triton,cuda --out-dir "$results/prototype_select_float32_ieee"
+      --sizes 32768 --backends reference,triton,cuda \
+      --out-dir "$results/prototype_select_float32_ieee"
   fi
 }
 

@@ -58,13 +58,13 @@ sys.exit(json.loads(os.environ.get("STUB_RC", "{{}}")).get(module, 0))
 """
 
 TIER_1 = [  # the goal rows first, then the investigations
-    "bench_prototype_select_float32", "bench_pem_ca_float32", "bench_pem_ca_triton_backend",
+    "bench_prototype_select_float32", "bench_prototype_select_float32_ieee",
+    "bench_pem_ca_float32", "bench_pem_ca_triton_backend",
     "bench_deform_conv_float32_forward", "bench_deform_conv_float32_forward_backward",
     "bench_model_float32_auto", "tune", "profile_pem_ca_float32",
 ]
 TIER_2 = [
-    "bench_prototype_select_bfloat16", "bench_prototype_select_float32_ieee",
-    "bench_pem_ca_float32_both_compiled", "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
+    "bench_prototype_select_bfloat16", "bench_pem_ca_float32_both_compiled", "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
     "profile_pem_ca_bfloat16", "bench_deform_conv_bfloat16_forward",
     "bench_deform_conv_bfloat16_forward_backward", "bench_deform_conv_float32_forward_ieee",
     "bench_deform_conv_deterministic",
