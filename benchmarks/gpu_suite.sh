@@ -22,10 +22,12 @@
 #
 # The time box. The suite must fit one 10-minute command on a lent H100 (its time counted from
 # the start), so:
-#   * The benchmarks run in two tiers: first the rows the issues set goals for (fp32, batch 1:
-#     prototype selection, also with IEEE products at 32768 px, PEM-CA forward and
-#     forward+backward, the deformable conv, the model on the ops "auto" picks, one profile),
-#     then the rest (bf16, batch 2 and 8 where not in tier 1,
+#   * The benchmarks run in two tiers. Tier 1: first the rows the issues set goals for (fp32,
+#     batch 1: prototype selection, also with IEEE products at 32768 px, PEM-CA forward and
+#     forward+backward, the deformable conv) and the model on the ops "auto" picks, so that
+#     every benchmark runs; then the investigations (the PEM-CA layer with its selection on the
+#     Triton kernel, and on the Triton kernels only; one profile; tune). Tier 2: the rest
+#     (bf16, batch 2 and 8 where not in tier 1,
 #     the compiled fused layer, the deterministic deform backward, the compiled model, more
 #     profiles, and last the fp32 goal rows with TF32 allowed).
 #   * PEM_BENCH_TIME_SCALE (default here 0.4) scales every benchmark's timing budget per row;
@@ -63,10 +65,14 @@
 #     tier 2 (deform bf16 and deterministic, the bf16, Triton and compiled models, the TF32 rows)
 #     has not run yet. Since then tier 2's bf16, batch-2 and TF32 PEM-CA rows run at 32768 and
 #     131072 px only (tier 1 keeps all four sizes), an estimated 100 s less: not yet measured.
-#   * Measured on the H200 run of 2026-11-27: build 65 s; checks 150 s (pytest 145 s: 1009
-#     passed, 19 failed; racecheck stopped at its 80 s limit after 48 cases); tier 1 259 s
-#     (select 15, PEM-CA 103 + 12, deform 38 + 66, model 25); then tune and the profile were
-#     skipped with 29 s left of the 570 s deadline, and tier 2 with them: 525 s in all.
+#   * Measured on the H200 run of 2026-11-27: build 65 s; checks 198 s (pytest 150 s: 1009
+#     passed, 19 failed; beside it the sanitizer's steps one after another, 38 + 80 + 54 s;
+#     racecheck stopped at its 80 s limit after 48 cases); tier 1 259 s (select 15, PEM-CA
+#     103 + 12, deform 38 + 66, model 25); then tune and the profile were skipped with 29 s left
+#     of the 570 s deadline, and tier 2 with them: 525 s in all. Since then the Triton memcheck
+#     runs beside the other two sanitizer steps (the phase an estimated 150 s, the tests'), and
+#     tier 1 adds the IEEE selection (about 10 s) and the layer with the Triton selection (about
+#     15 s) and runs the model before its investigations: not yet measured.
 #
 # For a machine lent by the command (results fetched from $OUT): with OUT=DIR the results folder
 # is also written to DIR/gpu-suite-results.tgz after every step, so a command killed from outside
@@ -257,6 +263,12 @@ run_sanitizer() {
   local triton_tests="tests/test_prototype_select_triton.py tests/test_prototype_attention_triton.py
     tests/test_deform_conv_triton.py tests/test_local_representation.py"
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  # The Triton kernels' memcheck runs beside the C++ kernels' two sanitizer steps (one after
+  # the other, 38 + 80 s on the H200 on 2026-11-27, where memcheck_triton's 54 s came after
+  # them and made the sanitizer the check phase's long pole: 198 s, the tests 150 s).
+  RESERVE_S=$((deadline - check_end)) step memcheck_triton 90 "$sanitizer" --tool memcheck \
+    --error-exitcode 86 $PYTHON -m pytest -q -k "not cpu and $small" $triton_tests &
+  local triton_memcheck=$!
   RESERVE_S=$((deadline - check_end)) step memcheck_cuda 100 "$sanitizer" --tool memcheck \
     --error-exitcode 86 $PYTHON -m pytest -q -k "cuda and $small" $cuda_tests $row_kernel_tests
   # racecheck is the slowest (74 of these 94 cases in 70 s on the 2026-11-26 H200): it skips the
@@ -264,8 +276,7 @@ run_sanitizer() {
   RESERVE_S=$((deadline - check_end)) step racecheck_cuda 80 "$sanitizer" --tool racecheck \
     --error-exitcode 86 $PYTHON -m pytest -q -k "cuda and $small and not float64 and not fp64" \
     $cuda_tests
-  RESERVE_S=$((deadline - check_end)) step memcheck_triton 90 "$sanitizer" --tool memcheck \
-    --error-exitcode 86 $PYTHON -m pytest -q -k "not cpu and $small" $triton_tests
+  wait "$triton_memcheck"
 }
 
 pids=()
@@ -307,6 +318,16 @@ bench_pemca() {  # the main job: PEM-CA vs masked cross-attention over resolutio
     step bench_pem_ca_float32 200 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
       --dtype float32 --providers fused,reference,compiled,mask2former,sdpa \
       --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1"
+  elif [ "$1" = investigate ]; then
+    # The "auto" layer with its selection on the Triton kernel (the other ops still on CUDA):
+    # on the H200 on 2026-11-27 the Triton selection alone took 0.136 ms per call at 32768 px
+    # against the CUDA one's 0.226 (slower below 32768), and the layer's latency was its device
+    # time (0.580 ms, device 0.572). Whether the layer gains what the op does (its host time
+    # may then show) decides "auto"'s choice for the selection. About 15 s, no compiles.
+    step bench_pem_ca_triton_select 60 env PEM_KERNELS_BACKEND_PROTOTYPE_SELECT=triton \
+      $PYTHON -m benchmarks.bench_pem_ca --device cuda --providers fused,mask2former \
+      --sizes 8192,32768,131072 --modes forward \
+      --out-dir "$results/pem_ca_float32_b1_triton_select"
     # The layer on the Triton kernels, against the C++ one above: on the H200 on 2026-11-27 it
     # was the faster on the device and the slower per call up to 32768 px (host time).
     step bench_pem_ca_triton_backend 90 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
@@ -405,12 +426,15 @@ bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" mat
 }
 
 for tier in ${SUITE_TIERS:-1 2}; do
-  # Tier 1: the rows the issues set goals for first (selection, PEM-CA, deformable conv), then
-  # the investigations (model, tune, profile), so that a short call keeps the goals.
-  order="select pemca deform model tune profile"
-  [ "$tier" = 1 ] || order="select pemca profile deform model"
-  for group in $order; do
-    if wants "$group"; then "bench_$group" "$tier"; fi
+  # Tier 1: the rows the issues set goals for first (selection, PEM-CA, deformable conv) and
+  # the model, so that a short call keeps every benchmark, then the investigations (the layer
+  # with its selection, or all of it, on Triton kernels; where its time goes; the launch
+  # configurations). GROUP:ARGUMENT runs bench_GROUP ARGUMENT.
+  order="select:1 pemca:1 deform:1 model:1 pemca:investigate profile:1 tune:1"
+  [ "$tier" = 1 ] || order="select:2 pemca:2 profile:2 deform:2 model:2"
+  for entry in $order; do
+    group=${entry%%:*}
+    if wants "$group"; then "bench_$group" "${entry#*:}"; fi
   done
   # Tier 2 ends with the fp32 goal rows under TF32.
   if [ "$tier" = 2 ] && wants select && wants pemca; then bench_tf32; fi

@@ -52,19 +52,23 @@ with open(os.environ["STUB_LOG"], "a") as log:
         "suite_env": sorted(k for k in os.environ
                             if k in ("RESERVE_S", "STEP_MIN_S", "BENCHMARK", "SUITE_ONLY",
                                      "SUITE_TIERS")),
+        "backend_env": {{k: v for k, v in os.environ.items()
+                         if k.startswith("PEM_KERNELS_BACKEND")}},
     }}) + "\\n")
 time.sleep(json.loads(os.environ.get("STUB_SLEEP", "{{}}")).get(module, 0))
 sys.exit(json.loads(os.environ.get("STUB_RC", "{{}}")).get(module, 0))
 """
 
-TIER_1 = [  # the goal rows first, then the investigations
+TIER_1 = [  # the goal rows and the model first (every benchmark), then the investigations
     "bench_prototype_select_float32", "bench_prototype_select_float32_ieee",
-    "bench_pem_ca_float32", "bench_pem_ca_triton_backend",
+    "bench_pem_ca_float32",
     "bench_deform_conv_float32_forward", "bench_deform_conv_float32_forward_backward",
-    "bench_model_float32_auto", "tune", "profile_pem_ca_float32",
+    "bench_model_float32_auto",
+    "bench_pem_ca_triton_select", "bench_pem_ca_triton_backend", "profile_pem_ca_float32", "tune",
 ]
 TIER_2 = [
-    "bench_prototype_select_bfloat16", "bench_pem_ca_float32_both_compiled", "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
+    "bench_prototype_select_bfloat16", "bench_pem_ca_float32_both_compiled",
+    "bench_pem_ca_bfloat16", "bench_pem_ca_b2",
     "profile_pem_ca_bfloat16", "bench_deform_conv_bfloat16_forward",
     "bench_deform_conv_bfloat16_forward_backward", "bench_deform_conv_float32_forward_ieee",
     "bench_deform_conv_deterministic",
@@ -102,7 +106,8 @@ def run_suite(
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "out").mkdir(exist_ok=True)
     outer = {key: value for key, value in os.environ.items()
-             if key not in SUITE_VARIABLES and not key.startswith("SUITE_")}
+             if key not in SUITE_VARIABLES
+             and not key.startswith(("SUITE_", "PEM_KERNELS_BACKEND"))}
     full_env = dict(
         outer, PYTHON=str(python), STUB_LOG=str(tmp_path / "calls.jsonl"),
         STUB_BUILT=str(tmp_path / "built"), SUITE_BUILD_STAMP=str(tmp_path / "build_stamp"),
@@ -155,6 +160,11 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     benchmarks = [c for c in calls if c["module"].startswith("benchmarks.")]
     assert benchmarks and all(c["time_scale"] == "0.4" and c["deadline"] for c in benchmarks)
     assert all(float(c["deadline"]) > c["now"] for c in benchmarks)
+    # Only the layer's Triton-selection step moves an op off "auto".
+    moved = [(c["argv"][c["argv"].index("--out-dir") + 1], c["backend_env"]) for c in benchmarks
+             if c["backend_env"]]
+    assert len(moved) == 1 and moved[0][0].endswith("pem_ca_float32_b1_triton_select"), moved
+    assert moved[0][1] == {"PEM_KERNELS_BACKEND_PROTOTYPE_SELECT": "triton"}
     tests = next(c for c in calls if c["module"] == "pytest")
     assert tests["deadline"] is None
     # The GPU run leaves the CPU-only tests and the CUDA emulation to CI.

@@ -545,6 +545,38 @@ def test_auto_backend_and_environment_override(monkeypatch):
         pem_kernels.prototype_select(keys, query, mask, 4)
 
 
+def test_one_ops_environment_variable_overrides_the_global_one(monkeypatch):
+    """PEM_KERNELS_BACKEND_<OP> moves one op, and only that one, off "auto" (a benchmark times
+    the PEM-CA layer with one op on another kernel so); it wins over PEM_KERNELS_BACKEND."""
+    from pem_kernels.ops.local_representation import PROJECTION_BACKENDS
+    from pem_kernels.ops.prototype_attention import _BACKENDS as ATTENTION_BACKENDS
+    from pem_kernels.ops.prototype_select import _BACKENDS
+
+    cpu = torch.device("cpu")
+    assert _BACKENDS.environment_variable == "PEM_KERNELS_BACKEND_PROTOTYPE_SELECT"
+    assert PROJECTION_BACKENDS.environment_variable == "PEM_KERNELS_BACKEND_PEM_CA_PROJECTIONS"
+    monkeypatch.setenv("PEM_KERNELS_BACKEND_PROTOTYPE_SELECT", "reference")
+    assert _BACKENDS.resolve("auto", cpu, torch.float32) == "reference"
+    assert ATTENTION_BACKENDS.resolve("auto", cpu, torch.float32) == "cpu"
+    # An explicit backend is not overridden.
+    assert _BACKENDS.resolve("cpu", cpu, torch.float32) == "cpu"
+    monkeypatch.setenv("PEM_KERNELS_BACKEND", "cpu")
+    assert _BACKENDS.resolve("auto", cpu, torch.float32) == "reference"
+    monkeypatch.setenv("PEM_KERNELS_BACKEND", "reference")
+    monkeypatch.setenv("PEM_KERNELS_BACKEND_PROTOTYPE_SELECT", "")  # empty: unset
+    assert _BACKENDS.resolve("auto", cpu, torch.float32) == "reference"
+    monkeypatch.delenv("PEM_KERNELS_BACKEND")
+    monkeypatch.setenv("PEM_KERNELS_BACKEND_PROTOTYPE_SELECT", "fast")
+    with pytest.raises(ValueError, match="PEM_KERNELS_BACKEND_PROTOTYPE_SELECT.*'fast'"):
+        _BACKENDS.resolve("auto", cpu, torch.float32)
+    # The op on the reference through it: the same selection as on the cpu kernel.
+    monkeypatch.setenv("PEM_KERNELS_BACKEND_PROTOTYPE_SELECT", "reference")
+    keys, query, mask = make_inputs(1, 30, 16, 3)
+    moved = pem_kernels.prototype_select(keys, query, mask, 4)
+    monkeypatch.delenv("PEM_KERNELS_BACKEND_PROTOTYPE_SELECT")
+    assert torch.equal(moved[1], pem_kernels.prototype_select(keys, query, mask, 4)[1])
+
+
 def test_auto_picks_the_cuda_kernel_for_cuda_tensors():
     from pem_kernels._extension import has_kernel
     from pem_kernels.ops.prototype_select import _BACKENDS
