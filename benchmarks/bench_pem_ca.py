@@ -6,7 +6,7 @@ repository root::
     python -m benchmarks.bench_pem_ca [--device cpu|cuda] [--dtype float32|bfloat16]
         [--sizes 2048,8192,32768,131072] [--batch 1] [--modes forward,forward+backward]
         [--providers fused,reference,compiled,fused_compiled,mask2former,sdpa] [--repeats N]
-        [--out-dir DIR] [--matmul-precision highest|high|medium]
+        [--out-dir DIR] [--matmul-precision highest|high|medium] [--warm-compiles]
 
 One decoder cross-attention layer (C=256, 8 heads, Q=100 queries) over a feature map of HW pixels
 with aspect 1:2 (2048 = 32x64, 8192 = 64x128, 32768 = 128x256, 131072 = 256x512, the 1/32 ... 1/4
@@ -33,6 +33,12 @@ CUDA the forward rows also give ``graph_ms``, the device time of the forward rep
 graph (the host's Python, dispatch and launch work removed).
 ``forward`` runs under ``torch.no_grad()``; ``forward+backward`` also back-propagates
 ``out.sum()`` into the parameters and into tgt and memory. Layers are in eval mode.
+
+``--warm-compiles`` times and writes nothing: it makes the compiled providers' first call at every
+size and mode, as a sweep with the same options does, so that torch.compile's on-disk caches
+(Inductor's FX graph cache, AOTAutograd's cache, Triton's kernels) hold what that sweep compiles;
+run later, the sweep loads its compiled code from them. The GPU suite warms tier 1's compiles so
+during its correctness checks, on one compile thread.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from benchmarks import harness
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ROTATION_BYTES = 128 * harness.MIB  # input sets rotate until they hold at least this much
 PROVIDERS = ("fused", "reference", "compiled", "fused_compiled", "mask2former", "sdpa")
+COMPILED_PROVIDERS = ("compiled", "fused_compiled")
 CPU_PROVIDERS = ("fused", "reference", "compiled", "mask2former", "sdpa")
 MODES = ("forward", "forward+backward")
 # Per device: (default sizes, default providers, timing budget s, min repeats, max repeats).
@@ -96,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir", default=None, help="default: benchmarks/results/<date>-<device>"
     )
     harness.add_matmul_precision_argument(parser)
+    parser.add_argument(
+        "--warm-compiles", action="store_true",
+        help="only compile and call the compiled providers once per size and mode (filling "
+        "torch.compile's caches for a later run of the same sweep); nothing is timed or written",
+    )
     args = parser.parse_args(argv)
     device_type = harness.checked_device(parser, args.device).type
     sizes, providers, *_ = DEFAULTS[device_type]
@@ -120,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch {args.batch}: expected >= 1")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.warm_compiles and not set(args.providers) & set(COMPILED_PROVIDERS):
+        parser.error(f"--warm-compiles: --providers {','.join(args.providers)} has none of "
+                     f"{COMPILED_PROVIDERS} to compile")
     return args
 
 
@@ -153,6 +168,14 @@ def make_layers(
     sdpa.load_state_dict(mask2former.state_dict())
     layers = {"fused": fused, "reference": reference, "mask2former": mask2former, "sdpa": sdpa}
     return {name: layer.to(device=device, dtype=dtype).eval() for name, layer in layers.items()}
+
+
+def compile_layers(layers: dict[str, torch.nn.Module]) -> None:
+    """Fresh ``torch.compile`` wrappers of the reference and fused layers, made once per size:
+    a new compile per size keeps dynamic-shape guards out of the measurement."""
+    torch._dynamo.reset()
+    layers["compiled"] = torch.compile(layers["reference"])
+    layers["fused_compiled"] = torch.compile(layers["fused"])
 
 
 def make_inputs(batch: int, hw: int, device: torch.device, dtype: torch.dtype, generator) -> tuple:
@@ -227,11 +250,8 @@ def run(
             inputs = [first] + [
                 make_inputs(args.batch, hw, device, dtype, generator) for _ in range(sets - 1)
             ]
-            if "compiled" in args.providers or "fused_compiled" in args.providers:
-                # A fresh compile per size keeps dynamic-shape guards out of the measurement.
-                torch._dynamo.reset()
-                layers["compiled"] = torch.compile(layers["reference"])
-                layers["fused_compiled"] = torch.compile(layers["fused"])
+            if set(args.providers) & set(COMPILED_PROVIDERS):
+                compile_layers(layers)
             for mode in args.modes:
                 group: list[dict[str, Any]] = []
                 for provider in args.providers:
@@ -282,9 +302,33 @@ def run(
     return rows, failures, skipped
 
 
+def warm_compiles(args: argparse.Namespace) -> int:
+    """``--warm-compiles``: the compiled providers' first call at every size and mode, in
+    :func:`run`'s order, on layers and inputs made as there (the same graphs, so the same cache
+    entries); returns the exit status."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    layers = make_layers(device, dtype, args.fused_backend)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    providers = [p for p in args.providers if p in COMPILED_PROVIDERS]
+    started = time.perf_counter()
+    for hw in args.sizes:
+        inputs = make_inputs(args.batch, hw, device, dtype, generator)
+        compile_layers(layers)
+        for mode in args.modes:
+            for provider in providers:
+                make_step(layers[provider], mode)(*inputs)
+        harness.synchronize(device)
+        print(f"warmed {','.join(providers)} at HW={hw} ({','.join(args.modes)}), "
+              f"{time.perf_counter() - started:.0f} s in all", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.apply_matmul_precision(args)
+    if args.warm_compiles:
+        return warm_compiles(args)
     device = torch.device(args.device)
     started = time.perf_counter()
     import pem_kernels

@@ -245,6 +245,59 @@ def test_bench_pem_ca_script_runs_every_provider(tmp_path):
     assert png.name == "pem_ca.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_pem_ca_warm_compiles_makes_the_sweeps_compiled_calls(monkeypatch, tmp_path):
+    """--warm-compiles calls the compiled provider at every size and mode as the sweep first
+    does (same shapes, same grad mode: the same graphs for torch.compile's caches), with a fresh
+    compile per size, and writes nothing. torch.compile is a recorder here: the check is of the
+    calls, not of the compiler."""
+    import benchmarks.bench_pem_ca as bench
+
+    calls: list[tuple] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+            calls.append("compile")
+
+        def forward(self, tgt, memory, *rest):
+            calls.append((tuple(memory.shape), memory.requires_grad, torch.is_grad_enabled()))
+            return self.layer(tgt, memory, *rest)
+
+    monkeypatch.setattr(torch, "compile", Recorder)
+    monkeypatch.setenv("PEM_BENCH_PROGRESS", "0")
+    common = ["--device", "cpu", "--sizes", "32,128", "--modes", "forward,forward+backward"]
+    assert bench.main(common + ["--providers", "compiled", "--warm-compiles",
+                                "--out-dir", str(tmp_path / "warm")]) == 0
+    assert not (tmp_path / "warm").exists()
+    warmed, calls[:] = list(calls), []
+    assert bench.main(common + ["--providers", "reference,compiled", "--repeats", "1",
+                                "--out-dir", str(tmp_path / "sweep")]) == 0
+
+    def first_calls(recorded):  # each distinct call in order, compiles kept
+        seen, order = set(), []
+        for call in recorded:
+            if call == "compile" or call not in seen:
+                seen.add(call)
+                order.append(call)
+        return order
+
+    # Two compiles per size (reference and fused layers), then forward (no grad), then
+    # forward+backward (inputs that require grad), at 4x8 and 8x16 pixels.
+    expected = []
+    for shape in [(1, 256, 4, 8), (1, 256, 8, 16)]:
+        expected += ["compile", "compile", (shape, False, False), (shape, True, True)]
+    assert first_calls(warmed) == expected
+    assert first_calls(calls) == expected
+
+
+def test_warm_compiles_needs_a_compiled_provider():
+    import benchmarks.bench_pem_ca as bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--providers", "fused", "--warm-compiles"])
+
+
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_bench_deform_conv_script_runs_and_profiles(tmp_path, mode):
     env = dict(os.environ, PEM_BENCH_PROGRESS="0")

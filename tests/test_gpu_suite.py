@@ -52,6 +52,7 @@ with open(os.environ["STUB_LOG"], "a") as log:
         "suite_env": sorted(k for k in os.environ
                             if k in ("RESERVE_S", "STEP_MIN_S", "BENCHMARK", "SUITE_ONLY",
                                      "SUITE_TIERS")),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
         "backend_env": {{k: v for k, v in os.environ.items()
                          if k.startswith("PEM_KERNELS_BACKEND")}},
     }}) + "\\n")
@@ -136,8 +137,9 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     # and the goals report.
     assert names[0] == "build"
     # (The diagnosis of C++ argument errors runs only when named.)
-    assert set(names[1:3]) == {"tests", "sanitize"}
-    assert names[3:] == TIER_1 + TIER_2 + ["plots", "goals"], names
+    # With them, tier 1's PEM-CA compiles are made ahead, into torch.compile's caches.
+    assert set(names[1:4]) == {"tests", "sanitize", "warm_pem_ca_compiles"}
+    assert names[4:] == TIER_1 + TIER_2 + ["plots", "goals"], names
     status = dict(steps)
     # No compute-sanitizer here: a skip. A benchmark that stopped at its deadline (exit 3) is
     # "partial"; everything else passed. Skips and partials are reported, not failures.
@@ -157,7 +159,8 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     assert all(c["suite_env"] == [] for c in calls), [c["suite_env"] for c in calls]
     # Every benchmark gets the suite's time scale and a deadline of its own; the tests and the
     # diagnosis get none (the benchmark scripts the tests run must run whole).
-    benchmarks = [c for c in calls if c["module"].startswith("benchmarks.")]
+    warm = [c for c in calls if "--warm-compiles" in c["argv"]]
+    benchmarks = [c for c in calls if c["module"].startswith("benchmarks.") and c not in warm]
     assert benchmarks and all(c["time_scale"] == "0.4" and c["deadline"] for c in benchmarks)
     assert all(float(c["deadline"]) > c["now"] for c in benchmarks)
     # Only the layer's Triton-selection step moves an op off "auto".
@@ -167,6 +170,21 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     assert moved[0][1] == {"PEM_KERNELS_BACKEND_PROTOTYPE_SELECT": "triton"}
     tests = next(c for c in calls if c["module"] == "pytest")
     assert tests["deadline"] is None
+    # The warm-up makes the compiles of tier 1's PEM-CA step: its options but the providers.
+    assert len(warm) == 1 and warm[0]["deadline"] is None, warm
+    pem_ca = next(c for c in benchmarks
+                  if c["argv"][c["argv"].index("--out-dir") + 1].endswith("pem_ca_float32_b1"))
+
+    def options(argv, drop=("--providers", "--out-dir")):
+        pairs = zip(argv, argv[1:] + [""])
+        return {(a, b) for a, b in pairs if a.startswith("--") and a not in drop} - {
+            ("--warm-compiles", "")}
+
+    assert options(warm[0]["argv"]) == options(pem_ca["argv"])
+    # Nor may the environment differ in what enters the graphs (with OMP_NUM_THREADS=1 the CPU
+    # graphs differed and every cache lookup missed).
+    assert warm[0]["omp_threads"] == pem_ca["omp_threads"]
+    assert "compiled" in pem_ca["argv"][pem_ca["argv"].index("--providers") + 1].split(",")
     # The GPU run leaves the CPU-only tests and the CUDA emulation to CI.
     assert tests["argv"][tests["argv"].index("-k") + 1] == "not cpu"
     assert "--ignore=tests/test_cuda_emulation.py" in tests["argv"]
@@ -202,7 +220,8 @@ def test_suite_keeps_its_deadline(tmp_path):
     assert status["goals"] == "rc=0", steps
     assert status["tests"] == "timeout" and status["diagnose_cpp_errors"] == "timeout"
     assert all(status[name] == "SKIPPED" for name in TIER_1 + TIER_2)
-    assert not any(c["module"].startswith("benchmarks.bench") for c in calls)
+    assert not any(c["module"].startswith("benchmarks.bench") and "--warm-compiles" not in c["argv"]
+                   for c in calls)
     # The two timeouts count; the skips (sanitizer, every benchmark) are reported.
     assert done.returncode == 2, done.stdout + done.stderr
     skipped = 1 + len(TIER_1 + TIER_2)
