@@ -11,6 +11,8 @@ Environment switches:
                             without one.
   DEBUG=1                   -O0 -g (and -lineinfo for nvcc).
   MAX_JOBS                  parallel compile jobs (ninja).
+  PEM_KERNELS_NVCC_FLAGS    extra nvcc flags (space-separated), for experiments on a GPU, e.g.
+                            "-DPEM_DEFORM_MMA_MIN_BLOCKS=2" (csrc/cuda/deform_conv2d.cu).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def _build_extensions():
         include_dirs += _pip_cuda_include_dirs()
         nvcc_flags = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
         nvcc_flags += ["--expt-relaxed-constexpr"]
+        nvcc_flags += os.environ.get("PEM_KERNELS_NVCC_FLAGS", "").split()
         extra_compile_args["nvcc"] = nvcc_flags
         define_macros.append(("WITH_CUDA", None))
         extension_cls = CUDAExtension
@@ -115,7 +118,8 @@ def _build_extensions():
     print(
         f"pem_kernels build: with_cuda={with_cuda} cuda_home={cuda_home} "
         f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} debug={debug} "
-        f"torch={torch.__version__}"
+        f"torch={torch.__version__} "
+        f"PEM_KERNELS_NVCC_FLAGS={os.environ.get('PEM_KERNELS_NVCC_FLAGS', '')!r}"
     )
     extension = extension_cls(
         name="pem_kernels._C",

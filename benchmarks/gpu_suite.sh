@@ -82,7 +82,8 @@
 #
 # The build. pip's editable build compiles everything in a fresh temporary folder, about a
 # minute, so "build" is skipped (recorded "cached") when the extension loads with its CUDA
-# kernels and the sources, the GPU's arch and torch are those of the last successful build here
+# kernels and the sources, the GPU's arch, torch and PEM_KERNELS_NVCC_FLAGS are those of the
+# last successful build here
 # (SUITE_BUILD_STAMP, default build/.gpu_suite_build_stamp). Whatever the groups, a call whose
 # extension does not load with its CUDA kernels (a machine handed back between calls comes back
 # bare) or was built from other sources builds first; if it still does not load, "extension
@@ -193,7 +194,8 @@ sys.exit(0 if pem_kernels.EXTENSION_LOADED and has_kernel('prototype_select', 'C
 }
 build_stamp_file=${SUITE_BUILD_STAMP:-build/.gpu_suite_build_stamp}
 build_stamp=$({ find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum
-  echo "arch $arch"; $PYTHON -c "import torch; print(torch.__version__)"; } | sha1sum)
+  echo "arch $arch"; $PYTHON -c "import torch; print(torch.__version__)"
+  echo "nvcc flags ${PEM_KERNELS_NVCC_FLAGS:-}"; } | sha1sum)
 if extension_ok && [ "$(cat "$build_stamp_file" 2>/dev/null)" = "$build_stamp" ]; then
   if wants build; then
     record build cached 0 "the extension loads, built here from these sources for sm_$arch"

@@ -45,6 +45,33 @@ def test_cuda_kernels_were_compiled():
         assert has_kernel(op, "CUDA"), op
 
 
+@pytest.mark.skipif(
+    torch.version.cuda is None or shutil.which("nvcc") is None
+    or os.environ.get("PEM_KERNELS_CUDA") == "0",
+    reason="CPU-only torch, no nvcc, or CUDA build switched off",
+)
+def test_extra_nvcc_flags_reach_the_cuda_sources():
+    """PEM_KERNELS_NVCC_FLAGS (an experiment's build, e.g. the deform forward's occupancy) is
+    appended to nvcc's flags; setup() is replaced by a recorder, nothing is built."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import setuptools\n"
+        "captured = {}\n"
+        "setuptools.setup = lambda **kw: captured.update(kw)\n"
+        "import setup\n"
+        "print('NVCC', captured['ext_modules'][0].extra_compile_args['nvcc'])\n"
+    )
+    env = dict(os.environ, PEM_KERNELS_NVCC_FLAGS=" -DPEM_DEFORM_MMA_MIN_BLOCKS=2  -DX=1 ")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    flags = next(line for line in done.stdout.splitlines() if line.startswith("NVCC"))
+    assert flags.endswith("'-DPEM_DEFORM_MMA_MIN_BLOCKS=2', '-DX=1']"), flags
+
+
 def test_package_without_the_extension_says_it_was_not_built(tmp_path):
     """A copy of the package without _C (as PEM_KERNELS_SKIP_EXT=1 installs it) imports with one
     warning that says the extension was not built (Python's own message blamed a circular

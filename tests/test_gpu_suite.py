@@ -87,7 +87,7 @@ def current_build_stamp() -> str:
     """The stamp the suite writes after building these sources for the stand-in's GPU (sm_90)
     and torch (2.11.0): the script's recipe."""
     recipe = ("{ find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha1sum; "
-              "echo 'arch 9.0'; echo 2.11.0; } | sha1sum")
+              "echo 'arch 9.0'; echo 2.11.0; echo 'nvcc flags '; } | sha1sum")
     return subprocess.run(["bash", "-c", recipe], cwd=REPO_ROOT, capture_output=True, text=True,
                           check=True).stdout
 
@@ -108,7 +108,7 @@ def run_suite(
     (tmp_path / "out").mkdir(exist_ok=True)
     outer = {key: value for key, value in os.environ.items()
              if key not in SUITE_VARIABLES
-             and not key.startswith(("SUITE_", "PEM_KERNELS_BACKEND"))}
+             and not key.startswith(("SUITE_", "PEM_KERNELS_BACKEND", "PEM_KERNELS_NVCC"))}
     full_env = dict(
         outer, PYTHON=str(python), STUB_LOG=str(tmp_path / "calls.jsonl"),
         STUB_BUILT=str(tmp_path / "built"), SUITE_BUILD_STAMP=str(tmp_path / "build_stamp"),
@@ -292,6 +292,15 @@ def test_build_is_cached_and_a_bare_machine_builds_first(tmp_path):
     done, calls, steps = run_suite(tmp_path, "build", SUITE_DEADLINE_S="0")
     assert steps[-1] == ["build", "cached"] and done.returncode == 0
     assert sum(c["module"] == "pip" for c in calls) == 1  # the second call built nothing
+    # Other nvcc flags (an experiment's build): built again, and again back without them.
+    flags = "-DPEM_DEFORM_MMA_MIN_BLOCKS=2"
+    done, calls, steps = run_suite(tmp_path, "build", SUITE_DEADLINE_S="0",
+                                   PEM_KERNELS_NVCC_FLAGS=flags)
+    assert steps[-1] == ["build", "rc=0"], done.stdout + done.stderr
+    assert (tmp_path / "build_stamp").read_text() != current_build_stamp()
+    done, calls, steps = run_suite(tmp_path, "build", SUITE_DEADLINE_S="0")
+    assert steps[-1] == ["build", "rc=0"] and (
+        tmp_path / "build_stamp").read_text() == current_build_stamp()
     # Sources changed since that build: rebuilt before the benchmarks even when not named.
     (tmp_path / "build_stamp").write_text("a stamp of other sources\n")
     only = "bench_model_float32_auto"

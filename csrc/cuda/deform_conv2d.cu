@@ -461,9 +461,13 @@ constexpr int kFragment = 16;   // rows and columns of a WMMA fragment
 // registers per thread, the TF32 ones 186-190 and bf16 165-178, so one block (8 warps) runs per
 // SM. That fits the H200's forward times: a flat 0.18-0.19 ms from 4 to 256 blocks (one wave,
 // 36 K-stages of about 5 us each) and 0.745 ms for 512 blocks at (1,128,128,256) (four waves).
-// __launch_bounds__(kMmaThreads, 2) caps them at 128 and spills 580-650 bytes per thread in
-// the 3xTF32 variants: not tried on a GPU.
+// Two blocks per SM (PEM_DEFORM_MMA_MIN_BLOCKS=2, through PEM_KERNELS_NVCC_FLAGS at build time)
+// cap them at 128 registers and spill 580-650 bytes per thread in the 3xTF32 variants: not yet
+// timed on a GPU, hence the build-time switch rather than a default.
 constexpr int kMmaThreads = 256;
+#ifndef PEM_DEFORM_MMA_MIN_BLOCKS
+#define PEM_DEFORM_MMA_MIN_BLOCKS 1
+#endif
 constexpr int kWarpTile = 32;
 constexpr int kWarpFragments = kWarpTile / kFragment;
 constexpr int kMmaGatherThreadsPerPixel = 4;  // kMmaThreads / kTileM: 8 k of a stage each
@@ -532,7 +536,8 @@ struct TypeTag {
 // every 4th channel. Software-pipelined like the kernel above: the next stage's global loads are
 // in flight while the current stage's products run.
 template <typename scalar_t, int kPasses, bool kVectorized>
-__global__ void __launch_bounds__(kMmaThreads) deform_conv2d_forward_mma_kernel(
+__global__ void __launch_bounds__(kMmaThreads, PEM_DEFORM_MMA_MIN_BLOCKS)
+deform_conv2d_forward_mma_kernel(
     ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
     const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias,
