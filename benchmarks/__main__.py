@@ -10,6 +10,8 @@ all of which take ``--device``, ``--dtype`` and ``--sizes``):
     profile-pem-ca    one PEM-CA layer call split into host and device time, slowest kernels
     sass-stats        the Triton kernels compiled for sm_90 without a GPU: registers, spills,
                       instructions and barriers per loop iteration (the compiler's counts)
+    ptxas-stats       the CUDA C++ kernels compiled for sm_90 without a GPU: registers, spills,
+                      shared memory and warps per SM by registers (ptxas's counts)
     tune              candidate launch configurations of the Triton kernels timed (on a GPU)
                       against the ones in use, each checked against them
     plots             PNG plots from the JSON results in a folder
@@ -29,6 +31,7 @@ COMMANDS = {
     "model": "benchmarks.bench_model",
     "profile-pem-ca": "benchmarks.profile_pem_ca",
     "sass-stats": "benchmarks.sass_stats",
+    "ptxas-stats": "benchmarks.ptxas_stats",
     "tune": "benchmarks.tune_configs",
     "plots": "benchmarks.plots",
     "goals": "benchmarks.goals",

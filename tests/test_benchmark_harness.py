@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -289,6 +290,61 @@ def test_bench_pem_ca_warm_compiles_makes_the_sweeps_compiled_calls(monkeypatch,
         expected += ["compile", "compile", (shape, False, False), (shape, True, True)]
     assert first_calls(warmed) == expected
     assert first_calls(calls) == expected
+
+
+PTXAS_LOG = """\
+ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '_ZN11pem_kernels12_GLOBAL__N_114example_kernelIfEEvPKT_' \
+for 'sm_90'
+ptxas info    : Function properties for _ZN11pem_kernels12_GLOBAL__N_114example_kernelIfEEvPKT_
+    336 bytes stack frame, 648 bytes spill stores, 580 bytes spill loads
+ptxas info    : Used 236 registers, used 1 barriers, 38208 bytes smem
+ptxas info    : Compiling entry function '_Z5smallPf' for 'sm_90'
+ptxas info    : Function properties for _Z5smallPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers
+"""
+
+
+def test_ptxas_stats_reads_registers_spills_and_occupancy():
+    """ptxas-stats' parsing of a ``ptxas -v`` log (the compile itself, about 90 s per source, is
+    left out of the test run) and its warps-per-SM rule: 236 registers round to 240, 7680 per
+    warp, so 8 warps (one 256-thread block) fit 65536; 128 give 16 warps; 32 the maximum 64."""
+    from benchmarks import ptxas_stats
+
+    assert [ptxas_stats.warps_per_sm_by_registers(r) for r in (236, 190, 128, 40, 32)] == [
+        8, 10, 16, 51, 64]
+    first, second = ptxas_stats.parse(PTXAS_LOG)
+    assert (first["registers"], first["spill_stores"], first["spill_loads"],
+            first["smem_bytes"], first["warps_per_sm"]) == (236, 648, 580, 38208, 8)
+    assert (second["registers"], second["spill_stores"], second["smem_bytes"],
+            second["warps_per_sm"]) == (32, 0, 0, 64)
+    if shutil.which("c++filt"):
+        assert first["kernel"].startswith("void example_kernel<float>"), first["kernel"]
+        assert second["kernel"] == "small", second["kernel"]
+    assert "example_kernel" in ptxas_stats.table(
+        [dict(first, source="deform_conv2d"), dict(second, source="x")])
+
+
+def test_ptxas_stats_compiles_as_the_extension_builds(monkeypatch):
+    """The nvcc call carries setup.py's flags (PEM_KERNELS_NVCC_FLAGS included), its include
+    directories and ptxas's report, for the architecture asked for."""
+    from benchmarks import ptxas_stats
+
+    monkeypatch.setenv("PEM_KERNELS_NVCC_FLAGS", "-DPEM_DEFORM_MMA_MIN_BLOCKS=2")
+    for variable in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):  # setup.py sets them: restored after
+        if variable in os.environ:
+            monkeypatch.setenv(variable, os.environ[variable])
+        else:
+            monkeypatch.delenv(variable, raising=False)
+    try:
+        command = ptxas_stats.nvcc_command(Path("x.cu"), Path("x.o"), "90")
+    except SystemExit as error:  # no CUDA torch or no nvcc: nothing to compile with
+        pytest.skip(str(error))
+    assert command[1:3] == ["-c", "x.cu"]
+    assert "-DPEM_DEFORM_MMA_MIN_BLOCKS=2" in command and "--expt-relaxed-constexpr" in command
+    assert f"-I{REPO_ROOT / 'csrc' / 'include'}" in command
+    assert command[-3:] == ["-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v"]
 
 
 def test_warm_compiles_needs_a_compiled_provider():

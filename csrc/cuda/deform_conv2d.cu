@@ -457,13 +457,14 @@ constexpr int kMmaTileN = 128;  // output channels per block
 constexpr int kMmaTileK = 32;   // (tap, channel) pairs per stage
 constexpr int kFragment = 16;   // rows and columns of a WMMA fragment
 // 8 warps: 2 along M x 4 along N, each a 32 x 32 output tile of 2 x 2 fragments.
-// Occupancy (ptxas of CUDA 13.0 for sm_90, 2026-11-27): the fp32 3xTF32 variants take 232-236
-// registers per thread, the TF32 ones 186-190 and bf16 165-178, so one block (8 warps) runs per
-// SM. That fits the H200's forward times: a flat 0.18-0.19 ms from 4 to 256 blocks (one wave,
-// 36 K-stages of about 5 us each) and 0.745 ms for 512 blocks at (1,128,128,256) (four waves).
-// Two blocks per SM (PEM_DEFORM_MMA_MIN_BLOCKS=2, through PEM_KERNELS_NVCC_FLAGS at build time)
-// cap them at 128 registers and spill 580-650 bytes per thread in the 3xTF32 variants: not yet
-// timed on a GPU, hence the build-time switch rather than a default.
+// Occupancy (`python -m benchmarks ptxas-stats deform_conv2d`: CUDA 13.0, sm_90, 2026-11-27): the
+// fp32 variants take 232-248 registers per thread and the bf16 ones 195-199, so one block
+// (8 warps) runs per SM. That fits the H200's forward times: a flat 0.18-0.19 ms up to 132
+// blocks (one wave, 36 K-stages of about 5 us each) and 0.745 ms for 512 blocks at
+// (1,128,128,256) (four waves). Two blocks per SM (PEM_DEFORM_MMA_MIN_BLOCKS=2, through
+// PEM_KERNELS_NVCC_FLAGS at build time) cap them at 128 registers and spill 580-650 bytes per
+// thread in the 3xTF32 variants (TF32 180-250, bf16 340-520): not yet timed on a GPU, hence the
+// build-time switch rather than a default.
 constexpr int kMmaThreads = 256;
 #ifndef PEM_DEFORM_MMA_MIN_BLOCKS
 #define PEM_DEFORM_MMA_MIN_BLOCKS 1

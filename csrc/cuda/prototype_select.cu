@@ -69,8 +69,9 @@ constexpr int kTileThreads = kPixelLanes * (kTileQueries / kMicro);
 static_assert(kTileThreads == 256, "the tile kernel is launched with 256 threads");
 static_assert(32 % kPixelLanes == 0, "the lanes sharing a query must lie in one warp");
 // Blocks per SM the split heuristic aims for (several waves hide the tail of the last one). The
-// fp32 tile kernels use 125-128 registers per thread (ptxas of CUDA 13.0 for sm_90), so two
-// blocks of 256 threads are resident per SM at a time: four per SM means two waves.
+// fp32-accumulating tile kernels use 124-128 registers per thread (`python -m benchmarks
+// ptxas-stats prototype_select`: CUDA 13.0, sm_90), so two blocks of 256 threads are resident
+// per SM at a time: four per SM means two waves.
 constexpr int64_t kBlocksPerSM = 4;
 constexpr int kMergeThreads = 256;
 constexpr int kGatherThreads = 256;
