@@ -38,7 +38,7 @@ graph (the host's Python, dispatch and launch work removed).
 size and mode, as a sweep with the same options does, so that torch.compile's on-disk caches
 (Inductor's FX graph cache, AOTAutograd's cache, Triton's kernels) hold what that sweep compiles;
 run later, the sweep loads its compiled code from them. The GPU suite warms tier 1's compiles so
-during its correctness checks, on one compile thread.
+during its correctness checks, on two compile threads.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ warps an SM can hold by its registers alone (65536 per SM, allocated per warp in
 A 256-thread block is 8 warps: a kernel held to 8 warps runs one block per SM.
 
 What it is for: checking, on a machine without a GPU, what a change does to register pressure
-(this is how the deform forward's tensor-core kernel showed up at 232-236 registers, one block per
+(this is how the deform forward's tensor-core kernel showed up at 232-248 registers, one block per
 SM). The counts are the compiler's; only a GPU run says what they cost. Each source takes about a
 minute and a half on two cores.
 
