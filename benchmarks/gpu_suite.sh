@@ -75,6 +75,13 @@
 #     runs beside the other two sanitizer steps (the phase an estimated 150 s, the tests'), and
 #     tier 1 adds the IEEE selection (about 10 s) and the layer with the Triton selection (about
 #     15 s) and runs the model before its investigations: not yet measured.
+#   * Measured on the H200 run of 2026-11-27 (second call, 18:25Z): build 79 s; checks 200 s
+#     (pytest 111 s: 1035 passed; memcheck_cuda 41 s, 0 errors; memcheck_triton stopped at its
+#     90 s limit after 101 cases and racecheck at its 80 s after 48, no error reported before;
+#     warm_pem_ca_compiles 69 s beside them); tier 1 ran whole in 249 s (select 13 + 11,
+#     PEM-CA 40 (103 s with cold compile caches), deform 38 + 65, model 27, Triton-select
+#     layer 16, Triton layer 20, profile 30, tune 23) and tier 2's bf16 selection 14 s; the
+#     rest of tier 2 was skipped with 27 s left: 529 s in all.
 #
 # For a machine lent by the command (results fetched from $OUT): with OUT=DIR the results folder
 # is also written to DIR/gpu-suite-results.tgz after every step, so a command killed from outside
