@@ -15,7 +15,8 @@ levels of a 1024x2048 image). Inputs: tgt [Q, B, C], memory and pos [B, C, H, W]
 allowed per query). Providers (same inputs, same layer interface):
 
 * ``fused``: :class:`pem_kernels.nn.PEMCrossAttention` on ``--fused-backend`` (default
-  ``auto``, what a user gets: the C++ kernels on a CPU and on a GPU; the backend each of the
+  ``auto``, what a user gets: the C++ kernels on a CPU, and on a GPU the C++ kernels with the
+  Triton selection for fp32 (README, Backends); the backend each of the
   layer's ops resolves to is recorded in the results' meta as ``fused_backends``);
 * ``reference``: the same layer with ``backend="reference"`` (eager pure PyTorch, which is the
   official PEM computation);

@@ -26,7 +26,7 @@
 #     batch 1: prototype selection, also with IEEE products at 32768 px, PEM-CA forward and
 #     forward+backward, the deformable conv) and the model on the ops "auto" picks, so that
 #     every benchmark runs; then the investigations (the PEM-CA layer with its selection on the
-#     Triton kernel, and on the Triton kernels only; one profile; tune). Tier 2: the rest
+#     CUDA kernel, and on the Triton kernels only; one profile; tune). Tier 2: the rest
 #     (bf16, batch 2 and 8 where not in tier 1,
 #     the compiled fused layer, the deterministic deform backward, the compiled model, more
 #     profiles, and last the fp32 goal rows with TF32 allowed).
@@ -347,15 +347,15 @@ bench_pemca() {  # the main job: PEM-CA vs masked cross-attention over resolutio
       --dtype float32 --providers fused,reference,compiled,mask2former,sdpa \
       --modes forward,forward+backward --out-dir "$results/pem_ca_float32_b1"
   elif [ "$1" = investigate ]; then
-    # The "auto" layer with its selection on the Triton kernel (the other ops still on CUDA):
-    # on the H200 on 2026-11-27 the Triton selection alone took 0.136 ms per call at 32768 px
-    # against the CUDA one's 0.226 (slower below 32768), and the layer's latency was its device
-    # time (0.580 ms, device 0.572). Whether the layer gains what the op does (its host time
-    # may then show) decides "auto"'s choice for the selection. About 15 s, no compiles.
-    step bench_pem_ca_triton_select 60 env PEM_KERNELS_BACKEND_PROTOTYPE_SELECT=triton \
+    # The "auto" layer with its selection on the CUDA kernel (the other ops as "auto" picks
+    # them): "auto" takes the Triton selection for fp32 since the H200 run of 2026-11-27, where
+    # the layer with it took 0.487 ms at 32768 px against 0.582 with the CUDA one (1.499 against
+    # 1.826 at 131072, a tie at 8192), in separate steps of one call; this step keeps the
+    # comparison in every run. About 15 s, no compiles.
+    step bench_pem_ca_cuda_select 60 env PEM_KERNELS_BACKEND_PROTOTYPE_SELECT=cuda \
       $PYTHON -m benchmarks.bench_pem_ca --device cuda --providers fused,mask2former \
       --sizes 8192,32768,131072 --modes forward \
-      --out-dir "$results/pem_ca_float32_b1_triton_select"
+      --out-dir "$results/pem_ca_float32_b1_cuda_select"
     # The layer on the Triton kernels, against the C++ one above: on the H200 on 2026-11-27 it
     # was the faster on the device and the slower per call up to 32768 px (host time).
     step bench_pem_ca_triton_backend 90 $PYTHON -m benchmarks.bench_pem_ca --device cuda \
@@ -456,8 +456,8 @@ bench_tf32() {  # the fp32 goal rows again with TF32 allowed (torch's "high" mat
 for tier in ${SUITE_TIERS:-1 2}; do
   # Tier 1: the rows the issues set goals for first (selection, PEM-CA, deformable conv) and
   # the model, so that a short call keeps every benchmark, then the investigations (the layer
-  # with its selection, or all of it, on Triton kernels; where its time goes; the launch
-  # configurations). GROUP:ARGUMENT runs bench_GROUP ARGUMENT.
+  # with its selection on the CUDA kernel, or all of it on Triton; where its time goes; the
+  # launch configurations). GROUP:ARGUMENT runs bench_GROUP ARGUMENT.
   order="select:1 pemca:1 deform:1 model:1 pemca:investigate profile:1 tune:1"
   [ "$tier" = 1 ] || order="select:2 pemca:2 profile:2 deform:2 model:2"
   for entry in $order; do

@@ -65,7 +65,7 @@ TIER_1 = [  # the goal rows and the model first (every benchmark), then the inve
     "bench_pem_ca_float32",
     "bench_deform_conv_float32_forward", "bench_deform_conv_float32_forward_backward",
     "bench_model_float32_auto",
-    "bench_pem_ca_triton_select", "bench_pem_ca_triton_backend", "profile_pem_ca_float32", "tune",
+    "bench_pem_ca_cuda_select", "bench_pem_ca_triton_backend", "profile_pem_ca_float32", "tune",
 ]
 TIER_2 = [
     "bench_prototype_select_bfloat16", "bench_pem_ca_float32_both_compiled",
@@ -163,11 +163,11 @@ def test_suite_runs_every_step_in_priority_order(tmp_path):
     benchmarks = [c for c in calls if c["module"].startswith("benchmarks.") and c not in warm]
     assert benchmarks and all(c["time_scale"] == "0.4" and c["deadline"] for c in benchmarks)
     assert all(float(c["deadline"]) > c["now"] for c in benchmarks)
-    # Only the layer's Triton-selection step moves an op off "auto".
+    # Only the layer's CUDA-selection step moves an op off "auto".
     moved = [(c["argv"][c["argv"].index("--out-dir") + 1], c["backend_env"]) for c in benchmarks
              if c["backend_env"]]
-    assert len(moved) == 1 and moved[0][0].endswith("pem_ca_float32_b1_triton_select"), moved
-    assert moved[0][1] == {"PEM_KERNELS_BACKEND_PROTOTYPE_SELECT": "triton"}
+    assert len(moved) == 1 and moved[0][0].endswith("pem_ca_float32_b1_cuda_select"), moved
+    assert moved[0][1] == {"PEM_KERNELS_BACKEND_PROTOTYPE_SELECT": "cuda"}
     tests = next(c for c in calls if c["module"] == "pytest")
     assert tests["deadline"] is None
     # The warm-up makes the compiles of tier 1's PEM-CA step: its options but the providers.

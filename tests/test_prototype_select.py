@@ -577,13 +577,36 @@ def test_one_ops_environment_variable_overrides_the_global_one(monkeypatch):
     assert torch.equal(moved[1], pem_kernels.prototype_select(keys, query, mask, 4)[1])
 
 
-def test_auto_picks_the_cuda_kernel_for_cuda_tensors():
+def test_auto_picks_triton_for_fp32_and_the_cuda_kernel_otherwise_on_cuda_tensors():
+    """fp32 keys on a GPU go to the Triton kernel (the faster there, see the auto order), the
+    other dtypes to the CUDA C++ one; each falls back in order when its kernel is missing."""
     from pem_kernels._extension import has_kernel
     from pem_kernels.ops.prototype_select import _BACKENDS
 
-    expected = "cuda" if has_kernel("prototype_select", "CUDA") else "reference"
+    cuda = torch.device("cuda")
+    compiled = "cuda" if has_kernel("prototype_select", "CUDA") else "reference"
     for dtype in ALL_DTYPES:
-        assert _BACKENDS.resolve("auto", torch.device("cuda"), dtype) == expected
+        triton_runs = _BACKENDS.unavailable_reason("triton", cuda, dtype) is None
+        expected = "triton" if dtype == torch.float32 and triton_runs else compiled
+        assert _BACKENDS.resolve("auto", cuda, dtype) == expected
+
+
+def test_a_dtype_specific_auto_order_takes_precedence_over_the_devices():
+    from pem_kernels._backends import OpBackends
+
+    missing = {"a"}
+    backends = OpBackends(
+        "toy",
+        availability={name: (lambda name: lambda device, dtype: (
+            "missing" if name in missing else None))(name) for name in ("a", "b", "c")},
+        auto_order={"cuda": ("c",), ("cuda", torch.float32): ("a", "b", "c")},
+    )
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", cuda, torch.float32) == "b"  # "a" is unavailable
+    assert backends.resolve("auto", cuda, torch.float16) == "c"
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "reference"
+    missing.update("bc")
+    assert backends.resolve("auto", cuda, torch.float32) == "reference"
 
 
 def test_import_without_extension_falls_back_to_reference():

@@ -51,7 +51,15 @@ _BACKENDS = register_op_backends(
             "cuda": compiled_kernel("prototype_select", "CUDA", "cuda"),
             "triton": triton_kernel,
         },
-        auto_order={"cpu": ("cpu",), "cuda": ("cuda",)},
+        # fp32 on a GPU: the Triton kernel first. On the H200 (2026-11-27) it took half the CUDA
+        # kernel's device time at every size from 2048 to 131072 px (0.111 vs 0.216 ms at
+        # 32768), and the PEM-CA layer with it 0.487 against 0.582 ms at 32768 px and 1.499
+        # against 1.826 at 131072 (a tie at 8192, where the layer is host-bound). 16-bit keys
+        # keep the CUDA kernel: the Triton one was faster on the device there too, but its
+        # latency was the slower up to 32768 px and the layer was not timed with it.
+        auto_order={
+            "cpu": ("cpu",), "cuda": ("cuda",), ("cuda", torch.float32): ("triton", "cuda"),
+        },
     )
 )
 
