@@ -12,7 +12,7 @@ Environment switches:
   DEBUG=1                   -O0 -g (and -lineinfo for nvcc).
   MAX_JOBS                  parallel compile jobs (ninja).
   PEM_KERNELS_NVCC_FLAGS    extra nvcc flags (space-separated), for experiments on a GPU, e.g.
-                            "-DPEM_DEFORM_MMA_MIN_BLOCKS=2" (csrc/cuda/deform_conv2d.cu).
+                            "-maxrregcount=128" or a macro a source reads.
 """
 
 from __future__ import annotations

@@ -331,7 +331,7 @@ def test_ptxas_stats_compiles_as_the_extension_builds(monkeypatch):
     directories and ptxas's report, for the architecture asked for."""
     from benchmarks import ptxas_stats
 
-    monkeypatch.setenv("PEM_KERNELS_NVCC_FLAGS", "-DPEM_DEFORM_MMA_MIN_BLOCKS=2")
+    monkeypatch.setenv("PEM_KERNELS_NVCC_FLAGS", "-DPEM_EXPERIMENT=2")
     for variable in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):  # setup.py sets them: restored after
         if variable in os.environ:
             monkeypatch.setenv(variable, os.environ[variable])
@@ -342,7 +342,7 @@ def test_ptxas_stats_compiles_as_the_extension_builds(monkeypatch):
     except SystemExit as error:  # no CUDA torch or no nvcc: nothing to compile with
         pytest.skip(str(error))
     assert command[1:3] == ["-c", "x.cu"]
-    assert "-DPEM_DEFORM_MMA_MIN_BLOCKS=2" in command and "--expt-relaxed-constexpr" in command
+    assert "-DPEM_EXPERIMENT=2" in command and "--expt-relaxed-constexpr" in command
     assert f"-I{REPO_ROOT / 'csrc' / 'include'}" in command
     assert command[-3:] == ["-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v"]
 

@@ -64,12 +64,12 @@ def test_extra_nvcc_flags_reach_the_cuda_sources():
         "import setup\n"
         "print('NVCC', captured['ext_modules'][0].extra_compile_args['nvcc'])\n"
     )
-    env = dict(os.environ, PEM_KERNELS_NVCC_FLAGS=" -DPEM_DEFORM_MMA_MIN_BLOCKS=2  -DX=1 ")
+    env = dict(os.environ, PEM_KERNELS_NVCC_FLAGS=" -DPEM_EXPERIMENT=2  -DX=1 ")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     flags = next(line for line in done.stdout.splitlines() if line.startswith("NVCC"))
-    assert flags.endswith("'-DPEM_DEFORM_MMA_MIN_BLOCKS=2', '-DX=1']"), flags
+    assert flags.endswith("'-DPEM_EXPERIMENT=2', '-DX=1']"), flags
 
 
 def test_package_without_the_extension_says_it_was_not_built(tmp_path):

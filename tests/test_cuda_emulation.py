@@ -231,6 +231,32 @@ def test_deform_conv2d_tensor_core_forward_3xtf32(deform, name, layout):
     assert not torch.equal(out, ieee)
 
 
+@pytest.mark.parametrize("name", ["one_block", "groups_and_offset_groups",
+                                  "two_channel_blocks_stride_padding"])
+def test_deform_conv2d_tensor_core_forward_split_over_k(deform, monkeypatch, name):
+    """fp32 maps of fewer tiles than SMs split their K-stages over several blocks, which add
+    their partial sums (the bias once) with atomics: as close to torchvision as one block per
+    tile, in another order of addition (the emulated H100's 132 SMs split these cases; one SM
+    splits nothing). Deterministic mode splits nothing: bit for bit one block per tile."""
+    conv = TENSOR_CORE_CASES[name]
+    tensors = make_inputs(conv, torch.float32)
+    expected = torchvision_ops.deform_conv2d(**tensors, **conv.kwargs())
+    split = emulated_forward(deform, tensors, conv)
+    monkeypatch.setenv("PEM_EMULATION_SM_COUNT", "1")
+    whole = emulated_forward(deform, tensors, conv)
+    monkeypatch.delenv("PEM_EMULATION_SM_COUNT")
+    torch.testing.assert_close(split, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(whole, expected, **TOLERANCES[torch.float32])
+    assert not torch.equal(split, whole)  # the split kernel ran
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = emulated_forward(deform, tensors, conv)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(deterministic, whole)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deform_conv2d_without_tensor_core_code_takes_the_fma_kernel(deform, monkeypatch, dtype):
     """A build that reaches the GPU only through older PTX (PEM_EMULATION_PTX_VERSION=75 on

@@ -293,7 +293,7 @@ def test_build_is_cached_and_a_bare_machine_builds_first(tmp_path):
     assert steps[-1] == ["build", "cached"] and done.returncode == 0
     assert sum(c["module"] == "pip" for c in calls) == 1  # the second call built nothing
     # Other nvcc flags (an experiment's build): built again, and again back without them.
-    flags = "-DPEM_DEFORM_MMA_MIN_BLOCKS=2"
+    flags = "-DPEM_EXPERIMENT=2"
     done, calls, steps = run_suite(tmp_path, "build", SUITE_DEADLINE_S="0",
                                    PEM_KERNELS_NVCC_FLAGS=flags)
     assert steps[-1] == ["build", "rc=0"], done.stdout + done.stderr

@@ -461,14 +461,12 @@ constexpr int kFragment = 16;   // rows and columns of a WMMA fragment
 // fp32 variants take 232-248 registers per thread and the bf16 ones 195-199, so one block
 // (8 warps) runs per SM. That fits the H200's forward times: a flat 0.18-0.19 ms up to 132
 // blocks (one wave, 36 K-stages of about 5 us each) and 0.745 ms for 512 blocks at
-// (1,128,128,256) (four waves). Two blocks per SM (PEM_DEFORM_MMA_MIN_BLOCKS=2, through
-// PEM_KERNELS_NVCC_FLAGS at build time) cap them at 128 registers and spill 580-650 bytes per
-// thread in the 3xTF32 variants (TF32 180-250, bf16 340-520): not yet timed on a GPU, hence the
-// build-time switch rather than a default.
+// (1,128,128,256) (four waves). Two blocks per SM (a launch bound of 2: 128 registers, 580-650
+// bytes of spills per thread in the 3xTF32 variants) were slower at every shape on the H200 on
+// 2026-11-27 (0.18 -> 0.30 ms at (1,128,16,16), 0.74 -> 0.88 at (1,128,128,256)).
+// Hence the split over K below: a map of fewer blocks than SMs runs each block's K-stages on
+// several blocks.
 constexpr int kMmaThreads = 256;
-#ifndef PEM_DEFORM_MMA_MIN_BLOCKS
-#define PEM_DEFORM_MMA_MIN_BLOCKS 1
-#endif
 constexpr int kWarpTile = 32;
 constexpr int kWarpFragments = kWarpTile / kFragment;
 constexpr int kMmaGatherThreadsPerPixel = 4;  // kMmaThreads / kTileM: 8 k of a stage each
@@ -531,18 +529,24 @@ struct TypeTag {
   using type = T;
 };
 
-// Grid (M tiles, N tiles, groups); `weight` is [C_out, kh, kw, C_in / groups] as for the kernel
-// above. Each thread gathers 8 (channel, pixel) samples per stage: on channels_last 8
+// Grid (M tiles, N tiles, groups * splits); `weight` is [C_out, kh, kw, C_in / groups] as for
+// the kernel above. Each thread gathers 8 (channel, pixel) samples per stage: on channels_last 8
 // consecutive channels of one pixel (16-byte vector loads per corner), otherwise one pixel and
 // every 4th channel. Software-pipelined like the kernel above: the next stage's global loads are
 // in flight while the current stage's products run.
+//
+// Split over K (fp32 only): a block runs the `split_rows` rows of k from split * split_rows of
+// its tile, and with more than one split adds its partial sums (the first split with the bias)
+// to the zero-filled output with fp32 atomics. The splits' order of addition varies from run to
+// run, so the output may differ in its last bits between runs; the host splits nothing under
+// torch.use_deterministic_algorithms.
 template <typename scalar_t, int kPasses, bool kVectorized>
-__global__ void __launch_bounds__(kMmaThreads, PEM_DEFORM_MMA_MIN_BLOCKS)
+__global__ void __launch_bounds__(kMmaThreads)
 deform_conv2d_forward_mma_kernel(
     ConvShape s, Strides4 in, const scalar_t* __restrict__ input,
     const scalar_t* __restrict__ weight, const scalar_t* __restrict__ offset,
-    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias,
-    scalar_t* __restrict__ output) {
+    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ bias, int64_t split_rows,
+    bool accumulate, scalar_t* __restrict__ output) {
 #ifdef PEM_TENSOR_CORES
   using Traits = MmaTraits<scalar_t>;
   using Operand = typename Traits::Operand;
@@ -568,10 +572,12 @@ deform_conv2d_forward_mma_kernel(
   // a multiple of 32 bytes.
   __shared__ __align__(128) Tiles tiles;
   __shared__ SampleTables<float> tables;
-  const int64_t group = blockIdx.z;
+  const int64_t group = blockIdx.z % s.groups, split = blockIdx.z / s.groups;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMmaTileN;
   const int64_t group_rows = s.group_rows(), out_per_group = s.group_out_channels();
+  const int64_t k_begin = split * split_rows;
+  const int64_t k_end = std::min(group_rows, k_begin + split_rows);
   const int64_t group_channels = s.group_channels();
   // The thread's pixel and its rows of the stage's column tile.
   const int mm = kVectorized ? threadIdx.x / kMmaGatherThreadsPerPixel : threadIdx.x % kTileM;
@@ -712,12 +718,12 @@ deform_conv2d_forward_mma_kernel(
     }
   };
 
-  prepare_tables(0);
-  load_stage(0);
-  for (int64_t k0 = 0; k0 < group_rows; k0 += kMmaTileK) {
+  prepare_tables(k_begin);
+  load_stage(k_begin);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaTileK) {
     store_stage();
     __syncthreads();
-    if (k0 + kMmaTileK < group_rows) {
+    if (k0 + kMmaTileK < k_end) {
       prepare_tables(k0 + kMmaTileK);
       load_stage(k0 + kMmaTileK);
     }
@@ -752,13 +758,32 @@ deform_conv2d_forward_mma_kernel(
     if (m >= s.batch * s.out_pixels() || n >= out_per_group) continue;
     const int64_t b = m / s.out_pixels(), pixel = m % s.out_pixels();
     const int64_t channel = group * out_per_group + n;
-    const float add = bias == nullptr ? 0.0f : static_cast<float>(bias[channel]);
-    output[(b * s.out_channels + channel) * s.out_pixels() + pixel] =
-        static_cast<scalar_t>(tiles.output[e / kTileM][e % kTileM] + add);
+    const float add = bias == nullptr || split > 0 ? 0.0f : static_cast<float>(bias[channel]);
+    scalar_t& out = output[(b * s.out_channels + channel) * s.out_pixels() + pixel];
+    const float value = tiles.output[e / kTileM][e % kTileM] + add;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (accumulate) {
+        atomicAdd(&out, value);
+        continue;
+      }
+    }
+    out = static_cast<scalar_t>(value);
   }
 #else
   __trap();  // never launched: the host takes the kernel above (see tensor_core_code)
 #endif
+}
+
+// The rows of k per block of the tensor-core forward: all of a tile's, unless `may_split` and its
+// `tiles` leave SMs idle (one block runs per SM, see kMmaThreads). Then its K-stages are shared
+// among up to SMs / tiles blocks, so that one wave fills the GPU: each block's serial loop over
+// its stages, not the products, sets the time of a small map (0.18 ms from (1,128,16,16) to
+// (1,128,64,128) on the H200, 36 stages at C_in = 128 with a 3x3 kernel).
+int64_t forward_split_rows(const ConvShape& s, int64_t tiles, bool may_split) {
+  const int64_t stages = s.group_rows() / kMmaTileK;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = may_split ? std::min(stages, sms / tiles) : 1;
+  return splits > 1 ? blocks_for(stages, static_cast<int>(splits)) * kMmaTileK : s.group_rows();
 }
 
 at::Tensor deform_conv2d_cuda(
@@ -810,7 +835,16 @@ at::Tensor deform_conv2d_cuda(
     const bool vector_loads = in.channel == 1 &&
         s.in_channels * input.element_size() % 16 == 0 &&
         reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 == 0;
-    const dim3 mma_grid(pixel_blocks, blocks_for(s.group_out_channels(), kMmaTileN), s.groups);
+    const int64_t tiles = pixel_blocks * blocks_for(s.group_out_channels(), kMmaTileN) * s.groups;
+    const int64_t split_rows = forward_split_rows(
+        s, tiles, input.scalar_type() == at::kFloat &&
+                      !at::globalContext().deterministicAlgorithms());
+    const int64_t splits = blocks_for(s.group_rows(), split_rows);
+    PEM_CHECK(s.groups * splits <= 65535, "deform_conv2d (cuda): ", s.groups,
+              " groups are too many for one launch");
+    if (splits > 1) output.zero_();
+    const dim3 mma_grid(pixel_blocks, blocks_for(s.group_out_channels(), kMmaTileN),
+                        s.groups * splits);
     const auto launch = [&](auto type, auto passes, auto vectors) {
       using scalar_t = typename decltype(type)::type;
       deform_conv2d_forward_mma_kernel<scalar_t, decltype(passes)::value, decltype(vectors)::value>
@@ -818,8 +852,8 @@ at::Tensor deform_conv2d_cuda(
               s, in, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
               offset.const_data_ptr<scalar_t>(),
               mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr,
-              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-              output.data_ptr<scalar_t>());
+              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, split_rows,
+              splits > 1, output.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     using Float = TypeTag<float>;

@@ -79,7 +79,11 @@ def deform_conv2d(
     may differ, as MKL's GEMMs do); the ``cuda`` and ``triton`` backends' input gradients use
     atomics, as torchvision's, and are bit-identical only under
     ``torch.use_deterministic_algorithms(True)`` (where the ``cuda`` backend's GEMMs need
-    ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in PyTorch does).
+    ``CUBLAS_WORKSPACE_CONFIG``, as every cuBLAS call in PyTorch does). So is the ``cuda``
+    backend's fp32 tensor-core forward on maps of fewer output tiles (64 pixels x 128 channels)
+    than the GPU has SMs: it splits each tile's sum over K among several blocks, which add their
+    parts with atomics in a varying order (last-bit differences between runs; whole tiles,
+    bit-identical, in deterministic mode).
 
     fp32 products: IEEE on the ``cpu`` and ``reference`` backends; on the ``cuda`` backend (its
     forward where the channels per group and per offset group are multiples of 32, and its
