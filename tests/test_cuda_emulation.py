@@ -814,13 +814,19 @@ def local_representation_operands(channels: int, out_channels: int, dtype: torch
     [(2, 40, 5, 37),  # two row tiles, the second partial; two channel tiles, the second of 8
      (1, 64, 3, 32),  # full tiles
      (1, 16, 1, 1),  # every 3x3 tap but the centre in the padding
-     (3, 8, 9, 4)],
+     (3, 8, 9, 4),
+     (1, 40, 21, 40)],  # with one SM: rows in groups of 8, 8 and 5
     ids=str,
 )
 @pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
-def test_local_representation_matches_the_modules(local_representation, dtype, shape, with_pos):
+@pytest.mark.parametrize("sms", ["132", "1"], ids=["sms132", "sms1"])
+def test_local_representation_matches_the_modules(local_representation, monkeypatch, dtype, shape,
+                                                  with_pos, sms):
     """The CUDA source's kernel (BN + depthwise conv, pixel-major features) and its addmm against
-    BatchNorm -> depthwise conv -> Linear, and against the CPU kernel it mirrors."""
+    BatchNorm -> depthwise conv -> Linear, and against the CPU kernel it mirrors. On the emulated
+    H100 (132 SMs) these small maps take one image row per block; with one SM a block runs up to
+    8 rows through its ring of source lines."""
+    monkeypatch.setenv("PEM_EMULATION_SM_COUNT", sms)
     ops = local_representation_operands(shape[1], 24, dtype)
     memory = torch.randn(shape, dtype=dtype)
     pos = torch.randn(shape, dtype=dtype) if with_pos else None
