@@ -23,11 +23,16 @@ sm_90 compiler's counts (``sass-stats``) can only suggest. Experiments:
   allowed pixel per query, so that both select the same pixels and their outputs compare within
   fp32 accuracy (random scores have near-ties that either rounding may break differently).
 * ``attention_columns``: the prototype attention's forward (fp32, 100 queries, C = 256, norm over
-  the queries, batch 1) with 32 (in use) and 16 output channels per program
-  (``prototype_attention.ATTENTION_COLUMNS``): 8 or 16 programs.
+  the queries, batch 1) with 16 (in use since the H200 run of 2026-11-27 timed it 1.11x
+  faster) and 32 output channels per program (``prototype_attention.ATTENTION_COLUMNS``): 16 or
+  8 programs.
 * ``select_splits``: the Triton selection (fp32, 32768 px, 100 queries, 8 heads, mask logits,
-  normalize_keys, official rule) with the pixel axis split for 1, 2, 4 (in use) and 8 waves of
+  normalize_keys, official rule) with the pixel axis split for 1 (in use), 2, 4 and 8 waves of
   programs per SM.
+* ``select_tiles``: the same call with (pixels per tile, warps) of (64, 8) (in use for 3xTF32),
+  (32, 8), (32, 4) and (64, 4): the kernel holds a tile's [pixels, 128 queries] scores in
+  registers (254 per thread at 64 x 8, one program per SM); smaller tiles or fewer warps trade
+  registers for programs per SM.
 
 ``--small`` shrinks every shape for a CPU run under ``TRITON_INTERPRET=1`` (checks only, no
 times), which is how the tests run it. Past ``PEM_BENCH_DEADLINE`` (the GPU suite's time box) no
@@ -48,7 +53,7 @@ from benchmarks import harness
 from pem_kernels.triton import interpreter_requested
 
 EXPERIMENTS = ("bn_depthwise", "projection_fp32", "layer_fp32_projection", "attention_columns",
-               "select_splits")
+               "select_splits", "select_tiles")
 TABLE_COLUMNS = [
     ("experiment", "experiment"),
     ("candidate", "candidate"),
@@ -207,7 +212,9 @@ def _attention_columns(device: torch.device, small: bool) -> list[tuple[str, Cal
             for columns in [in_use] + [c for c in (32, 16) if c != in_use]]
 
 
-def _select_splits(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
+def _select_call(device: torch.device, small: bool):
+    """(the selection module, its config in use, a function that runs PEM-CA's selection call
+    with one of the module's hooks set to a value; None leaves the configuration in use)."""
     from pem_kernels.triton import call_triton_op
     from pem_kernels.triton import prototype_select as module
 
@@ -218,26 +225,42 @@ def _select_splits(device: torch.device, small: bool) -> list[tuple[str, Callabl
     config = module._select_config(keys.device, heads, pixels, queries, channels // heads,
                                    module.dot_operands(keys.dtype, module.INTERPRET,
                                                        keys.device)[1])
-    tiles, splits_in_use = -(-pixels // config[0]), config[5]
-    # splits per wave of programs: the code asks for 4 (4 * SMs programs in all)
-    per_wave = max(1, splits_in_use // 4)
 
-    def run_with(splits: int | None) -> Callable[[], torch.Tensor]:
+    def run_with(hook: str, value: Any) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            saved, module._SPLITS_OVERRIDE = module._SPLITS_OVERRIDE, splits
+            saved = getattr(module, hook)
+            setattr(module, hook, value)
             try:
                 return call_triton_op(module.prototype_select_triton, keys, query, logits, heads,
                                       True, True)[1]
             finally:
-                module._SPLITS_OVERRIDE = saved
+                setattr(module, hook, saved)
 
         return run
 
-    runs = [(f"{splits_in_use} splits (in use)", run_with(None), _identical)]
-    for waves in (1, 2, 8):
-        splits = min(tiles, per_wave * waves)
+    return -(-pixels // config[0]), config, run_with
+
+
+def _select_splits(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
+    tiles, config, run_with = _select_call(device, small)
+    splits_in_use = config[5]  # one wave of programs: splits per wave
+    runs = [(f"{splits_in_use} splits (in use)", run_with("_SPLITS_OVERRIDE", None), _identical)]
+    for waves in (2, 4, 8):
+        splits = min(tiles, splits_in_use * waves)
         if splits != splits_in_use:
-            runs.append((f"{splits} splits", run_with(splits), _identical))
+            runs.append((f"{splits} splits", run_with("_SPLITS_OVERRIDE", splits), _identical))
+    return runs
+
+
+def _select_tiles(device: torch.device, small: bool) -> list[tuple[str, Callable, Callable]]:
+    _, config, run_with = _select_call(device, small)
+    in_use = (config[0], config[7])
+    runs = [(f"{in_use[0]} px x {in_use[1]} warps (in use)", run_with("_TILE_OVERRIDE", None),
+             _identical)]
+    for tile in ((64, 8), (32, 8), (32, 4), (64, 4)):
+        if tile != in_use:
+            runs.append((f"{tile[0]} px x {tile[1]} warps", run_with("_TILE_OVERRIDE", tile),
+                         _identical))
     return runs
 
 
@@ -262,7 +285,8 @@ def run(
     torch.manual_seed(0)
     builders = {"bn_depthwise": _bn_depthwise, "projection_fp32": _projection_fp32,
                 "layer_fp32_projection": _layer_fp32_projection,
-                "attention_columns": _attention_columns, "select_splits": _select_splits}
+                "attention_columns": _attention_columns, "select_splits": _select_splits,
+                "select_tiles": _select_tiles}
     rows = [] if rows is None else rows
     failures = skipped = 0
     with torch.no_grad():

@@ -283,10 +283,10 @@ def _bwd_dx_kernel(
 
 
 # Output channels per program. A PEM-sized call (batch 1) is a few tiny GEMMs on C / BLOCK_J
-# programs, latency-bound: on the H200 of 2026-11-26 (IEEE products) the two forward kernels
-# took 0.047 and 0.041 ms on 8 programs. `python -m benchmarks tune attention_columns` times 16
-# (twice the programs, half the work each) against it.
-ATTENTION_COLUMNS = 32
+# programs, latency-bound: `python -m benchmarks tune attention_columns` on the H200 on
+# 2026-11-27 (fp32, 100 queries, C = 256) timed the forward at 0.0244 ms with 16 (16 programs)
+# against 0.0272 with 32 (8 programs).
+ATTENTION_COLUMNS = 16
 
 
 def _launch_config(
@@ -295,8 +295,8 @@ def _launch_config(
     # tl.dot needs every block dimension >= 16; all N rows of an image live in every program.
     block_n = block_size(num_queries, 16)
     dot_dtype, precision = dot_operands(dtype, INTERPRET, device)
-    # BLOCK_J output channels per program (ATTENTION_COLUMNS): PEM's C = 256 gives 8 programs per
-    # image at 32. Fewer pipeline
+    # BLOCK_J output channels per program (ATTENTION_COLUMNS): PEM's C = 256 gives 16 programs
+    # per image at 16. Fewer pipeline
     # stages for more queries: each stage holds a [BLOCK_N, BLOCK_K] operand tile (fp32 at
     # BLOCK_N = 512 with 3 stages: 328 KiB of shared memory, over an H100 block's 227 KiB).
     # Warps (ptxas for sm_90, triton 3.6): at BLOCK_N = 128, 4 warps spill up to 280 bytes per

@@ -81,8 +81,10 @@ INT64_MIN = tl.constexpr(_INT64_MIN)
 KEY_OFFSET = tl.constexpr(2**31)  # int32 key + 2^31: the key's order as a non-negative int64
 KEY_NORM_EPS = tl.constexpr(_KEY_NORM_EPS)
 
-# Test hook: forces the number of pixel splits of the select kernel (None: chosen per device).
+# Test and tuning hooks: force the number of pixel splits of the select kernel, and its
+# (BLOCK_P, num_warps) (None: chosen per device and precision).
 _SPLITS_OVERRIDE: Optional[int] = None
+_TILE_OVERRIDE: Optional[tuple[int, int]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,8 +452,8 @@ def _select_config(
     precision: str,
 ):
     """(BLOCK_P, BLOCK_N, BLOCK_D, BLOCK_DC, tiles_per_split, splits, query_blocks, num_warps) of
-    the select kernel for products of ``precision`` (its DOT_PRECISION). Not tuned on a GPU
-    yet."""
+    the select kernel for products of ``precision`` (its DOT_PRECISION). The splits are tuned
+    on the H200 (below); the tiles have candidates in ``tune select_tiles``, not yet timed."""
     block_n = block_size(queries, 16, 128)  # tl.dot needs every dimension >= 16
     block_d = block_size(head_dim, 16)
     # Heads up to 128 channels in one chunk; wider ones in chunks of 32 (an fp32 [256, 128]
@@ -464,18 +466,23 @@ def _select_config(
     # (1.7 KB per thread with triton 3.6). IEEE products keep their operands in registers too
     # (FMA dot): with 64-pixel tiles they spilled 5 KB per thread, with 32 none.
     block_p = 32 if precision == "ieee" else 64
+    num_warps = 8 if block_n >= 128 else 4
+    if _TILE_OVERRIDE is not None:
+        block_p, num_warps = _TILE_OVERRIDE
     tiles = cdiv(pixels, block_p)
     query_blocks = cdiv(queries, block_n)
     if _SPLITS_OVERRIDE is not None:
         wanted = _SPLITS_OVERRIDE
     elif device.type == "cuda" and not INTERPRET:
-        # enough programs to fill the GPU a few times over; batch 1 has only heads * N pairs
-        wanted = cdiv(4 * _sm_count(device), batch_heads * query_blocks)
+        # One wave of programs (one runs per SM at PEM's sizes: 254 registers per thread), each
+        # looping over its tiles: `tune select_splits` on the H200 on 2026-11-27 (PEM-CA's call:
+        # fp32, 32768 px, 100 queries, 8 heads, logits, normalize_keys) timed 1, 2, 4 and 8 waves
+        # at 0.145, 0.149, 0.154 and 0.167 ms. Batch 1 has only heads * N pairs to spread.
+        wanted = cdiv(_sm_count(device), batch_heads * query_blocks)
     else:
         wanted = 2  # the interpreter runs programs one after another: few, but still merged
     tiles_per_split = cdiv(tiles, max(1, min(wanted, tiles)))
     splits = cdiv(tiles, tiles_per_split)
-    num_warps = 8 if block_n >= 128 else 4
     return block_p, block_n, block_d, block_dc, tiles_per_split, splits, query_blocks, num_warps
 
 
