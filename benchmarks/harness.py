@@ -159,6 +159,27 @@ PROFILE_COLUMNS = [
 ]
 
 
+def measure_host_time(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    inputs: Sequence[Sequence[Any]],
+    calls: int = 20,
+) -> float:
+    """The host's time in ms per call to issue ``fn(*inputs[i % len(inputs)])``: ``calls``
+    back-to-back calls with no synchronization inside, the device synchronized before and after
+    (outside the timing). On a GPU a value close to the call's latency means the call is
+    host-bound."""
+    device = torch.device(device)
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(calls):
+        fn(*inputs[i % len(inputs)])
+    host_ms = (time.perf_counter() - started) * 1e3 / calls
+    synchronize(device)
+    return host_ms
+
+
 def profile_call(
     fn: Callable[..., Any],
     *,
@@ -183,12 +204,7 @@ def profile_call(
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    synchronize(device)
-    started = time.perf_counter()
-    for i in range(host_calls):
-        fn(*inputs[i % len(inputs)])
-    host_ms = (time.perf_counter() - started) * 1e3 / host_calls
-    synchronize(device)
+    host_ms = measure_host_time(fn, device=device, inputs=inputs, calls=host_calls)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:

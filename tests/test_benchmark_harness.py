@@ -40,6 +40,18 @@ def test_measure_time_rotates_inputs_and_counts_calls():
     assert seen == [i % 3 for i in range(9)]
 
 
+def test_measure_host_time_is_per_call_and_rotates_inputs():
+    seen = []
+
+    def call(value):
+        seen.append(value)
+        time.sleep(0.002)
+
+    host_ms = harness.measure_host_time(call, device="cpu", inputs=[(0,), (1,)], calls=5)
+    assert seen == [0, 1, 0, 1, 0]
+    assert 2.0 <= host_ms < 100.0
+
+
 def test_measure_time_rejects_bad_arguments():
     with pytest.raises(ValueError):
         harness.measure_time(lambda: None, device="cpu", warmup=0, repeats=0)
