@@ -213,8 +213,9 @@ def _attention_columns(device: torch.device, small: bool) -> list[tuple[str, Cal
 
 
 def _select_call(device: torch.device, small: bool):
-    """(the selection module, its config in use, a function that runs PEM-CA's selection call
-    with one of the module's hooks set to a value; None leaves the configuration in use)."""
+    """(pixel tiles, the select kernel's configuration in use, a function that makes a runner
+    of PEM-CA's selection call with one of the module's hooks set to a value; None leaves the
+    configuration in use)."""
     from pem_kernels.triton import call_triton_op
     from pem_kernels.triton import prototype_select as module
 
